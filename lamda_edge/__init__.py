@@ -1,0 +1,37 @@
+"""lamda-edge: LaMDA / LaMDA++ fine-tuning on a 4-bit base, in the least memory, shipped to devices as ONNX."""
+
+from lamda_edge.adapters import (
+    LaMDALinear,
+    PMBScheduler,
+    allocate_ranks,
+    apply_lamda,
+    load_adapter,
+    merge_and_unload,
+    save_adapter,
+)
+from lamda_edge.config import LaMDAConfig
+from lamda_edge.errors import ConfigError, LamdaEdgeError
+
+__version__ = "0.1.0"
+
+
+def load_lamda_model(model_path, config, quantize="nf4", device=None):
+    """Load a local transformers folder with a frozen (NF4) base and LaMDA adapters; see `lamda_edge.quant`."""
+    from lamda_edge.quant import load_lamda_model as _load
+
+    return _load(model_path, config, quantize=quantize, device=device)
+
+
+__all__ = [
+    "ConfigError",
+    "LaMDAConfig",
+    "LaMDALinear",
+    "LamdaEdgeError",
+    "PMBScheduler",
+    "allocate_ranks",
+    "apply_lamda",
+    "load_adapter",
+    "load_lamda_model",
+    "merge_and_unload",
+    "save_adapter",
+]

@@ -1,0 +1,145 @@
+"""Configuration of the LaMDA adapter (`LaMDAConfig`), validated when built.
+
+Every field carries its help text in `metadata["help"]`; the CLI reads it from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from lamda_edge.errors import ConfigError
+
+INITS = ("principal", "minor", "random")
+RANK_ALLOCATIONS = ("uniform", "energy")
+SVD_METHODS = ("auto", "full", "randomized")
+ALL_LINEAR = "all-linear"
+DEFAULT_FREEZE_B_FRACTION = 0.3
+
+
+def closest_key(key: str, valid: list[str] | tuple[str, ...]) -> str:
+    """Return ' Did you mean `x`?' for the closest valid key, or ''."""
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" Did you mean `{match[0]}`?" if match else ""
+
+
+def check_known_keys(values: dict[str, Any], cls: type, where: str) -> None:
+    """Raise `ConfigError` for keys that are not fields of the dataclass `cls`, suggesting the closest one."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    problems = [f"unknown key `{k}` in {where}.{closest_key(k, valid)}" for k in values if k not in valid]
+    if problems:
+        raise ConfigError("; ".join(problems) + f" Valid keys: {', '.join(valid)}.")
+
+
+@dataclass(frozen=True)
+class LaMDAConfig:
+    """How LaMDA adapts a model (see METHOD.md)."""
+
+    rank: int = field(default=8, metadata={"help": "rank r of the adapter path (S is r x r); the base rank for LaMDA++"})
+    alpha: float = field(default=16.0, metadata={"help": "scaling numerator: the adapter output is multiplied by alpha/r"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter path's input, in [0, 1)"})
+    target_modules: tuple[str, ...] | str = field(
+        default=ALL_LINEAR,
+        metadata={
+            "help": "names (or name suffixes) of the linear layers to adapt, or 'all-linear' for every linear "
+            "layer except the output head"
+        },
+    )
+    modules_to_save: tuple[str, ...] = field(
+        default=(), metadata={"help": "modules trained in full and saved with the adapter (e.g. a classifier head)"}
+    )
+    init: str = field(
+        default="principal",
+        metadata={"help": "spectral init: 'principal' (top-r SVD, residual base), 'minor' (bottom-r) or 'random'"},
+    )
+    freeze_b_steps: int | None = field(
+        default=None,
+        metadata={"help": "optimizer steps t_i after which B is wholly frozen; None = 30% of the run"},
+    )
+    rank_allocation: str = field(
+        default="uniform", metadata={"help": "'uniform' (LaMDA) or 'energy' (LaMDA++: per-layer ranks from spectra)"}
+    )
+    min_rank: int | None = field(default=None, metadata={"help": "LaMDA++ lower bound on a layer's rank; None = rank // 2"})
+    max_rank: int | None = field(default=None, metadata={"help": "LaMDA++ upper bound on a layer's rank; None = 2 * rank"})
+    svd: str = field(
+        default="auto",
+        metadata={"help": "'full', 'randomized' (torch.svd_lowrank, error reported) or 'auto' (randomized when large)"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the random init (init='random')"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.modules_to_save, (list, str)):
+            value = (self.modules_to_save,) if isinstance(self.modules_to_save, str) else tuple(self.modules_to_save)
+            object.__setattr__(self, "modules_to_save", value)
+        problems = []
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            problems.append(f"`rank` should be a positive integer, got {self.rank!r}; try 8")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            problems.append(f"`alpha` should be a positive number, got {self.alpha!r}; try 2 * rank")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            problems.append(f"`dropout` should be in [0, 1), got {self.dropout!r}; try 0.0 or 0.05")
+        if isinstance(self.target_modules, str):
+            if self.target_modules != ALL_LINEAR:
+                problems.append(
+                    f"`target_modules` should be a list of module names or '{ALL_LINEAR}', got {self.target_modules!r}"
+                )
+        elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            problems.append(f"`target_modules` should name at least one module, got {self.target_modules!r}")
+        if self.init not in INITS:
+            problems.append(f"`init` should be one of {INITS}, got {self.init!r}.{closest_key(str(self.init), INITS)}")
+        if self.freeze_b_steps is not None and (not isinstance(self.freeze_b_steps, int) or self.freeze_b_steps < 1):
+            problems.append(f"`freeze_b_steps` should be a positive integer or None, got {self.freeze_b_steps!r}")
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            problems.append(
+                f"`rank_allocation` should be one of {RANK_ALLOCATIONS}, got {self.rank_allocation!r}."
+                f"{closest_key(str(self.rank_allocation), RANK_ALLOCATIONS)}"
+            )
+        if self.svd not in SVD_METHODS:
+            problems.append(f"`svd` should be one of {SVD_METHODS}, got {self.svd!r}")
+        for name in ("min_rank", "max_rank"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                problems.append(f"`{name}` should be a positive integer or None, got {value!r}")
+        if not problems:
+            lo, hi = self.rank_bounds
+            if not lo <= self.rank <= hi:
+                problems.append(
+                    f"`min_rank` <= `rank` <= `max_rank` must hold, got {lo} <= {self.rank} <= {hi}; "
+                    "widen the bounds or change `rank`"
+                )
+        if problems:
+            raise ConfigError("invalid LaMDAConfig: " + "; ".join(problems) + ".")
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r for the base rank."""
+        return self.alpha / self.rank
+
+    @property
+    def rank_bounds(self) -> tuple[int, int]:
+        """(min_rank, max_rank) with the defaults resolved."""
+        lo = self.min_rank if self.min_rank is not None else max(1, self.rank // 2)
+        hi = self.max_rank if self.max_rank is not None else 2 * self.rank
+        return lo, hi
+
+    def resolved_freeze_b_steps(self, total_steps: int) -> int:
+        """t_i for a run of `total_steps` optimizer steps (at least 1)."""
+        if self.freeze_b_steps is not None:
+            return self.freeze_b_steps
+        return max(1, round(DEFAULT_FREEZE_B_FRACTION * total_steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for key in ("target_modules", "modules_to_save"):
+            if isinstance(data[key], tuple):
+                data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LaMDAConfig:
+        check_known_keys(values, cls, "the LaMDA config")
+        return cls(**values)
