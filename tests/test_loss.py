@@ -1,0 +1,186 @@
+"""Tests of lamda_edge/loss.py: the chunked causal-LM loss equals the plain one, and its step peak is lower."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lamda_edge.errors import ConfigError, ModelError
+from lamda_edge.loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
+from lamda_edge.memcount import LiveTensorCounter
+
+ATOL = 1e-5  # fp32 tolerance for losses and gradients (sums of a few hundred terms)
+RTOL = 1e-4
+
+
+def _reference_loss(hidden, weight, labels, bias=None):
+    """The unchunked loss, as transformers computes it (shift, fp32 logits, mean over valid labels)."""
+    logits = F.linear(hidden[:, :-1], weight, bias).float()  # (B, T-1, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def _inputs(batch, seq, hidden, vocab, ignore_fraction, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, seq, hidden, generator=g, requires_grad=True)
+    w = (torch.randn(vocab, hidden, generator=g) * 0.2).requires_grad_(True)
+    b = (torch.randn(vocab, generator=g) * 0.1).requires_grad_(True) if bias else None
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels[torch.rand(batch, seq, generator=g) < ignore_fraction] = IGNORE_INDEX
+    return h, w, b, labels
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t is not None])
+
+
+@pytest.mark.parametrize(
+    "batch,seq,chunk_rows,ignore_fraction,bias",
+    [
+        pytest.param(2, 9, 4, 0.0, False, id="chunk-divides-not-16-rows"),
+        pytest.param(3, 11, 7, 0.3, False, id="ignore-30pct-chunk-7"),
+        pytest.param(2, 17, 1, 0.2, True, id="one-row-chunks-bias"),
+        pytest.param(2, 9, 256, 0.0, False, id="single-chunk"),
+        pytest.param(4, 8, 14, 0.5, True, id="ignore-half-chunk-divides-28"),
+    ],
+)
+def test_chunked_loss_and_gradients_equal_unchunked(batch, seq, chunk_rows, ignore_fraction, bias):
+    h, w, b, labels = _inputs(batch, seq, 16, 37, ignore_fraction, bias)
+    ref = _reference_loss(h, w, labels, b)
+    ref_grads = _grads(ref, h, w, b)
+    got = chunked_causal_lm_loss(h, w, labels, chunk_rows=chunk_rows, lm_head_bias=b)
+    got_grads = _grads(got, h, w, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+    for g_got, g_ref in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g_got, g_ref, atol=ATOL, rtol=RTOL)
+
+
+def test_ignored_positions_do_not_change_the_loss():
+    h, w, _, labels = _inputs(2, 10, 8, 23, 0.0, False)
+    masked = labels.clone()
+    masked[:, 1:4] = IGNORE_INDEX
+    full = chunked_causal_lm_loss(h, w, labels, chunk_rows=3)
+    part = chunked_causal_lm_loss(h, w, masked, chunk_rows=3)
+    assert not torch.allclose(full, part)
+    torch.testing.assert_close(part, _reference_loss(h, w, masked), atol=ATOL, rtol=RTOL)
+    # the hidden states whose next label is ignored get no gradient
+    (grad_h,) = _grads(part, h)
+    assert torch.count_nonzero(grad_h[:, 0:3]) == 0
+    assert torch.count_nonzero(grad_h[:, 3:-1]) > 0
+    assert torch.count_nonzero(grad_h[:, -1]) == 0  # the last position predicts nothing
+
+
+def test_all_labels_ignored_gives_zero_loss_with_graph():
+    h, w, _, labels = _inputs(2, 6, 8, 11, 0.0, False)
+    labels[:] = IGNORE_INDEX
+    loss = chunked_causal_lm_loss(h, w, labels, chunk_rows=4)
+    assert loss.item() == 0.0
+    grad_h, grad_w = _grads(loss, h, w)
+    assert torch.count_nonzero(grad_h) == 0 and torch.count_nonzero(grad_w) == 0
+
+
+def test_num_items_in_batch_divides_the_sum():
+    h, w, _, labels = _inputs(2, 12, 8, 19, 0.25, False)
+    n_valid = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    mean = chunked_causal_lm_loss(h, w, labels, chunk_rows=5)
+    summed = chunked_causal_lm_loss(h, w, labels, chunk_rows=5, num_items_in_batch=torch.tensor(3 * n_valid))
+    torch.testing.assert_close(summed * 3, mean, atol=ATOL, rtol=RTOL)
+
+
+def test_bf16_hidden_states_give_fp32_loss_close_to_reference():
+    h, w, _, labels = _inputs(2, 9, 16, 29, 0.0, False)
+    loss = chunked_causal_lm_loss(h.detach().bfloat16(), w.detach().bfloat16(), labels, chunk_rows=5)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, _reference_loss(h, w, labels).detach(), atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        pytest.param({"chunk_rows": 0}, ConfigError, id="chunk-rows-zero"),
+        pytest.param({"chunk_rows": 2.5}, ConfigError, id="chunk-rows-float"),
+        pytest.param({"labels": torch.zeros(2, 5, dtype=torch.long)}, ModelError, id="labels-shape"),
+        pytest.param({"lm_head_weight": torch.zeros(7, 5)}, ModelError, id="head-width"),
+    ],
+)
+def test_bad_inputs_raise_typed_errors(kwargs, error):
+    h, w, _, labels = _inputs(2, 6, 8, 7, 0.0, False)
+    args = {"hidden_states": h, "lm_head_weight": w, "labels": labels, "chunk_rows": 4} | kwargs
+    with pytest.raises(error):
+        chunked_causal_lm_loss(**args)
+
+
+def _tiny_llama(tie: bool, vocab: int = 512, hidden: int = 32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(cfg).float()
+
+
+def _batch(vocab, batch=2, seq=24, pad=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -pad:] = 0  # right padding on the first row
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("tie", [pytest.param(True, id="tied-embeddings"), pytest.param(False, id="separate-lm-head")])
+def test_causal_lm_loss_matches_the_model_loss(tie):
+    model = _tiny_llama(tie, vocab=97)
+    batch = _batch(97)
+    ref = model(**batch).loss
+    head = model.get_output_embeddings().weight
+    emb = model.get_input_embeddings().weight
+    ref_grads = torch.autograd.grad(ref, [head, emb] if not tie else [head])
+    got = causal_lm_loss(model, batch, chunk_rows=7)
+    got_grads = torch.autograd.grad(got, [head, emb] if not tie else [head])
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+    for g_got, g_ref in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g_got, g_ref, atol=ATOL, rtol=RTOL)
+    # chunk_rows=None is the model's own loss
+    torch.testing.assert_close(causal_lm_loss(model, batch, chunk_rows=None), ref)
+
+
+def test_causal_lm_loss_needs_labels():
+    model = _tiny_llama(True, vocab=31)
+    batch = _batch(31)
+    batch.pop("labels")
+    with pytest.raises(ModelError, match="labels"):
+        causal_lm_loss(model, batch)
+
+
+def _step_peak(model, batch, chunk_rows) -> int:
+    """Live tensor bytes at the peak of one training step (forward, backward), weights and batch registered."""
+    model.zero_grad(set_to_none=True)
+    counter = LiveTensorCounter().register(model, batch)
+    with counter:
+        loss = causal_lm_loss(model, batch, chunk_rows=chunk_rows)
+        loss.backward()
+    return counter.peak_bytes
+
+
+def test_chunked_step_peak_is_below_the_unchunked_one():
+    vocab = 512
+    model = _tiny_llama(tie=True, vocab=vocab)
+    model.requires_grad_(False)
+    for layer in model.model.layers:  # a trainable part deep in the body, as with adapters
+        layer.self_attn.q_proj.weight.requires_grad_(True)
+    batch = _batch(vocab, batch=4, seq=64, pad=0)
+    logits_bytes = 4 * 63 * vocab * 4  # one fp32 copy of the shifted logits
+    plain = _step_peak(model, batch, chunk_rows=None)
+    chunked = _step_peak(model, batch, chunk_rows=32)
+    # the plain step holds the logits, their softmax and their gradient; the chunked one at most 32 rows of them
+    assert chunked < plain - logits_bytes, (plain, chunked, logits_bytes)
