@@ -1,0 +1,67 @@
+"""bitsandbytes 4-bit (NF4) layers: detect, dequantize, quantize, and guard the CPU repacking trap.
+
+bitsandbytes is imported lazily: a plain (unquantized) base never needs it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lamda_edge.errors import require
+
+
+def _bnb():
+    return require("bitsandbytes", package="bitsandbytes")
+
+
+def is_linear4bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes `Linear4bit` (checked by class name so bitsandbytes need not be imported)."""
+    return any(cls.__name__ == "Linear4bit" for cls in type(module).__mro__)
+
+
+def dequantize_weight(module: nn.Module) -> torch.Tensor:
+    """The float32 weight (d_out, d_in) of a plain `nn.Linear` or a bitsandbytes `Linear4bit`."""
+    if not is_linear4bit(module):
+        return module.weight.detach().float()
+    functional = _bnb().functional
+    weight = module.weight
+    return functional.dequantize_4bit(weight.data, weight.quant_state).float()
+
+
+def quantize_nf4(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    compress_statistics: bool = True,
+) -> nn.Module:
+    """Build a frozen NF4 `Linear4bit` holding `weight` (d_out, d_in), quantized on `device`."""
+    bnb = _bnb()
+    d_out, d_in = weight.shape
+    device = torch.device(device) if device is not None else weight.device
+    layer = bnb.nn.Linear4bit(
+        d_in, d_out, bias=bias is not None, compute_dtype=compute_dtype,
+        compress_statistics=compress_statistics, quant_type="nf4", device="meta",
+    )
+    layer.weight = bnb.nn.Params4bit(
+        weight.detach().to("cpu", torch.float32).contiguous(), requires_grad=False, quant_type="nf4",
+        compress_statistics=compress_statistics, module=layer,
+    )
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to("cpu", compute_dtype).clone(), requires_grad=False)
+    layer = layer.to(device)  # quantization happens on the move to the device
+    disable_cpu_repack(layer)
+    return layer
+
+
+def disable_cpu_repack(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes from repacking CPU `Linear4bit` weights in place (DESIGN.md, known traps).
+
+    On CPUs with AVX512-BF16, an eval-mode no-grad forward silently repacks the packed weight; dequantizing or
+    merging afterwards then gives wrong weights. Call this before any such forward.
+    """
+    for module in model.modules():
+        if is_linear4bit(module):
+            module.support_avx512bf16_for_cpu = False
+    return model

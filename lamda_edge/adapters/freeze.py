@@ -1,0 +1,91 @@
+"""Gradual freezing of B (PMB): after each optimizer step, freeze B's columns in descending-singular-value order.
+
+After optimizer step t, the first ceil(r * t / t_i) columns of every B are frozen (bitwise: their values are
+restored after each step, so AdamW momentum and weight decay cannot move them). From step t_i on B is wholly
+frozen: it leaves the optimizer and its gradient and optimizer state are freed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+from transformers import TrainerCallback
+
+from lamda_edge.adapters.inject import lamda_layers
+from lamda_edge.errors import ConfigError
+
+
+def _drop_from_optimizer(optimizer, param) -> None:
+    """Remove `param` from the optimizer's groups and free its state."""
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if p is not param]
+    optimizer.state.pop(param, None)
+
+
+class PMBScheduler:
+    """Drives B's column freezing. Call `.step(optimizer)` after each optimizer step."""
+
+    def __init__(self, model: nn.Module, freeze_steps: int):
+        if not isinstance(freeze_steps, int) or freeze_steps < 1:
+            raise ConfigError(f"`freeze_b_steps` should be a positive integer, got {freeze_steps!r}")
+        self.layers = [layer for _, layer in lamda_layers(model)]
+        if not self.layers:
+            raise ConfigError("PMBScheduler needs a model with LaMDA layers; call apply_lamda first")
+        self.freeze_steps = freeze_steps
+        self.steps_done = 0
+
+    def columns_frozen(self, rank: int, step: int) -> int:
+        """ceil(r * t / t_i), capped at r."""
+        return min(rank, math.ceil(rank * step / self.freeze_steps))
+
+    @property
+    def b_frozen(self) -> bool:
+        return self.steps_done >= self.freeze_steps
+
+    def step(self, optimizer=None) -> None:
+        """Advance one optimizer step and freeze the columns the schedule calls for."""
+        self.steps_done += 1
+        self._apply(optimizer)
+
+    def _apply(self, optimizer) -> None:
+        for layer in self.layers:
+            was_trainable = layer.lamda_B.requires_grad
+            wholly = layer.freeze_b_columns(self.columns_frozen(layer.rank, self.steps_done))
+            if wholly and was_trainable and optimizer is not None:
+                _drop_from_optimizer(optimizer, layer.lamda_B)
+
+    def state_dict(self) -> dict:
+        return {"steps_done": self.steps_done, "freeze_steps": self.freeze_steps}
+
+    def load_state_dict(self, state: dict, optimizer=None) -> None:
+        """Restore the schedule (the frozen values themselves come back with the model's state dict)."""
+        self.freeze_steps = int(state["freeze_steps"])
+        self.steps_done = int(state["steps_done"])
+        for layer in self.layers:
+            layer._frozen_b_values = None
+        self._apply(optimizer)
+
+
+class LaMDACallback(TrainerCallback):
+    """A `transformers.TrainerCallback` that runs a `PMBScheduler` after every optimizer step.
+
+    With `freeze_steps=None`, t_i is 30% of the run's optimizer steps (`state.max_steps`), fixed at train begin.
+    """
+
+    def __init__(self, model: nn.Module, freeze_steps: int | None = None, fraction: float = 0.3):
+        self.model = model
+        self.freeze_steps = freeze_steps
+        self.fraction = fraction
+        self.scheduler: PMBScheduler | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.scheduler is None:
+            steps = self.freeze_steps or max(1, round(self.fraction * state.max_steps))
+            self.scheduler = PMBScheduler(self.model, steps)
+            self.scheduler.steps_done = state.global_step
+            if state.global_step:
+                self.scheduler.load_state_dict(self.scheduler.state_dict(), kwargs.get("optimizer"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.scheduler.step(kwargs.get("optimizer"))

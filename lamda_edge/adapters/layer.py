@@ -1,0 +1,123 @@
+"""`LaMDALinear`: a frozen linear layer with a LaMDA low-dimensional adapter path (METHOD.md).
+
+    x ──> base_layer (frozen, plain or NF4) ─────────────────────────────────────────────┐
+    │                                                                                       + ──> y
+    └──> dropout ──> A (frozen, r x d_in) ──> S (r x r) ──> B (d_out x r, frozen after t_i) ──> * alpha/r
+
+A is a buffer, so backward never needs `x` for a weight gradient: autograd keeps only the r-dimensional
+activations `A x` (for S's gradient) and `S A x` (for B's, while B trains), plus the dropout mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lamda_edge.adapters.bnb import dequantize_weight, is_linear4bit
+from lamda_edge.adapters.spectral import SpectralInit
+
+
+class LaMDALinear(nn.Module):
+    """Wraps `base_layer` (an `nn.Linear` or a bitsandbytes `Linear4bit`) with the LaMDA adapter path."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_buffer("lamda_A", torch.zeros(rank, self.in_features))
+        self.lamda_S = nn.Parameter(torch.zeros(rank, rank))
+        self.lamda_B = nn.Parameter(torch.zeros(self.out_features, rank))
+        # How many of B's leading columns (largest singular values first) are frozen; saved with the adapter.
+        self.register_buffer("lamda_B_frozen", torch.zeros((), dtype=torch.long))
+        self._frozen_b_values: torch.Tensor | None = None  # (d_out, k) snapshot restored after each step
+        self.merged = False
+        self.lamda_B.register_hook(self._mask_frozen_b_grad)
+        self.register_load_state_dict_post_hook(_after_load)
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+
+    # ---- init ----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def load_init(self, init: SpectralInit) -> None:
+        """Copy the spectral factors in (float32); the residual base weight is set by whoever built `base_layer`."""
+        self.lamda_A.copy_(init.A)
+        self.lamda_S.copy_(init.S)
+        self.lamda_B.copy_(init.B)
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # (..., d_out)
+        if self.merged:
+            return out
+        h = self.dropout(x.to(self.lamda_A.dtype))  # (..., d_in)
+        z = F.linear(h, self.lamda_A)  # (..., r): A is a buffer, so `h` is not saved for backward
+        u = F.linear(z, self.lamda_S)  # (..., r)
+        delta = F.linear(u, self.lamda_B)  # (..., d_out)
+        return out + (delta * self.scaling).to(out.dtype)
+
+    # ---- merge ---------------------------------------------------------------------------------------------------
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B S A in float32, shape (d_out, d_in)."""
+        B, S, A = (t.detach().float() for t in (self.lamda_B, self.lamda_S, self.lamda_A))
+        return self.scaling * (B @ S @ A)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight W_base in float32 (dequantized for a 4-bit base)."""
+        return dequantize_weight(self.base_layer)
+
+    # ---- B freezing ----------------------------------------------------------------------------------------------
+
+    @property
+    def frozen_b_columns(self) -> int:
+        return int(self.lamda_B_frozen)
+
+    def _mask_frozen_b_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        k = int(self.lamda_B_frozen)
+        if k == 0:
+            return grad
+        grad = grad.clone()
+        grad[:, :k] = 0  # frozen columns get no gradient (their values are restored after each step too)
+        return grad
+
+    @torch.no_grad()
+    def restore_frozen_b(self) -> None:
+        """Put the frozen columns back to their frozen values (undoes AdamW momentum and weight decay)."""
+        if self._frozen_b_values is not None:
+            k = self._frozen_b_values.shape[1]
+            self.lamda_B[:, :k].copy_(self._frozen_b_values)
+
+    @torch.no_grad()
+    def freeze_b_columns(self, k: int) -> bool:
+        """Freeze B's first `k` columns at their current values; returns True when B is now wholly frozen."""
+        k = max(0, min(int(k), self.rank))
+        self.restore_frozen_b()
+        if k > int(self.lamda_B_frozen) or self._frozen_b_values is None:
+            self._frozen_b_values = self.lamda_B[:, :k].detach().clone()
+            self.lamda_B_frozen.fill_(k)
+        if k == self.rank:
+            self.lamda_B.requires_grad_(False)
+            self.lamda_B.grad = None
+            self._frozen_b_values = None  # requires_grad=False keeps it fixed; no snapshot needed
+        return k == self.rank
+
+    def extra_repr(self) -> str:
+        quant = "nf4" if is_linear4bit(self.base_layer) else "plain"
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
+                f"base={quant}, frozen_b_columns={self.frozen_b_columns}")
+
+
+def _after_load(module: LaMDALinear, incompatible_keys) -> None:
+    """After loading a state dict, a wholly frozen B stays out of training (so a resumed optimizer matches)."""
+    module._frozen_b_values = None
+    module.lamda_B.requires_grad_(module.frozen_b_columns < module.rank)
+    if 0 < module.frozen_b_columns < module.rank:
+        module._frozen_b_values = module.lamda_B[:, : module.frozen_b_columns].detach().clone()

@@ -1,0 +1,101 @@
+"""Spectral initialization of a LaMDA adapter from a full-precision weight (METHOD.md).
+
+    W0 = U diag(sigma) V^T                       (float32, singular values descending)
+    principal:  A = V_r^T,  B = U_r,  S = diag(sigma_r) / s,  W_base = W0 - U_r diag(sigma_r) V_r^T
+    minor:      the bottom-r components instead; the residual keeps the principal part
+    random:     A, B random orthonormal, S = 0, W_base = W0
+
+so that at step 0, W_base + s * B S A == W0 up to float error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+# A matrix with more elements than this uses a randomized SVD under svd="auto".
+RANDOMIZED_SVD_MIN_NUMEL = 4096 * 4096
+RANDOMIZED_SVD_OVERSAMPLE = 16
+RANDOMIZED_SVD_POWER_ITERS = 4
+
+
+@dataclass
+class SpectralInit:
+    """The adapter's initial factors and the residual base weight, all float32."""
+
+    A: torch.Tensor  # (r, d_in)
+    S: torch.Tensor  # (r, r)
+    B: torch.Tensor  # (d_out, r)
+    residual: torch.Tensor  # (d_out, d_in)
+    svd_seconds: float
+    svd_error: float | None  # ||W - U_r diag(sigma_r) V_r^T|| / ||W|| when a randomized SVD was used, else None
+
+
+def singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """All singular values of `weight` (d_out, d_in) in float32, descending."""
+    return torch.linalg.svdvals(weight.detach().float())
+
+
+def energy_score(sigma: torch.Tensor, base_rank: int) -> float:
+    """LaMDA++ normalized energy: sum(sigma_1..r0 ^ 2) / sum(sigma ^ 2), in (0, 1]."""
+    energy = sigma.double().pow(2)
+    total = energy.sum()
+    return float(energy[:base_rank].sum() / total) if total > 0 else 1.0
+
+
+def _use_randomized(weight: torch.Tensor, rank: int, method: str) -> bool:
+    if method == "full":
+        return False
+    if method == "randomized":
+        return True
+    return weight.numel() >= RANDOMIZED_SVD_MIN_NUMEL and rank * 8 < min(weight.shape)
+
+
+def _top_svd(weight: torch.Tensor, rank: int, randomized: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_r (d_out, r), sigma_r (r,), V_r (d_in, r)) of the top-r components."""
+    if randomized:
+        q = min(rank + RANDOMIZED_SVD_OVERSAMPLE, min(weight.shape))
+        U, sigma, V = torch.svd_lowrank(weight, q=q, niter=RANDOMIZED_SVD_POWER_ITERS)
+        return U[:, :rank], sigma[:rank], V[:, :rank]
+    U, sigma, Vh = torch.linalg.svd(weight, full_matrices=False)
+    return U[:, :rank], sigma[:rank], Vh[:rank].T
+
+
+def _random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float32))
+    return q  # (rows, cols), orthonormal columns
+
+
+def spectral_init(
+    weight: torch.Tensor, rank: int, init: str, scaling: float, svd: str = "auto", seed: int = 0
+) -> SpectralInit:
+    """Factor `weight` (d_out, d_in) into a LaMDA init of rank `rank` (see the module docstring).
+
+    The SVD runs in float32 on the weight's device; the results are float32 on that device.
+    """
+    W = weight.detach().float()
+    d_out, d_in = W.shape
+    start = time.perf_counter()
+    svd_error = None
+    if init == "random":
+        generator = torch.Generator().manual_seed(seed)
+        B = _random_orthonormal(d_out, rank, generator).to(W.device)
+        A = _random_orthonormal(d_in, rank, generator).T.contiguous().to(W.device)
+        S = torch.zeros(rank, rank, device=W.device)
+        return SpectralInit(A, S, B, W.clone(), time.perf_counter() - start, None)
+    if init == "principal":
+        randomized = _use_randomized(W, rank, svd)
+        U, sigma, V = _top_svd(W, rank, randomized)
+        if randomized:
+            # Reported so a user can judge the randomized factors: ||W - U_r diag(sigma_r) V_r^T|| / ||W||.
+            svd_error = float((W - (U * sigma) @ V.T).norm() / W.norm().clamp_min(1e-30))
+    else:  # minor: bottom-r components, kept in descending order within the chosen ones
+        U_all, sigma_all, Vh_all = torch.linalg.svd(W, full_matrices=False)
+        U, sigma, V = U_all[:, -rank:], sigma_all[-rank:], Vh_all[-rank:].T
+    part = (U * sigma) @ V.T  # (d_out, d_in) = U_r diag(sigma_r) V_r^T
+    A = V.T.contiguous()  # (r, d_in)
+    B = U.contiguous()  # (d_out, r)
+    S = torch.diag(sigma) / scaling  # (r, r)
+    return SpectralInit(A, S, B, W - part, time.perf_counter() - start, svd_error)
