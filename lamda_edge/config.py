@@ -19,6 +19,11 @@ ALL_LINEAR = "all-linear"
 DEFAULT_FREEZE_B_FRACTION = 0.3
 
 
+def _field(default, help: str):
+    """A dataclass field whose help text lives in its metadata (the CLI reads it from there)."""
+    return field(default=default, metadata={"help": help})
+
+
 def closest_key(key: str, valid: list[str] | tuple[str, ...]) -> str:
     """Return ' Did you mean `x`?' for the closest valid key, or ''."""
     match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
@@ -37,37 +42,20 @@ def check_known_keys(values: dict[str, Any], cls: type, where: str) -> None:
 class LaMDAConfig:
     """How LaMDA adapts a model (see METHOD.md)."""
 
-    rank: int = field(default=8, metadata={"help": "rank r of the adapter path (S is r x r); the base rank for LaMDA++"})
-    alpha: float = field(default=16.0, metadata={"help": "scaling numerator: the adapter output is multiplied by alpha/r"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter path's input, in [0, 1)"})
-    target_modules: tuple[str, ...] | str = field(
-        default=ALL_LINEAR,
-        metadata={
-            "help": "names (or name suffixes) of the linear layers to adapt, or 'all-linear' for every linear "
-            "layer except the output head"
-        },
+    rank: int = _field(8, "rank r of the adapter path (S is r x r); the base rank for LaMDA++")
+    alpha: float = _field(16.0, "scaling numerator: the adapter output is multiplied by alpha/r")
+    dropout: float = _field(0.0, "dropout on the adapter path's input, in [0, 1)")
+    target_modules: tuple[str, ...] | str = _field(
+        ALL_LINEAR, "names (or name suffixes) of the linear layers to adapt, or 'all-linear' (all but the output head)"
     )
-    modules_to_save: tuple[str, ...] = field(
-        default=(), metadata={"help": "modules trained in full and saved with the adapter (e.g. a classifier head)"}
-    )
-    init: str = field(
-        default="principal",
-        metadata={"help": "spectral init: 'principal' (top-r SVD, residual base), 'minor' (bottom-r) or 'random'"},
-    )
-    freeze_b_steps: int | None = field(
-        default=None,
-        metadata={"help": "optimizer steps t_i after which B is wholly frozen; None = 30% of the run"},
-    )
-    rank_allocation: str = field(
-        default="uniform", metadata={"help": "'uniform' (LaMDA) or 'energy' (LaMDA++: per-layer ranks from spectra)"}
-    )
-    min_rank: int | None = field(default=None, metadata={"help": "LaMDA++ lower bound on a layer's rank; None = rank // 2"})
-    max_rank: int | None = field(default=None, metadata={"help": "LaMDA++ upper bound on a layer's rank; None = 2 * rank"})
-    svd: str = field(
-        default="auto",
-        metadata={"help": "'full', 'randomized' (torch.svd_lowrank, error reported) or 'auto' (randomized when large)"},
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the random init (init='random')"})
+    modules_to_save: tuple[str, ...] = _field((), "modules trained in full and saved with the adapter (e.g. a head)")
+    init: str = _field("principal", "'principal' (top-r SVD, residual base), 'minor' (bottom-r) or 'random'")
+    freeze_b_steps: int | None = _field(None, "optimizer steps t_i after which B is frozen; None = 0.3 x the run")
+    rank_allocation: str = _field("uniform", "'uniform' (LaMDA) or 'energy' (LaMDA++: per-layer ranks from spectra)")
+    min_rank: int | None = _field(None, "LaMDA++ lower bound on a layer's rank; None = rank // 2")
+    max_rank: int | None = _field(None, "LaMDA++ upper bound on a layer's rank; None = 2 * rank")
+    svd: str = _field("auto", "'full', 'randomized' (torch.svd_lowrank, error reported) or 'auto' (when large)")
+    seed: int = _field(0, "seed of the random init (init='random')")
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):

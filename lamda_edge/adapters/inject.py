@@ -1,4 +1,4 @@
-"""Injection: find the targeted linear layers of a model and replace each with a spectrally initialized `LaMDALinear`."""
+"""Injection: find a model's targeted linear layers and replace each with a spectrally initialized `LaMDALinear`."""
 
 from __future__ import annotations
 

@@ -152,6 +152,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
         with torch.no_grad():
             getattr(modules[owner], pname).copy_(tensors[key])
     if missing:
-        raise AdapterMismatchError(f"the adapter in {path} does not fit this model: tensors {missing[:5]} do not match")
+        raise AdapterMismatchError(f"the adapter in {path} does not fit this model: tensors {missing[:5]} missing")
     model.lamda_config = config
     return info
