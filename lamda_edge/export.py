@@ -1,0 +1,291 @@
+"""Merge -> write a transformers folder -> export ONNX -> validate against PyTorch (-> int4) -> export-report.json.
+
+    adapter folder ──> load base (NF4) + adapter ──> merge_and_unload (fp32) ──> OUT/merged/ (safetensors, tokenizer)
+                                                                                   │
+                      OUT/model.onnx  <── torch.onnx.export(dynamo=True) <─────────┤   (or --format genai:
+                      OUT/model.int4.onnx <── MatMulNBits (--int4)                 │    onnxruntime-genai builder)
+                      OUT/export-report.json <── PyTorch vs ONNX Runtime, every output, every case
+
+Everything is built in a temporary folder next to the output and renamed at the end: a failure leaves nothing
+half-written. A validation failure still writes its report, beside the output as `<output>.export-report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lamda_edge.errors import ConfigError, ExportValidationError, ModelError
+
+TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}  # max |PyTorch - ONNX Runtime| on every output
+FORMATS = ("onnx", "genai")
+GENAI_PRECISIONS = ("int4", "fp16", "fp32")
+GENAI_PROVIDERS = ("cpu", "cuda")
+MODEL_FILE, INT4_FILE, REPORT_FILE, MERGED_DIR = "model.onnx", "model.int4.onnx", "export-report.json", "merged"
+HELD_OUT_TEXT = (
+    "The river ran low in the late summer, and the children walked along its stones to the old mill. "
+    "Their grandmother had told them that the wheel once turned day and night, grinding wheat for the whole "
+    "valley. Now the roof had fallen in, and swallows nested in the beams. What is twelve times seven? "
+    "Twelve times seven is eighty-four. If a train leaves at nine and the trip takes three hours, it arrives "
+    "at noon. Water boils at one hundred degrees Celsius at sea level."
+)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `export` builds; the CLI flags map one to one onto these fields."""
+
+    output: Path
+    model: Path | None = None  # base transformers folder; None: the one the adapter records
+    adapter: Path | None = None  # LaMDA adapter folder; None: export the base model as it is
+    dtype: str = "fp32"  # "fp32" | "fp16" (plain ONNX format)
+    int4: bool = False  # also write model.int4.onnx (MatMulNBits)
+    block_size: int = 32  # int4 quantization block along the input dimension
+    format: str = "onnx"  # "onnx" | "genai"
+    precision: str = "int4"  # genai format: "int4" | "fp16" | "fp32"
+    execution_provider: str = "cpu"  # genai format: "cpu" | "cuda"
+    overwrite: bool = False
+    eval_text: Path | None = None  # held-out text for perplexity; None: a built-in paragraph
+
+    def __post_init__(self):
+        problems = []
+        if self.dtype not in TOLERANCE:
+            problems.append(f"`dtype` should be one of {tuple(TOLERANCE)}, got {self.dtype!r}")
+        if self.format not in FORMATS:
+            problems.append(f"`format` should be one of {FORMATS}, got {self.format!r}")
+        if self.precision not in GENAI_PRECISIONS:
+            problems.append(f"`precision` should be one of {GENAI_PRECISIONS}, got {self.precision!r}")
+        if self.execution_provider not in GENAI_PROVIDERS:
+            problems.append(f"`execution_provider` should be one of {GENAI_PROVIDERS}, "
+                            f"got {self.execution_provider!r}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            problems.append(f"`block_size` should be a power of two >= 16, got {self.block_size}")
+        if self.model is None and self.adapter is None:
+            problems.append("give `--adapter DIR` (a trained adapter) or `--model DIR` (a model to export as is)")
+        if self.eval_text is not None and not Path(self.eval_text).is_file():
+            problems.append(f"`eval_text` {self.eval_text} is not a file")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def export(options: ExportOptions, log=print) -> dict:
+    """Merge, export, validate (and quantize); return the report that was written to `export-report.json`.
+
+    Raises:
+        ConfigError: the output folder exists without `overwrite`, or an option is invalid.
+        ModelError / AdapterMismatchError: the model cannot be loaded, merged or exported.
+        ExportValidationError: ONNX Runtime disagrees with PyTorch; the report is written beside the output.
+    """
+    out = Path(options.output)
+    if out.exists() and not options.overwrite:
+        raise ConfigError(f"output folder {out} already exists. Fix: pass --overwrite, or choose another --output")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    report = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+              "timings_s": {}, "versions": _versions()}
+    try:
+        _build(options, tmp, report, log)
+    except ExportValidationError:
+        failed = out.parent / f"{out.name}.{REPORT_FILE}"
+        _write_json(failed, report)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return report
+
+
+def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
+    from lamda_edge import onnx_graph
+    from lamda_edge.onnx_graph import validate_decoder, validate_encoder, validate_int4
+    from lamda_edge.serve import held_out_ids
+
+    timings = report["timings_s"]
+    t = time.perf_counter()
+    merged, tokenizer_dir, source = load_merged(options.model, options.adapter)
+    report["source"] = source
+    timings["merge"] = time.perf_counter() - t
+    log(f"merged {source['model_type']} ({source['parameters'] / 1e6:.1f}M parameters) in {timings['merge']:.1f}s")
+
+    t = time.perf_counter()
+    merged_dir = tmp / MERGED_DIR
+    save_merged(merged, tokenizer_dir, merged_dir)
+    del merged
+    reference = load_reference(merged_dir)  # the saved folder must load back, and is what ONNX is checked against
+    timings["save_merged"] = time.perf_counter() - t
+    kind = onnx_graph.model_kind(reference)
+    report["kind"] = kind
+    tokenizer = _tokenizer(merged_dir)
+    text = Path(options.eval_text).read_text() if options.eval_text else HELD_OUT_TEXT
+
+    if options.format == "genai":
+        from lamda_edge import genai
+
+        if kind != "decoder":
+            raise ModelError(f"--format genai builds causal LMs only; {type(reference).__name__} is a {kind}. "
+                             "Fix: use the default --format onnx for classifiers")
+        genai.build_and_validate(merged_dir, tmp, options.precision, options.execution_provider, reference,
+                                 tokenizer, text, report, log)
+    else:
+        t = time.perf_counter()
+        export_fn = onnx_graph.export_decoder if kind == "decoder" else onnx_graph.export_encoder
+        export_fn(reference, tmp / MODEL_FILE)
+        if options.dtype == "fp16":
+            _to_fp16(tmp / MODEL_FILE)
+        timings["export"] = time.perf_counter() - t
+        report["sizes_bytes"] = {MODEL_FILE: _size(tmp, MODEL_FILE)}
+        log(f"exported {MODEL_FILE} ({report['sizes_bytes'][MODEL_FILE] / 1e6:.1f} MB) in {timings['export']:.1f}s")
+
+        t = time.perf_counter()
+        validate = validate_decoder if kind == "decoder" else validate_encoder
+        report["validation"] = validate(reference, tmp / MODEL_FILE, TOLERANCE[options.dtype])
+        timings["validate"] = time.perf_counter() - t
+        mismatches = report["validation"]["mismatches"]
+        report["ok"] = not mismatches
+        if mismatches:
+            raise ExportValidationError(f"ONNX Runtime disagrees with PyTorch in {len(mismatches)} check(s):\n  "
+                                        + "\n  ".join(mismatches)
+                                        + f"\nreport: {options.output}.{REPORT_FILE}")
+        log(f"validated against PyTorch: max |diff| {report['validation']['max_abs_diff']}")
+
+        if options.int4:
+            t = time.perf_counter()
+            onnx_graph.quantize_int4(tmp / MODEL_FILE, tmp / INT4_FILE, options.block_size)
+            timings["int4"] = time.perf_counter() - t
+            sizes = report["sizes_bytes"]
+            sizes[INT4_FILE] = _size(tmp, INT4_FILE)
+            ids = held_out_ids(tokenizer, text, reference) if kind == "decoder" else None
+            report["int4"] = validate_int4(reference, tmp / MODEL_FILE, tmp / INT4_FILE, ids)
+            report["int4"].update(block_size=options.block_size, size_ratio=sizes[INT4_FILE] / sizes[MODEL_FILE])
+            log(f"int4: {sizes[INT4_FILE] / 1e6:.1f} MB ({report['int4']['size_ratio']:.2f}x of {options.dtype}); "
+                + ", ".join(f"{k} {v:.3f}" for k, v in report["int4"].items() if k.startswith(("ppl", "agree"))))
+    _write_json(tmp / REPORT_FILE, report)
+
+
+def load_merged(model_dir: Path | None, adapter_dir: Path | None):
+    """The merged fp32 model, the folder its tokenizer comes from, and a description of the source.
+
+    With an adapter: rebuild the base as training did (`load_lamda_model` with the recorded LaMDA config and
+    quantization), load the adapter (which refuses a base it does not belong to), then `merge_and_unload`.
+    """
+    source: dict = {"model": str(model_dir) if model_dir else None,
+                    "adapter": str(adapter_dir) if adapter_dir else None}
+    if adapter_dir is None:
+        model = load_reference(Path(model_dir))
+        base = Path(model_dir)
+    else:
+        adapter_dir = Path(adapter_dir)
+        cfg_path = adapter_dir / "adapter_config.json"
+        if not cfg_path.is_file():
+            raise ModelError(f"{adapter_dir} is not an adapter folder (no adapter_config.json). "
+                             "Fix: pass the folder that `lamda-edge train` saved the adapter to")
+        cfg = json.loads(cfg_path.read_text())
+        base = _resolve_base(model_dir or cfg.get("base_model"), adapter_dir)
+        from lamda_edge import LaMDAConfig, load_adapter, load_lamda_model, merge_and_unload
+
+        if "lamda_config" not in cfg:
+            raise ModelError(f"{cfg_path} has no 'lamda_config'. Fix: re-save the adapter with lamda-edge")
+        model = load_lamda_model(str(base), LaMDAConfig.from_dict(cfg["lamda_config"]),
+                                 quantize=cfg.get("quantize"), device="cpu")
+        load_adapter(model, adapter_dir)
+        model = merge_and_unload(model)
+        source.update(base_model=str(base), quantize=cfg.get("quantize"), ranks=len(cfg.get("ranks", {})))
+    model = model.float().eval()
+    source.update(model_type=model.config.model_type, architecture=type(model).__name__,
+                  parameters=sum(p.numel() for p in model.parameters()))
+    return model, base, source
+
+
+def _resolve_base(base, adapter_dir: Path) -> Path:
+    if base is None:
+        raise ConfigError(f"the adapter in {adapter_dir} does not record its base model. Fix: pass --model DIR")
+    if Path(base).is_dir():
+        return Path(base)
+    from lamda_edge import default_model
+
+    if str(base).lower() in (default_model.MODEL_NAME, "default", "smollm2-135m"):
+        return default_model.default_model_path()
+    raise ModelError(f"base model {base!r} (recorded in {adapter_dir}/adapter_config.json) is not a folder. "
+                     "Fix: pass --model DIR with the base transformers folder the adapter was trained on")
+
+
+def load_reference(folder: Path):
+    """Load a transformers folder in fp32 with the head its config names (causal LM or sequence classifier)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read a transformers config from {folder}: {exc}") from exc
+    archs = getattr(config, "architectures", None) or []
+    auto = (transformers.AutoModelForSequenceClassification
+            if any(a.endswith("ForSequenceClassification") for a in archs) else transformers.AutoModelForCausalLM)
+    return auto.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def save_merged(model, tokenizer_dir: Path, folder: Path) -> None:
+    """Write the merged model as a plain transformers folder (safetensors, config, tokenizer, generation config)."""
+    import transformers
+
+    for attr in ("quantization_config",):  # a 4-bit load may leave it in the config; the merged model is fp32
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.save_pretrained(folder)
+    try:
+        transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {tokenizer_dir}: {exc}. The merged folder needs it") from exc
+
+
+def _tokenizer(folder: Path):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def _to_fp16(path: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+    onnx.save(model, str(path))
+
+
+def _size(folder: Path, name: str) -> int:
+    from lamda_edge.onnx_graph import onnx_files
+
+    return sum(p.stat().st_size for p in onnx_files(folder, name))
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            found[pkg] = None
+    return found
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)

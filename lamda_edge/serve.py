@@ -1,0 +1,263 @@
+"""Generation with ONNX Runtime: prefill, then one decode step per token reusing the KV cache.
+
+    prompt ──> tokenizer (chat template) ──> prefill (T prompt tokens, P=0) ──> logits, present
+                                                 └──> decode (T=1, past=present) ──> pick token ──> stream text
+                                                        ^_______________________________________|
+
+Two folder formats: the plain export of `lamda_edge.export` (model.onnx / model.int4.onnx with optimum's names,
+tokenizer in merged/), and an onnxruntime-genai folder (told apart by genai_config.json), whose own runtime does
+the loop. Token choice: greedy at temperature 0, else temperature + top-p (nucleus) sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lamda_edge.errors import ConfigError, ModelError, require
+
+MODEL_FILE, INT4_FILE, GENAI_CONFIG = "model.onnx", "model.int4.onnx", "genai_config.json"
+
+
+@dataclass
+class GenerationResult:
+    """What one `generate` call produced and how fast."""
+
+    text: str
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)  # the new tokens only
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stopped_by: str = "max_new_tokens"  # or "eos"
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: new tokens after the first, per second of decode steps."""
+        steps = len(self.token_ids) - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+# ---- the plain ONNX decoder ----------------------------------------------------------------------------------------
+
+
+class OnnxDecoder:
+    """An ONNX Runtime session of the decoder graph, fed by name."""
+
+    def __init__(self, sess):
+        self.sess = sess
+        self.inputs = {i.name: i for i in sess.get_inputs()}
+        self.outputs = [o.name for o in sess.get_outputs()]
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        if "input_ids" not in self.inputs or not self.past_names:
+            raise ModelError(f"{sorted(self.inputs)} are not the inputs of a decoder with a KV cache. "
+                             "Fix: point --model at a folder written by `lamda-edge export` for a causal LM")
+        shape = self.inputs[self.past_names[0]].shape  # [batch, H_kv, past, D]
+        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.kv_dtype = np.float16 if "float16" in self.inputs[self.past_names[0]].type else np.float32
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        """Zero-length past keys/values (B, H_kv, 0, D), one per past input."""
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype) for _ in self.past_names]
+
+    def step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One forward pass: ids (B, T) after `past` (B, H_kv, P, D) -> logits (B, T, V), present (B, H_kv, P+T, D)."""
+        batch, seq = ids.shape
+        done = past[0].shape[2]
+        feeds = {"input_ids": ids.astype(np.int64),
+                 "attention_mask": np.ones((batch, done + seq), np.int64),
+                 "position_ids": np.broadcast_to(np.arange(done, done + seq, dtype=np.int64), (batch, seq)).copy()}
+        feeds.update(zip(self.past_names, past))
+        out = self.sess.run(None, feeds)
+        named = dict(zip(self.outputs, out))
+        present = [named[n.replace("past_key_values.", "present.")] for n in self.past_names]
+        return named["logits"], present
+
+    def full_logits(self, ids) -> np.ndarray:
+        """Logits (T, V) for one sequence of ids (1, T), in one prefill."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        logits, _ = self.step(ids, self.empty_past(1))
+        return logits[0].astype(np.float32)
+
+
+def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
+    """exp(mean next-token cross-entropy) of logits (T, V) predicting ids[1:] (T,)."""
+    logits = logits[:-1].astype(np.float64)  # (T-1, V)
+    logits = logits - logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -logp[np.arange(len(ids) - 1), ids[1:]]
+    return float(np.exp(nll.mean()))
+
+
+def held_out_ids(tokenizer, text: str, model=None, max_tokens: int = 256):
+    """Token ids (1, T) of `text` for perplexity, cut to `max_tokens` and the model's context."""
+    import torch
+
+    limit = min(max_tokens, getattr(getattr(model, "config", None), "max_position_embeddings", max_tokens))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
+    if len(ids) < 2:
+        raise ConfigError(f"the held-out text gives {len(ids)} token(s); perplexity needs at least 2")
+    return torch.tensor([ids])
+
+
+def pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Next token from logits (V,): argmax at temperature 0, else nucleus sampling at `top_p`."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)  # most likely first
+    keep = np.cumsum(probs[order]) - probs[order] < top_p  # the smallest prefix with mass >= top_p
+    kept = order[keep]
+    return int(rng.choice(kept, p=probs[kept] / probs[kept].sum()))
+
+
+# ---- generators ----------------------------------------------------------------------------------------------------
+
+
+class _Generator:
+    """Shared: prompt encoding (chat template when present), stop tokens, streaming of decoded text."""
+
+    def __init__(self, folder: Path, tokenizer_dir: Path):
+        import transformers
+
+        self.folder = folder
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.eos = _eos_ids(tokenizer_dir, self.tokenizer)
+
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        """Prompt ids; wrapped in the chat template as one user turn when the tokenizer has one and `chat`."""
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def _streamer(self, on_text):
+        shown = [""]
+
+        def emit(new_ids: list[int], final: bool = False) -> str:
+            text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+            if on_text and text.startswith(shown[0]) and (final or not text.endswith("\ufffd")):
+                on_text(text[len(shown[0]):])
+                shown[0] = text
+            return text
+
+        return emit
+
+
+class OnnxGenerator(_Generator):
+    """Generation with the plain ONNX export: our own prefill/decode loop over ONNX Runtime."""
+
+    def __init__(self, folder: Path, onnx_file: str | None = None, threads: int | None = None):
+        from lamda_edge.onnx_graph import session
+
+        name = onnx_file or (INT4_FILE if (folder / INT4_FILE).exists() else MODEL_FILE)
+        if not (folder / name).is_file():
+            raise ModelError(f"{folder / name} does not exist. Fix: run `lamda-edge export` into {folder}")
+        tokenizer_dir = folder if (folder / "tokenizer_config.json").exists() else folder / "merged"
+        super().__init__(folder, tokenizer_dir)
+        self.onnx_file = name
+        self.decoder = OnnxDecoder(session(folder / name, threads))
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, chat: bool = True, on_text=None, prompt_ids: list[int] | None = None):
+        """Generate up to `max_new_tokens` after `prompt` (or `prompt_ids`); `on_text(str)` gets each new piece."""
+        ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, chat)
+        rng, emit, new = np.random.default_rng(seed), self._streamer(on_text), []
+        result = GenerationResult(text="", prompt_tokens=len(ids))
+        t = time.perf_counter()
+        logits, past = self.decoder.step(np.array([ids]), self.decoder.empty_past(1))  # prefill
+        result.prefill_s = time.perf_counter() - t
+        t = time.perf_counter()
+        while len(new) < max_new_tokens:
+            token = pick(logits[0, -1], temperature, top_p, rng)
+            new.append(token)
+            if token in self.eos:
+                result.stopped_by = "eos"
+                break
+            emit(new)
+            if len(new) == max_new_tokens:
+                break
+            logits, past = self.decoder.step(np.array([[token]]), past)  # decode: T=1, past grows by one
+        result.decode_s = time.perf_counter() - t
+        result.token_ids, result.text = new, emit(new, final=True)
+        return result
+
+
+class GenaiGenerator(_Generator):
+    """Generation with an onnxruntime-genai folder: its runtime runs the loop and the KV cache."""
+
+    def __init__(self, folder: Path, threads: int | None = None):
+        self.og = require("onnxruntime_genai", "genai", package="onnxruntime-genai")
+        super().__init__(folder, folder)
+        self.onnx_file = json.loads((folder / GENAI_CONFIG).read_text())["model"]["decoder"]["filename"]
+        self.model = self.og.Model(str(folder))
+        self.context = json.loads((folder / GENAI_CONFIG).read_text())["model"].get("context_length", 4096)
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, chat: bool = True, on_text=None, prompt_ids: list[int] | None = None):
+        """Same contract as `OnnxGenerator.generate`."""
+        ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, chat)
+        emit, new = self._streamer(on_text), []
+        result = GenerationResult(text="", prompt_tokens=len(ids))
+        params = self.og.GeneratorParams(self.model)
+        options = {"max_length": min(len(ids) + max_new_tokens, self.context), "do_sample": temperature > 0}
+        if temperature > 0:
+            options.update(temperature=temperature, top_p=top_p, top_k=0, random_seed=seed)
+        params.set_search_options(**options)
+        gen = self.og.Generator(self.model, params)
+        t = time.perf_counter()
+        gen.append_tokens(np.array(ids, dtype=np.int32))  # prefill
+        result.prefill_s = time.perf_counter() - t
+        t = time.perf_counter()
+        while len(new) < max_new_tokens and not gen.is_done():
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            new.append(token)
+            if token in self.eos:
+                result.stopped_by = "eos"
+                break
+            emit(new)
+        result.decode_s = time.perf_counter() - t
+        result.token_ids, result.text = new, emit(new, final=True)
+        return result
+
+    def full_logits(self, ids) -> np.ndarray:
+        """Logits (T, V) for ids (1, T), one token at a time through the genai runtime (for perplexity)."""
+        ids = np.asarray(ids, dtype=np.int32).reshape(-1)
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=min(len(ids) + 1, self.context), do_sample=False)
+        gen = self.og.Generator(self.model, params)
+        rows = []
+        for token in ids:
+            gen.append_tokens(np.array([token], dtype=np.int32))
+            rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))  # (V,)
+        return np.stack(rows)
+
+
+def load_generator(folder, onnx_file: str | None = None, threads: int | None = None):
+    """An `OnnxGenerator` or, when the folder holds genai_config.json, a `GenaiGenerator`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"--model {folder} is not a folder. Fix: pass the --output folder of `lamda-edge export`")
+    if (folder / GENAI_CONFIG).is_file():
+        return GenaiGenerator(folder, threads)
+    return OnnxGenerator(folder, onnx_file, threads)
+
+
+def _eos_ids(folder: Path, tokenizer) -> set[int]:
+    ids = set()
+    for name in ("generation_config.json", "config.json", "genai_config.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            value = data.get("eos_token_id", data.get("model", {}).get("eos_token_id"))
+            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
