@@ -71,12 +71,39 @@ def _run_train(args) -> int:
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="merge the adapter and export to ONNX", formatter_class=_Formatter,
-                       epilog="example:\n  lamda-edge export --adapter runs/demo --output runs/demo-onnx --int4")
+                       epilog="examples:\n  lamda-edge export --adapter runs/demo --output runs/demo-onnx --int4\n"
+                       "  lamda-edge export --adapter runs/demo --output runs/demo-genai --format genai "
+                       "--precision int4\n  lamda-edge export --model base-folder --output base-onnx")
+    p.add_argument("--model", help="base transformers folder (default: the one the adapter records); "
+                   "without --adapter, this model is exported as it is")
+    p.add_argument("--adapter", help="LaMDA adapter folder saved by `lamda-edge train`")
+    p.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX weight type (--format onnx)")
+    p.add_argument("--int4", action="store_true", help="also write model.int4.onnx (MatMulNBits, weight-only)")
+    p.add_argument("--block-size", type=int, default=32, help="int4 quantization block size")
+    p.add_argument("--format", choices=("onnx", "genai"), default="onnx",
+                   help="onnx: plain graph with optimum's names; genai: onnxruntime-genai model builder")
+    p.add_argument("--precision", choices=("int4", "fp16", "fp32"), default="int4", help="--format genai precision")
+    p.add_argument("--execution-provider", choices=("cpu", "cuda"), default="cpu",
+                   help="--format genai target execution provider")
+    p.add_argument("--eval-text", help="held-out text file for perplexity (default: a built-in paragraph)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> int:
-    raise LamdaEdgeError("`lamda-edge export` is not available yet")
+    from pathlib import Path
+
+    from lamda_edge.export import ExportOptions, export
+
+    output = Path(args.output)
+    model, adapter = (Path(p) if p else None for p in (args.model, args.adapter))
+    export(ExportOptions(output=output, model=model, adapter=adapter, dtype=args.dtype,
+                         int4=args.int4, block_size=args.block_size, format=args.format, precision=args.precision,
+                         execution_provider=args.execution_provider, overwrite=args.overwrite,
+                         eval_text=Path(args.eval_text) if args.eval_text else None))
+    print(f"wrote {output} (report: {output / 'export-report.json'})")
+    return 0
 
 
 # ---- generate ------------------------------------------------------------------------------------------------------
@@ -84,12 +111,38 @@ def _run_export(args) -> int:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with an exported ONNX model", formatter_class=_Formatter,
-                       epilog="example:\n  lamda-edge generate --model runs/demo-onnx --prompt 'What is 12 * 7?'")
+                       epilog="examples:\n  lamda-edge generate --model runs/demo-onnx --prompt 'What is 12 * 7?'\n"
+                       "  lamda-edge generate --model runs/demo-genai --prompt 'Hi' --temperature 0.7 --top-p 0.9")
+    p.add_argument("--model", required=True,
+                   help="folder written by `lamda-edge export` (plain ONNX or onnxruntime-genai)")
+    p.add_argument("--prompt", required=True, help="the user message (wrapped in the chat template when present)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--onnx-file", help="plain format: which graph (default: model.int4.onnx if present, "
+                   "else model.onnx)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     p.set_defaults(run=_run_generate)
 
 
 def _run_generate(args) -> int:
-    raise LamdaEdgeError("`lamda-edge generate` is not available yet")
+    from lamda_edge.errors import ConfigError
+    from lamda_edge.serve import load_generator
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens should be positive, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError(f"--temperature should be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    gen = load_generator(args.model, onnx_file=args.onnx_file)
+    result = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed, chat=not args.no_chat_template,
+                          on_text=lambda piece: print(piece, end="", flush=True))
+    print()
+    print(f"[{gen.onnx_file}: {result.prompt_tokens} prompt tokens, prefill {result.prefill_s * 1e3:.0f} ms; "
+          f"{len(result.token_ids)} new tokens at {result.tokens_per_s:.1f} tokens/s; stopped by {result.stopped_by}]",
+          file=sys.stderr)
+    return 0
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
