@@ -29,7 +29,7 @@ class LaMDALinear(nn.Module):
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
         self.register_buffer("lamda_A", torch.zeros(rank, self.in_features))
         self.lamda_S = nn.Parameter(torch.zeros(rank, rank))
         self.lamda_B = nn.Parameter(torch.zeros(self.out_features, rank))
@@ -57,8 +57,11 @@ class LaMDALinear(nn.Module):
         out = self.base_layer(x)  # (..., d_out)
         if self.merged:
             return out
-        h = self.dropout(x.to(self.lamda_A.dtype))  # (..., d_in)
-        z = F.linear(h, self.lamda_A)  # (..., r): A is a buffer, so `h` is not saved for backward
+        h = x.to(self.lamda_A.dtype)  # (..., d_in)
+        if self.training and self.dropout > 0:
+            z = _DropoutProject.apply(h, self.lamda_A, self.dropout)  # (..., r); saves a bool mask only
+        else:
+            z = F.linear(h, self.lamda_A)  # (..., r): A is a buffer, so `h` is not saved for backward
         u = F.linear(z, self.lamda_S)  # (..., r)
         delta = F.linear(u, self.lamda_B)  # (..., d_out)
         return out + (delta * self.scaling).to(out.dtype)
@@ -113,6 +116,26 @@ class LaMDALinear(nn.Module):
         quant = "nf4" if is_linear4bit(self.base_layer) else "plain"
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
                 f"base={quant}, frozen_b_columns={self.frozen_b_columns}")
+
+
+class _DropoutProject(torch.autograd.Function):
+    """z = dropout(h) @ A^T, keeping only the boolean dropout mask for backward (A is frozen).
+
+    torch's CPU dropout keeps a float mask the size of `h`; a bool mask is a quarter of that.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.rand_like(h) >= p  # (..., d_in) bool
+        ctx.save_for_backward(keep, A)
+        ctx.scale = 1.0 / (1.0 - p)
+        return F.linear(h * keep * ctx.scale, A)  # (..., r)
+
+    @staticmethod
+    def backward(ctx, grad_z: torch.Tensor):
+        keep, A = ctx.saved_tensors
+        grad_h = (grad_z @ A) * keep * ctx.scale  # (..., d_in)
+        return grad_h, None, None
 
 
 def _after_load(module: LaMDALinear, incompatible_keys) -> None:

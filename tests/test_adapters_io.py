@@ -1,0 +1,86 @@
+"""save_adapter / load_adapter: round trip, refusal of another base, and broken folders."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_model, model_output
+
+from lamda_edge import LaMDAConfig, PMBScheduler, apply_lamda, load_adapter, save_adapter
+from lamda_edge.adapters import lamda_layers, read_adapter_config
+from lamda_edge.errors import AdapterMismatchError, ModelError
+
+
+def _trained(arch="llama", cfg=None, seed=0):
+    model = apply_lamda(make_model(arch), cfg or LaMDAConfig(rank=4))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lamda_layers(model):
+            layer.lamda_S.add_(torch.randn(layer.lamda_S.shape, generator=g))
+            layer.lamda_B.add_(0.1 * torch.randn(layer.lamda_B.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize(
+    "arch, cfg",
+    [
+        pytest.param("llama", LaMDAConfig(rank=4), id="llama-uniform"),
+        pytest.param("qwen2", LaMDAConfig(rank=4, rank_allocation="energy"), id="qwen2-energy"),
+        pytest.param("bert", LaMDAConfig(rank=4, modules_to_save=("classifier",)), id="bert-head"),
+    ],
+)
+def test_round_trip_reproduces_outputs(tmp_path, ids, arch, cfg):
+    model = _trained(arch, cfg)
+    if cfg.modules_to_save:
+        with torch.no_grad():
+            model.classifier.weight.add_(1.0)
+    expected = model_output(model, ids)
+    save_adapter(model, tmp_path / "adapter", metadata={"base_model": "tiny"})
+    info = read_adapter_config(tmp_path / "adapter")
+    assert info["base_model"] == "tiny" and info["lamda_config"] == cfg.to_dict()
+    fresh = make_model(arch)  # same seed: the same base model; load_adapter applies LaMDA itself
+    load_adapter(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(model_output(fresh, ids), expected, atol=0, rtol=0)
+
+
+def test_frozen_state_survives_the_round_trip(tmp_path):
+    model = _trained()
+    scheduler = PMBScheduler(model, 2)
+    scheduler.step()
+    save_adapter(model, tmp_path / "a")
+    fresh = make_model("llama")
+    load_adapter(fresh, tmp_path / "a")
+    for (_, a), (_, b) in zip(lamda_layers(model), lamda_layers(fresh)):
+        assert a.frozen_b_columns == b.frozen_b_columns == 2
+    scheduler.step()
+    save_adapter(model, tmp_path / "b")
+    fresh = make_model("llama")
+    load_adapter(fresh, tmp_path / "b")
+    assert all(not layer.lamda_B.requires_grad for _, layer in lamda_layers(fresh))
+
+
+def test_another_base_is_refused(tmp_path):
+    save_adapter(_trained(), tmp_path / "a")
+    with pytest.raises(AdapterMismatchError, match="weights differ"):
+        load_adapter(make_model("llama", seed=1), tmp_path / "a")
+    with pytest.raises(AdapterMismatchError):
+        load_adapter(make_model("qwen2"), tmp_path / "a")
+
+
+def test_other_ranks_are_refused(tmp_path):
+    save_adapter(_trained(), tmp_path / "a")
+    with pytest.raises(AdapterMismatchError, match="ranks"):
+        load_adapter(apply_lamda(make_model("llama"), LaMDAConfig(rank=2)), tmp_path / "a")
+
+
+def test_not_an_adapter_folder(tmp_path):
+    with pytest.raises(ModelError, match="adapter_config.json"):
+        load_adapter(make_model("llama"), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"format": "peft"}))
+    with pytest.raises(ModelError, match="not a lamda-edge adapter"):
+        load_adapter(make_model("llama"), tmp_path)
+
+
+def test_saving_a_model_without_adapters(tmp_path):
+    with pytest.raises(ModelError, match="apply_lamda"):
+        save_adapter(make_model("llama"), tmp_path)

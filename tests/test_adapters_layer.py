@@ -1,0 +1,87 @@
+"""LaMDALinear: forward, what autograd keeps, and the frozen A."""
+
+import pytest
+import torch
+from torch import nn
+
+from lamda_edge.adapters.layer import LaMDALinear
+from lamda_edge.adapters.spectral import spectral_init
+
+
+def _layer(dropout=0.0, d_in=48, d_out=40, rank=4):
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out)
+    init = spectral_init(base.weight, rank, "principal", scaling=2.0)
+    with torch.no_grad():
+        base.weight.copy_(init.residual)
+    layer = LaMDALinear(base, rank, alpha=2.0 * rank, dropout=dropout)
+    layer.load_init(init)
+    return layer
+
+
+def _saved_shapes(layer, x):
+    shapes = []
+
+    def pack(t):
+        shapes.append((tuple(t.shape), t.dtype, t.data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return shapes
+
+
+@pytest.mark.parametrize("dropout", [pytest.param(0.0, id="no-dropout"), pytest.param(0.1, id="dropout")])
+def test_adapter_path_saves_only_r_dimensional_activations(dropout):
+    layer = _layer(dropout).train()
+    x = torch.randn(3, 7, 48, requires_grad=True)  # x needs grad, as in the middle of a network
+    weight_ptrs = {p.data_ptr() for p in layer.parameters()} | {b.data_ptr() for b in layer.buffers()}
+    activations = [(s, dt) for s, dt, ptr in _saved_shapes(layer, x) if ptr not in weight_ptrs]
+    r = layer.rank
+    for shape, dtype in activations:
+        if dtype == torch.bool:  # the dropout mask is the only full-width thing allowed
+            assert dropout > 0 and shape == (3, 7, 48)
+        else:
+            assert shape[-1] == r, f"adapter path saved a {shape} activation"
+    masks = [s for s, dt in activations if dt == torch.bool or s[-1] == 48]
+    assert len(masks) == (1 if dropout > 0 else 0)
+
+
+def test_frozen_b_saves_nothing_for_b():
+    layer = _layer().train()
+    layer.freeze_b_columns(layer.rank)
+    x = torch.randn(5, 48, requires_grad=True)
+    weight_ptrs = {p.data_ptr() for p in layer.parameters()} | {b.data_ptr() for b in layer.buffers()}
+    activations = [s for s, _, ptr in _saved_shapes(layer, x) if ptr not in weight_ptrs]
+    assert activations == [(5, 4)]  # only A x, for S's gradient
+
+
+def test_a_is_a_buffer_and_s_b_are_parameters():
+    layer = _layer()
+    names = {n for n, _ in layer.named_parameters()}
+    assert "lamda_A" not in names and {"lamda_S", "lamda_B"} <= names
+    assert "lamda_A" in dict(layer.named_buffers())
+    assert not any(p.requires_grad for p in layer.base_layer.parameters())
+
+
+def test_forward_equals_base_plus_scaled_path():
+    layer = _layer()
+    with torch.no_grad():
+        layer.lamda_S.add_(torch.randn_like(layer.lamda_S))
+    x = torch.randn(2, 48)
+    expected = layer.base_layer(x) + layer.scaling * x @ layer.lamda_A.T @ layer.lamda_S.T @ layer.lamda_B.T
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_dropout_gradient_uses_the_same_mask():
+    layer = _layer(dropout=0.25).train()
+    x = torch.randn(6, 48, requires_grad=True)
+    torch.manual_seed(123)
+    layer(x).sum().backward()
+    torch.manual_seed(123)
+    keep = torch.rand_like(x) >= 0.25  # the mask the forward drew
+    h = (x * keep / 0.75).detach().requires_grad_(True)
+    ref = layer.scaling * h @ layer.lamda_A.T @ layer.lamda_S.T @ layer.lamda_B.T  # the adapter path alone
+    ref.sum().backward()
+    base_grad = torch.ones(6, 40) @ layer.base_layer.weight
+    torch.testing.assert_close(x.grad, base_grad + h.grad * keep / 0.75)
