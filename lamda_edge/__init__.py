@@ -1,6 +1,12 @@
 """lamda-edge: LaMDA / LaMDA++ fine-tuning on a 4-bit base, in the least memory, shipped to devices as ONNX."""
 
-from lamda_edge.adapters import (
+import logging
+
+# bitsandbytes suggests `pip install kernels` on import, which would fetch a kernel from a model hub; we never do.
+# The filter goes in before anything imports bitsandbytes (transformers may, on import).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.msg)
+
+from lamda_edge.adapters import (  # noqa: E402
     LaMDALinear,
     PMBScheduler,
     allocate_ranks,
@@ -9,8 +15,8 @@ from lamda_edge.adapters import (
     merge_and_unload,
     save_adapter,
 )
-from lamda_edge.config import LaMDAConfig
-from lamda_edge.errors import ConfigError, LamdaEdgeError
+from lamda_edge.config import LaMDAConfig  # noqa: E402
+from lamda_edge.errors import ConfigError, LamdaEdgeError  # noqa: E402
 
 __version__ = "0.1.0"
 
