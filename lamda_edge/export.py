@@ -201,9 +201,12 @@ def load_merged(model_dir: Path | None, adapter_dir: Path | None):
 
         if "lamda_config" not in cfg:
             raise ModelError(f"{cfg_path} has no 'lamda_config'. Fix: re-save the adapter with lamda-edge")
-        model = load_lamda_model(str(base), LaMDAConfig.from_dict(cfg["lamda_config"]),
-                                 quantize=cfg.get("quantize"), device="cpu")
-        load_adapter(model, adapter_dir)
+        if cfg.get("quantize"):  # rebuild the 4-bit residual base exactly as training did
+            model = load_lamda_model(str(base), LaMDAConfig.from_dict(cfg["lamda_config"]),
+                                     quantize=cfg["quantize"], device="cpu")
+        else:  # a full-precision base: load_adapter applies LaMDA itself
+            model = load_reference(base)
+        load_adapter(model, adapter_dir)  # AdapterMismatchError when the base is not the one it was trained on
         model = merge_and_unload(model)
         source.update(base_model=str(base), quantize=cfg.get("quantize"), ranks=len(cfg.get("ranks", {})))
     model = model.float().eval()

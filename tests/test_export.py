@@ -1,0 +1,244 @@
+"""Tests of lamda_edge/export.py (+ onnx_graph.py, genai.py): merge, ONNX export, validation, int4, errors.
+
+Tiny models (hidden 64, 2 layers) with a byte-level BPE tokenizer trained here on a few sentences; no downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lamda_edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, ModelError
+
+FP32_TOL = 1e-4  # max |PyTorch - ONNX Runtime| on logits and presents (the export's own fp32 tolerance)
+SENTENCES = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
+             "what is twelve times seven? it is eighty four.", "water boils at one hundred degrees."]
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab 300) with a ChatML-style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(SENTENCES * 3, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return fast
+
+
+def tiny_model(arch: str, tokenizer, seed: int = 0):
+    """A tiny randomly initialized model of `arch` sized to the tokenizer."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
+    if arch == "bert":
+        return transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **common)).eval()
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    cfg = config_cls(num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
+                     bos_token_id=tokenizer.bos_token_id, **common)
+    return model_cls(cfg).eval()
+
+
+def save_tiny(folder, arch: str, seed: int = 0):
+    """Write a tiny model of `arch` and its tokenizer to `folder`; return the model."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(arch, tokenizer, seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def run_export(output, **kw):
+    from lamda_edge.export import ExportOptions, export
+
+    return export(ExportOptions(output=output, **kw), log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    save_tiny(folder, "llama")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_export(tmp_path_factory, llama_dir):
+    out = tmp_path_factory.mktemp("exports") / "llama-onnx"
+    return out, run_export(out, model=llama_dir, int4=True, block_size=32)
+
+
+def test_decoder_export_matches_pytorch(llama_dir, llama_export):
+    import onnxruntime as ort
+    from transformers import AutoModelForCausalLM
+
+    out, report = llama_export
+    assert report["ok"] and report["kind"] == "decoder"
+    assert report["validation"]["max_abs_diff"]["logits"] <= FP32_TOL
+    cases = {c["case"].split("(")[0] for c in report["validation"]["cases"]}
+    assert cases == {"prefill", "decode", "chunk"}
+    sess = ort.InferenceSession(str(out / "model.onnx"))
+    assert [i.name for i in sess.get_inputs()][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert {i.name for i in sess.get_inputs()} >= {"past_key_values.1.key", "past_key_values.1.value"}
+    assert [o.name for o in sess.get_outputs()] == ["logits", "present.0.key", "present.0.value",
+                                                    "present.1.key", "present.1.value"]
+    original = AutoModelForCausalLM.from_pretrained(llama_dir)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")  # a normal transformers folder
+    for name, tensor in original.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], tensor, atol=0, rtol=0)
+    on_disk = json.loads((out / "export-report.json").read_text())
+    assert on_disk["validation"]["max_abs_diff"] == report["validation"]["max_abs_diff"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_int4_is_smaller_and_reports_perplexity(llama_export):
+    import onnx
+
+    out, report = llama_export
+    sizes = report["sizes_bytes"]
+    assert sizes["model.int4.onnx"] < 0.6 * sizes["model.onnx"]
+    ops = [n.op_type for n in onnx.load(str(out / "model.int4.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+    int4 = report["int4"]
+    assert int4["block_size"] == 32 and int4["held_out_tokens"] > 50
+    assert math.isclose(int4["ppl_onnx"], int4["ppl_pytorch"], rel_tol=1e-4)
+    assert int4["ppl_int4"] != int4["ppl_onnx"] and math.isclose(int4["ppl_int4"], int4["ppl_onnx"], rel_tol=0.05)
+
+
+def test_encoder_classifier_export(tmp_path):
+    save_tiny(tmp_path / "bert", "bert")
+    report = run_export(tmp_path / "out", model=tmp_path / "bert", int4=True)
+    assert report["kind"] == "encoder" and report["ok"]
+    assert report["validation"]["max_abs_diff"]["logits"] <= FP32_TOL
+    assert {c["shape_onnx"][1] for c in report["validation"]["cases"]} == {3}  # (B, num_labels)
+    assert report["int4"]["agreement_onnx"] == 1.0 and 0 <= report["int4"]["agreement_int4"] <= 1
+
+
+def _trained_adapter(base_dir, adapter_dir):
+    """apply_lamda on the saved base, move S and B away from their init, save the adapter; return the model."""
+    from transformers import AutoModelForCausalLM
+
+    from lamda_edge import LaMDAConfig, apply_lamda, save_adapter
+    from lamda_edge.adapters import lamda_layers
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    apply_lamda(model, LaMDAConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj")))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, layer in lamda_layers(model):
+            layer.lamda_S.add_(0.5 * torch.randn(layer.lamda_S.shape, generator=g))
+            layer.lamda_B.add_(0.5 * torch.randn(layer.lamda_B.shape, generator=g))
+    save_adapter(model, adapter_dir, metadata={"base_model": str(base_dir), "quantize": None})
+    return model
+
+
+def test_adapter_export_matches_adapter_model(tmp_path):
+    """The adapter path end to end, on Qwen2 (the llama fixture covers Llama): merged == adapter model == ONNX."""
+    from transformers import AutoModelForCausalLM
+
+    save_tiny(tmp_path / "qwen2", "qwen2")
+    adapted = _trained_adapter(tmp_path / "qwen2", tmp_path / "adapter")
+    report = run_export(tmp_path / "out", adapter=tmp_path / "adapter")  # base model read from the adapter
+    assert report["ok"] and report["source"]["base_model"] == str(tmp_path / "qwen2")
+    assert report["source"]["model_type"] == "qwen2"
+    assert report["validation"]["max_abs_diff"]["logits"] <= FP32_TOL
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2").eval()
+    ids = torch.randint(0, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got, plain = adapted(input_ids=ids).logits, merged(input_ids=ids).logits, base(input_ids=ids).logits
+    assert (want - plain).abs().max() > 100 * FP32_TOL  # the adapter moved the model: the check below means something
+    torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0)
+
+
+def test_adapter_on_another_base_is_refused(tmp_path, llama_dir):
+    _trained_adapter(llama_dir, tmp_path / "adapter")
+    save_tiny(tmp_path / "other", "llama", seed=1)  # same shapes, other weights
+    with pytest.raises(AdapterMismatchError):
+        run_export(tmp_path / "out", adapter=tmp_path / "adapter", model=tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "other"]
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path, llama_dir, monkeypatch):
+    from lamda_edge import export as export_mod
+    from lamda_edge.cli import main
+
+    def fake_build(options, tmp, report, log):  # the folder handling only; the real build is tested above
+        (tmp / "model.onnx").write_text("new")
+        (tmp / "export-report.json").write_text("{}")
+
+    monkeypatch.setattr(export_mod, "_build", fake_build)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run_export(tmp_path / "out", model=llama_dir)
+    assert main(["export", "--model", str(llama_dir), "--output", str(tmp_path / "out")]) == 2
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert main(["export", "--model", str(llama_dir), "--output", str(tmp_path / "out"), "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export-report.json", "model.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old folder went, no temp folders
+
+
+def test_unsupported_model_type_names_the_supported_ones(tmp_path):
+    save_tiny(tmp_path / "gpt2", "gpt2")
+    with pytest.raises(ModelError, match="llama.*qwen2"):
+        run_export(tmp_path / "out", model=tmp_path / "gpt2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+
+
+def test_validation_failure_lists_every_mismatch_and_writes_the_report(tmp_path, monkeypatch):
+    from lamda_edge import onnx_graph
+
+    save_tiny(tmp_path / "bert", "bert")
+    real_export = onnx_graph.export_encoder
+
+    def export_a_perturbed_model(model, path):  # the ONNX graph no longer computes what PyTorch does
+        with torch.no_grad():
+            model.classifier.weight.add_(0.1)
+        real_export(model, path)
+        with torch.no_grad():
+            model.classifier.weight.sub_(0.1)
+
+    monkeypatch.setattr(onnx_graph, "export_encoder", export_a_perturbed_model)
+    with pytest.raises(ExportValidationError) as err:
+        run_export(tmp_path / "out", model=tmp_path / "bert")
+    message = str(err.value)
+    assert "B=2,T=7: logits" in message and "B=1,T=3: logits" in message and "2 check(s)" in message
+    assert not (tmp_path / "out").exists()
+    report = json.loads((tmp_path / "out.export-report.json").read_text())
+    assert report["ok"] is False and len(report["validation"]["mismatches"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "out.export-report.json"]
+
+
+def test_bad_options_are_config_errors(tmp_path):
+    from lamda_edge.export import ExportOptions
+
+    with pytest.raises(ConfigError, match="block_size.*power of two"):
+        ExportOptions(output=tmp_path / "o", model=tmp_path, block_size=48)
+    with pytest.raises(ConfigError, match="--adapter"):
+        ExportOptions(output=tmp_path / "o")
+
+
+def test_genai_fp32_matches_pytorch(tmp_path, llama_dir):
+    report = run_export(tmp_path / "out", model=llama_dir, format="genai", precision="fp32")
+    v = report["validation"]
+    assert report["ok"] and v["greedy_match"] and len(v["greedy_tokens_pytorch"]) > 0
+    assert v["max_abs_logit_diff"] <= FP32_TOL
+    assert math.isclose(v["ppl_genai"], v["ppl_pytorch"], rel_tol=1e-4)
+    assert (tmp_path / "out" / "genai_config.json").is_file() and (tmp_path / "out" / "merged").is_dir()
+    assert report["versions"]["onnxruntime-genai"]
