@@ -1,0 +1,220 @@
+"""The on-disk cache of prepared models: the quantized residuals and the adapter init, keyed by what made them.
+
+Preparing a model (SVD of every targeted weight, residual, NF4) costs minutes on a 7B model; the result depends
+only on the weights files, the model config, the `LaMDAConfig`, the quantization, the compute dtype and the
+versions of lamda-edge and bitsandbytes. All of these go into the key:
+
+    key = sha256({files: [name, size, mtime_ns, sha256(header), sha256(sampled data blocks)],
+                  config.json, LaMDAConfig, quantize, compute dtype, task, versions})
+
+An entry is a folder `<cache_dir>/<key>/` with `prepared.safetensors` (per targeted layer: the base weight,
+packed NF4 + its quant state or the residual in the compute dtype; the bias; lamda_A, lamda_S, lamda_B) and
+`prepared.json` (ranks, fingerprints, the preparation report). It is written to a temporary folder and renamed,
+so a reader never sees half an entry. Weights that are not targeted are not cached: they stream from the
+original files on every load. Entries made from older weights of the same model folder are removed on write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lamda_edge.adapters.bnb import is_linear4bit
+from lamda_edge.adapters.layer import LaMDALinear
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+TENSORS_NAME = "prepared.safetensors"
+INFO_NAME = "prepared.json"
+FULL_HASH_MAX_BYTES = 8 << 20  # files up to this size are hashed whole
+SAMPLE_BLOCKS = 16
+SAMPLE_BLOCK_BYTES = 64 << 10
+LAYER_KEYS = ("lamda_A", "lamda_S", "lamda_B")
+
+
+def default_cache_dir() -> Path:
+    """`$LAMDA_EDGE_CACHE/prepared`, else `~/.cache/lamda-edge/prepared` (beside the converted default model)."""
+    env = os.environ.get("LAMDA_EDGE_CACHE")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "lamda-edge"
+    return root / "prepared"
+
+
+def file_identity(path: Path) -> dict:
+    """Size, mtime and content hashes of a weights file: the whole file when small, else header + samples."""
+    stat = path.stat()
+    ident = {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    with open(path, "rb") as fh:
+        if stat.st_size <= FULL_HASH_MAX_BYTES:
+            ident["sha256"] = hashlib.sha256(fh.read()).hexdigest()
+            return ident
+        header_len = int.from_bytes(fh.read(8), "little")  # safetensors: u64 header size, then the JSON header
+        ident["header_sha256"] = hashlib.sha256(fh.read(min(header_len, stat.st_size - 8))).hexdigest()
+        digest = hashlib.sha256()
+        span = max(1, (stat.st_size - SAMPLE_BLOCK_BYTES) // (SAMPLE_BLOCKS - 1))
+        for i in range(SAMPLE_BLOCKS):
+            fh.seek(min(i * span, max(0, stat.st_size - SAMPLE_BLOCK_BYTES)))
+            digest.update(fh.read(SAMPLE_BLOCK_BYTES))
+        ident["sample_sha256"] = digest.hexdigest()
+    return ident
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cache_key(
+    model_dir: Path, weight_files: list[Path], lamda_config_dict: dict, quantize: str | None,
+    compute_dtype: torch.dtype, task: str, num_labels: int | None,
+) -> tuple[str, str]:
+    """(key of the prepared model, key of the weights alone) as hex digests."""
+    from lamda_edge import __version__
+
+    config_file = model_dir / "config.json"
+    weights = {
+        "files": [file_identity(f) for f in sorted(weight_files)],
+        "config_json": hashlib.sha256(config_file.read_bytes()).hexdigest() if config_file.is_file() else None,
+    }
+    weights_id = hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()
+    everything = {
+        "format": CACHE_FORMAT,
+        "weights": weights_id,
+        "lamda_config": lamda_config_dict,
+        "quantize": quantize,
+        "compute_dtype": str(compute_dtype),
+        "task": task,
+        "num_labels": num_labels,
+        "lamda_edge": __version__,
+        "bitsandbytes": _version("bitsandbytes") if quantize else None,
+    }
+    return hashlib.sha256(json.dumps(everything, sort_keys=True).encode()).hexdigest()[:32], weights_id
+
+
+# ---- write ---------------------------------------------------------------------------------------------------------
+
+
+def layer_tensors(name: str, layer: LaMDALinear) -> dict[str, torch.Tensor]:
+    """The tensors of one prepared layer under flat names: base weight (+ quant state), bias, A, S, B."""
+    base = layer.base_layer
+    out = {f"{name}.base.weight": base.weight.data}
+    if is_linear4bit(base):
+        for key, value in base.weight.quant_state.as_dict(packed=True).items():
+            out[f"{name}.base.weight.{key}"] = value
+    if base.bias is not None:
+        out[f"{name}.base.bias"] = base.bias.data
+    for key in LAYER_KEYS:
+        out[f"{name}.{key}"] = getattr(layer, key).data
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def write_entry(root: Path, key: str, tensors: dict[str, torch.Tensor], info: dict) -> Path | None:
+    """Write one cache entry atomically (temp folder, then rename); prune entries of older weights of the model.
+
+    Returns the entry folder, or None when the cache could not be written (a warning says why).
+    """
+    entry = root / key
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
+        try:
+            save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": f"lamda-edge-prepared-{CACHE_FORMAT}"})
+            (tmp / INFO_NAME).write_text(json.dumps(info, indent=1) + "\n")
+            if entry.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            os.replace(tmp, entry)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        logger.warning("could not write the prepared-model cache to %s (%s); the next load prepares again", entry, exc)
+        return None
+    _prune(root, key, info)
+    return entry
+
+
+def _prune(root: Path, key: str, info: dict) -> None:
+    """Remove entries made from other (older) weights of the same model folder."""
+    for other in root.iterdir():
+        if other.name == key or other.name.startswith(".") or not (other / INFO_NAME).is_file():
+            continue
+        try:
+            old = json.loads((other / INFO_NAME).read_text())
+        except (OSError, ValueError):
+            continue
+        if old.get("model_path") == info.get("model_path") and old.get("weights_id") != info.get("weights_id"):
+            logger.info("removing stale prepared-model cache %s (the weights changed)", other)
+            shutil.rmtree(other, ignore_errors=True)
+
+
+# ---- read ----------------------------------------------------------------------------------------------------------
+
+
+def read_entry(root: Path, key: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """(info, tensors) of a cache entry, or None when it is missing or unreadable (treated as a miss)."""
+    entry = root / key
+    if not (entry / INFO_NAME).is_file() or not (entry / TENSORS_NAME).is_file():
+        return None
+    try:
+        info = json.loads((entry / INFO_NAME).read_text())
+        tensors = load_file(str(entry / TENSORS_NAME))
+    except Exception as exc:  # noqa: BLE001 - any damage (SafetensorError included) means: prepare again
+        logger.warning("ignoring unreadable prepared-model cache %s (%s)", entry, exc)
+        return None
+    if info.get("format") != CACHE_FORMAT:
+        return None
+    return info, tensors
+
+
+def build_layer(
+    name: str, tensors: dict[str, torch.Tensor], rank: int, alpha: float, dropout: float,
+    quantize: str | None, compute_dtype: torch.dtype, device: torch.device,
+) -> LaMDALinear:
+    """Rebuild one prepared `LaMDALinear` from cached tensors (no SVD, no quantization)."""
+    weight = tensors[f"{name}.base.weight"]
+    bias = tensors.get(f"{name}.base.bias")
+    if quantize == "nf4":
+        import bitsandbytes as bnb
+
+        prefix = f"{name}.base.weight."
+        stats = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        d_out, d_in = (int(s) for s in _unpacked_shape(stats))
+        base = bnb.nn.Linear4bit(d_in, d_out, bias=bias is not None, compute_dtype=compute_dtype,
+                                 quant_type="nf4", device="meta")
+        base.weight = bnb.nn.Params4bit.from_prequantized(weight, stats, requires_grad=False, device=device,
+                                                          module=base)
+        if bias is not None:
+            base.bias = nn.Parameter(bias.to(device, compute_dtype), requires_grad=False)
+        base.support_avx512bf16_for_cpu = False  # the CPU repacking trap (DESIGN.md)
+    else:
+        d_out, d_in = weight.shape
+        base = nn.Linear(d_in, d_out, bias=bias is not None, dtype=compute_dtype, device=device)
+        with torch.no_grad():
+            base.weight.copy_(weight)
+            if bias is not None:
+                base.bias.copy_(bias)
+    layer = LaMDALinear(base, rank, alpha, dropout)
+    with torch.no_grad():
+        for key in LAYER_KEYS:
+            getattr(layer, key).data = tensors[f"{name}.{key}"].to(device, torch.float32)
+    return layer
+
+
+def _unpacked_shape(stats: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """The (d_out, d_in) shape stored in a packed bitsandbytes quant state."""
+    from bitsandbytes.utils import unpack_tensor_to_dict
+
+    packed = next(v for k, v in stats.items() if k.startswith("quant_state."))
+    return tuple(unpack_tensor_to_dict(packed)["shape"])

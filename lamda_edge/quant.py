@@ -1,0 +1,519 @@
+"""Load a local transformers folder as a frozen 4-bit (NF4) base with LaMDA adapters from the full-precision weights.
+
+Spectral residual quantization (METHOD.md, "With a 4-bit base"): for every targeted linear layer the SVD is taken
+on the original weight W, the adapter gets the principal part, and only the residual is quantized:
+
+    W ──SVD──> U_r diag(sigma_r) V_r^T  ──> adapter: B = U_r, S = diag(sigma_r) / s, A = V_r^T
+      └──────> W_res = W - U_r diag(sigma_r) V_r^T ──> NF4 ──> frozen base Q(W_res)
+
+and the report compares ||W - (Q(W_res) + s B S A)|| / ||W|| with plain NF4's ||W - Q(W)|| / ||W||.
+
+Preparation streams: the model skeleton is built without weights (parameters on the meta device), then tensors
+are read one at a time from the safetensors files: a targeted weight goes through SVD -> residual -> NF4 -> device
+and is dropped; every other tensor is placed on the device in the compute dtype. A 7B model is never held in full
+precision on the GPU. The prepared layers are cached on disk (`lamda_edge.prepare_cache`), so the next load of the
+same weights and config skips the SVDs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lamda_edge.adapters.bnb import disable_cpu_repack
+from lamda_edge.adapters.inject import (
+    HEAD_NAMES,
+    _is_conv1d,
+    check_rank,
+    find_targets,
+    finish_injection,
+    layer_ranks,
+    make_lamda_linear,
+    weight_fingerprint,
+)
+from lamda_edge.adapters.spectral import singular_values
+from lamda_edge.config import LaMDAConfig
+from lamda_edge.errors import ConfigError, ModelError, require
+from lamda_edge.prepare_cache import build_layer, cache_key, default_cache_dir, layer_tensors, read_entry, write_entry
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE = ("nf4", None)
+TASKS = ("causal-lm", "sequence-classification")
+# Renames of old checkpoints that transformers applies on load (its "legacy" conversion mapping).
+LEGACY_SUFFIXES = ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias"))
+
+
+# ---- choices: device, dtype, task ----------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to prepare on: CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"`device` is {device}, but CUDA is not available here; use device='cpu'")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def resolve_compute_dtype(compute_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on older GPUs (e.g. T4), fp32 on CPU, unless given."""
+    if isinstance(compute_dtype, str):
+        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+        if compute_dtype not in names:
+            raise ConfigError(f"`compute_dtype` should be one of {sorted(names)}, got {compute_dtype!r}")
+        return names[compute_dtype]
+    if compute_dtype is not None:
+        if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ConfigError(f"`compute_dtype` should be float32, bfloat16 or float16, got {compute_dtype}")
+        return compute_dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_task(hf_config, task: str | None) -> str:
+    """'causal-lm' or 'sequence-classification', from `task` or the config's architectures and model type."""
+    if task is not None:
+        if task not in TASKS:
+            raise ConfigError(f"`task` should be one of {TASKS}, got {task!r}")
+        return task
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "sequence-classification"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm"
+    from transformers.models.auto import modeling_auto as auto
+
+    model_type = getattr(hf_config, "model_type", None)
+    seq_cls = model_type in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    if seq_cls and model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # an encoder (BERT-like): classify
+        return "sequence-classification"
+    if model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal-lm"
+    if seq_cls:
+        return "sequence-classification"
+    raise ModelError(
+        f"cannot tell what model type {model_type!r} (architectures {archs}) is for; lamda-edge loads causal LMs "
+        "and sequence-classification encoders. Fix: pass task='causal-lm' or task='sequence-classification'"
+    )
+
+
+# ---- the checkpoint, read tensor by tensor -------------------------------------------------------------------------
+
+
+class Checkpoint:
+    """The safetensors files of a model folder (single file or sharded with an index), read one tensor at a time."""
+
+    def __init__(self, model_dir: Path):
+        import json
+
+        from safetensors import safe_open
+
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = sorted({model_dir / f for f in weight_map.values()})
+        else:
+            files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            found = sorted(p.name for p in model_dir.iterdir())[:10]
+            raise ModelError(
+                f"{model_dir} holds no safetensors weights (files: {found}); lamda-edge never loads pickled "
+                "weights. Fix: load it once with transformers and save_pretrained(safe_serialization=True)"
+            )
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ModelError(f"the weights index of {model_dir} names missing shards: {missing[:3]}")
+        self.files = files
+        self._handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in files}
+        self.where = {key: f for f, h in self._handles.items() for key in h.keys()}
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, on the CPU, in its stored dtype."""
+        return self._handles[self.where[key]].get_tensor(key)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def key_map(model: nn.Module, checkpoint_keys) -> tuple[dict[str, str], list[str]]:
+    """{model state-dict key: checkpoint key}, and the checkpoint keys that match nothing.
+
+    Handles the base-model prefix both ways (a `BertModel` checkpoint into `BertForSequenceClassification`, and
+    back) and the legacy LayerNorm gamma/beta names.
+    """
+    model_keys = set(model.state_dict().keys())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    mapping, unused = {}, []
+    for ckpt_key in checkpoint_keys:
+        key = ckpt_key
+        for old, new in LEGACY_SUFFIXES:
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+        candidates = [key]
+        if prefix:
+            candidates += [f"{prefix}.{key}", key.removeprefix(prefix + ".")]
+        hit = next((c for c in candidates if c in model_keys), None)
+        if hit is None:
+            unused.append(ckpt_key)
+        else:
+            mapping[hit] = ckpt_key
+    return mapping, unused
+
+
+# ---- memory --------------------------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak memory of a stretch of work: the CUDA allocator's peak, or the process's peak RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss"
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:  # Linux: writing 5 resets the peak RSS (VmHWM) of this process
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            self.kind = "process_peak_rss_lifetime"
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# ---- building the model --------------------------------------------------------------------------------------------
+
+
+def _auto_class(task: str):
+    import transformers
+
+    if task == "causal-lm":
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModelForSequenceClassification
+
+
+def build_skeleton(hf_config, task: str, compute_dtype: torch.dtype) -> nn.Module:
+    """The model with its parameters on the meta device (no memory) and its buffers real, on the CPU."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            return _auto_class(task).from_config(hf_config, dtype=compute_dtype)
+    except (ValueError, KeyError) as exc:
+        raise ModelError(f"transformers cannot build a {task} model of type {hf_config.model_type!r}: {exc}") from exc
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, device: torch.device) -> None:
+    """Put `value` at state-dict `key` of `model` as a frozen parameter (or buffer), in the skeleton's dtype."""
+    owner, _, attr = key.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    current = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
+    dtype = current.dtype if current is not None and value.is_floating_point() else value.dtype
+    if current is not None and tuple(current.shape) != tuple(value.shape):
+        raise ModelError(f"checkpoint tensor for {key} has shape {tuple(value.shape)}, the model expects "
+                         f"{tuple(current.shape)}; the folder's config.json does not match its weights")
+    value = value.to(device=device, dtype=dtype)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def _meta_parameters(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+
+
+def _init_missing(model: nn.Module, config: LaMDAConfig, device: torch.device) -> list[str]:
+    """Initialize modules the checkpoint does not hold (a new classification head); raise for anything else."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    created = []
+    for name, module in model.named_modules():
+        meta = [n for n, p in module.named_parameters(recurse=False) if p.device.type == "meta"]
+        if not meta:
+            continue
+        is_head = (module is head or name.split(".")[-1] in HEAD_NAMES
+                   or any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in
+                          config.modules_to_save))
+        if not is_head:
+            raise ModelError(
+                f"the checkpoint holds no weights for {name} ({', '.join(meta)}); its layout does not match "
+                f"{type(model).__name__}. Fix: re-save the model with transformers' save_pretrained"
+            )
+        for pname in meta:
+            p = module._parameters[pname]
+            module._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model._init_weights(module)
+        module.to(device)
+        created.append(name)
+    if created:
+        untrained = [n for n in created if not any(n == s or n.endswith("." + s) for s in config.modules_to_save)]
+        logger.warning("newly initialized (not in the checkpoint): %s", ", ".join(created))
+        if untrained:
+            logger.warning("these new modules are not in `modules_to_save`, so they will not train: %s; add them "
+                           "to modules_to_save (e.g. modules_to_save=['classifier'])", ", ".join(untrained))
+    return created
+
+
+def _target_shape(module: nn.Module) -> tuple[int, int]:
+    if _is_conv1d(module):  # GPT-2 Conv1D stores (d_in, d_out)
+        d_in, d_out = module.weight.shape
+        return d_out, d_in
+    return module.out_features, module.in_features
+
+
+def _read_target(checkpoint: Checkpoint, keys: dict[str, str], name: str, module: nn.Module):
+    """(weight (d_out, d_in) in its stored dtype on CPU, bias or None) of a targeted layer."""
+    wkey = f"{name}.weight"
+    if wkey not in keys:
+        raise ModelError(f"the checkpoint has no weight for the targeted layer {name}")
+    weight = checkpoint.get(keys[wkey])
+    if _is_conv1d(module):
+        weight = weight.T
+    bias = checkpoint.get(keys[f"{name}.bias"]) if f"{name}.bias" in keys else None
+    return weight, bias
+
+
+def _overall(reports: dict, norms: dict, key: str) -> float | None:
+    """sqrt(sum_l (err_l ||W_l||)^2 / sum_l ||W_l||^2): the relative error over all targeted weights together."""
+    if not reports or any(r.get(key) is None for r in reports.values()):
+        return None
+    num = sum((reports[n][key] * norms[n]) ** 2 for n in reports)
+    den = sum(norms[n] ** 2 for n in reports)
+    return float((num / den) ** 0.5) if den > 0 else 0.0
+
+
+def _prepare_layers(model, targets, checkpoint, keys, config, quantize, compute_dtype, device, progress):
+    """Stream, factor, quantize and install every targeted layer. Returns (ranks, fingerprints, reports, norms)."""
+    from tqdm.auto import tqdm
+
+    svd_device = device if device.type == "cuda" else torch.device("cpu")
+    spectra_seconds = 0.0
+    if config.rank_allocation == "energy":  # LaMDA++ needs every spectrum before the first rank is known
+        spectra = {}
+        for name, module in tqdm(targets, desc="spectra (LaMDA++)", disable=not progress, leave=False):
+            weight, _ = _read_target(checkpoint, keys, name, module)
+            start = time.perf_counter()
+            spectra[name] = singular_values(weight.to(svd_device, torch.float32)).cpu()
+            spectra_seconds += time.perf_counter() - start
+            del weight
+        ranks = layer_ranks(config, spectra)
+    else:
+        ranks = {name: config.rank for name, _ in targets}
+    for name, module in targets:
+        check_rank(name, ranks[name], _target_shape(module))
+    fingerprints, reports, norms = {}, {}, {}
+    for name, module in tqdm(targets, desc="prepare LaMDA layers", disable=not progress, leave=False):
+        weight, bias = _read_target(checkpoint, keys, name, module)
+        fingerprints[name] = weight_fingerprint(weight)
+        norms[name] = float(weight.float().norm())
+        layer, reports[name] = make_lamda_linear(weight, bias, ranks[name], config, quantize, compute_dtype, device)
+        model.set_submodule(name, layer)
+        del weight, bias, layer
+    return ranks, fingerprints, reports, norms, spectra_seconds
+
+
+def load_lamda_model(
+    model_path: str | os.PathLike,
+    config: LaMDAConfig,
+    quantize: str | None = "nf4",
+    device: str | torch.device | None = None,
+    compute_dtype: torch.dtype | str | None = None,
+    cache_dir: str | os.PathLike | None | bool = None,
+    progress: bool = True,
+    task: str | None = None,
+    num_labels: int | None = None,
+    gradient_checkpointing: bool = True,
+) -> nn.Module:
+    """Load a local transformers folder with a frozen base (NF4 or plain) and LaMDA adapters from its full weights.
+
+    Args:
+        model_path: a folder with config.json and safetensors weights (single file or sharded).
+        config: the LaMDA configuration (targets, rank, init, LaMDA++ allocation).
+        quantize: "nf4" (bitsandbytes 4-bit base holding the spectral residual) or None (residual in compute dtype).
+        device: where the model goes (default: CUDA if available, else CPU). SVDs run there when it is a GPU.
+        compute_dtype: dtype of embeddings, norms, heads and the 4-bit matmuls (default: bf16 on GPUs that have
+            it, fp16 on older GPUs, fp32 on CPU).
+        cache_dir: folder of the prepared-model cache; None = `$LAMDA_EDGE_CACHE/prepared` or
+            `~/.cache/lamda-edge/prepared`; False = no cache.
+        progress: show progress bars.
+        task: "causal-lm" or "sequence-classification"; None = from the config's architectures.
+        num_labels: number of classes for a sequence-classification head (default: the config's).
+        gradient_checkpointing: enable transformers' non-reentrant gradient checkpointing.
+
+    Returns:
+        The model (eval mode): base frozen, `lamda_S`, `lamda_B` and `modules_to_save` trainable, and
+        `model.lamda_prepare_report` (per-layer and overall quantization errors vs plain NF4, SVD seconds, peak
+        memory of preparation, cache hit or miss).
+
+    Raises:
+        ModelError: the folder is not a loadable model; ConfigError: a bad argument;
+        MissingDependencyError: bitsandbytes is missing for quantize="nf4".
+    """
+    start = time.perf_counter()
+    model_dir = Path(model_path).expanduser()
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"{model_path} is not a transformers model folder (no config.json); pass a local folder")
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"`quantize` should be 'nf4' or None, got {quantize!r}")
+    if not isinstance(config, LaMDAConfig):
+        raise ConfigError(f"`config` should be a LaMDAConfig, got {type(config).__name__}")
+    if quantize == "nf4":
+        require("bitsandbytes", package="bitsandbytes")
+    device = resolve_device(device)
+    compute_dtype = resolve_compute_dtype(compute_dtype, device)
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of {model_dir}: {exc}") from exc
+    task = resolve_task(hf_config, task)
+    if num_labels is not None:
+        hf_config.num_labels = num_labels
+    peak = PeakMemory(device)
+    peak.start()
+    checkpoint = Checkpoint(model_dir)
+    model = build_skeleton(hf_config, task, compute_dtype)
+    keys, unused = key_map(model, checkpoint.where)
+    if unused:
+        logger.info("checkpoint tensors not used by %s: %s", type(model).__name__, ", ".join(unused[:8]))
+    targets = find_targets(model, config)
+    root = None if cache_dir is False else Path(cache_dir) if cache_dir else default_cache_dir()
+    key = weights_id = None
+    cached = None
+    if root is not None:
+        key, weights_id = cache_key(model_dir, checkpoint.files, config.to_dict(), quantize, compute_dtype, task,
+                                    num_labels)
+        cached = read_entry(root, key)
+        if cached is not None and cached[0].get("targets") != [n for n, _ in targets]:
+            cached = None
+    spectra_seconds = 0.0
+    if cached is not None:
+        info, tensors = cached
+        ranks, fingerprints, reports, norms = info["ranks"], info["fingerprints"], info["layers"], info["norms"]
+        for name, _ in targets:
+            layer = build_layer(name, tensors, ranks[name], config.alpha, config.dropout, quantize, compute_dtype,
+                                device)
+            model.set_submodule(name, layer)
+        del tensors
+    else:
+        ranks, fingerprints, reports, norms, spectra_seconds = _prepare_layers(
+            model, targets, checkpoint, keys, config, quantize, compute_dtype, device, progress)
+    target_names = [n for n, _ in targets]
+    for model_key, ckpt_key in keys.items():
+        if any(model_key.startswith(n + ".") for n in target_names):
+            continue
+        _set_tensor(model, model_key, checkpoint.get(ckpt_key), device)
+    checkpoint.close()
+    missing = _meta_parameters(model)
+    if missing and hasattr(model, "tie_weights"):
+        model.tie_weights(missing_keys=set(missing))
+    created = _init_missing(model, config, device)
+    for module in model.modules():  # non-persistent buffers (rotary tables, position ids) were built on the CPU
+        for bname, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[bname] = buf.to(device)
+    _load_generation_config(model, model_dir)
+    finish_injection(model, config, fingerprints, reports)
+    disable_cpu_repack(model)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.eval()
+    report = {
+        "model_path": str(model_dir.resolve()),
+        "task": task,
+        "quantize": quantize,
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "device": str(device),
+        "cache": "off" if root is None else ("hit" if cached is not None else "miss"),
+        "cache_path": None if root is None else str(root / key),
+        "layers": reports,
+        "ranks": ranks,
+        "quant_error": _overall(reports, norms, "quant_error"),
+        "plain_nf4_error": _overall(reports, norms, "plain_nf4_error"),
+        "svd_seconds": 0.0 if cached else spectra_seconds + sum(r["svd_seconds"] for r in reports.values()),
+        "new_modules": created,
+        "peak_memory_kind": peak.kind,
+    }
+    if root is not None and cached is None:
+        tensors = {}
+        for name, layer in model.named_modules():
+            if name in ranks:
+                tensors.update(layer_tensors(name, layer))
+        info = {"format": 1, "model_path": report["model_path"], "weights_id": weights_id, "targets": target_names,
+                "ranks": ranks, "fingerprints": fingerprints, "layers": reports, "norms": norms,
+                "quantize": quantize, "compute_dtype": report["compute_dtype"], "lamda_config": config.to_dict()}
+        if write_entry(root, key, tensors, info) is None:
+            report["cache"] = "miss (not written)"
+        del tensors
+    report["peak_memory_bytes"] = peak.peak_bytes()
+    report["seconds"] = time.perf_counter() - start
+    model.lamda_prepare_report = report
+    model.lamda_base = {"base_model": report["model_path"], "quantize": quantize}
+    logger.info(
+        "prepared %d LaMDA layers of %s (%s, cache %s) in %.1f s: SVD %.1f s, error %s vs plain NF4 %s, peak %.0f MiB",
+        len(targets), model_dir.name, quantize or "unquantized", report["cache"], report["seconds"],
+        report["svd_seconds"], _fmt(report["quant_error"]), _fmt(report["plain_nf4_error"]),
+        report["peak_memory_bytes"] / 2**20,
+    )
+    return model
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _load_generation_config(model: nn.Module, model_dir: Path) -> None:
+    if (model_dir / "generation_config.json").is_file() and hasattr(model, "generation_config"):
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring unreadable generation_config.json in %s: %s", model_dir, exc)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> bool:
+    """Turn on transformers' non-reentrant gradient checkpointing; False (with a warning) if the model lacks it.
+
+    Non-reentrant checkpointing needs no `enable_input_require_grads` (gradients reach the adapters inside a
+    checkpointed block even when its input does not require a gradient); transformers adds it anyway.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        logger.warning("%s does not support gradient checkpointing; training keeps all activations",
+                       type(model).__name__)
+        return False
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return True
