@@ -1,0 +1,125 @@
+"""`plan --measure`: run real training steps of a planned configuration and measure their peak.
+
+On CUDA the peak comes from the allocator (`torch.cuda.max_memory_allocated`); on CPU from `LiveTensorCounter`
+(exact live tensor bytes). The model is built the way training builds it: the frozen base (NF4 or not) with
+LaMDA adapters from `lamda_edge.adapters`, gradient checkpointing (non-reentrant), the chunked loss from
+`lamda_edge.loss`, AdamW over the trainable parameters. A catalogue shape without local weights gets random
+weights of that shape (memory does not depend on the values).
+
+TODO(train): switch `_train_step` to the step function of `lamda_edge.train` once it exposes one.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from lamda_edge.errors import ModelError
+from lamda_edge.planner.memory import TrainSetup
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def llama_config(shape):
+    """A transformers LlamaConfig with `shape`'s numbers (random weights; memory depends only on shapes)."""
+    from transformers import LlamaConfig
+
+    if shape.architecture != "decoder" or shape.fused_qkv:
+        raise ModelError(f"--measure builds Llama-style decoders; {shape.name} is {shape.architecture}"
+                         f"{' with fused projections' if shape.fused_qkv else ''}. Give a local model folder instead.")
+    return LlamaConfig(
+        hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim, vocab_size=shape.vocab_size,
+        tie_word_embeddings=shape.tie_word_embeddings, attention_bias=shape.attention_bias,
+        max_position_embeddings=8192, attn_implementation="sdpa",
+    )
+
+
+def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) -> torch.nn.Module:
+    """The adapted model for `setup`: local weights when `shape.local_path` is set, else random ones."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from lamda_edge.adapters import find_targets, make_lamda_linear
+    from lamda_edge.adapters.inject import finish_injection
+    from lamda_edge.config import LaMDAConfig
+
+    dtype = TORCH_DTYPES[setup.weight_dtype or setup.compute_dtype]
+    torch.manual_seed(seed)
+    if shape.local_path:
+        model = AutoModelForCausalLM.from_pretrained(shape.local_path, dtype=dtype, attn_implementation="sdpa")
+    else:
+        model = LlamaForCausalLM(llama_config(shape)).to(dtype)
+    config = LaMDAConfig(rank=setup.rank)
+    targets = find_targets(model, config)
+    per_block = len(shape.block_linears())
+    for i, (name, module) in enumerate(targets):
+        rank = setup.ranks[i % per_block] if setup.ranks else min(setup.rank, *module.weight.shape)
+        layer, _ = make_lamda_linear(module.weight, module.bias, rank, config, setup.quantize,
+                                     TORCH_DTYPES[setup.compute_dtype], device)
+        model.set_submodule(name, layer)
+    finish_injection(model, config, {}, {})
+    if not setup.b_trainable:
+        for _, m in model.named_modules():
+            if hasattr(m, "lamda_B"):
+                m.lamda_B.requires_grad_(False)
+    model.to(device)
+    if setup.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def _train_step(model, batch, optimizer, chunk_rows) -> float:
+    from lamda_edge.loss import causal_lm_loss
+
+    loss = causal_lm_loss(model, batch, chunk_rows=chunk_rows)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def measure(shape, setup: TrainSetup, steps: int = 2, device: str | None = None, seed: int = 0) -> dict:
+    """Run `steps` real training steps of `setup` and return the measured peak of live tensor bytes.
+
+    The first step creates AdamW's state; the peak is taken over the later (steady-state) steps, with weights,
+    adapters, optimizer state and the batch counted, as the memory model predicts it.
+
+    Returns:
+        {"measured_tensor_peak_bytes", "measured_by", "steps", "seconds_per_step", "device"}
+    """
+    from lamda_edge.memcount import LiveTensorCounter
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(shape, setup, device, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, shape.vocab_size, (setup.batch_size, setup.seq_len), generator=gen).to(device)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    _train_step(model, batch, optimizer, setup.chunk_rows)  # warm-up: creates the optimizer state
+    steps = max(1, steps - 1)
+    t0 = time.perf_counter()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            _train_step(model, batch, optimizer, setup.chunk_rows)
+        torch.cuda.synchronize()
+        peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:
+        counter = LiveTensorCounter().register(model, optimizer, batch)
+        with counter:
+            for _ in range(steps):
+                _train_step(model, batch, optimizer, setup.chunk_rows)
+        peak, how = counter.peak_bytes, "LiveTensorCounter (live storages)"
+    return {
+        "measured_tensor_peak_bytes": int(peak),
+        "measured_by": how,
+        "steps": steps,
+        "seconds_per_step": (time.perf_counter() - t0) / steps,
+        "device": device,
+    }

@@ -1,0 +1,282 @@
+"""The memory model: the peak of live tensor bytes of one LaMDA training step, itemized.
+
+Every term is counted from what PyTorch and transformers allocate and what autograd saves for backward,
+not fitted to measurements (docs/planner-accuracy.md checks it against `LiveTensorCounter` on real steps).
+Notation (per step): B batch_size, T seq_len, N = B*T tokens, h hidden_size, I intermediate_size, n_h / n_kv
+attention / key-value heads, d head_dim, V vocab_size, L layers, r_i the rank of adapted linear i,
+e the bytes of the compute dtype (4 fp32, 2 bf16/fp16), w the bytes of an unquantized weight.
+
+A step runs through phases; the peak is the largest phase, not a sum of everything:
+
+    resident (weights, adapters, AdamW states)  is live in every phase
+    forward      stored activations of all layers below + the current layer's working set
+    loss         stored activations + the loss working set (chunked: one chunk of logits)
+    backward     stored activations of the layers below + the top layer's saved set (recomputed under
+                 checkpointing) + its gradient transients + the parameter gradients
+    optimizer    gradients + AdamW's per-parameter temporaries
+
+What autograd saves per decoder layer (Llama-style, SDPA attention, frozen base, LaMDA on all linears),
+per token, counted op by op (tests/test_planner_memory.py checks it against the counter):
+
+    2 x RMSNorm input, fp32 (pow/mul save the fp32 view of the input)  2h * 4 B
+    RMSNorm rsqrt, fp32                                                 2 * 4 B
+    RoPE'd q, k and v (SDPA inputs; GQA without repeat_kv, no mask)     (n_h + 2 n_kv) d * e
+    SDPA output + log-sum-exp (fp32)                                    n_h d * e + n_h * 4 B
+    gated MLP: gate (for SiLU), up and SiLU(gate) (for the product)     3I * e
+    LaMDA, each adapted linear: A x (for S's grad), S A x (for B's)     sum_i r_i (1 + [B trains]) * 4 B
+    frozen base weights (plain or NF4) save nothing that scales with N: their inputs are not kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from lamda_edge.errors import ConfigError
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+NF4_BLOCK = 64  # bitsandbytes NF4 block size (elements per absmax)
+NF4_NESTED_BLOCK = 256  # double quantization: absmax blocks per second-level fp32 absmax
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One adapted linear layer of a transformer block: its short name and shape."""
+
+    name: str
+    d_in: int
+    d_out: int
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What the step looks like: the knobs the planner searches over or the user pins."""
+
+    batch_size: int = 1
+    seq_len: int = 512
+    rank: int = 16
+    ranks: tuple[int, ...] | None = None  # per adapted linear of one block, overrides `rank` (LaMDA++)
+    quantize: str | None = "nf4"
+    double_quant: bool = True
+    gradient_checkpointing: bool = True
+    chunk_rows: int | None = 256  # chunked loss rows; None = the model's own (full-logits) loss
+    compute_dtype: str = "bf16"
+    weight_dtype: str | None = None  # unquantized weights (embeddings, norms, plain base); None = compute dtype
+    b_trainable: bool = True  # before t_i; False after B froze (only S trains)
+    lamda_dtype: str = "fp32"  # A, S, B are kept in float32
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"`{name}` should be a positive integer, got {value!r}")
+        if self.quantize not in (None, "nf4"):
+            raise ConfigError(f"`quantize` should be 'nf4' or None, got {self.quantize!r}")
+        if self.chunk_rows is not None and (not isinstance(self.chunk_rows, int) or self.chunk_rows < 1):
+            raise ConfigError(f"`chunk_rows` should be a positive integer or None, got {self.chunk_rows!r}")
+        for name in ("compute_dtype", "lamda_dtype") + (("weight_dtype",) if self.weight_dtype else ()):
+            if getattr(self, name) not in DTYPE_BYTES:
+                raise ConfigError(f"`{name}` should be one of {sorted(DTYPE_BYTES)}, got {getattr(self, name)!r}")
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+@dataclass
+class Estimate:
+    """The model's answer: the peak, the phase it happens in, and what is live then."""
+
+    tensor_peak_bytes: int
+    peak_phase: str
+    breakdown: dict[str, int]  # what is live at the peak; sums to tensor_peak_bytes
+    phases: dict[str, int]  # every phase's total
+    resident: dict[str, int] = field(default_factory=dict)
+    trainable_params: int = 0
+
+
+# ---- resident: weights, adapters, optimizer state --------------------------------------------------------------
+
+
+def nf4_bytes(n: int, double_quant: bool) -> int:
+    """Bytes of one NF4 weight of n elements, with its quantization constants (bitsandbytes layout).
+
+    packed 4-bit values n/2 B; absmax one per 64-block: uint8 with double quantization (+ an fp32 absmax per 256
+    blocks, a 256-entry fp32 code and an fp32 offset), else fp32; plus the 16-entry fp32 NF4 code.
+    """
+    blocks = math.ceil(n / NF4_BLOCK)
+    if double_quant:
+        constants = blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 256 * 4 + 4
+    else:
+        constants = 4 * blocks
+    return math.ceil(n / 2) + constants + 16 * 4
+
+
+def resident_bytes(shape, setup: TrainSetup, linears: list[Linear], ranks: list[int]) -> tuple[dict[str, int], int]:
+    """Weights, LaMDA buffers/parameters and AdamW state; returns (itemized bytes, trainable parameter count)."""
+    w = DTYPE_BYTES[setup.weight_dtype or setup.compute_dtype]
+    f = DTYPE_BYTES[setup.lamda_dtype]
+    blocks = shape.num_blocks
+    out: dict[str, int] = {}
+    # embeddings V*h*w; an untied output head another V*h*w (heads are never quantized)
+    out["embeddings"] = shape.vocab_size * shape.hidden_size * w
+    if not shape.tie_word_embeddings:
+        out["lm_head"] = shape.vocab_size * shape.hidden_size * w
+    # norms: 2 per block + the final one, h*w each (LayerNorm adds a bias: x2)
+    out["norms"] = (2 * blocks + 1) * shape.hidden_size * w * shape.norm_params
+    base = packed = 0
+    for lin in linears:
+        n = lin.d_in * lin.d_out
+        if setup.quantize == "nf4":
+            packed += nf4_bytes(n, setup.double_quant)  # see nf4_bytes
+        else:
+            base += n * w
+        base += lin.d_out * w if lin.bias else 0
+    if setup.quantize == "nf4":
+        out["base_weights_nf4"] = packed * blocks
+    out["base_weights"] = base * blocks
+    if shape.extra_params:
+        out["other_weights"] = shape.extra_params * w  # position/relative embeddings, classifier, ...
+    # LaMDA per adapted linear: A r*d_in (frozen buffer), S r*r, B d_out*r, all fp32 (+ an int64 frozen counter)
+    a = sum(r * lin.d_in for r, lin in zip(ranks, linears)) * blocks
+    s = sum(r * r for r in ranks) * blocks
+    b = sum(r * lin.d_out for r, lin in zip(ranks, linears)) * blocks
+    out["lamda_A"] = a * f + 8 * len(linears) * blocks
+    out["lamda_S"] = s * f
+    out["lamda_B"] = b * f
+    trainable = s + (b if setup.b_trainable else 0)
+    # AdamW: exp_avg + exp_avg_sq in fp32 per trainable element, plus a 4 B step tensor per parameter tensor
+    n_tensors = len(linears) * blocks * (2 if setup.b_trainable else 1)
+    out["adamw_states"] = 2 * 4 * trainable + 4 * n_tensors
+    # the batch itself: input_ids and labels, int64 (B*T*8 each)
+    out["batch"] = 2 * setup.tokens * 8
+    return {k: v for k, v in out.items() if v}, trainable
+
+
+# ---- activations -------------------------------------------------------------------------------------------------
+
+
+def saved_per_token(shape, setup: TrainSetup, ranks: list[int]) -> float:
+    """Bytes autograd saves per token in one block's forward (the table in the module docstring)."""
+    e = DTYPE_BYTES[setup.compute_dtype]
+    h, d, nh, nkv, inter = shape.hidden_size, shape.head_dim, shape.num_attention_heads, shape.num_key_value_heads, (
+        shape.intermediate_size
+    )
+    adapter = sum(ranks) * (2 if setup.b_trainable else 1) * 4  # A x and S A x per adapted linear, fp32
+    if shape.architecture == "decoder":
+        norms = 2 * h * 4 + 2 * 4  # fp32 norm inputs + rsqrt
+        attn = (nh + 2 * nkv) * d * e + nh * d * e + nh * 4  # q, k, v, SDPA output, log-sum-exp
+        mlp = (3 if shape.mlp == "gated" else 1) * inter * e  # gate, up, SiLU(gate) | GELU input
+        return norms + attn + mlp + adapter
+    # encoders / encoder-decoders (LayerNorm, eager attention): approximate, not validated on this machine
+    norms = 2 * (h * e + 2 * 4)  # LayerNorm input + mean + rstd
+    attn = (nh + 2 * nkv) * d * e + nh * d * e + 2 * nh * setup.seq_len * e  # q, k, v, context, scores + probs
+    mlp = inter * e
+    per = norms + attn + mlp + adapter
+    if shape.architecture == "encoder-decoder":  # decoder blocks add cross-attention (q, k, v, probs) + a norm
+        per += 0.5 * ((nh + 2 * nkv) * d * e + 2 * nh * setup.seq_len * e + h * e)
+    return per
+
+
+def estimate(shape, setup: TrainSetup) -> Estimate:
+    """Predict the peak of live tensor bytes of one steady-state training step (optimizer state exists).
+
+    Args:
+        shape: a `ModelShape` (profiles.py).
+        setup: the step's configuration.
+
+    Returns:
+        An `Estimate` with the peak, its phase, and the itemized bytes live at the peak.
+    """
+    linears = shape.block_linears()
+    ranks = list(setup.ranks) if setup.ranks else [min(setup.rank, lin.d_in, lin.d_out) for lin in linears]
+    if len(ranks) != len(linears):
+        raise ConfigError(f"`ranks` should give one rank per adapted linear ({len(linears)}), got {len(ranks)}")
+    resident, trainable = resident_bytes(shape, setup, linears, ranks)
+    e = DTYPE_BYTES[setup.compute_dtype]
+    N, T, h, inter, V = setup.tokens, setup.seq_len, shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    L = shape.num_blocks
+    widest = max(lin.d_out for lin in linears)
+    saved_layer = saved_per_token(shape, setup, ranks) * N  # one block's saved set
+    # RoPE cos/sin (1, T, d) in the compute dtype, shared by all blocks
+    rope = 2 * T * shape.head_dim * e if shape.architecture == "decoder" else 0
+    # stored between forward and backward: with checkpointing each block keeps only its input (N*h*e);
+    # the last block's output is kept by the final norm (fp32 view, N*h*4 + rsqrt N*4)
+    final_norm = N * h * 4 + N * 4
+    if setup.gradient_checkpointing:
+        stored_blocks = L * N * h * e
+    else:
+        stored_blocks = L * saved_layer
+    stored = stored_blocks + final_norm + rope
+    # NF4 base: each matmul dequantizes its weight to the compute dtype first (transient d_out*d_in*e)
+    dequant = max(lin.d_in * lin.d_out for lin in linears) * e if setup.quantize == "nf4" else 0
+    mlp_mid = N * inter * e  # the gated product / activation being built
+    # ---- loss: the head's logits, fp32, for `rows` rows at a time ----
+    rows_all = setup.batch_size * (setup.seq_len - 1)  # shifted: the last position predicts nothing
+    if shape.architecture == "encoder":
+        rows, shifted_copy = setup.batch_size, 0  # a sequence classifier: B x num_labels logits
+        V = shape.num_labels
+    elif setup.chunk_rows is None:
+        rows, shifted_copy = N, 0  # the model's own loss: all logits at once
+    else:
+        rows, shifted_copy = min(setup.chunk_rows, rows_all), rows_all * h * e  # hidden[:, :-1] copy, kept
+    logits_fp32 = rows * V * 4
+    logits_e = rows * V * e if e != 4 else 0  # the head's output before .float()
+    last_hidden = N * h * e  # the final norm's output, alive while the loss runs
+    # forward through the loss: logits (+ fp32 copy) and log_softmax output live together
+    loss_fwd = shifted_copy + last_hidden + logits_e + 2 * logits_fp32
+    # backward of the loss: saved log_softmax + nll grad + log_softmax grad (3 fp32 copies), and the gradient
+    # of the hidden states being accumulated (full size + one slice's scatter, N*h*e each)
+    loss_bwd = shifted_copy + 3 * logits_fp32 + 2 * N * h * e
+    # ---- backward through the top block ----
+    # under checkpointing the block's saved set is rebuilt; its fp32 norm input is the stored input itself
+    # when e == 4, so only the rest is new
+    recompute = saved_layer - (N * h * 4 if e == 4 else 0)
+    top_stored = N * h * e if setup.gradient_checkpointing else saved_layer
+    below = stored - top_stored  # blocks under the top one
+    # gradient transients at the MLP's input-gradient step: the block output's grad (N*h*e) and its scaled
+    # adapter copy (N*h*e); down_proj's input grad from the adapter path (fp32, N*I*4, plus its cast back to e),
+    # from the frozen base (N*I*e) and their sum (N*I*e) -- the same count holds for d(act), d(up), d(gate)
+    grad_transient = 2 * N * h * e + N * inter * (4 + 2 * e + (e if e != 4 else 0)) + dequant
+    grads = trainable * 4  # parameter gradients (fp32, S and B)
+    phases = {
+        # forward through the top block: without checkpointing its saved set plus the MLP product and down_proj's
+        # output temporaries (base out, B S A x, scaled: 3 N*h*e); under checkpointing nothing is saved, and the
+        # working set is its input and residual (2 N*h*e) with SiLU(gate), up and their product (3 N*I*e)
+        "forward": below + (saved_layer + mlp_mid + 3 * N * h * e if not setup.gradient_checkpointing
+                            else 2 * N * h * e + 3 * mlp_mid) + dequant,
+        "loss": stored + loss_fwd,
+        "loss_backward": stored + loss_bwd + grads,
+        "backward": below + top_stored + (recompute if setup.gradient_checkpointing else 0) + grad_transient + grads,
+        # AdamW (single-tensor on CPU): exp_avg_sq.sqrt() and its scaled copy for the largest parameter
+        "optimizer": grads + 2 * max(ranks) * widest * 4,
+    }
+    peak_phase = max(phases, key=phases.get)
+    res_total = sum(resident.values())
+    live = dict(resident)
+    live.update(_phase_items(peak_phase, stored=stored, loss_fwd=loss_fwd, loss_bwd=loss_bwd, grads=grads,
+                             below=below, top=phases["backward"] - below - grads, fwd=phases["forward"],
+                             opt=phases["optimizer"] - grads))
+    live = {k: int(v) for k, v in live.items() if v}
+    return Estimate(
+        tensor_peak_bytes=int(res_total + phases[peak_phase]),
+        peak_phase=peak_phase,
+        breakdown=live,
+        phases={k: int(v + res_total) for k, v in phases.items()},
+        resident=resident,
+        trainable_params=trainable,
+    )
+
+
+def _phase_items(phase: str, **parts) -> dict[str, float]:
+    """The non-resident items live in `phase`, named for the breakdown table."""
+    if phase == "forward":
+        return {"activations_forward": parts["fwd"]}
+    if phase == "loss":
+        return {"activations_stored": parts["stored"], "loss_logits": parts["loss_fwd"]}
+    if phase == "loss_backward":
+        return {"activations_stored": parts["stored"], "loss_logits": parts["loss_bwd"], "gradients": parts["grads"]}
+    if phase == "backward":
+        return {"activations_stored": parts["below"], "top_block_backward": parts["top"], "gradients": parts["grads"]}
+    return {"gradients": parts["grads"], "optimizer_temporaries": parts["opt"]}

@@ -1,0 +1,358 @@
+"""Device profiles (profiles/devices/*.yaml) and model shapes (profiles/models/*.json): find, load, validate.
+
+Profiles ship in the wheel as package `lamda_edge.profiles`; from a checkout they are the repo's `profiles/`.
+A device's numbers live only in its YAML; a model's shape only in its JSON (or a local config.json).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lamda_edge.errors import ProfileError
+from lamda_edge.planner.memory import Linear
+
+GIB = 1024**3
+MIB = 1024**2
+
+DEVICE_FIELDS = {  # field -> allowed types
+    "name": (str,), "aliases": (list,), "description": (str,), "kind": (str,),
+    "total_memory_gib": (int, float, str), "usable_memory_gib": (int, float, str),
+    "runtime_overhead_mib": (int, float), "fragmentation_margin": (int, float), "unified_memory": (bool,),
+    "bf16": (bool,), "compute_capability": (str, type(None)), "memory_bandwidth_gbs": (int, float),
+    "peak_tflops": (int, float), "expandable_segments": (bool,), "cpu_offload": (bool,),
+    "paged_optimizer": (bool,), "sources": (dict,),
+}
+OPTIONAL_DEVICE_FIELDS = {"fp32_tflops": (int, float)}
+MODEL_FIELDS = {
+    "name": (str,), "architecture": (str,), "hidden_size": (int,), "intermediate_size": (int,),
+    "num_hidden_layers": (int,), "num_attention_heads": (int,), "num_key_value_heads": (int,), "head_dim": (int,),
+    "vocab_size": (int,), "tie_word_embeddings": (bool,),
+}
+ARCHITECTURES = ("decoder", "encoder", "encoder-decoder")
+
+
+def profiles_root() -> Path:
+    """The folder holding devices/ and models/: the installed package data, else the checkout's profiles/."""
+    try:
+        from importlib.resources import files
+
+        root = Path(str(files("lamda_edge.profiles")))
+        if (root / "devices").is_dir():
+            return root
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[2] / "profiles"
+
+
+# ---- devices -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One device: memory (bytes), compute, and what the runtime may use on it."""
+
+    name: str
+    aliases: tuple[str, ...]
+    description: str
+    kind: str
+    total_bytes: int
+    usable_bytes: int
+    runtime_overhead_bytes: int
+    fragmentation_margin: float
+    unified_memory: bool
+    bf16: bool
+    compute_capability: str | None
+    memory_bandwidth_gbs: float
+    peak_tflops: float
+    fp32_tflops: float | None
+    expandable_segments: bool
+    cpu_offload: bool
+    paged_optimizer: bool
+    sources: dict
+    path: str
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the step computes in: bf16 where supported, else fp16 on GPUs, fp32 on a CPU without it."""
+        if self.bf16:
+            return "bf16"
+        return "fp32" if self.kind == "cpu" else "fp16"
+
+
+def _check_fields(data: dict, fields: dict, path: Path, optional: dict | None = None) -> None:
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: should hold a mapping of fields, got {type(data).__name__}")
+    for key, types in fields.items():
+        if key not in data:
+            raise ProfileError(f"{path}: field `{key}` is missing (required: {', '.join(fields)})")
+        if not isinstance(data[key], types) or (bool not in types and isinstance(data[key], bool)):
+            names = "/".join(t.__name__ for t in types)
+            raise ProfileError(f"{path}: field `{key}` should be {names}, got {data[key]!r}")
+    allowed = set(fields) | set(optional or {})
+    for key in data:
+        if key not in allowed and not key.startswith("_"):
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise ProfileError(f"{path}: unknown field `{key}`{hint}")
+
+
+def _memory(value, path: Path, key: str, host_value: int) -> int:
+    if value == "auto":
+        return host_value
+    if isinstance(value, str) or value <= 0:
+        raise ProfileError(f"{path}: field `{key}` should be a positive number of GiB or 'auto', got {value!r}")
+    return int(value * GIB)
+
+
+def _load_device(path: Path) -> DeviceProfile:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: not valid YAML: {exc}") from exc
+    _check_fields(data, DEVICE_FIELDS, path, OPTIONAL_DEVICE_FIELDS)
+    host_total = host_avail = 0
+    if "auto" in (data["total_memory_gib"], data["usable_memory_gib"]):
+        import psutil
+
+        vm = psutil.virtual_memory()
+        host_total, host_avail = vm.total, vm.available
+    total = _memory(data["total_memory_gib"], path, "total_memory_gib", host_total)
+    usable = _memory(data["usable_memory_gib"], path, "usable_memory_gib", host_avail)
+    if usable > total:
+        raise ProfileError(f"{path}: field `usable_memory_gib` ({usable / GIB:.2f}) exceeds total ({total / GIB:.2f})")
+    margin = data["fragmentation_margin"]
+    if not 0 <= margin < 1:
+        raise ProfileError(f"{path}: field `fragmentation_margin` should be in [0, 1), got {margin!r}")
+    for key in ("memory_bandwidth_gbs", "peak_tflops", "runtime_overhead_mib"):
+        if data[key] < 0:
+            raise ProfileError(f"{path}: field `{key}` should not be negative, got {data[key]!r}")
+    if data["kind"] not in ("cuda", "jetson", "cpu"):
+        raise ProfileError(f"{path}: field `kind` should be cuda, jetson or cpu, got {data['kind']!r}")
+    if data["kind"] == "jetson" and data["expandable_segments"]:
+        raise ProfileError(f"{path}: field `expandable_segments` must be false on Jetson (it fails on Tegra)")
+    return DeviceProfile(
+        name=data["name"], aliases=tuple(str(a) for a in data["aliases"]), description=data["description"],
+        kind=data["kind"], total_bytes=total, usable_bytes=usable,
+        runtime_overhead_bytes=int(data["runtime_overhead_mib"] * MIB), fragmentation_margin=float(margin),
+        unified_memory=data["unified_memory"], bf16=data["bf16"], compute_capability=data["compute_capability"],
+        memory_bandwidth_gbs=float(data["memory_bandwidth_gbs"]), peak_tflops=float(data["peak_tflops"]),
+        fp32_tflops=data.get("fp32_tflops"), expandable_segments=data["expandable_segments"],
+        cpu_offload=data["cpu_offload"], paged_optimizer=data["paged_optimizer"], sources=data["sources"],
+        path=str(path),
+    )
+
+
+def device_files() -> list[Path]:
+    return sorted((profiles_root() / "devices").glob("*.yaml"))
+
+
+def load_devices() -> dict[str, DeviceProfile]:
+    """Every device profile by name (each file validated)."""
+    out = {}
+    for path in device_files():
+        dev = _load_device(path)
+        if dev.name != path.stem:
+            raise ProfileError(f"{path}: field `name` ({dev.name!r}) should match the file name ({path.stem!r})")
+        out[dev.name] = dev
+    return out
+
+
+def _auto_device() -> DeviceProfile:
+    """The present GPU (free memory from torch.cuda.mem_get_info), else the host CPU profile."""
+    import torch
+
+    devices = load_devices()
+    if not torch.cuda.is_available():
+        return devices["cpu"]
+    free, total = torch.cuda.mem_get_info()
+    props = torch.cuda.get_device_properties(0)
+    cc = f"{props.major}.{props.minor}"
+    name = props.name.lower()
+    match = next((d for d in devices.values() if d.kind != "cpu" and d.compute_capability == cc
+                  and abs(d.total_bytes - total) < 2 * GIB), None)
+    base = match or devices["rtx3060"]
+    from dataclasses import replace
+
+    return replace(base, name=f"auto:{name.replace(' ', '-')}", description=f"{props.name} (read with torch.cuda)",
+                   total_bytes=total, usable_bytes=free, compute_capability=cc,
+                   bf16=torch.cuda.is_bf16_supported(), path="torch.cuda.mem_get_info")
+
+
+def get_device(name: str) -> DeviceProfile:
+    """A device by name or alias (case-insensitive), or `auto`; unknown names raise `ProfileError` listing all."""
+    key = name.strip().lower()
+    if key == "auto":
+        return _auto_device()
+    devices = load_devices()
+    for dev in devices.values():
+        if key == dev.name or key in (a.lower() for a in dev.aliases):
+            return dev
+    close = difflib.get_close_matches(key, list(devices) + [a for d in devices.values() for a in d.aliases], n=1)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    raise ProfileError(f"unknown device {name!r}.{hint} Known devices: {', '.join(sorted(devices))} (or `auto`)")
+
+
+def describe_devices() -> list[str]:
+    """One line per device profile for `lamda-edge devices`."""
+    lines = []
+    for dev in load_devices().values():
+        aliases = f" (aka {', '.join(dev.aliases)})" if dev.aliases else ""
+        lines.append(
+            f"{dev.name:<22} {dev.usable_bytes / GIB:6.1f} GiB usable of {dev.total_bytes / GIB:5.1f}"
+            f"{'  unified' if dev.unified_memory else '         '}  {'bf16' if dev.bf16 else 'fp16'}"
+            f"  {dev.peak_tflops:g} TFLOP/s  {dev.memory_bandwidth_gbs:g} GB/s  {dev.description}{aliases}"
+        )
+    return lines
+
+
+# ---- model shapes ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture numbers the memory model needs (no weights)."""
+
+    name: str
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    mlp: str = "gated"
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    attention_bias: bool = False
+    num_decoder_layers: int = 0
+    num_labels: int = 2
+    hf_id: str | None = None
+    source: str = ""
+    local_path: str | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_hidden_layers + self.num_decoder_layers
+
+    @property
+    def norm_params(self) -> int:
+        return 1 if self.architecture == "decoder" else 2  # RMSNorm weight | LayerNorm weight + bias
+
+    @property
+    def extra_params(self) -> int:
+        if self.architecture == "decoder":
+            return 0
+        return 512 * self.hidden_size + self.num_labels * self.hidden_size  # positions + classifier (approx.)
+
+    def block_linears(self) -> list[Linear]:
+        """The linear layers LaMDA adapts in one block ("all-linear")."""
+        h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_attention_heads * self.head_dim, (
+            self.num_key_value_heads * self.head_dim
+        )
+        b = self.attention_bias
+        if self.fused_qkv:
+            attn = [Linear("qkv_proj", h, q + 2 * kv, b)]
+        else:
+            attn = [Linear("q_proj", h, q, b), Linear("k_proj", h, kv, b), Linear("v_proj", h, kv, b)]
+        attn.append(Linear("o_proj", q, h, self.architecture != "decoder"))
+        if self.mlp == "gated":
+            mlp = [Linear("gate_up_proj", h, 2 * i)] if self.fused_gate_up else [
+                Linear("gate_proj", h, i), Linear("up_proj", h, i)]
+            mlp.append(Linear("down_proj", i, h))
+        else:
+            mlp = [Linear("fc1", h, i, True), Linear("fc2", i, h, True)]
+        return attn + mlp
+
+    def parameter_count(self) -> int:
+        lin = sum(x.d_in * x.d_out for x in self.block_linears()) * self.num_blocks
+        emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return lin + emb + (2 * self.num_blocks + 1) * self.hidden_size
+
+
+def model_files() -> list[Path]:
+    return sorted((profiles_root() / "models").glob("*.json"))
+
+
+def _shape_from_json(data: dict, path: Path) -> ModelShape:
+    _check_fields(data, MODEL_FIELDS, path, {k: (object,) for k in (
+        "hf_id", "max_position_embeddings", "mlp", "fused_qkv", "fused_gate_up", "attention_bias",
+        "parameters_reported", "source", "num_decoder_layers", "num_labels")})
+    if data["architecture"] not in ARCHITECTURES:
+        raise ProfileError(
+            f"{path}: field `architecture` should be one of {ARCHITECTURES}, got {data['architecture']!r}"
+        )
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                "vocab_size", "num_key_value_heads"):
+        if data[key] < 1:
+            raise ProfileError(f"{path}: field `{key}` should be positive, got {data[key]!r}")
+    if data["num_attention_heads"] % data["num_key_value_heads"]:
+        raise ProfileError(f"{path}: field `num_key_value_heads` ({data['num_key_value_heads']}) should divide "
+                           f"num_attention_heads ({data['num_attention_heads']})")
+    if data.get("mlp", "gated") not in ("gated", "plain"):
+        raise ProfileError(f"{path}: field `mlp` should be 'gated' or 'plain', got {data['mlp']!r}")
+    keys = {f for f in ModelShape.__dataclass_fields__ if f in data}
+    return ModelShape(**{k: data[k] for k in keys})
+
+
+def shape_from_hf_config(cfg: dict, name: str, path: str | None = None) -> ModelShape:
+    """A decoder shape from a transformers config.json dict (Llama, Qwen2, Mistral, Gemma, Phi-3 style)."""
+    try:
+        h = int(cfg["hidden_size"])
+        nh = int(cfg["num_attention_heads"])
+        return ModelShape(
+            name=name, architecture="decoder", hidden_size=h, intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=nh,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or nh),
+            head_dim=int(cfg.get("head_dim") or h // nh), vocab_size=int(cfg["vocab_size"]),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            fused_qkv=cfg.get("model_type") == "phi3", fused_gate_up=cfg.get("model_type") == "phi3",
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+            source=f"config.json at {path}" if path else "transformers config", local_path=path,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProfileError(f"{path or name}: config.json lacks a decoder field the planner needs: {exc}") from exc
+
+
+def load_models() -> dict[str, ModelShape]:
+    out = {}
+    for path in model_files():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ProfileError(f"{path}: not valid JSON: {exc}") from exc
+        shape = _shape_from_json(data, path)
+        if shape.name != path.stem:
+            raise ProfileError(f"{path}: field `name` ({shape.name!r}) should match the file name ({path.stem!r})")
+        out[shape.name] = shape
+    return out
+
+
+def get_model(name_or_path: str) -> ModelShape:
+    """A model shape by catalogue name, or from a local folder / config.json; unknown names list the catalogue."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        p = p / "config.json"
+    if p.is_file():
+        try:
+            cfg = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ProfileError(f"{p}: not valid JSON: {exc}") from exc
+        return shape_from_hf_config(cfg, p.parent.name, str(p.parent))
+    models = load_models()
+    key = name_or_path.strip().lower()
+    if key in models:
+        return models[key]
+    close = difflib.get_close_matches(key, list(models), n=1)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    if os.sep in name_or_path:
+        hint += f" ({name_or_path} is not a folder with a config.json.)"
+    raise ProfileError(f"unknown model {name_or_path!r}.{hint} Known models: {', '.join(sorted(models))}, "
+                       "or a local folder with a config.json")
