@@ -57,13 +57,39 @@ def _run_plan(args) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune with LaMDA on a 4-bit base", formatter_class=_Formatter,
-                       epilog="examples:\n  lamda-edge train\n  lamda-edge train --config run.yaml max_steps=200")
+    from lamda_edge.run_config import CLI_FLAGS, field_help
+
+    p = sub.add_parser(
+        "train", help="fine-tune with LaMDA on a 4-bit base", formatter_class=_Formatter,
+        description="Fine-tune with LaMDA. Settings come from --config YAML, then the flags, then key=value pairs "
+        "(later wins); any run config key can be given as key=value. Output folder: the adapter, run_config.yaml, "
+        "metrics.json, loss_curve.png and checkpoints/.",
+        epilog="examples:\n  lamda-edge train\n  lamda-edge train --config run.yaml max_steps=200\n"
+        "  lamda-edge train --model ./my-model --data train.jsonl --output runs/mine --rank 16 lr=5e-4\n"
+        "  lamda-edge train --output runs/mine --resume\n"
+        "  accelerate launch --num_processes 2 -m lamda_edge.cli train --data train.jsonl  (docs/multi-gpu.md)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides, e.g. max_steps=200")
+    p.add_argument("--config", metavar="FILE.yaml", help="run config YAML file")
+    for flag, (key, kind) in CLI_FLAGS.items():
+        p.add_argument(flag, dest=key, type=kind, default=None, help=field_help(key))
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its newest checkpoint (exactly, as if never stopped)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> int:
-    raise LamdaEdgeError("`lamda-edge train` is not available yet")
+    from lamda_edge.report import RUN_CONFIG_NAME
+    from lamda_edge.run_config import CLI_FLAGS, load_run_config
+    from lamda_edge.train import train
+
+    flags = {key: getattr(args, key) for key, _ in CLI_FLAGS.values()}
+    config = load_run_config(args.config, flags, args.overrides)
+    saved = config.output_dir() / RUN_CONFIG_NAME
+    if args.resume and args.config is None and saved.is_file():  # resume with the run's own (resolved) config
+        config = load_run_config(saved, flags, args.overrides)
+    train(config, resume=args.resume, progress=not args.quiet)
+    return 0
 
 
 # ---- export --------------------------------------------------------------------------------------------------------

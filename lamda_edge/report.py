@@ -1,0 +1,151 @@
+"""What a training run leaves behind besides the adapter: metrics JSON, the loss-curve PNG, the printed summary.
+
+    trainer log history + trainable-parameter counts + peak memory + time ──> metrics.json
+                                                                          ──> loss_curve.png (matplotlib, Agg)
+                                                                          ──> summary lines on stdout
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_NAME = "metrics.json"
+PLOT_NAME = "loss_curve.png"
+RUN_CONFIG_NAME = "run_config.yaml"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, (json.dumps(data, indent=2, default=_jsonable) + "\n").encode())
+
+
+def _jsonable(value: Any):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
+
+
+def write_run_config(path: Path, config: dict) -> None:
+    import yaml
+
+    write_atomic(path, yaml.safe_dump(json.loads(json.dumps(config, default=_jsonable)), sort_keys=False).encode())
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory of the run: CUDA's max allocated tensor bytes, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "peak_memory_kind": "cuda max_memory_allocated (tensor bytes)"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+    return {"peak_memory_bytes": int(rss), "peak_memory_kind": "process peak RSS (includes Python and libraries)"}
+
+
+def split_history(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train log entries with a `loss`, eval entries with an `eval_loss`) from the Trainer's log history."""
+    train = [e for e in log_history if "loss" in e and "step" in e]
+    evals = [e for e in log_history if "eval_loss" in e and "step" in e]
+    return train, evals
+
+
+def plot_loss(path: Path, log_history: list[dict], freeze_b_steps: int | None = None, title: str = "") -> Path | None:
+    """Draw train loss (and eval loss) against optimizer steps into a PNG; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("lamda-edge: matplotlib is not installed, no loss plot (pip install 'lamda-edge[plot]')",
+              file=sys.stderr)
+        return None
+    train, evals = split_history(log_history)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss", color="tab:blue")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss",
+                color="tab:orange")
+    if freeze_b_steps:
+        ax.axvline(freeze_b_steps, color="gray", linestyle="--", linewidth=1, label=f"B frozen (t_i={freeze_b_steps})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "lamda-edge training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """Human-readable end-of-run summary."""
+    params = metrics.get("trainable_params", {})
+    lines = [f"run finished in {metrics['seconds']:.1f} s ({metrics['global_step']} optimizer steps, "
+             f"{metrics.get('tokens_per_second', 0):,.0f} tokens/s)"]
+    if "train_loss_first" in metrics:
+        lines.append(f"train loss {metrics['train_loss_first']:.4f} -> {metrics['train_loss_last']:.4f}")
+    if metrics.get("eval"):
+        first, last = metrics["eval"][0], metrics["eval"][-1]
+        lines.append(f"eval loss {first['eval_loss']:.4f} -> {last['eval_loss']:.4f} "
+                     f"(perplexity {first['eval_perplexity']:.2f} -> {last['eval_perplexity']:.2f})")
+    if params:
+        lines.append(f"trainable parameters: {params['start']:,} before t_i={params['freeze_b_steps']}, "
+                     f"{params['end']:,} after (only S trains once B is frozen)")
+    lines.append(f"peak memory: {_mib(metrics['peak_memory_bytes'])} ({metrics['peak_memory_kind']})")
+    demo = metrics.get("demo")
+    if demo:
+        lines.append(f"demo accuracy on {demo['problems']} held-out problems: {demo['before']:.1%} before -> "
+                     f"{demo['after']:.1%} after")
+    lines.append(f"output: {metrics['output']} (adapter, {RUN_CONFIG_NAME}, {METRICS_NAME}, {PLOT_NAME})")
+    return lines
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so that a diverged loss does not overflow."""
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,578 @@
+"""The training run: transformers' Trainer with the LaMDA callback, the chunked loss and exact resume.
+
+    RunConfig ─> model folder (default: SmolLM2-135M) ─> load_lamda_model (NF4 residual base + adapters)
+              ─> data (local file, or the built-in demo task) ─> LaMDATrainer.train() ─> output folder:
+                 adapter (save_adapter) · run_config.yaml · metrics.json · loss_curve.png · checkpoints/
+
+The Trainer trains `LossModel`, a thin module whose forward returns the chunked causal-LM loss
+(`lamda_edge.loss`), so full fp32 logits never exist and DDP (`accelerate launch`) syncs gradients
+through an ordinary forward. Checkpoints hold only the adapter (safetensors), the optimizer, the
+LR scheduler, the RNG states and the Trainer state; each is written into a staging folder that is
+renamed into place, so a killed run never leaves a half-written checkpoint. On resume, the adapter
+is loaded before the optimizer is built: a wholly frozen B comes back with requires_grad=False (its
+`lamda_B_frozen` buffer), the optimizer's groups match the saved state, and `LaMDACallback`
+re-snapshots the frozen columns, so a resumed run ends bitwise equal to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from lamda_edge import report
+from lamda_edge.config import closest_key
+from lamda_edge.errors import ConfigError, ModelError, TrainingError
+from lamda_edge.run_config import DEFAULT_BATCH_SIZE, DEFAULT_DEMO_STEPS, RunConfig
+
+CHECKPOINTS = "checkpoints"
+DEMO_BEFORE = "demo_before.json"
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: the output folder and the metrics written to metrics.json."""
+
+    output: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class LossModel(nn.Module):
+    """A causal LM whose forward returns {"loss": chunked causal-LM loss} (what the Trainer and DDP see)."""
+
+    accepts_loss_kwargs = True  # the loss is normalized by the Trainer's num_items_in_batch
+    loss_type = "ForCausalLM"  # labels are shifted inside: the Trainer counts items over labels[:, 1:]
+
+    def __init__(self, lm: nn.Module, chunk_rows: int | None):
+        super().__init__()
+        self.lm = lm
+        self.chunk_rows = chunk_rows
+
+    def forward(self, input_ids, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+        from lamda_edge.loss import causal_lm_loss
+
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"loss": causal_lm_loss(self.lm, batch, self.chunk_rows, num_items_in_batch)}
+
+
+def _layers(lm: nn.Module):
+    from lamda_edge.adapters import lamda_layers
+
+    return lamda_layers(lm)
+
+
+def effective_trainable(lm: nn.Module) -> int:
+    """Parameters that still train: everything requiring grad, minus B's frozen columns."""
+    from lamda_edge.adapters import lamda_layers, trainable_parameter_count
+
+    frozen = sum(layer.out_features * layer.frozen_b_columns for _, layer in lamda_layers(lm)
+                 if layer.lamda_B.requires_grad)
+    return trainable_parameter_count(lm) - frozen
+
+
+class LaMDATrainer(Trainer):
+    """Trainer that checkpoints only the adapter, atomically, and stops on a non-finite loss."""
+
+    def __init__(self, *args, adapter_metadata: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adapter_metadata = adapter_metadata or {}
+        self.step_loss = 0.0
+        self.last_loss: float | None = None
+
+    @property
+    def lm(self) -> nn.Module:
+        return self.model.lm
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            last = latest_checkpoint(Path(self.args.output_dir))
+            raise TrainingError(
+                f"the {'training' if model.training else 'eval'} loss became {value} at optimizer step "
+                f"{self.state.global_step + 1}; the run stopped. Last good checkpoint: "
+                f"{last if last else 'none yet'}. Fix: lower `lr` (now {self.args.learning_rate:g}), use "
+                "`precision=fp32`, or check the data; then start again (or --resume from that checkpoint)"
+            )
+        if model.training:
+            self.step_loss += value / max(1, self.accelerator.num_processes)
+        return result
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = report.perplexity(logs["eval_loss"])
+        if "loss" in logs:
+            logs["trainable_params"] = effective_trainable(self.lm)
+        super().log(logs, start_time)
+
+    # ---- checkpoints: only the adapter, written into a staging folder and renamed into place -----------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        from lamda_edge.adapters import save_adapter
+
+        if self.args.should_save:
+            save_adapter(self.lm, output_dir or self.args.output_dir, metadata=self.adapter_metadata)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        from lamda_edge.adapters import load_adapter
+
+        load_adapter(self.lm, resume_from_checkpoint)
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_staging_dir", None)
+        return str(staging) if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staging = run_dir / f".staging-{self.state.global_step}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = run_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            _fsync_dir(run_dir)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint with the highest step in `folder` (staging leftovers of a killed run are ignored)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not folder.is_dir():
+        return None
+    last = get_last_checkpoint(str(folder))
+    return Path(last) if last else None
+
+
+class ProgressCallback(TrainerCallback):
+    """A tqdm bar over optimizer steps with loss, tokens/s and ETA; eval results and B freezing as lines."""
+
+    def __init__(self, trainer_ref: list, enabled: bool = True):
+        self.trainer_ref = trainer_ref
+        self.enabled = enabled
+        self.bar = None
+        self.start = 0.0
+        self.tokens0 = 0
+        self.trainable = None
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.enabled:
+            print(text, file=sys.stderr)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+        self.trainable = effective_trainable(self.trainer_ref[0].lm)
+        if self.enabled and state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def tokens_per_second(self, state) -> float:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return (state.num_input_tokens_seen - self.tokens0) / elapsed
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer_ref[0]
+        trainer.last_loss, trainer.step_loss = trainer.step_loss, 0.0
+        count = effective_trainable(trainer.lm)
+        b_trains = any(layer.lamda_B.requires_grad for _, layer in _layers(trainer.lm))
+        if count != self.trainable and not b_trains and state.is_world_process_zero:
+            self._write(f"step {state.global_step}: B wholly frozen, only S trains; trainable parameters "
+                        f"{self.trainable:,} -> {count:,}")
+        self.trainable = count
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+            self.bar.set_postfix(loss=f"{trainer.last_loss:.4f}", tok_s=f"{self.tokens_per_second(state):,.0f}",
+                                 refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "eval_loss" in logs and state.is_world_process_zero:
+            self._write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}, "
+                        f"perplexity {logs.get('eval_perplexity', float('nan')):.2f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ---- run setup ---------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | a device profile name (its kind decides) -> torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda:"):
+        raise ConfigError(f"`device`={name!r}: pick the GPU with CUDA_VISIBLE_DEVICES={name[5:]} and use "
+                          "`device=cuda` (several GPUs: accelerate launch, see docs/multi-gpu.md)")
+    kind = name
+    if name not in ("cpu", "cuda"):
+        kind = _profile_kind(name)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"`device`={name!r} needs CUDA, which is not available here. Fix: use `device=cpu`")
+    return torch.device("cuda" if kind == "cuda" else "cpu")
+
+
+def _profile_kind(name: str) -> str:
+    """The `kind` ('cpu' or 'cuda') of a device profile (profiles/devices/*.yaml, by name or alias)."""
+    import yaml
+
+    try:
+        from importlib.resources import files
+
+        folder = files("lamda_edge.profiles") / "devices"
+        entries = [yaml.safe_load(f.read_text()) for f in folder.iterdir() if f.name.endswith(".yaml")]
+    except (ModuleNotFoundError, FileNotFoundError, OSError):
+        entries = []
+    for entry in entries:
+        if isinstance(entry, dict) and (entry.get("name") == name or name in (entry.get("aliases") or [])):
+            return str(entry.get("kind", "cpu"))
+    names = sorted(e["name"] for e in entries if isinstance(e, dict) and "name" in e)
+    raise ConfigError(f"`device`={name!r} is not 'auto', 'cpu', 'cuda' or a device profile"
+                      + (f" ({', '.join(names)})" if names else "") + closest_key(name, names))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on GPUs that have it, fp16 on older ones (T4), fp32 on CPU; checks explicit choices."""
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        if precision == "auto":
+            return "bf16" if bf16 else "fp16"
+        if precision == "bf16" and not bf16:
+            raise ConfigError("`precision`=bf16 but this GPU has no bf16 (e.g. a T4). Fix: use `precision=fp16`")
+        return precision
+    if precision == "fp16":
+        raise ConfigError("`precision`=fp16 needs a GPU. Fix: use `precision=fp32` (or bf16) on the CPU")
+    return "fp32" if precision == "auto" else precision
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.device, precision: str):
+    """The model with a frozen (NF4) base and LaMDA adapters; `lamda_edge.quant` when present."""
+    quantize = None if config.quantize == "none" else config.quantize
+    try:
+        from lamda_edge.quant import load_lamda_model
+    except ImportError:  # the 4-bit loader is not there: plain base + adapters
+        load_lamda_model = None
+    if load_lamda_model is not None:
+        return load_lamda_model(model_path, lamda_config, quantize=quantize, device=device,
+                                compute_dtype=_DTYPES[precision], progress=False,
+                                gradient_checkpointing=config.gradient_checkpointing)
+    from transformers import AutoModelForCausalLM
+
+    from lamda_edge.adapters import apply_lamda
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a causal LM from {model_path}: {exc}") from exc
+    for p in model.parameters():
+        p.requires_grad_(False)
+    apply_lamda(model, lamda_config)
+    model.lamda_base = {"base_model": str(Path(model_path).resolve()), "quantize": None}
+    return model.to(device)
+
+
+def _plan(config: RunConfig, model_path: Path, device: torch.device) -> tuple[int, int, str]:
+    """(rank, batch_size, source): pinned values, else the planner's choice when it can plan, else defaults."""
+    rank, batch = config.rank, config.batch_size
+    if rank is not None and batch is not None:
+        return rank, batch, "pinned"
+    try:
+        from lamda_edge.planner import plan_run
+    except ImportError:
+        plan_run = None
+    if plan_run is not None:
+        try:
+            planned = plan_run(config, model_path, device)
+            return rank or planned["rank"], batch or planned["batch_size"], "planner"
+        except Exception as exc:  # the planner is advisory here: fall back to the documented defaults
+            print(f"lamda-edge: planner unavailable ({exc}); using defaults", file=sys.stderr)
+    return config.resolved_rank, batch or DEFAULT_BATCH_SIZE, "defaults"
+
+
+def _load_tokenizer(model_path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {model_path}: {exc}. Fix: the model folder must hold "
+                         "the tokenizer files") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _prepare_output(config: RunConfig, out: Path, resume: bool) -> Path | None:
+    """Check the output folder; returns the checkpoint to resume from (None for a fresh run)."""
+    ckpt_dir = out / CHECKPOINTS
+    last = latest_checkpoint(ckpt_dir)
+    if resume:
+        if last is None:
+            raise ConfigError(f"nothing to resume: {ckpt_dir} holds no checkpoint. Fix: run without --resume")
+        return last
+    if (last is not None or (out / report.METRICS_NAME).exists()) and not config.overwrite:
+        raise ConfigError(f"{out} already holds a run. Fix: --resume to continue it, `overwrite=true` to start "
+                          "over, or another --output")
+    if ckpt_dir.exists() and _is_main():
+        shutil.rmtree(ckpt_dir)
+    return None
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _training_args(config: RunConfig, ckpt_dir: Path, device: torch.device, precision: str, batch_size: int,
+                   max_steps: int, has_eval: bool) -> TrainingArguments:
+    every = max(1, max_steps // 4)
+    extra = dict(config.training_args)
+    if _world_size() > 1:
+        extra.setdefault("ddp_find_unused_parameters", True)  # B leaves training mid-run
+    return TrainingArguments(
+        output_dir=str(ckpt_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.eval_steps or every,
+        save_strategy="steps",
+        save_steps=config.save_steps or every,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device.type == "cpu",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        prediction_loss_only=True,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def _max_steps(config: RunConfig, n_train: int, batch_size: int, demo: bool) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    if demo:
+        return DEFAULT_DEMO_STEPS
+    batches = math.ceil(n_train / (batch_size * _world_size()))
+    return max(1, math.ceil(config.epochs * batches / config.grad_accum))
+
+
+def train(config: RunConfig, resume: bool = False, callbacks: list | None = None,
+          progress: bool = True) -> TrainResult:
+    """Run one fine-tuning job as `config` says and write the output folder.
+
+    Args:
+        config: the run configuration (see `RunConfig`).
+        resume: continue from the newest checkpoint in `<output>/checkpoints` (adapter, optimizer, LR scheduler,
+            RNG states, B-freezing state), bitwise as if the run had not stopped (CPU, same config).
+        callbacks: extra `transformers.TrainerCallback`s.
+        progress: show the progress bar and print the summary.
+
+    Returns:
+        `TrainResult(output, metrics)`.
+
+    Raises:
+        ConfigError, ModelError, DataError: bad input (the CLI exits 2).
+        TrainingError: a non-finite loss; the last good checkpoint is kept.
+    """
+    from lamda_edge.adapters import LaMDACallback, save_adapter
+
+    start = time.perf_counter()
+    out = config.output_dir()
+    last_checkpoint = _prepare_output(config, out, resume)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    if config.model is None:
+        from lamda_edge.default_model import default_model_path
+
+        model_path = default_model_path(progress=progress)
+    else:
+        model_path = Path(config.model).expanduser()
+        if not (model_path / "config.json").is_file():
+            raise ModelError(f"`model`={config.model!r} is not a transformers model folder (no config.json). "
+                             "Fix: pass a local folder, or leave `model` unset for the default model")
+    tokenizer = _load_tokenizer(model_path)
+    rank, batch_size, planned_by = _plan(config, model_path, device)
+    demo_task = None
+    if config.data is None:
+        from lamda_edge import demo
+
+        demo_task = demo.make_task(tokenizer, n_train=config.demo_train, n_eval=config.demo_eval,
+                                   seq_len=config.seq_len, seed=config.seed)
+        train_set, eval_set = demo_task.train, demo_task.eval
+    else:
+        from lamda_edge.data import load_data
+
+        splits = load_data(config.data, tokenizer, config.seq_len, eval_path=config.eval_data,
+                           eval_fraction=0.0 if config.eval_data else config.eval_fraction, seed=config.seed,
+                           on_overflow=config.on_overflow)
+        train_set, eval_set = splits.train, splits.eval
+    max_steps = _max_steps(config, len(train_set), batch_size, demo_task is not None)
+    lamda_config = config.lamda_config(rank)
+    freeze_b_steps = lamda_config.resolved_freeze_b_steps(max_steps)
+    resolved = config.replace(rank=rank, batch_size=batch_size, max_steps=max_steps,
+                              alpha=lamda_config.alpha, freeze_b_steps=freeze_b_steps)
+    if _is_main():
+        report.write_run_config(out / report.RUN_CONFIG_NAME, resolved.to_dict())
+
+    torch.manual_seed(config.seed)
+    lm = load_model(model_path, config, lamda_config, device, precision)
+    metadata = {**getattr(lm, "lamda_base", {}), "base_model": str(Path(model_path).resolve()),
+                "quantize": None if config.quantize == "none" else config.quantize}
+    demo_before = _demo_before(demo_task, lm, tokenizer, out, resume, progress) if demo_task else None
+
+    from lamda_edge.data import PaddingCollator
+
+    trainer_ref: list = []
+    progress_cb = ProgressCallback(trainer_ref, enabled=progress)
+    args = _training_args(config, out / CHECKPOINTS, device, precision, batch_size, max_steps, eval_set is not None)
+    report.reset_peak_memory(device)
+    trainer = LaMDATrainer(
+        model=LossModel(lm, config.chunk_rows),
+        args=args,
+        data_collator=PaddingCollator.for_tokenizer(tokenizer),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        callbacks=[LaMDACallback(lm, freeze_steps=freeze_b_steps), progress_cb, *(callbacks or [])],
+        adapter_metadata=metadata,
+    )
+    trainer_ref.append(trainer)
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as HFProgress
+
+    trainer.remove_callback(HFProgress)
+    trainer.remove_callback(PrinterCallback)
+    if progress and _is_main():
+        print(f"lamda-edge: training {model_path.name} ({metadata['quantize'] or 'full-precision'} base, {precision}) "
+              f"on {device.type}: rank {rank}, batch {batch_size} x {config.grad_accum} ({planned_by}), "
+              f"{max_steps} steps, B frozen after {freeze_b_steps}; output {out}", file=sys.stderr)
+    if last_checkpoint is not None and progress and _is_main():
+        print(f"lamda-edge: resuming from {last_checkpoint}", file=sys.stderr)
+    trainable_start = effective_trainable(lm)
+    trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    seconds = time.perf_counter() - start
+
+    trainable_end = effective_trainable(lm)
+    b_total = sum(layer.lamda_B.numel() for _, layer in _layers(lm))
+    s_total = sum(layer.lamda_S.numel() for _, layer in _layers(lm))
+    other = trainable_end - s_total if trainable_end >= s_total else 0
+    history = trainer.state.log_history
+    train_log, eval_log = report.split_history(history)
+    metrics: dict[str, Any] = {
+        "output": str(out),
+        "base_model": metadata["base_model"],
+        "quantize": metadata["quantize"],
+        "device": device.type,
+        "precision": precision,
+        "world_size": _world_size(),
+        "global_step": trainer.state.global_step,
+        "seconds": seconds,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "tokens_per_second": progress_cb.tokens_per_second(trainer.state),
+        "trainable_params": {"start": s_total + b_total + other, "end": trainable_end,
+                             "at_run_start": trainable_start, "freeze_b_steps": freeze_b_steps},
+        "rank": rank,
+        "batch_size": batch_size,
+        "planned_by": planned_by,
+        "log_history": history,
+        "eval": eval_log,
+        **report.peak_memory(device),
+    }
+    if train_log:
+        metrics["train_loss_first"], metrics["train_loss_last"] = train_log[0]["loss"], train_log[-1]["loss"]
+    if demo_task is not None:
+        after = _demo_metrics(demo_task, lm, tokenizer, progress, "after")
+        metrics["demo"] = {"problems": after["n_problems"], "before": demo_before["accuracy"],
+                           "after": after["accuracy"], "metrics_before": demo_before, "metrics_after": after}
+    if trainer.args.should_save:
+        save_adapter(lm, out, metadata={**metadata, "trained_steps": trainer.state.global_step})
+        report.write_json(out / report.METRICS_NAME, metrics)
+        report.plot_loss(out / report.PLOT_NAME, history, freeze_b_steps, title=f"{model_path.name} + LaMDA r{rank}")
+        if progress:
+            for line in report.summary_lines(metrics):
+                print(line)
+    return TrainResult(out, metrics)
+
+
+def _demo_metrics(task, lm, tokenizer, progress: bool, when: str) -> dict:
+    from lamda_edge import demo
+
+    result = demo.evaluate(lm, tokenizer, task)
+    if progress and _is_main():
+        print(f"demo task {when} training: {result.line()}", file=sys.stderr)
+    return result.to_dict()
+
+
+def _demo_before(task, lm, tokenizer, out: Path, resume: bool, progress: bool) -> dict:
+    """The demo metrics of the untrained adapter (measured once; a resumed run reads them back)."""
+    import json
+
+    path = out / DEMO_BEFORE
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    before = _demo_metrics(task, lm, tokenizer, progress, "before")
+    if _is_main():
+        report.write_json(path, before)
+    return before
