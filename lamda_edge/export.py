@@ -197,15 +197,15 @@ def load_merged(model_dir: Path | None, adapter_dir: Path | None):
                              "Fix: pass the folder that `lamda-edge train` saved the adapter to")
         cfg = json.loads(cfg_path.read_text())
         base = _resolve_base(model_dir or cfg.get("base_model"), adapter_dir)
-        from lamda_edge import LaMDAConfig, load_adapter, load_lamda_model, merge_and_unload
+        from lamda_edge import LaMDAConfig, load_adapter, merge_and_unload
+        from lamda_edge.quant import load_lamda_model
 
         if "lamda_config" not in cfg:
             raise ModelError(f"{cfg_path} has no 'lamda_config'. Fix: re-save the adapter with lamda-edge")
-        if cfg.get("quantize"):  # rebuild the 4-bit residual base exactly as training did
-            model = load_lamda_model(str(base), LaMDAConfig.from_dict(cfg["lamda_config"]),
-                                     quantize=cfg["quantize"], device="cpu")
-        else:  # a full-precision base: load_adapter applies LaMDA itself
-            model = load_reference(base)
+        # rebuild the (4-bit) residual base exactly as training did, then put the trained S, B (and A) on it
+        model = load_lamda_model(str(base), LaMDAConfig.from_dict(cfg["lamda_config"]), quantize=cfg.get("quantize"),
+                                 device="cpu", compute_dtype=torch.float32, progress=False,
+                                 gradient_checkpointing=False)
         load_adapter(model, adapter_dir)  # AdapterMismatchError when the base is not the one it was trained on
         model = merge_and_unload(model)
         source.update(base_model=str(base), quantize=cfg.get("quantize"), ranks=len(cfg.get("ranks", {})))

@@ -64,6 +64,12 @@ def save_tiny(folder, arch: str, seed: int = 0):
     return model
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """load_lamda_model's prepared-layer cache goes to a temp folder, not the user's ~/.cache."""
+    monkeypatch.setenv("LAMDA_EDGE_CACHE", str(tmp_path_factory.getbasetemp() / "lamda-edge-cache"))
+
+
 def run_export(output, **kw):
     from lamda_edge.export import ExportOptions, export
 
@@ -163,6 +169,35 @@ def test_adapter_export_matches_adapter_model(tmp_path):
     with torch.no_grad():
         want, got, plain = adapted(input_ids=ids).logits, merged(input_ids=ids).logits, base(input_ids=ids).logits
     assert (want - plain).abs().max() > 100 * FP32_TOL  # the adapter moved the model: the check below means something
+    torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0)
+
+
+def test_merge_of_a_4bit_adapter_matches_the_adapter_model(tmp_path, llama_dir):
+    """The training path: NF4 residual base from load_lamda_model, S and B moved, merged back to fp32 weights."""
+    from lamda_edge import LaMDAConfig, save_adapter
+    from lamda_edge.adapters import lamda_layers
+    from lamda_edge.export import load_merged
+    from lamda_edge.quant import load_lamda_model
+
+    adapted = load_lamda_model(llama_dir, LaMDAConfig(rank=4, alpha=8.0), quantize="nf4", device="cpu",
+                               compute_dtype=torch.float32, cache_dir=False, progress=False)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for _, layer in lamda_layers(adapted):
+            layer.lamda_S.add_(0.5 * torch.randn(layer.lamda_S.shape, generator=g))
+            layer.lamda_B.add_(0.5 * torch.randn(layer.lamda_B.shape, generator=g))
+    save_adapter(adapted, tmp_path / "adapter", metadata={"base_model": str(llama_dir), "quantize": "nf4"})
+    merged, _, source = load_merged(None, tmp_path / "adapter")
+    assert source["quantize"] == "nf4" and not lamda_layers(merged)
+    assert not any("Linear4bit" in type(m).__name__ for m in merged.modules())
+    ids = torch.randint(0, merged.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+        adapted_only = adapted(input_ids=ids).logits
+        for _, layer in lamda_layers(adapted):
+            layer.lamda_S.zero_()
+        at_zero = adapted(input_ids=ids).logits
+    assert (adapted_only - at_zero).abs().max() > 100 * FP32_TOL  # the trained S, B matter
     torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0)
 
 
