@@ -45,12 +45,44 @@ def _run_devices(args) -> int:
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="plan rank, batch size and accumulation for a device", formatter_class=_Formatter,
                        epilog="examples:\n  lamda-edge plan --device rtx3060 --model llama-3.1-8b --seq-len 1024\n"
+                       "  lamda-edge plan --device orin-nano --model qwen2.5-0.5b --json\n"
                        "  lamda-edge plan --device cpu --model smollm2-135m --json --measure")
+    p.add_argument("--device", default="auto", help="device profile name or alias (`lamda-edge devices`), or auto")
+    p.add_argument("--model", default="smollm2-135m", help="catalogue name, or a local folder / config.json")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--rank", type=int, default=None, help="pin the LaMDA(++) base rank (default: choose)")
+    p.add_argument("--batch-size", type=int, default=None, help="pin the micro-batch (default: largest that fits)")
+    p.add_argument("--target-batch", type=int, default=16, help="effective batch reached with grad_accum")
+    p.add_argument("--no-quantize", action="store_true", help="plan an unquantized base instead of NF4")
+    p.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
+                   help="gradient checkpointing (auto: off when the same batch fits without it)")
+    p.add_argument("--chunk-rows", type=int, default=256, help="rows per chunk of the loss; 0 = full logits")
+    p.add_argument("--dataset-tokens", type=int, default=10_000_000, help="tokens per epoch, for the time estimate")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--measure", action="store_true",
+                   help="run real training steps of the plan on this machine and report the measured peak")
+    p.add_argument("--measure-steps", type=int, default=2, help="steps to run with --measure (first one warms up)")
     p.set_defaults(run=_run_plan)
 
 
 def _run_plan(args) -> int:
-    raise LamdaEdgeError("`lamda-edge plan` is not available yet")
+    import json
+
+    from lamda_edge.planner import get_device, get_model
+    from lamda_edge.planner.report import format_plan
+    from lamda_edge.planner.search import plan
+
+    ckpt = {"auto": None, "on": True, "off": False}[args.checkpointing]
+    result = plan(get_device(args.device), get_model(args.model), seq_len=args.seq_len, rank=args.rank,
+                  batch_size=args.batch_size, target_batch=args.target_batch,
+                  quantize=None if args.no_quantize else "nf4", gradient_checkpointing=ckpt,
+                  chunk_rows=args.chunk_rows or None, dataset_tokens=args.dataset_tokens)
+    if args.measure:
+        from lamda_edge.planner.measure import measure_plan
+
+        result.measured = measure_plan(result, steps=args.measure_steps)
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_plan(result))
+    return 0 if result.fits else 3
 
 
 # ---- train ---------------------------------------------------------------------------------------------------------

@@ -123,3 +123,24 @@ def measure(shape, setup: TrainSetup, steps: int = 2, device: str | None = None,
         "seconds_per_step": (time.perf_counter() - t0) / steps,
         "device": device,
     }
+
+
+def measure_plan(plan, steps: int = 2) -> dict:
+    """Measure `plan` (a `search.Plan`) on this machine; `smollm2-135m` uses the built-in default's real weights."""
+    from dataclasses import replace
+
+    shape = plan.model
+    note = "random weights of the planned shape"
+    if shape.local_path is None and shape.name == "smollm2-135m":
+        try:
+            from lamda_edge.default_model import default_model_path
+
+            shape = replace(shape, local_path=str(default_model_path()))
+            note = "the built-in SmolLM2-135M-Instruct (Q4_1-round-tripped) weights"
+        except Exception as exc:  # noqa: BLE001 - any failure: fall back to random weights of the same shape
+            note = f"random weights of the planned shape (default model unavailable: {exc})"
+    elif shape.local_path:
+        note = f"weights from {shape.local_path}"
+    out = measure(shape, plan.setup, steps=steps)
+    out["measured_weights"] = note
+    return out

@@ -135,7 +135,7 @@ def resident_bytes(shape, setup: TrainSetup, linears: list[Linear], ranks: list[
         base += lin.d_out * w if lin.bias else 0
     if setup.quantize == "nf4":
         out["base_weights_nf4"] = packed * blocks
-    out["base_weights"] = base * blocks
+    out["base_biases" if setup.quantize == "nf4" else "base_weights"] = base * blocks  # NF4: only biases stay float
     if shape.extra_params:
         out["other_weights"] = shape.extra_params * w  # position/relative embeddings, classifier, ...
     # LaMDA per adapted linear: A r*d_in (frozen buffer), S r*r, B d_out*r, all fp32 (+ an int64 frozen counter)
