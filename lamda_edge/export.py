@@ -166,13 +166,14 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
 
         if options.int4:
             t = time.perf_counter()
-            onnx_graph.quantize_int4(tmp / MODEL_FILE, tmp / INT4_FILE, options.block_size)
+            ops = onnx_graph.quantize_int4(tmp / MODEL_FILE, tmp / INT4_FILE, options.block_size)
             timings["int4"] = time.perf_counter() - t
             sizes = report["sizes_bytes"]
             sizes[INT4_FILE] = _size(tmp, INT4_FILE)
             ids = held_out_ids(tokenizer, text, reference) if kind == "decoder" else None
             report["int4"] = validate_int4(reference, tmp / MODEL_FILE, tmp / INT4_FILE, ids)
-            report["int4"].update(block_size=options.block_size, size_ratio=sizes[INT4_FILE] / sizes[MODEL_FILE])
+            report["int4"].update(block_size=options.block_size, size_ratio=sizes[INT4_FILE] / sizes[MODEL_FILE],
+                                  ops=ops)
             log(f"int4: {sizes[INT4_FILE] / 1e6:.1f} MB ({report['int4']['size_ratio']:.2f}x of {options.dtype}); "
                 + ", ".join(f"{k} {v:.3f}" for k, v in report["int4"].items() if k.startswith(("ppl", "agree"))))
     _write_json(tmp / REPORT_FILE, report)

@@ -175,21 +175,39 @@ def _strip_debug_metadata(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: int | None = 4) -> None:
-    """Weight-only 4-bit quantization of every MatMul with a constant weight (ONNX Runtime's MatMulNBits)."""
+def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: int | None = 4,
+                  embeddings: bool = True) -> dict:
+    """Weight-only 4-bit quantization (ONNX Runtime's MatMulNBits quantizer, symmetric, blocks along the input).
+
+    Every MatMul with a constant weight becomes MatMulNBits; with `embeddings`, the token embedding Gather becomes
+    GatherBlockQuantized too (a tied lm_head is exported as a separate transposed copy, so both are quantized).
+    Returns the count of each quantized op type.
+    """
     onnx = require("onnx", "onnx")
     quantizer_mod = require("onnxruntime.quantization.matmul_nbits_quantizer", "onnx")
     import logging
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
+    axes = (("MatMul", 0), ("Gather", 1))[:len(ops)]  # quantize along the input dim / the hidden dim
+    kw = dict(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, op_types_to_quantize=ops,
+              quant_axes=axes)
     model = onnx.load(str(src))
-    config = quantizer_mod.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
-                                                        accuracy_level=accuracy_level)
-    quantizer = quantizer_mod.MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True,
-                                                   accuracy_level=accuracy_level, algo_config=config)
-    quantizer.process()
+    quantizer = quantizer_mod.MatMulNBitsQuantizer(model, algo_config=quantizer_mod.DefaultWeightOnlyQuantConfig(**kw),
+                                                   **kw)
+    import numpy as np
+
+    with np.errstate(divide="ignore", invalid="ignore"):  # the quantizer divides by all-zero blocks' scale 0
+        quantizer.process()
     big = quantizer.model.model.ByteSize() > EXTERNAL_DATA_BYTES
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=big)
+    counts = {}
+    for node in quantizer.model.model.graph.node:
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMul", "Gather"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    if not counts.get("MatMulNBits"):
+        raise ModelError(f"int4 quantization of {src} changed no MatMul (ops after: {counts})")
+    return counts
 
 
 def onnx_files(folder: Path, name: str) -> list[Path]:

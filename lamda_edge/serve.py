@@ -165,8 +165,12 @@ class OnnxGenerator(_Generator):
         self.decoder = OnnxDecoder(session(folder / name, threads))
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, chat: bool = True, on_text=None, prompt_ids: list[int] | None = None):
-        """Generate up to `max_new_tokens` after `prompt` (or `prompt_ids`); `on_text(str)` gets each new piece."""
+                 seed: int = 0, chat: bool = True, on_text=None, prompt_ids: list[int] | None = None,
+                 ignore_eos: bool = False):
+        """Generate up to `max_new_tokens` after `prompt` (or `prompt_ids`); `on_text(str)` gets each new piece.
+
+        `ignore_eos` runs all `max_new_tokens` steps (for benchmarks).
+        """
         ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, chat)
         rng, emit, new = np.random.default_rng(seed), self._streamer(on_text), []
         result = GenerationResult(text="", prompt_tokens=len(ids))
@@ -177,7 +181,7 @@ class OnnxGenerator(_Generator):
         while len(new) < max_new_tokens:
             token = pick(logits[0, -1], temperature, top_p, rng)
             new.append(token)
-            if token in self.eos:
+            if token in self.eos and not ignore_eos:
                 result.stopped_by = "eos"
                 break
             emit(new)
@@ -200,13 +204,16 @@ class GenaiGenerator(_Generator):
         self.context = json.loads((folder / GENAI_CONFIG).read_text())["model"].get("context_length", 4096)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, chat: bool = True, on_text=None, prompt_ids: list[int] | None = None):
+                 seed: int = 0, chat: bool = True, on_text=None, prompt_ids: list[int] | None = None,
+                 ignore_eos: bool = False):
         """Same contract as `OnnxGenerator.generate`."""
         ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, chat)
         emit, new = self._streamer(on_text), []
         result = GenerationResult(text="", prompt_tokens=len(ids))
         params = self.og.GeneratorParams(self.model)
         options = {"max_length": min(len(ids) + max_new_tokens, self.context), "do_sample": temperature > 0}
+        if ignore_eos:
+            options["min_length"] = options["max_length"]
         if temperature > 0:
             options.update(temperature=temperature, top_p=top_p, top_k=0, random_seed=seed)
         params.set_search_options(**options)
@@ -219,7 +226,7 @@ class GenaiGenerator(_Generator):
             gen.generate_next_token()
             token = int(gen.get_next_tokens()[0])
             new.append(token)
-            if token in self.eos:
+            if token in self.eos and not ignore_eos:
                 result.stopped_by = "eos"
                 break
             emit(new)

@@ -120,6 +120,8 @@ def test_int4_is_smaller_and_reports_perplexity(llama_export):
     assert sizes["model.int4.onnx"] < 0.6 * sizes["model.onnx"]
     ops = [n.op_type for n in onnx.load(str(out / "model.int4.onnx")).graph.node]
     assert ops.count("MatMulNBits") == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+    assert ops.count("GatherBlockQuantized") == 1 and "Gather" not in ops  # the token embedding
+    assert report["int4"]["ops"]["MatMulNBits"] == 15
     int4 = report["int4"]
     assert int4["block_size"] == 32 and int4["held_out_tokens"] > 50
     assert math.isclose(int4["ppl_onnx"], int4["ppl_pytorch"], rel_tol=1e-4)
