@@ -30,7 +30,6 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lamda_edge import report
-from lamda_edge.config import closest_key
 from lamda_edge.errors import ConfigError, ModelError, TrainingError
 from lamda_edge.run_config import DEFAULT_BATCH_SIZE, DEFAULT_DEMO_STEPS, RunConfig
 
@@ -256,22 +255,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _profile_kind(name: str) -> str:
-    """The `kind` ('cpu' or 'cuda') of a device profile (profiles/devices/*.yaml, by name or alias)."""
-    import yaml
+    """The `kind` ('cpu' or 'cuda') of a device profile (by name or alias; ProfileError lists the known ones)."""
+    from lamda_edge.planner.profiles import get_device
 
-    try:
-        from importlib.resources import files
-
-        folder = files("lamda_edge.profiles") / "devices"
-        entries = [yaml.safe_load(f.read_text()) for f in folder.iterdir() if f.name.endswith(".yaml")]
-    except (ModuleNotFoundError, FileNotFoundError, OSError):
-        entries = []
-    for entry in entries:
-        if isinstance(entry, dict) and (entry.get("name") == name or name in (entry.get("aliases") or [])):
-            return str(entry.get("kind", "cpu"))
-    names = sorted(e["name"] for e in entries if isinstance(e, dict) and "name" in e)
-    raise ConfigError(f"`device`={name!r} is not 'auto', 'cpu', 'cuda' or a device profile"
-                      + (f" ({', '.join(names)})" if names else "") + closest_key(name, names))
+    return get_device(name).kind
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -150,3 +151,134 @@ def test_sigkill_and_resume_is_bitwise_exact(tmp_path, model_dir, data_file):
     # the run moved the adapter: S differs from its spectral init
     s_init = adapter_tensors(killed / "checkpoints" / "checkpoint-2")
     assert any(not torch.equal(s_init[k], expected[k]) for k in expected if k.endswith("lamda_S"))
+
+
+def tiny_config(model_dir: Path, data_file: Path, out: Path, **changes):
+    from lamda_edge.run_config import RunConfig
+
+    values = dict(model=str(model_dir), data=str(data_file), output=str(out), quantize="none", rank=4, batch_size=4,
+                  seq_len=64, max_steps=6, save_steps=2, eval_steps=3, logging_steps=1, lr=5e-3)
+    values.update(changes)
+    return RunConfig(**values)
+
+
+def test_output_folder_holds_adapter_config_metrics_plot(tmp_path, model_dir, data_file):
+    from transformers import AutoModelForCausalLM
+
+    from lamda_edge.adapters import lamda_layers, load_adapter
+    from lamda_edge.run_config import load_run_config
+    from lamda_edge.train import train
+
+    out = tmp_path / "run"
+    result = train(tiny_config(model_dir, data_file, out), progress=False)
+    info = json.loads((out / "adapter_config.json").read_text())
+    assert info["base_model"] == str(model_dir.resolve()) and info["quantize"] is None
+    assert info["trained_steps"] == 6
+    saved = load_run_config(out / "run_config.yaml")
+    assert (saved.rank, saved.batch_size, saved.max_steps, saved.freeze_b_steps) == (4, 4, 6, 2)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result.metrics, default=str))
+    assert metrics["global_step"] == 6
+    params = metrics["trainable_params"]
+    layers = 7 * 2  # q, k, v, o, gate, up, down in 2 layers
+    assert params["end"] == layers * 4 * 4  # only S (r x r) trains after t_i
+    assert params["start"] > params["end"]
+    assert [e["step"] for e in metrics["eval"]] == [3, 6]
+    assert all(e["eval_perplexity"] == pytest.approx(math.exp(e["eval_loss"])) for e in metrics["eval"])
+    assert metrics["peak_memory_bytes"] > 0 and metrics["tokens_per_second"] > 0
+    logged = [e["trainable_params"] for e in metrics["log_history"] if "trainable_params" in e]
+    assert logged[0] > logged[-1] == params["end"]
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the adapter loads onto a fresh base and reproduces the trained model
+    fresh = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    load_adapter(fresh, out)
+    assert all(layer.frozen_b_columns == 4 for _, layer in lamda_layers(fresh))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, model_dir, data_file):
+    from transformers import TrainerCallback
+
+    from lamda_edge.adapters import lamda_layers
+    from lamda_edge.errors import TrainingError
+    from lamda_edge.train import train
+
+    class Poison(TrainerCallback):  # after step 2 (checkpointed), one S becomes NaN: step 3's loss is NaN
+        def __init__(self):
+            self.model = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.model = model
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    lamda_layers(self.model)[0][1].lamda_S.fill_(float("nan"))
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"loss became nan at optimizer step 3.*checkpoint-2"):
+        train(tiny_config(model_dir, data_file, out), callbacks=[Poison()], progress=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    saved = adapter_tensors(out / "checkpoints" / "checkpoint-2")
+    assert all(torch.isfinite(t.float()).all() for t in saved.values())
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_existing_run_and_missing_checkpoint_are_refused(tmp_path, model_dir, data_file):
+    from lamda_edge.errors import ConfigError
+    from lamda_edge.train import train
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(tiny_config(model_dir, data_file, out), resume=True, progress=False)
+    (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny_config(model_dir, data_file, out), progress=False)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        pytest.param(["rnak=4"], "Did you mean `rank`", id="unknown-key"),
+        pytest.param(["--rank", "0"], "`rank` should be", id="bad-rank"),
+        pytest.param(["--model", "{missing}"], "not a transformers model folder", id="missing-model"),
+        pytest.param(["--data", "{bad_data}"], "line 2", id="malformed-data-line"),
+        pytest.param(["--device", "rtx9999"], "unknown device", id="unknown-device-profile"),
+        pytest.param(["--precision", "fp16", "--device", "cpu"], "needs a GPU", id="fp16-on-cpu"),
+        pytest.param(["--config", "{missing}"], "does not exist", id="missing-config-file"),
+    ],
+)
+def test_cli_bad_input_exits_2(tmp_path, capsys, model_dir, data_file, args, expected):
+    from lamda_edge.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    args = [a.format(missing=tmp_path / "missing", bad_data=bad) for a in args]
+    base = ["train", "--quiet", "--output", str(tmp_path / "out"), "--quantize", "none"]
+    if "--model" not in args:
+        base += ["--model", str(model_dir)]
+    if "--data" not in args:
+        base += ["--data", str(data_file)]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_cli_usage_error_exits_2(capsys):
+    from lamda_edge.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--max-steps", "many"])
+    assert info.value.code == 2
+
+
+@pytest.mark.slow
+def test_default_job_moves_the_demo_metric(tmp_path):
+    """The README's first command on the real default model (SmolLM2-135M, Q4_1-round-tripped): a few minutes."""
+    from lamda_edge.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["train", "--output", str(out), "--quiet"]) == 0
+    demo = json.loads((out / "metrics.json").read_text())["demo"]
+    before, after = demo["metrics_before"], demo["metrics_after"]
+    assert after["answer_loss"] < before["answer_loss"]
+    assert (after["accuracy"], after["format_rate"]) != (before["accuracy"], before["format_rate"])
