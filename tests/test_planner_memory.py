@@ -1,0 +1,95 @@
+"""The memory model: per-block saved bytes counted exactly, monotone in batch/seq, and close to a real step."""
+
+from __future__ import annotations
+
+import pytest
+
+from lamda_edge.planner.memory import TrainSetup, estimate, nf4_bytes, saved_per_token
+from lamda_edge.planner.profiles import ModelShape, get_model
+
+TOLERANCE = 0.10  # the planner's worst-case target (docs/planner-accuracy.md); the median target is 5%
+
+
+def tiny(h=64, inter=160, layers=2, heads=4, kv=2, vocab=256) -> ModelShape:
+    return ModelShape(name="tiny", architecture="decoder", hidden_size=h, intermediate_size=inter,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                      head_dim=h // heads, vocab_size=vocab, tie_word_embeddings=True)
+
+
+def _saved_after_forward(layers: int, quantize) -> int:
+    """Live bytes after a forward without checkpointing, above weights and batch (counted)."""
+    import torch
+
+    from lamda_edge.loss import causal_lm_loss
+    from lamda_edge.memcount import LiveTensorCounter
+    from lamda_edge.planner.measure import build_model
+
+    setup = TrainSetup(batch_size=2, seq_len=32, rank=4, quantize=quantize, gradient_checkpointing=False,
+                       compute_dtype="fp32")
+    model = build_model(tiny(layers=layers), setup)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    counter = LiveTensorCounter().register(model, batch)
+    start = counter.current_bytes
+    with counter:
+        loss = causal_lm_loss(model, batch, chunk_rows=256)
+        saved = counter.current_bytes - start
+    del loss
+    return saved
+
+
+@pytest.mark.parametrize("quantize", [pytest.param(None, id="plain"), pytest.param("nf4", id="nf4")])
+def test_saved_bytes_per_block_match_the_op_by_op_count(quantize):
+    per_block = _saved_after_forward(2, quantize) - _saved_after_forward(1, quantize)
+    setup = TrainSetup(batch_size=2, seq_len=32, rank=4, quantize=quantize, compute_dtype="fp32")
+    assert per_block == saved_per_token(tiny(), setup, [4] * 7) * setup.tokens
+
+
+def test_nf4_bytes_match_bitsandbytes():
+    import torch
+
+    from lamda_edge.adapters.bnb import quantize_nf4
+    from lamda_edge.memcount import LiveTensorCounter
+
+    layer = quantize_nf4(torch.randn(96, 64), None)
+    assert LiveTensorCounter().register(layer).current_bytes == nf4_bytes(96 * 64, double_quant=True)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ("smollm2-135m", "llama-3.1-8b", "llama-2-70b")])
+@pytest.mark.parametrize("ckpt", [pytest.param(True, id="ckpt"), pytest.param(False, id="no-ckpt")])
+def test_more_batch_or_seq_never_predicts_less(name, ckpt):
+    shape = get_model(name)
+    prev = 0
+    for batch, seq in [(1, 128), (1, 256), (2, 256), (2, 512), (4, 512), (4, 1024), (8, 1024)]:
+        est = estimate(shape, TrainSetup(batch_size=batch, seq_len=seq, gradient_checkpointing=ckpt))
+        assert est.tensor_peak_bytes >= prev
+        assert sum(est.breakdown.values()) == est.tensor_peak_bytes
+        prev = est.tensor_peak_bytes
+
+
+def test_quantizing_and_checkpointing_and_chunking_each_save_memory():
+    shape = get_model("llama-3.1-8b")
+    base = TrainSetup(batch_size=2, seq_len=1024)
+    peak = estimate(shape, base).tensor_peak_bytes
+    for change in ({"quantize": None}, {"gradient_checkpointing": False}, {"chunk_rows": None}):
+        assert estimate(shape, TrainSetup(**{**base.__dict__, **change})).tensor_peak_bytes > peak, change
+    frozen_b = estimate(shape, TrainSetup(**{**base.__dict__, "b_trainable": False}))
+    assert frozen_b.trainable_params < estimate(shape, base).trainable_params
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        pytest.param(TrainSetup(batch_size=4, seq_len=64, rank=8, quantize="nf4", compute_dtype="bf16"),
+                     id="nf4-bf16-ckpt"),
+        pytest.param(TrainSetup(batch_size=4, seq_len=64, rank=8, quantize=None, compute_dtype="fp32",
+                                gradient_checkpointing=False), id="plain-fp32-no-ckpt"),
+    ],
+)
+def test_predicted_peak_is_close_to_a_measured_step(setup):
+    from lamda_edge.planner.measure import measure
+
+    shape = tiny(h=128, inter=384, layers=2, vocab=512)
+    measured = measure(shape, setup, steps=2)["measured_tensor_peak_bytes"]
+    predicted = estimate(shape, setup).tensor_peak_bytes
+    assert abs(predicted - measured) / measured <= TOLERANCE, (predicted, measured)

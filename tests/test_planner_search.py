@@ -1,0 +1,115 @@
+"""The search and `lamda-edge plan`: choices, verdicts, exit codes, the JSON object, speed on a 70B shape."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from lamda_edge.cli import main
+from lamda_edge.errors import DoesNotFitError
+from lamda_edge.planner import get_device, get_model
+from lamda_edge.planner.search import plan
+
+JSON_KEYS = {"device": str, "model": str, "fits": bool, "rank": int, "batch_size": int, "grad_accum": int,
+             "seq_len": int, "budget_bytes": int, "peak_bytes": int, "tensor_peak_bytes": int, "breakdown": dict}
+
+
+@pytest.mark.parametrize(
+    "device,model,seq",
+    [
+        pytest.param("rtx3060", "llama-3.1-8b", 1024, id="3060-llama-3.1-8b"),
+        pytest.param("orin-nano", "qwen2.5-1.5b", 512, id="orin-nano-qwen2.5-1.5b"),
+        pytest.param("t4", "mistral-7b", 512, id="t4-mistral-7b"),
+        pytest.param("h100", "llama-2-70b", 2048, id="h100-llama-2-70b"),
+    ],
+)
+def test_plans_fit_and_reach_the_target_batch(device, model, seq):
+    p = plan(get_device(device), get_model(model), seq_len=seq, target_batch=16)
+    assert p.fits and p.peak_bytes <= p.budget_bytes
+    assert p.setup.batch_size * p.grad_accum == 16
+    from dataclasses import replace
+
+    from lamda_edge.planner.memory import estimate
+    from lamda_edge.planner.search import peak_bytes
+
+    # the next divisor of the target up would not fit: the batch is the largest that does
+    nxt = next((b for b in range(p.setup.batch_size + 1, 17) if 16 % b == 0), None)
+    if nxt is not None:
+        bigger = estimate(p.model, replace(p.setup, batch_size=nxt))
+        assert peak_bytes(p.device, bigger) > p.budget_bytes
+
+
+def test_t4_plans_in_fp16():
+    assert plan(get_device("t4"), get_model("smollm2-360m")).setup.compute_dtype == "fp16"
+
+
+def test_does_not_fit_names_a_smaller_change():
+    with pytest.raises(DoesNotFitError, match="Smallest change that fits: .*--model llama-2-13b"):
+        plan(get_device("rtx3060"), get_model("llama-2-70b"))
+
+
+def test_70b_plans_in_under_a_second():
+    t0 = time.perf_counter()
+    plan(get_device("h100"), get_model("llama-2-70b"), seq_len=4096)
+    with pytest.raises(DoesNotFitError):
+        plan(get_device("orin-nano"), get_model("llama-2-70b"), seq_len=4096)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_cli_json_has_the_contract_keys(capsys):
+    assert main(["plan", "--device", "rtx3060", "--model", "llama-3.2-1b", "--seq-len", "1024", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key, typ in JSON_KEYS.items():
+        assert isinstance(out[key], typ), key
+    assert out["peak_bytes"] > out["tensor_peak_bytes"] > 0
+    assert sum(out["breakdown"].values()) == out["tensor_peak_bytes"]
+    assert "not a measurement" in out["estimate"]["label"]
+
+
+@pytest.mark.parametrize(
+    "argv,code,text",
+    [
+        pytest.param(["devices"], 0, "jetson-orin-nano", id="devices"),
+        pytest.param(["plan", "--device", "3060", "--model", "smollm2-135m"], 0, "verdict: FITS", id="fits"),
+        pytest.param(["plan", "--device", "rtx3060", "--model", "llama-2-70b"], 3, "Smallest change", id="no-fit"),
+        pytest.param(["plan", "--device", "rtx9999", "--model", "smollm2-135m"], 2, "Known devices", id="bad-device"),
+        pytest.param(["plan", "--device", "cpu", "--model", "gpt-5"], 2, "Known models", id="bad-model"),
+    ],
+)
+def test_cli_exit_codes(capsys, argv, code, text):
+    assert main(argv) == code
+    captured = capsys.readouterr()
+    assert text in captured.out + captured.err
+
+
+def test_cli_measure_on_a_local_tiny_model(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256).to_json_file(tmp_path / "config.json")
+    # a config-only folder: measure builds random weights of its shape
+    argv = ["plan", "--device", "cpu", "--model", str(tmp_path / "config.json"), "--seq-len", "32",
+            "--batch-size", "2", "--rank", "4", "--json", "--measure"]
+    from lamda_edge.planner import profiles
+
+    shape = profiles.get_model(str(tmp_path))
+    assert shape.hidden_size == 64
+    import lamda_edge.planner.measure as measure
+
+    original = measure.measure
+
+    def measure_random(shape, setup, **kw):  # no weights in the folder: measure its shape with random weights
+        from dataclasses import replace
+
+        return original(replace(shape, local_path=None), setup, **kw)
+
+    measure.measure = measure_random
+    try:
+        assert main(argv) == 0
+    finally:
+        measure.measure = original
+    out = json.loads(capsys.readouterr().out)
+    err = abs(out["tensor_peak_bytes"] - out["measured_tensor_peak_bytes"]) / out["measured_tensor_peak_bytes"]
+    assert err <= 0.10
