@@ -243,15 +243,20 @@ def tokenize_messages(tokenizer, messages: list[dict[str, str]]) -> tuple[list[i
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(messages[:i], generation_prompt=True) if i else ""
+        before = render(messages[:i], generation_prompt=True) if i else None
         through = render(messages[: i + 1])
-        if full.startswith(through) and through.startswith(before) and len(through) > len(before):
+        stable = before is not None and full.startswith(through) and through.startswith(before)
+        if stable and len(through) > len(before):
             spans.append((len(before), len(through)))
-        else:  # template not prefix-stable (e.g. it rewrites earlier turns): find the content itself
+        else:  # a first turn, or a template that is not prefix-stable: find the content (and its end marker)
             start = full.find(message["content"], cursor)
             if start < 0:
                 raise DataError("could not locate an assistant turn in the chat template's output")
-            spans.append((start, start + len(message["content"])))
+            end = start + len(message["content"])
+            eos = tokenizer.eos_token
+            if eos and full.startswith(eos, end):
+                end += len(eos)
+            spans.append((start, end))
         cursor = spans[-1][1]
     return _label_spans(tokenizer, full, spans)
 

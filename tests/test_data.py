@@ -126,6 +126,22 @@ def test_chat_labels_only_on_assistant_turns(tokenizer, messages, expected):
     assert "hello" not in trained_text(tokenizer, ids, labels)
 
 
+def test_chat_labels_without_prefix_stable_template(tokenizer):
+    """A template that renders differently as the conversation grows (a turn count up front), and an
+    assistant-first conversation, fall back to locating each assistant content in the full text."""
+    import copy
+
+    odd = copy.deepcopy(tokenizer)
+    odd.chat_template = "{{ messages | length }} turns\n" + CHATML
+    messages = [
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "two plus three?"},
+        {"role": "assistant", "content": "five"},
+    ]
+    ids, labels = tokenize_messages(odd, messages)
+    assert trained_text(odd, ids, labels) == "hello<|im_end|>five<|im_end|>"
+
+
 def test_chat_file_loads(tmp_path, tokenizer):
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "five"}]}]
     train, _ = load_data(write_jsonl(tmp_path / "chat.jsonl", rows), tokenizer, seq_len=64)
