@@ -307,3 +307,19 @@ def evaluate(
         loss_seconds=loss_seconds,
         samples=samples,
     )
+
+
+def before_after(before: DemoMetrics | dict[str, Any], after: DemoMetrics | dict[str, Any]) -> str:
+    """A small before/after table of the demo metrics (accepts `DemoMetrics` or their `to_dict()`)."""
+    b = before.to_dict() if isinstance(before, DemoMetrics) else before
+    a = after.to_dict() if isinstance(after, DemoMetrics) else after
+    rows = [
+        ("held-out answer loss", f"{b['answer_loss']:.3f}", f"{a['answer_loss']:.3f}"),
+        ("answer perplexity", f"{b['answer_perplexity']:.2f}", f"{a['answer_perplexity']:.2f}"),
+        ("answers in format", f"{b['format_rate']:.0%}", f"{a['format_rate']:.0%}"),
+        (f"exact-match accuracy (n={a['n_problems']})", f"{b['accuracy']:.1%}", f"{a['accuracy']:.1%}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'demo task':<{width}}  {'before':>8}  {'after':>8}"]
+    lines += [f"{name:<{width}}  {x:>8}  {y:>8}" for name, x, y in rows]
+    return "\n".join(lines)

@@ -185,6 +185,13 @@ def test_answer_loss_matches_hf_loss(tokenizer, task):
     assert math.isclose(ours, theirs, rel_tol=1e-4)
 
 
+def test_before_after_table():
+    before = demo.DemoMetrics(0.0, 0.0, 1.5, math.exp(1.5), 32, 1.0, 1.0)
+    after = demo.DemoMetrics(0.0625, 0.9, 0.5, math.exp(0.5), 32, 1.0, 1.0)
+    table = demo.before_after(before, after.to_dict())
+    assert "1.500" in table and "0.500" in table and "90%" in table and "6.2%" in table and "n=32" in table
+
+
 @pytest.mark.slow
 def test_default_model_baseline(tmp_path_factory):
     """The real default model answers a few held-out problems; its answer loss is finite and plausible."""
