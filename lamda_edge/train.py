@@ -304,22 +304,38 @@ def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.
     return model.to(device)
 
 
-def _plan(config: RunConfig, model_path: Path, device: torch.device) -> tuple[int, int, str]:
-    """(rank, batch_size, source): pinned values, else the planner's choice when it can plan, else defaults."""
+def _plan(config: RunConfig, model_path: Path) -> tuple[int, int, int, str]:
+    """(rank, batch_size, grad_accum, source): pinned values, else the planner's choice, else the defaults.
+
+    The planner (`lamda_edge.planner.search.plan`) gets the device profile (`device` when it names one, else the
+    auto-detected device), the model's shape, `seq_len`, the pinned values and a target effective batch of
+    `batch_size * grad_accum` (default batch 4); it picks the rank and the largest batch that fits, and the
+    gradient accumulation that reaches the target. A model it cannot read falls back to the defaults; a
+    configuration that cannot fit raises `DoesNotFitError` (exit 3).
+    """
     rank, batch = config.rank, config.batch_size
     if rank is not None and batch is not None:
-        return rank, batch, "pinned"
+        return rank, batch, config.grad_accum, "pinned"
     try:
-        from lamda_edge.planner import plan_run
+        from lamda_edge.planner import get_device, get_model
+        from lamda_edge.planner.search import plan
     except ImportError:
-        plan_run = None
-    if plan_run is not None:
-        try:
-            planned = plan_run(config, model_path, device)
-            return rank or planned["rank"], batch or planned["batch_size"], "planner"
-        except Exception as exc:  # the planner is advisory here: fall back to the documented defaults
-            print(f"lamda-edge: planner unavailable ({exc}); using defaults", file=sys.stderr)
-    return config.resolved_rank, batch or DEFAULT_BATCH_SIZE, "defaults"
+        return config.resolved_rank, batch or DEFAULT_BATCH_SIZE, config.grad_accum, "defaults"
+    from lamda_edge.errors import ProfileError
+
+    try:
+        shape = get_model(str(model_path))
+    except ProfileError as exc:
+        print(f"lamda-edge: the planner cannot read {model_path} ({exc}); using the defaults", file=sys.stderr)
+        return config.resolved_rank, batch or DEFAULT_BATCH_SIZE, config.grad_accum, "defaults"
+    profile = get_device(config.device if config.device not in ("cpu", "cuda") else "auto")
+    target = (batch or DEFAULT_BATCH_SIZE) * config.grad_accum
+    result = plan(profile, shape, seq_len=config.seq_len, rank=rank, batch_size=batch, target_batch=target,
+                  quantize=None if config.quantize == "none" else config.quantize,
+                  gradient_checkpointing=config.gradient_checkpointing, chunk_rows=config.chunk_rows)
+    setup = result.setup
+    accum = config.grad_accum if batch is not None else result.grad_accum
+    return setup.rank, setup.batch_size, accum, f"planner, {profile.name}"
 
 
 def _load_tokenizer(model_path: Path):
@@ -441,7 +457,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
             raise ModelError(f"`model`={config.model!r} is not a transformers model folder (no config.json). "
                              "Fix: pass a local folder, or leave `model` unset for the default model")
     tokenizer = _load_tokenizer(model_path)
-    rank, batch_size, planned_by = _plan(config, model_path, device)
+    rank, batch_size, grad_accum, planned_by = _plan(config, model_path)
     demo_task = None
     if config.data is None:
         from lamda_edge import demo
@@ -456,6 +472,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
                            eval_fraction=0.0 if config.eval_data else config.eval_fraction, seed=config.seed,
                            on_overflow=config.on_overflow)
         train_set, eval_set = splits.train, splits.eval
+    config = config.replace(grad_accum=grad_accum)
     max_steps = _max_steps(config, len(train_set), batch_size, demo_task is not None)
     lamda_config = config.lamda_config(rank)
     freeze_b_steps = lamda_config.resolved_freeze_b_steps(max_steps)
@@ -493,7 +510,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     trainer.remove_callback(PrinterCallback)
     if progress and _is_main():
         print(f"lamda-edge: training {model_path.name} ({metadata['quantize'] or 'full-precision'} base, {precision}) "
-              f"on {device.type}: rank {rank}, batch {batch_size} x {config.grad_accum} ({planned_by}), "
+              f"on {device.type}: rank {rank}, batch {batch_size} x {grad_accum} ({planned_by}), "
               f"{max_steps} steps, B frozen after {freeze_b_steps}; output {out}", file=sys.stderr)
     if last_checkpoint is not None and progress and _is_main():
         print(f"lamda-edge: resuming from {last_checkpoint}", file=sys.stderr)
