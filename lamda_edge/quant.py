@@ -431,9 +431,11 @@ def load_lamda_model(
             continue
         _set_tensor(model, model_key, checkpoint.get(ckpt_key), device)
     checkpoint.close()
-    missing = _meta_parameters(model)
-    if missing and hasattr(model, "tie_weights"):
-        model.tie_weights(missing_keys=set(missing))
+    if hasattr(model, "tie_weights"):  # as from_pretrained: tie a missing head to the embeddings (or equal copies)
+        try:
+            model.tie_weights(missing_keys=set(_meta_parameters(model)))
+        except AttributeError as exc:  # a tied parameter was replaced by a LaMDA layer (lm_head targeted)
+            logger.warning("could not tie the weights of %s: %s", type(model).__name__, exc)
     created = _init_missing(model, config, device)
     for module in model.modules():  # non-persistent buffers (rotary tables, position ids) were built on the CPU
         for bname, buf in list(module._buffers.items()):

@@ -172,12 +172,42 @@ def _step_peak(model, batch, chunk_rows) -> int:
     return counter.peak_bytes
 
 
-def test_chunked_step_peak_is_below_the_unchunked_one():
-    vocab = 512
+def _lamda_model(base: str, vocab: int, tmp_path):
+    """A tiny tied Llama: plain with a trainable q_proj, or LaMDA on an NF4 base through load_lamda_model."""
     model = _tiny_llama(tie=True, vocab=vocab)
-    model.requires_grad_(False)
-    for layer in model.model.layers:  # a trainable part deep in the body, as with adapters
-        layer.self_attn.q_proj.weight.requires_grad_(True)
+    if base == "plain":
+        model.requires_grad_(False)
+        for layer in model.model.layers:  # a trainable part deep in the body, as with adapters
+            layer.self_attn.q_proj.weight.requires_grad_(True)
+        return model
+    from lamda_edge import LaMDAConfig
+    from lamda_edge.quant import load_lamda_model
+
+    model.save_pretrained(str(tmp_path / "tiny"))
+    return load_lamda_model(tmp_path / "tiny", LaMDAConfig(rank=4), quantize="nf4", device="cpu", cache_dir=False,
+                            progress=False).train()  # gradient checkpointing is on (train mode)
+
+
+def test_chunked_loss_gives_the_adapter_gradients_of_the_plain_loss_on_nf4(tmp_path):
+    from lamda_edge.adapters import lamda_layers
+
+    model = _lamda_model("nf4", 97, tmp_path)
+    batch = _batch(97)
+    grads = {}
+    for chunk_rows in (None, 5):
+        model.zero_grad(set_to_none=True)
+        causal_lm_loss(model, batch, chunk_rows=chunk_rows).backward()
+        grads[chunk_rows] = {n: layer.lamda_S.grad.clone() for n, layer in lamda_layers(model)}
+    assert grads[None]
+    for name, grad in grads[None].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[5][name], grad, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("base", [pytest.param("plain", id="plain"), pytest.param("nf4", id="lamda-nf4")])
+def test_chunked_step_peak_is_below_the_unchunked_one(base, tmp_path):
+    vocab = 512
+    model = _lamda_model(base, vocab, tmp_path)
     batch = _batch(vocab, batch=4, seq=64, pad=0)
     logits_bytes = 4 * 63 * vocab * 4  # one fp32 copy of the shifted logits
     plain = _step_peak(model, batch, chunk_rows=None)

