@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lamda_edge.adapters.bnb import is_linear4bit
@@ -132,7 +132,9 @@ def write_entry(root: Path, key: str, tensors: dict[str, torch.Tensor], info: di
         try:
             save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": f"lamda-edge-prepared-{CACHE_FORMAT}"})
             (tmp / INFO_NAME).write_text(json.dumps(info, indent=1) + "\n")
-            if entry.exists():
+            if (entry / INFO_NAME).is_file():  # another process wrote the same entry first: keep it
+                return entry
+            if entry.exists():  # a damaged leftover
                 shutil.rmtree(entry, ignore_errors=True)
             os.replace(tmp, entry)
         finally:
@@ -162,20 +164,42 @@ def _prune(root: Path, key: str, info: dict) -> None:
 # ---- read ----------------------------------------------------------------------------------------------------------
 
 
-def read_entry(root: Path, key: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """(info, tensors) of a cache entry, or None when it is missing or unreadable (treated as a miss)."""
+class CacheEntry:
+    """An open cache entry: its JSON info, and its tensors read one layer at a time (never all at once)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = folder
+        self.info = json.loads((folder / INFO_NAME).read_text())
+        self._file = safe_open(str(folder / TENSORS_NAME), framework="pt", device="cpu")
+        self._keys = list(self._file.keys())
+
+    def layer(self, name: str) -> dict[str, torch.Tensor]:
+        """The cached tensors of layer `name` (keys as written by `layer_tensors`)."""
+        prefix = name + "."
+        return {k: self._file.get_tensor(k) for k in self._keys if k.startswith(prefix)}
+
+
+def discard_entry(folder: Path) -> None:
+    """Remove a damaged entry, so that the next write replaces it."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_entry(root: Path, key: str) -> CacheEntry | None:
+    """The cache entry `key`, or None when it is missing or unreadable (treated as a miss)."""
     entry = root / key
     if not (entry / INFO_NAME).is_file() or not (entry / TENSORS_NAME).is_file():
         return None
     try:
-        info = json.loads((entry / INFO_NAME).read_text())
-        tensors = load_file(str(entry / TENSORS_NAME))
+        opened = CacheEntry(entry)
     except Exception as exc:  # noqa: BLE001 - any damage (SafetensorError included) means: prepare again
-        logger.warning("ignoring unreadable prepared-model cache %s (%s)", entry, exc)
+        logger.warning("discarding unreadable prepared-model cache %s (%s)", entry, exc)
+        discard_entry(entry)
         return None
-    if info.get("format") != CACHE_FORMAT:
+    if opened.info.get("format") != CACHE_FORMAT:
         return None
-    return info, tensors
+    return opened
 
 
 def build_layer(

@@ -40,7 +40,15 @@ from lamda_edge.adapters.inject import (
 from lamda_edge.adapters.spectral import singular_values
 from lamda_edge.config import LaMDAConfig
 from lamda_edge.errors import ConfigError, ModelError, require
-from lamda_edge.prepare_cache import build_layer, cache_key, default_cache_dir, layer_tensors, read_entry, write_entry
+from lamda_edge.prepare_cache import (
+    build_layer,
+    cache_key,
+    default_cache_dir,
+    discard_entry,
+    layer_tensors,
+    read_entry,
+    write_entry,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +288,15 @@ def _init_missing(model: nn.Module, config: LaMDAConfig, device: torch.device) -
     return created
 
 
+def _skeleton_and_targets(hf_config, task, compute_dtype, checkpoint: Checkpoint, config: LaMDAConfig):
+    """(empty model, {model key: checkpoint key}, targeted (name, module) pairs)."""
+    model = build_skeleton(hf_config, task, compute_dtype)
+    keys, unused = key_map(model, checkpoint.where)
+    if unused:
+        logger.info("checkpoint tensors not used by %s: %s", type(model).__name__, ", ".join(unused[:8]))
+    return model, keys, find_targets(model, config)
+
+
 def _target_shape(module: nn.Module) -> tuple[int, int]:
     if _is_conv1d(module):  # GPT-2 Conv1D stores (d_in, d_out)
         d_in, d_out = module.weight.shape
@@ -399,11 +416,7 @@ def load_lamda_model(
     peak = PeakMemory(device)
     peak.start()
     checkpoint = Checkpoint(model_dir)
-    model = build_skeleton(hf_config, task, compute_dtype)
-    keys, unused = key_map(model, checkpoint.where)
-    if unused:
-        logger.info("checkpoint tensors not used by %s: %s", type(model).__name__, ", ".join(unused[:8]))
-    targets = find_targets(model, config)
+    model, keys, targets = _skeleton_and_targets(hf_config, task, compute_dtype, checkpoint, config)
     root = None if cache_dir is False else Path(cache_dir) if cache_dir else default_cache_dir()
     key = weights_id = None
     cached = None
@@ -411,18 +424,23 @@ def load_lamda_model(
         key, weights_id = cache_key(model_dir, checkpoint.files, config.to_dict(), quantize, compute_dtype, task,
                                     num_labels)
         cached = read_entry(root, key)
-        if cached is not None and cached[0].get("targets") != [n for n, _ in targets]:
+        if cached is not None and cached.info.get("targets") != [n for n, _ in targets]:
             cached = None
     spectra_seconds = 0.0
     if cached is not None:
-        info, tensors = cached
+        info = cached.info
         ranks, fingerprints, reports, norms = info["ranks"], info["fingerprints"], info["layers"], info["norms"]
-        for name, _ in targets:
-            layer = build_layer(name, tensors, ranks[name], config.alpha, config.dropout, quantize, compute_dtype,
-                                device)
-            model.set_submodule(name, layer)
-        del tensors
-    else:
+        try:
+            for name, _ in targets:
+                layer = build_layer(name, cached.layer(name), ranks[name], config.alpha, config.dropout, quantize,
+                                    compute_dtype, device)
+                model.set_submodule(name, layer)
+        except Exception as exc:  # noqa: BLE001 - a damaged entry: start again from the weights
+            logger.warning("discarding damaged prepared-model cache %s (%s)", cached.folder, exc)
+            discard_entry(cached.folder)
+            cached = None
+            model, keys, targets = _skeleton_and_targets(hf_config, task, compute_dtype, checkpoint, config)
+    if cached is None:
         ranks, fingerprints, reports, norms, spectra_seconds = _prepare_layers(
             model, targets, checkpoint, keys, config, quantize, compute_dtype, device, progress)
     target_names = [n for n, _ in targets]

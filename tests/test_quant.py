@@ -212,16 +212,31 @@ def test_cache_hit_then_invalidated_by_config_and_by_weights(tmp_path):
     assert _load(folder, tmp_path, quantize="nf4", cache_dir=cache).lamda_prepare_report["cache"] == "hit"
 
 
-def test_unreadable_cache_entry_is_a_miss(tmp_path):
+def _garbage_file(entry):
+    (entry / "prepared.safetensors").write_bytes(b"not safetensors")
+
+
+def _drop_a_layer(entry):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(entry / "prepared.safetensors"))
+    dropped = [k for k in tensors if k.endswith("mlp.down_proj.lamda_B")]
+    assert dropped
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, str(entry / "prepared.safetensors"))
+
+
+@pytest.mark.parametrize("damage", [pytest.param(_garbage_file, id="garbage-file"),
+                                    pytest.param(_drop_a_layer, id="layer-missing")])
+def test_damaged_cache_entry_is_a_miss_and_is_replaced(tmp_path, damage):
     folder = _save(_tied_llama(0), tmp_path / "model")
     cache = tmp_path / "cache"
     first = _load(folder, tmp_path, quantize=None, cache_dir=cache)
     entry = next(p for p in cache.iterdir() if not p.name.startswith("."))
-    (entry / "prepared.safetensors").write_bytes(b"not safetensors")
+    damage(entry)
     again = _load(folder, tmp_path, quantize=None, cache_dir=cache)
     assert again.lamda_prepare_report["cache"] == "miss"
     torch.testing.assert_close(_logits(again), _logits(first), atol=0, rtol=0)
-    assert json.loads((entry / "prepared.json").read_text())["targets"]
+    assert _load(folder, tmp_path, quantize=None, cache_dir=cache).lamda_prepare_report["cache"] == "hit"
 
 
 # ---- the CPU repacking trap ----------------------------------------------------------------------------------------
