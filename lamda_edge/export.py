@@ -23,7 +23,9 @@ import torch
 
 from lamda_edge.errors import ConfigError, ExportValidationError, ModelError
 
-TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}  # max |PyTorch - ONNX Runtime| on every output
+# Every output passes when max|PyTorch - ONNX Runtime| <= atol + rtol * max|PyTorch|: 1e-4 absolute on the
+# tiny test models; the rtol term lets a deep model's large logits through (SmolLM2-135M, 30 layers: 2.8e-4).
+TOLERANCE = {"fp32": (1e-4, 2e-5), "fp16": (3e-2, 1e-3)}  # (atol, rtol)
 FORMATS = ("onnx", "genai")
 GENAI_PRECISIONS = ("int4", "fp16", "fp32")
 GENAI_PROVIDERS = ("cpu", "cuda")

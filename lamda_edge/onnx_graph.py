@@ -228,11 +228,13 @@ def session(path: Path, threads: int | None = None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def compare(case: str, names: list[str], expected: list, sess, feeds: dict, tol: float, result: dict) -> list:
+def compare(case: str, names: list[str], expected: list, sess, feeds: dict, tol: tuple[float, float],
+            result: dict) -> list:
     """Run `sess` on `feeds`; check each output named in `names` against `expected` (torch tensors).
 
     Appends one entry per output to result["cases"], updates result["max_abs_diff"], and adds a line to
-    result["mismatches"] for every missing/extra output, shape difference or difference above `tol`.
+    result["mismatches"] for every missing/extra output, shape difference, or max |diff| above
+    `atol + rtol * max|expected|` with `tol = (atol, rtol)`.
     Returns the ONNX outputs in the order of `names` (None where missing).
     """
     import numpy as np
@@ -252,20 +254,23 @@ def compare(case: str, names: list[str], expected: list, sess, feeds: dict, tol:
             result["mismatches"].append(f"{case}: {name} shape {list(out.shape)} != PyTorch {list(ref.shape)}")
         else:
             diff = float(np.abs(ref - out).max()) if ref.size else 0.0
-            entry["max_abs_diff"] = diff
+            scale = float(np.abs(ref).max()) if ref.size else 0.0
+            allowed = tol[0] + tol[1] * scale
+            entry.update(max_abs_diff=diff, max_abs_torch=scale, allowed=allowed)
             result["max_abs_diff"][name] = max(result["max_abs_diff"].get(name, 0.0), diff)
-            if not diff <= tol:  # also catches NaN
-                result["mismatches"].append(f"{case}: {name} max |diff| {diff:.3g} > tolerance {tol:g}")
+            if not diff <= allowed:  # also catches NaN
+                result["mismatches"].append(f"{case}: {name} max |diff| {diff:.3g} > tolerance {allowed:.3g} "
+                                            f"({tol[0]:g} + {tol[1]:g} * max|PyTorch| {scale:.3g})")
         result["cases"].append(entry)
     return [got.get(n) for n in names]
 
 
-def validate_decoder(model: nn.Module, path: Path, tol: float) -> dict:
+def validate_decoder(model: nn.Module, path: Path, tol: tuple[float, float]) -> dict:
     """Check the decoder graph at prefill (P=0), decode (T=1, past from PyTorch's prefill) and chunk shapes."""
     inputs, outputs = decoder_io_names(model.config.num_hidden_layers)
     sess = session(path)
     wrapper = DecoderWithCache(model).eval()
-    result = {"tolerance": tol, "cases": [], "max_abs_diff": {}, "mismatches": []}
+    result = {"tolerance": _tolerance(tol), "cases": [], "max_abs_diff": {}, "mismatches": []}
     got_inputs = sorted(i.name for i in sess.get_inputs())
     if got_inputs != sorted(inputs):
         result["mismatches"].append(f"input names {got_inputs} != expected {sorted(inputs)}")
@@ -284,11 +289,11 @@ def validate_decoder(model: nn.Module, path: Path, tol: float) -> dict:
     return result
 
 
-def validate_encoder(model: nn.Module, path: Path, tol: float) -> dict:
+def validate_encoder(model: nn.Module, path: Path, tol: tuple[float, float]) -> dict:
     """Check the classifier graph on two batch/sequence shapes (one with a padded row)."""
     inputs, outputs = encoder_io_names(model)
     sess = session(path)
-    result = {"tolerance": tol, "cases": [], "max_abs_diff": {}, "mismatches": []}
+    result = {"tolerance": _tolerance(tol), "cases": [], "max_abs_diff": {}, "mismatches": []}
     for batch, seq in ((2, 7), (1, 3)):
         args = encoder_example(model, inputs, batch=batch, seq=seq, seed=seq)
         with torch.no_grad():
@@ -321,6 +326,10 @@ def validate_int4(model: nn.Module, fp_path: Path, int4_path: Path, held_out: to
     return {"examples": int(ref.shape[0]), "agreement_onnx": float((got_fp.argmax(-1) == ref.argmax(-1)).mean()),
             "agreement_int4": float((got.argmax(-1) == ref.argmax(-1)).mean()),
             "max_abs_logit_diff_int4": float(np.abs(got - ref).max())}
+
+
+def _tolerance(tol: tuple[float, float]) -> dict:
+    return {"atol": tol[0], "rtol": tol[1], "rule": "max|diff| <= atol + rtol * max|PyTorch| per output and case"}
 
 
 def _feeds(names: list[str], tensors: list[torch.Tensor]) -> dict:

@@ -14,6 +14,7 @@ import torch
 from lamda_edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, ModelError
 
 FP32_TOL = 1e-4  # max |PyTorch - ONNX Runtime| on logits and presents (the export's own fp32 tolerance)
+FP16_TOL = 3e-2
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
              "what is twelve times seven? it is eighty four.", "water boils at one hundred degrees."]
 
@@ -128,13 +129,21 @@ def test_int4_is_smaller_and_reports_perplexity(llama_export):
     assert int4["ppl_int4"] != int4["ppl_onnx"] and math.isclose(int4["ppl_int4"], int4["ppl_onnx"], rel_tol=0.05)
 
 
-def test_encoder_classifier_export(tmp_path):
+@pytest.mark.parametrize("dtype", [pytest.param("fp32", id="bert-fp32-int4"), pytest.param("fp16", id="bert-fp16")])
+def test_encoder_classifier_export(tmp_path, dtype):
+    import onnx
+
     save_tiny(tmp_path / "bert", "bert")
-    report = run_export(tmp_path / "out", model=tmp_path / "bert", int4=True)
+    report = run_export(tmp_path / "out", model=tmp_path / "bert", dtype=dtype, int4=dtype == "fp32")
     assert report["kind"] == "encoder" and report["ok"]
-    assert report["validation"]["max_abs_diff"]["logits"] <= FP32_TOL
+    assert report["validation"]["max_abs_diff"]["logits"] <= {"fp32": FP32_TOL, "fp16": FP16_TOL}[dtype]
     assert {c["shape_onnx"][1] for c in report["validation"]["cases"]} == {3}  # (B, num_labels)
-    assert report["int4"]["agreement_onnx"] == 1.0 and 0 <= report["int4"]["agreement_int4"] <= 1
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    weights = [w.data_type for w in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.initializer
+               if len(w.dims) == 2 and w.data_type in floats]  # the weight matrices
+    assert weights and set(weights) == {onnx.TensorProto.FLOAT16 if dtype == "fp16" else onnx.TensorProto.FLOAT}
+    if dtype == "fp32":
+        assert report["int4"]["agreement_onnx"] == 1.0 and 0 <= report["int4"]["agreement_int4"] <= 1
 
 
 def _trained_adapter(base_dir, adapter_dir):
