@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from lamda_edge.data import IGNORE_INDEX, PaddingCollator, TokenDataset, tokenize_messages
-from lamda_edge.errors import DataError, require
+from lamda_edge.errors import DataError, ModelError, require
+from lamda_edge.loss import causal_lm_loss
 
 SYSTEM_PROMPT = "Solve the math word problem. Show short steps, then give the final number after ####."
 DATASET = "gsm_symbolic"
@@ -222,13 +223,13 @@ def answer_loss(model, dataset: TokenDataset, pad_token_id: int, batch_size: int
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-            labels = batch["labels"][:, 1:]  # (B, T-1)
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-            mask = labels != IGNORE_INDEX
-            picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-            total -= picked[mask].sum().item()
-            count += int(mask.sum())
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # predicted tokens (labels shift by one)
+            try:  # the output head runs on the answer rows only (no (B, T, V) logits)
+                mean = causal_lm_loss(model, batch, chunk_rows=256)
+            except ModelError:
+                mean = causal_lm_loss(model, batch, chunk_rows=None)
+            total += float(mean) * n
+            count += n
     finally:
         model.train(was_training)
     return total / max(count, 1)
