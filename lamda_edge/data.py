@@ -414,7 +414,8 @@ def load_data(
             chosen by a seeded shuffle; 0 means no held-out set.
         seed: the seed of the held-out split.
         on_overflow: ``"truncate"`` or ``"error"`` for examples longer than `seq_len` (see `build_dataset`).
-        pack: pack plain-text records into `seq_len` blocks (default) or keep one example per record.
+        pack: pack plain-text records into `seq_len` blocks (default) or keep one example per record
+            (a ``.txt`` file is always cut into blocks).
 
     Returns:
         `DataSplits(train, eval)`; ``eval`` is None when no held-out data was asked for.
@@ -434,7 +435,8 @@ def load_data(
     records = read_records(path)
     if not records:
         raise DataError(f"{path}: the dataset is empty. Fix: add records ({ACCEPTED_SHAPES})")
-    options = {"on_overflow": on_overflow, "pack": pack}
+    is_text_file = path.suffix.lower() in TEXT_SUFFIXES
+    options = {"on_overflow": on_overflow, "pack": True if is_text_file else pack}  # a .txt is always cut in blocks
     if eval_path is not None:
         eval_records = read_records(eval_path)
         if not eval_records:
@@ -443,7 +445,7 @@ def load_data(
         return DataSplits(train, build_dataset(eval_records, tokenizer, seq_len, source=str(eval_path), **options))
     if not eval_fraction:
         return DataSplits(build_dataset(records, tokenizer, seq_len, source=str(path), **options), None)
-    if path.suffix.lower() in TEXT_SUFFIXES:  # one stream: split its blocks
+    if is_text_file:  # one stream: split its blocks
         full = build_dataset(records, tokenizer, seq_len, source=str(path), **options)
         if len(full) < 2:
             raise DataError(f"{path}: only {len(full)} block of {seq_len} tokens; too little text to hold some out")

@@ -162,10 +162,18 @@ def test_txt_file_split_into_blocks(tmp_path, tokenizer):
     text = " ".join(CORPUS * 4)
     path = tmp_path / "book.txt"
     path.write_text(text, encoding="utf-8")
-    train, _ = load_data(path, tokenizer, seq_len=16)
+    train, _ = load_data(path, tokenizer, seq_len=16, pack=False)  # a .txt is cut into blocks regardless
     stream = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
     assert [len(train[i]["input_ids"]) for i in range(len(train) - 1)] == [16] * (len(train) - 1)
     assert torch.cat([train[i]["input_ids"] for i in range(len(train))]).tolist() == stream
+
+
+def test_txt_held_out_blocks(tmp_path, tokenizer):
+    path = tmp_path / "book.txt"
+    path.write_text(" ".join(CORPUS * 4), encoding="utf-8")
+    whole, _ = load_data(path, tokenizer, seq_len=16)
+    train, held = load_data(path, tokenizer, seq_len=16, eval_fraction=0.2, seed=0)
+    assert len(train) + len(held) == len(whole) and len(held) == round(len(whole) * 0.2)
 
 
 def test_pack_documents_cuts_stream():
