@@ -138,10 +138,6 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append(f"trainable parameters: {params['start']:,} before t_i={params['freeze_b_steps']}, "
                      f"{params['end']:,} after (only S trains once B is frozen)")
     lines.append(f"peak memory: {_mib(metrics['peak_memory_bytes'])} ({metrics['peak_memory_kind']})")
-    demo = metrics.get("demo")
-    if demo:
-        lines.append(f"demo accuracy on {demo['problems']} held-out problems: {demo['before']:.1%} before -> "
-                     f"{demo['after']:.1%} after")
     lines.append(f"output: {metrics['output']} (adapter, {RUN_CONFIG_NAME}, {METRICS_NAME}, {PLOT_NAME})")
     return lines
 

@@ -557,6 +557,10 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
         if progress:
             for line in report.summary_lines(metrics):
                 print(line)
+            if demo_task is not None:
+                from lamda_edge.demo import before_after
+
+                print(before_after(demo_before, metrics["demo"]["metrics_after"]))
     return TrainResult(out, metrics)
 
 

@@ -282,3 +282,35 @@ def test_default_job_moves_the_demo_metric(tmp_path):
     before, after = demo["metrics_before"], demo["metrics_after"]
     assert after["answer_loss"] < before["answer_loss"]
     assert (after["accuracy"], after["format_rate"]) != (before["accuracy"], before["format_rate"])
+
+
+@pytest.mark.parametrize(
+    "device, precision, expected",
+    [
+        pytest.param("cpu", "auto", "fp32", id="cpu-auto-fp32"),
+        pytest.param("cpu", "bf16", "bf16", id="cpu-bf16-allowed"),
+        pytest.param("cpu", "fp16", "needs a GPU", id="cpu-fp16-refused"),
+        pytest.param("cuda:1", "auto", "CUDA_VISIBLE_DEVICES=1", id="cuda-index-refused"),
+        pytest.param("nosuchdevice", "auto", "unknown device", id="unknown-profile"),
+    ],
+)
+def test_device_and_precision(device, precision, expected):
+    from lamda_edge.errors import LamdaEdgeError
+    from lamda_edge.train import resolve_device, resolve_precision
+
+    try:
+        result = resolve_precision(precision, resolve_device(device))
+    except LamdaEdgeError as exc:
+        assert expected in str(exc)
+    else:
+        assert result == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_profile_without_cuda_is_refused():
+    from lamda_edge.errors import ConfigError
+    from lamda_edge.train import resolve_device
+
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        resolve_device("t4")
+    assert resolve_device("cpu").type == "cpu"
