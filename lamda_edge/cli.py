@@ -58,6 +58,8 @@ def _add_plan(sub) -> None:
                    help="gradient checkpointing (auto: off when the same batch fits without it)")
     p.add_argument("--chunk-rows", type=int, default=256, help="rows per chunk of the loss; 0 = full logits")
     p.add_argument("--dataset-tokens", type=int, default=10_000_000, help="tokens per epoch, for the time estimate")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="compute dtype (auto: fp32 on a CPU, bf16 on GPUs that have it, else fp16)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--measure", action="store_true",
                    help="run real training steps of the plan on this machine and report the measured peak")
@@ -76,7 +78,8 @@ def _run_plan(args) -> int:
     result = plan(get_device(args.device), get_model(args.model), seq_len=args.seq_len, rank=args.rank,
                   batch_size=args.batch_size, target_batch=args.target_batch,
                   quantize=None if args.no_quantize else "nf4", gradient_checkpointing=ckpt,
-                  chunk_rows=args.chunk_rows or None, dataset_tokens=args.dataset_tokens)
+                  chunk_rows=args.chunk_rows or None, dataset_tokens=args.dataset_tokens,
+                  compute_dtype=None if args.precision == "auto" else args.precision)
     if args.measure:
         from lamda_edge.planner.measure import measure_plan
 

@@ -77,10 +77,11 @@ class DeviceProfile:
 
     @property
     def compute_dtype(self) -> str:
-        """The dtype the step computes in: bf16 where supported, else fp16 on GPUs, fp32 on a CPU without it."""
-        if self.bf16:
-            return "bf16"
-        return "fp32" if self.kind == "cpu" else "fp16"
+        """The dtype training computes in by default: fp32 on a CPU (as `lamda-edge train` does), else bf16 where
+        the GPU has it, else fp16 (T4)."""
+        if self.kind == "cpu":
+            return "fp32"
+        return "bf16" if self.bf16 else "fp16"
 
 
 def _check_fields(data: dict, fields: dict, path: Path, optional: dict | None = None) -> None:

@@ -130,7 +130,7 @@ def _largest_batch(device, model, setup: TrainSetup, cap: int) -> int:
 def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int | None = None,
          batch_size: int | None = None, target_batch: int = 16, quantize: str | None = "nf4",
          gradient_checkpointing: bool | None = None, chunk_rows: int | None = 256,
-         dataset_tokens: int = 10_000_000) -> Plan:
+         dataset_tokens: int = 10_000_000, compute_dtype: str | None = None) -> Plan:
     """Pick what was not pinned so the step fits `device`; raise `DoesNotFitError` (exit 3) if nothing does.
 
     Args:
@@ -144,11 +144,12 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
         gradient_checkpointing: pin on/off, or None to switch it off when the same batch fits without it.
         chunk_rows: rows per chunk of the chunked loss, None for the full-logits loss.
         dataset_tokens: tokens in one epoch, for the time estimate.
+        compute_dtype: "fp32", "bf16" or "fp16"; None = the device's default (`DeviceProfile.compute_dtype`).
     """
     if target_batch < 1:
         raise ConfigError(f"`target_batch` should be a positive integer, got {target_batch!r}")
     base = TrainSetup(batch_size=batch_size or 1, seq_len=seq_len, rank=rank or RANKS[0], quantize=quantize,
-                      compute_dtype=device.compute_dtype, chunk_rows=chunk_rows,
+                      compute_dtype=compute_dtype or device.compute_dtype, chunk_rows=chunk_rows,
                       gradient_checkpointing=True if gradient_checkpointing is None else gradient_checkpointing)
     cap = min(max(target_batch, 1), MAX_BATCH)
     chosen = None
