@@ -164,7 +164,10 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
             raise ExportValidationError(f"ONNX Runtime disagrees with PyTorch in {len(mismatches)} check(s):\n  "
                                         + "\n  ".join(mismatches)
                                         + f"\nreport: {options.output}.{REPORT_FILE}")
-        log(f"validated against PyTorch: max |diff| {report['validation']['max_abs_diff']}")
+        diffs = report["validation"]["max_abs_diff"]
+        present = max((v for k, v in diffs.items() if k.startswith("present.")), default=None)
+        log(f"validated against PyTorch: max |diff| logits {diffs['logits']:.3g}"
+            + (f", present keys/values {present:.3g}" if present is not None else ""))
 
         if options.int4:
             t = time.perf_counter()

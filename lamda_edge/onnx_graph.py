@@ -84,7 +84,7 @@ class DecoderWithCache(nn.Module):
             cache.update(past[2 * i], past[2 * i + 1], i)  # (B, H_kv, P, D) each
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache, use_cache=True)
-        present = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        present = out.get("cache") or out.get("past_key_values")  # transformers 5.24 names it `cache`
         flat = []
         for layer in present.layers:
             flat += [layer.keys, layer.values]  # (B, H_kv, P+T, D)
@@ -152,15 +152,21 @@ def encoder_example(model: nn.Module, names: list[str], batch: int, seq: int, se
 
 def _export(module, args, path: Path, inputs, outputs, dynamic_shapes) -> None:
     require("onnxscript", "onnx")
+    import contextlib
+    import io
+    import warnings
+
     module.eval()
-    with torch.no_grad():
+    chatter = io.StringIO()  # the exporter prints its progress and warns about axis names: keep the CLI quiet
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+        warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(module, args, None, input_names=inputs, output_names=outputs,
                                         dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET,
                                         verbose=False)
         except Exception as exc:  # torch.export's errors are long; keep the cause, name the model
             raise ModelError(f"torch.onnx.export failed for {type(module.model).__name__}: "
-                             f"{type(exc).__name__}: {str(exc)[:2000]}") from exc
+                             f"{type(exc).__name__}: {str(exc)[:2000]}\n{chatter.getvalue()[-2000:]}") from exc
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     _strip_debug_metadata(path)
@@ -187,7 +193,8 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: in
     quantizer_mod = require("onnxruntime.quantization.matmul_nbits_quantizer", "onnx")
     import logging
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    # ERROR: it warns that it lifts the opset to 21 for int4 Gather data; validate_int4 runs the result anyway
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
     ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
     axes = (("MatMul", 0), ("Gather", 1))[:len(ops)]  # quantize along the input dim / the hidden dim
     kw = dict(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, op_types_to_quantize=ops,
