@@ -147,6 +147,33 @@ def test_sharded_checkpoint_equals_single_file(folders, tmp_path):
         torch.testing.assert_close(many[key], one[key], atol=0, rtol=0, msg=key)
 
 
+def _prepare_peak(tmp_path, layers: int) -> tuple[int, int, int]:
+    """(live-tensor peak during an NF4 preparation, live bytes of the result, fp32 bytes of the whole model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lamda_edge.memcount import LiveTensorCounter
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    full = sum(p.numel() * 4 for p in model.parameters())
+    folder = _save(model, tmp_path / f"deep{layers}")
+    del model
+    counter = LiveTensorCounter()
+    with counter:
+        loaded = _load(folder, tmp_path, quantize="nf4", cache_dir=False)
+    return counter.peak_bytes, LiveTensorCounter().register(loaded).current_bytes, full
+
+
+def test_preparation_streams_one_layer_at_a_time(tmp_path):
+    peak2, final2, _ = _prepare_peak(tmp_path, 2)
+    peak8, final8, full8 = _prepare_peak(tmp_path, 8)
+    assert peak8 < 0.6 * full8, (peak8, full8)  # the full-precision model never exists at once
+    # the working set above the result (one layer's SVD and quantization) does not grow with depth
+    assert peak8 - final8 < 1.5 * (peak2 - final2), (peak2 - final2, peak8 - final8)
+
+
 # ---- spectral residual quantization --------------------------------------------------------------------------------
 
 
