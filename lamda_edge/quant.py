@@ -297,6 +297,30 @@ def _skeleton_and_targets(hf_config, task, compute_dtype, checkpoint: Checkpoint
     return model, keys, find_targets(model, config)
 
 
+def _load_the_rest(model, keys: dict[str, str], target_names: list[str], checkpoint: Checkpoint,
+                   config: LaMDAConfig, device: torch.device) -> list[str]:
+    """Everything but the targeted layers, in the compute dtype on `device`; tie, init new heads, move buffers.
+
+    Returns the names of the modules that were newly initialized (not in the checkpoint).
+    """
+    prefixes = tuple(n + "." for n in target_names)
+    for model_key, ckpt_key in keys.items():
+        if not model_key.startswith(prefixes):
+            _set_tensor(model, model_key, checkpoint.get(ckpt_key), device)
+    checkpoint.close()
+    if hasattr(model, "tie_weights"):  # as from_pretrained: tie a missing head to the embeddings (or equal copies)
+        try:
+            model.tie_weights(missing_keys=set(_meta_parameters(model)))
+        except AttributeError as exc:  # a tied parameter was replaced by a LaMDA layer (lm_head targeted)
+            logger.warning("could not tie the weights of %s: %s", type(model).__name__, exc)
+    created = _init_missing(model, config, device)
+    for module in model.modules():  # non-persistent buffers (rotary tables, position ids) were built on the CPU
+        for bname, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[bname] = buf.to(device)
+    return created
+
+
 def _target_shape(module: nn.Module) -> tuple[int, int]:
     if _is_conv1d(module):  # GPT-2 Conv1D stores (d_in, d_out)
         d_in, d_out = module.weight.shape
@@ -444,27 +468,14 @@ def load_lamda_model(
         ranks, fingerprints, reports, norms, spectra_seconds = _prepare_layers(
             model, targets, checkpoint, keys, config, quantize, compute_dtype, device, progress)
     target_names = [n for n, _ in targets]
-    for model_key, ckpt_key in keys.items():
-        if any(model_key.startswith(n + ".") for n in target_names):
-            continue
-        _set_tensor(model, model_key, checkpoint.get(ckpt_key), device)
-    checkpoint.close()
-    if hasattr(model, "tie_weights"):  # as from_pretrained: tie a missing head to the embeddings (or equal copies)
-        try:
-            model.tie_weights(missing_keys=set(_meta_parameters(model)))
-        except AttributeError as exc:  # a tied parameter was replaced by a LaMDA layer (lm_head targeted)
-            logger.warning("could not tie the weights of %s: %s", type(model).__name__, exc)
-    created = _init_missing(model, config, device)
-    for module in model.modules():  # non-persistent buffers (rotary tables, position ids) were built on the CPU
-        for bname, buf in list(module._buffers.items()):
-            if buf is not None and buf.device != device:
-                module._buffers[bname] = buf.to(device)
+    created = _load_the_rest(model, keys, target_names, checkpoint, config, device)
     _load_generation_config(model, model_dir)
     finish_injection(model, config, fingerprints, reports)
     disable_cpu_repack(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.eval()
+    svd_seconds = 0.0 if cached is not None else spectra_seconds + sum(r["svd_seconds"] for r in reports.values())
     report = {
         "model_path": str(model_dir.resolve()),
         "task": task,
@@ -477,7 +488,7 @@ def load_lamda_model(
         "ranks": ranks,
         "quant_error": _overall(reports, norms, "quant_error"),
         "plain_nf4_error": _overall(reports, norms, "plain_nf4_error"),
-        "svd_seconds": 0.0 if cached else spectra_seconds + sum(r["svd_seconds"] for r in reports.values()),
+        "svd_seconds": svd_seconds,
         "new_modules": created,
         "peak_memory_kind": peak.kind,
     }
