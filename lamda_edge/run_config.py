@@ -21,7 +21,7 @@ from lamda_edge.config import INITS, RANK_ALLOCATIONS, LaMDAConfig, check_known_
 from lamda_edge.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-QUANTIZE = ("nf4", "none")
+QUANTIZE = ("auto", "nf4", "none")
 TORCH_DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 OVERFLOW_POLICIES = ("truncate", "error")
@@ -63,8 +63,9 @@ class RunConfig:
     eval_fraction: float = _field(0.1, "fraction of `data` held out for eval loss/perplexity when no eval_data")
     output: str | None = _field(None, "output folder (adapter, run config, metrics, plot, checkpoints/)")
     device: str = _field("auto", "'auto', 'cpu', 'cuda', or a device profile name (e.g. t4; see `lamda-edge devices`)")
-    quantize: str = _field("nf4", "'nf4' (4-bit residual base via bitsandbytes) or 'none' (full-precision base)")
-    precision: str = _field("auto", "'auto' (bf16 on CUDA when supported, fp16 on older GPUs, fp32 on CPU), "
+    quantize: str = _field("auto", "'nf4' (4-bit residual base via bitsandbytes), 'none' (base in the compute "
+                                   "dtype) or 'auto' (nf4 on CUDA, none on CPU: bitsandbytes' CPU path is slow)")
+    precision: str = _field("auto", "'auto' (bf16 where the GPU or CPU has it, else fp16 on a GPU, fp32 on a CPU), "
                                     "'fp32', 'bf16' or 'fp16'")
     rank: int | None = _field(None, f"adapter rank r; default: from the planner, else {DEFAULT_RANK}")
     alpha: float | None = _field(None, "adapter scaling numerator (output * alpha/r); default: 2 * rank")
@@ -94,6 +95,8 @@ class RunConfig:
     seed: int = _field(0, "seed of data order, held-out split, dropout and init")
     demo_train: int = _field(256, "demo task: generated word problems to train on")
     demo_eval: int = _field(48, "demo task: held-out problems for eval loss and accuracy before/after")
+    demo_generate: int | None = _field(16, "demo task: held-out problems answered greedily for the accuracy "
+                                           "before/after (null = all)")
     overwrite: bool = _field(False, "start over in an output folder that already holds a run")
     training_args: dict = _field({}, "extra transformers.TrainingArguments fields, e.g. {max_grad_norm: 0.5}")
 
@@ -140,7 +143,8 @@ class RunConfig:
              f"`on_overflow` should be one of {OVERFLOW_POLICIES}, got {self.on_overflow!r}")
         need(self.lr_scheduler in LR_SCHEDULERS, f"`lr_scheduler` should be one of {LR_SCHEDULERS}, got "
              f"{self.lr_scheduler!r}.{closest_key(str(self.lr_scheduler), LR_SCHEDULERS)}")
-        for name in ("rank", "batch_size", "max_steps", "freeze_b_steps", "eval_steps", "save_steps", "chunk_rows"):
+        for name in ("rank", "batch_size", "max_steps", "freeze_b_steps", "eval_steps", "save_steps", "chunk_rows",
+                     "demo_generate"):
             positive_int(name, optional=True)
         for name in ("seq_len", "grad_accum", "save_total_limit", "logging_steps", "demo_train", "demo_eval"):
             positive_int(name)

@@ -272,7 +272,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if precision == "fp16":
         raise ConfigError("`precision`=fp16 needs a GPU. Fix: use `precision=fp32` (or bf16) on the CPU")
-    return "fp32" if precision == "auto" else precision
+    if precision == "auto":
+        return "bf16" if _cpu_has_bf16() else "fp32"
+    return precision
+
+
+def _cpu_has_bf16() -> bool:
+    """True when oneDNN runs bf16 matmuls natively here (AVX512-BF16 / AMX): then bf16 is about 2x fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_quantize(quantize: str, device: torch.device) -> str | None:
+    """'auto' -> 'nf4' on CUDA, None on CPU (bitsandbytes dequantizes every 4-bit weight at every CPU call)."""
+    if quantize == "auto":
+        return "nf4" if device.type == "cuda" else None
+    return None if quantize == "none" else quantize
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -280,7 +297,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.device, precision: str):
     """The model with a frozen (NF4) base and LaMDA adapters; `lamda_edge.quant` when present."""
-    quantize = None if config.quantize == "none" else config.quantize
+    quantize = resolve_quantize(config.quantize, device)
     try:
         from lamda_edge.quant import load_lamda_model
     except ImportError:  # the 4-bit loader is not there: plain base + adapters
@@ -331,7 +348,7 @@ def _plan(config: RunConfig, model_path: Path) -> tuple[int, int, int, str]:
     profile = get_device(config.device if config.device not in ("cpu", "cuda") else "auto")
     target = (batch or DEFAULT_BATCH_SIZE) * config.grad_accum
     result = plan(profile, shape, seq_len=config.seq_len, rank=rank, batch_size=batch, target_batch=target,
-                  quantize=None if config.quantize == "none" else config.quantize,
+                  quantize=resolve_quantize(config.quantize, resolve_device(config.device)),
                   gradient_checkpointing=config.gradient_checkpointing, chunk_rows=config.chunk_rows)
     setup = result.setup
     accum = config.grad_accum if batch is not None else result.grad_accum
@@ -476,16 +493,18 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     max_steps = _max_steps(config, len(train_set), batch_size, demo_task is not None)
     lamda_config = config.lamda_config(rank)
     freeze_b_steps = lamda_config.resolved_freeze_b_steps(max_steps)
-    resolved = config.replace(rank=rank, batch_size=batch_size, max_steps=max_steps,
-                              alpha=lamda_config.alpha, freeze_b_steps=freeze_b_steps)
+    resolved = config.replace(rank=rank, batch_size=batch_size, max_steps=max_steps, alpha=lamda_config.alpha,
+                              freeze_b_steps=freeze_b_steps, precision=precision,
+                              quantize=resolve_quantize(config.quantize, device) or "none")
     if _is_main():
         report.write_run_config(out / report.RUN_CONFIG_NAME, resolved.to_dict())
 
     torch.manual_seed(config.seed)
     lm = load_model(model_path, config, lamda_config, device, precision)
     metadata = {**getattr(lm, "lamda_base", {}), "base_model": str(Path(model_path).resolve()),
-                "quantize": None if config.quantize == "none" else config.quantize}
-    demo_before = _demo_before(demo_task, lm, tokenizer, out, resume, progress) if demo_task else None
+                "quantize": resolve_quantize(config.quantize, device)}
+    demo_before = (_demo_before(demo_task, lm, tokenizer, out, resume, progress, config.demo_generate)
+                   if demo_task else None)
 
     from lamda_edge.data import PaddingCollator
 
@@ -547,7 +566,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     if train_log:
         metrics["train_loss_first"], metrics["train_loss_last"] = train_log[0]["loss"], train_log[-1]["loss"]
     if demo_task is not None:
-        after = _demo_metrics(demo_task, lm, tokenizer, progress, "after")
+        after = _demo_metrics(demo_task, lm, tokenizer, progress, "after", config.demo_generate)
         metrics["demo"] = {"problems": after["n_problems"], "before": demo_before["accuracy"],
                            "after": after["accuracy"], "metrics_before": demo_before, "metrics_after": after}
     if trainer.args.should_save:
@@ -564,23 +583,23 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     return TrainResult(out, metrics)
 
 
-def _demo_metrics(task, lm, tokenizer, progress: bool, when: str) -> dict:
+def _demo_metrics(task, lm, tokenizer, progress: bool, when: str, n_generate: int | None) -> dict:
     from lamda_edge import demo
 
-    result = demo.evaluate(lm, tokenizer, task)
+    result = demo.evaluate(lm, tokenizer, task, n_generate=n_generate)
     if progress and _is_main():
         print(f"demo task {when} training: {result.line()}", file=sys.stderr)
     return result.to_dict()
 
 
-def _demo_before(task, lm, tokenizer, out: Path, resume: bool, progress: bool) -> dict:
+def _demo_before(task, lm, tokenizer, out: Path, resume: bool, progress: bool, n_generate: int | None) -> dict:
     """The demo metrics of the untrained adapter (measured once; a resumed run reads them back)."""
     import json
 
     path = out / DEMO_BEFORE
     if resume and path.is_file():
         return json.loads(path.read_text())
-    before = _demo_metrics(task, lm, tokenizer, progress, "before")
+    before = _demo_metrics(task, lm, tokenizer, progress, "before", n_generate)
     if _is_main():
         report.write_json(path, before)
     return before

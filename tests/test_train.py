@@ -287,7 +287,7 @@ def test_default_job_moves_the_demo_metric(tmp_path):
 @pytest.mark.parametrize(
     "device, precision, expected",
     [
-        pytest.param("cpu", "auto", "fp32", id="cpu-auto-fp32"),
+        pytest.param("cpu", "auto", "native", id="cpu-auto-bf16-where-native"),
         pytest.param("cpu", "bf16", "bf16", id="cpu-bf16-allowed"),
         pytest.param("cpu", "fp16", "needs a GPU", id="cpu-fp16-refused"),
         pytest.param("cuda:1", "auto", "CUDA_VISIBLE_DEVICES=1", id="cuda-index-refused"),
@@ -303,7 +303,9 @@ def test_device_and_precision(device, precision, expected):
     except LamdaEdgeError as exc:
         assert expected in str(exc)
     else:
-        assert result == expected
+        from lamda_edge.train import _cpu_has_bf16
+
+        assert result == (("bf16" if _cpu_has_bf16() else "fp32") if expected == "native" else expected)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
