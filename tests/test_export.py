@@ -37,8 +37,8 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_model(arch: str, tokenizer, seed: int = 0):
-    """A tiny randomly initialized model of `arch` sized to the tokenizer."""
+def tiny_model(arch: str, tokenizer, seed: int = 0, tie: bool = False):
+    """A tiny randomly initialized model of `arch` sized to the tokenizer (`tie`: lm_head shares the embedding)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -52,14 +52,14 @@ def tiny_model(arch: str, tokenizer, seed: int = 0):
     config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
     cfg = config_cls(num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
-                     bos_token_id=tokenizer.bos_token_id, **common)
+                     bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=tie, **common)
     return model_cls(cfg).eval()
 
 
-def save_tiny(folder, arch: str, seed: int = 0):
+def save_tiny(folder, arch: str, seed: int = 0, tie: bool = False):
     """Write a tiny model of `arch` and its tokenizer to `folder`; return the model."""
     tokenizer = tiny_tokenizer()
-    model = tiny_model(arch, tokenizer, seed)
+    model = tiny_model(arch, tokenizer, seed, tie)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model

@@ -17,9 +17,9 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny Llama exported twice: plain ONNX (fp32 + int4) and onnxruntime-genai fp32."""
+    """A tiny Llama with a tied lm_head (as SmolLM2), exported as plain ONNX (fp32 + int4) and genai fp32."""
     root = tmp_path_factory.mktemp("serve")
-    save_tiny(root / "base", "llama", seed=3)
+    save_tiny(root / "base", "llama", seed=3, tie=True)
     run_export(root / "onnx", model=root / "base", int4=True)
     run_export(root / "genai", model=root / "base", format="genai", precision="fp32")
     return root
@@ -49,6 +49,10 @@ def test_greedy_equals_transformers_generate(exported, fmt, prompt):
 
 
 def test_int4_is_the_default_graph_and_streams_its_text(exported):
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(exported / "onnx" / "model.int4.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 15 and ops.count("GatherBlockQuantized") == 1  # the tied head is 4-bit too
     gen = load_generator(exported / "onnx")
     assert isinstance(gen, OnnxGenerator) and gen.onnx_file == "model.int4.onnx"
     pieces = []
