@@ -27,11 +27,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from lamda_edge import report
 from lamda_edge.errors import ConfigError, ModelError, TrainingError
-from lamda_edge.run_config import DEFAULT_BATCH_SIZE, DEFAULT_DEMO_STEPS, RunConfig
+from lamda_edge.report import ProgressCallback, effective_trainable, lamda_layer_list
+from lamda_edge.run_config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DEMO_STEPS,
+    RunConfig,
+    resolve_device,
+    resolve_precision,
+    resolve_quantize,
+)
 
 CHECKPOINTS = "checkpoints"
 DEMO_BEFORE = "demo_before.json"
@@ -63,21 +71,6 @@ class LossModel(nn.Module):
         return {"loss": causal_lm_loss(self.lm, batch, self.chunk_rows, num_items_in_batch)}
 
 
-def _layers(lm: nn.Module):
-    from lamda_edge.adapters import lamda_layers
-
-    return lamda_layers(lm)
-
-
-def effective_trainable(lm: nn.Module) -> int:
-    """Parameters that still train: everything requiring grad, minus B's frozen columns."""
-    from lamda_edge.adapters import lamda_layers, trainable_parameter_count
-
-    frozen = sum(layer.out_features * layer.frozen_b_columns for _, layer in lamda_layers(lm)
-                 if layer.lamda_B.requires_grad)
-    return trainable_parameter_count(lm) - frozen
-
-
 class LaMDATrainer(Trainer):
     """Trainer that checkpoints only the adapter, atomically, and stops on a non-finite loss."""
 
@@ -100,9 +93,9 @@ class LaMDATrainer(Trainer):
             last = latest_checkpoint(Path(self.args.output_dir))
             raise TrainingError(
                 f"the {'training' if model.training else 'eval'} loss became {value} at optimizer step "
-                f"{self.state.global_step + 1}; the run stopped. Last good checkpoint: "
+                f"{self.state.global_step + 1}; the run stopped. The last good checkpoint is kept: "
                 f"{last if last else 'none yet'}. Fix: lower `lr` (now {self.args.learning_rate:g}), use "
-                "`precision=fp32`, or check the data; then start again (or --resume from that checkpoint)"
+                "`precision=fp32`, or check the data, and start again with `overwrite=true`"
             )
         if model.training:
             self.step_loss += value / max(1, self.accelerator.num_processes)
@@ -181,115 +174,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return Path(last) if last else None
 
 
-class ProgressCallback(TrainerCallback):
-    """A tqdm bar over optimizer steps with loss, tokens/s and ETA; eval results and B freezing as lines."""
-
-    def __init__(self, trainer_ref: list, enabled: bool = True):
-        self.trainer_ref = trainer_ref
-        self.enabled = enabled
-        self.bar = None
-        self.start = 0.0
-        self.tokens0 = 0
-        self.trainable = None
-
-    def _write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        elif self.enabled:
-            print(text, file=sys.stderr)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        from tqdm.auto import tqdm
-
-        self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
-        self.trainable = effective_trainable(self.trainer_ref[0].lm)
-        if self.enabled and state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                            dynamic_ncols=True, file=sys.stderr)
-
-    def tokens_per_second(self, state) -> float:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return (state.num_input_tokens_seen - self.tokens0) / elapsed
-
-    def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer_ref[0]
-        trainer.last_loss, trainer.step_loss = trainer.step_loss, 0.0
-        count = effective_trainable(trainer.lm)
-        b_trains = any(layer.lamda_B.requires_grad for _, layer in _layers(trainer.lm))
-        if count != self.trainable and not b_trains and state.is_world_process_zero:
-            self._write(f"step {state.global_step}: B wholly frozen, only S trains; trainable parameters "
-                        f"{self.trainable:,} -> {count:,}")
-        self.trainable = count
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-            self.bar.set_postfix(loss=f"{trainer.last_loss:.4f}", tok_s=f"{self.tokens_per_second(state):,.0f}",
-                                 refresh=False)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "eval_loss" in logs and state.is_world_process_zero:
-            self._write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}, "
-                        f"perplexity {logs.get('eval_perplexity', float('nan')):.2f}")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 # ---- run setup ---------------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' | 'cpu' | 'cuda' | a device profile name (its kind decides) -> torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda:"):
-        raise ConfigError(f"`device`={name!r}: pick the GPU with CUDA_VISIBLE_DEVICES={name[5:]} and use "
-                          "`device=cuda` (several GPUs: accelerate launch, see docs/multi-gpu.md)")
-    kind = name
-    if name not in ("cpu", "cuda"):
-        kind = _profile_kind(name)
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"`device`={name!r} needs CUDA, which is not available here. Fix: use `device=cpu`")
-    return torch.device("cuda" if kind == "cuda" else "cpu")
-
-
-def _profile_kind(name: str) -> str:
-    """The `kind` ('cpu' or 'cuda') of a device profile (by name or alias; ProfileError lists the known ones)."""
-    from lamda_edge.planner.profiles import get_device
-
-    return get_device(name).kind
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on GPUs that have it, fp16 on older ones (T4), fp32 on CPU; checks explicit choices."""
-    if device.type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
-        if precision == "auto":
-            return "bf16" if bf16 else "fp16"
-        if precision == "bf16" and not bf16:
-            raise ConfigError("`precision`=bf16 but this GPU has no bf16 (e.g. a T4). Fix: use `precision=fp16`")
-        return precision
-    if precision == "fp16":
-        raise ConfigError("`precision`=fp16 needs a GPU. Fix: use `precision=fp32` (or bf16) on the CPU")
-    if precision == "auto":
-        return "bf16" if _cpu_has_bf16() else "fp32"
-    return precision
-
-
-def _cpu_has_bf16() -> bool:
-    """True when oneDNN runs bf16 matmuls natively here (AVX512-BF16 / AMX): then bf16 is about 2x fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_quantize(quantize: str, device: torch.device) -> str | None:
-    """'auto' -> 'nf4' on CUDA, None on CPU (bitsandbytes dequantizes every 4-bit weight at every CPU call)."""
-    if quantize == "auto":
-        return "nf4" if device.type == "cuda" else None
-    return None if quantize == "none" else quantize
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -375,6 +260,9 @@ def _prepare_output(config: RunConfig, out: Path, resume: bool) -> Path | None:
     if resume:
         if last is None:
             raise ConfigError(f"nothing to resume: {ckpt_dir} holds no checkpoint. Fix: run without --resume")
+        if _is_main():  # half-written checkpoints of a killed run
+            for leftover in ckpt_dir.glob(".staging-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
         return last
     if (last is not None or (out / report.METRICS_NAME).exists()) and not config.overwrite:
         raise ConfigError(f"{out} already holds a run. Fix: --resume to continue it, `overwrite=true` to start "
@@ -538,8 +426,8 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     seconds = time.perf_counter() - start
 
     trainable_end = effective_trainable(lm)
-    b_total = sum(layer.lamda_B.numel() for _, layer in _layers(lm))
-    s_total = sum(layer.lamda_S.numel() for _, layer in _layers(lm))
+    b_total = sum(layer.lamda_B.numel() for _, layer in lamda_layer_list(lm))
+    s_total = sum(layer.lamda_S.numel() for _, layer in lamda_layer_list(lm))
     other = trainable_end - s_total if trainable_end >= s_total else 0
     history = trainer.state.log_history
     train_log, eval_log = report.split_history(history)

@@ -146,6 +146,7 @@ def test_sigkill_and_resume_is_bitwise_exact(tmp_path, model_dir, data_file):
             assert torch.equal(got[key], expected[key]), f"{key} differs after resuming from step {resumed_from}"
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["global_step"] == 10
+        assert not list((folder / "checkpoints").glob(".staging-*"))
     frozen = [v for k, v in expected.items() if k.endswith("lamda_B_frozen")]
     assert frozen and all(int(v) == 4 for v in frozen)
     # the run moved the adapter: S differs from its spectral init
@@ -296,14 +297,14 @@ def test_default_job_moves_the_demo_metric(tmp_path):
 )
 def test_device_and_precision(device, precision, expected):
     from lamda_edge.errors import LamdaEdgeError
-    from lamda_edge.train import resolve_device, resolve_precision
+    from lamda_edge.run_config import resolve_device, resolve_precision
 
     try:
         result = resolve_precision(precision, resolve_device(device))
     except LamdaEdgeError as exc:
         assert expected in str(exc)
     else:
-        from lamda_edge.train import _cpu_has_bf16
+        from lamda_edge.run_config import _cpu_has_bf16
 
         assert result == (("bf16" if _cpu_has_bf16() else "fp32") if expected == "native" else expected)
 
@@ -311,7 +312,7 @@ def test_device_and_precision(device, precision, expected):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_profile_without_cuda_is_refused():
     from lamda_edge.errors import ConfigError
-    from lamda_edge.train import resolve_device
+    from lamda_edge.run_config import resolve_device
 
     with pytest.raises(ConfigError, match="needs CUDA"):
         resolve_device("t4")
