@@ -146,6 +146,18 @@ def test_encoder_classifier_export(tmp_path, dtype):
         assert report["int4"]["agreement_onnx"] == 1.0 and 0 <= report["int4"]["agreement_int4"] <= 1
 
 
+def test_large_models_keep_weights_in_external_data(tmp_path, monkeypatch):
+    from lamda_edge import onnx_graph
+
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_BYTES", 0)  # every model counts as over protobuf's 2 GB
+    save_tiny(tmp_path / "bert", "bert")
+    report = run_export(tmp_path / "out", model=tmp_path / "bert", int4=True)
+    assert report["ok"] and report["validation"]["max_abs_diff"]["logits"] <= FP32_TOL
+    files = {p.name: p.stat().st_size for p in (tmp_path / "out").iterdir()}
+    assert files["model.onnx.data"] > files["model.onnx"] and "model.int4.onnx.data" in files
+    assert report["sizes_bytes"]["model.onnx"] == files["model.onnx"] + files["model.onnx.data"]
+
+
 def _trained_adapter(base_dir, adapter_dir):
     """apply_lamda on the saved base, move S and B away from their init, save the adapter; return the model."""
     from transformers import AutoModelForCausalLM
