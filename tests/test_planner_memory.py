@@ -16,7 +16,7 @@ def tiny(h=64, inter=160, layers=2, heads=4, kv=2, vocab=256) -> ModelShape:
                       head_dim=h // heads, vocab_size=vocab, tie_word_embeddings=True)
 
 
-def _saved_after_forward(layers: int, quantize) -> int:
+def _saved_after_forward(layers: int, quantize, padded: bool) -> int:
     """Live bytes after a forward without checkpointing, above weights and batch (counted)."""
     import torch
 
@@ -29,6 +29,9 @@ def _saved_after_forward(layers: int, quantize) -> int:
     model = build_model(tiny(layers=layers), setup)
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone()}
+    if padded:
+        batch["attention_mask"] = torch.ones_like(ids)
+        batch["attention_mask"][0, 24:] = 0
     counter = LiveTensorCounter().register(model, batch)
     start = counter.current_bytes
     with counter:
@@ -39,9 +42,11 @@ def _saved_after_forward(layers: int, quantize) -> int:
 
 
 @pytest.mark.parametrize("quantize", [pytest.param(None, id="plain"), pytest.param("nf4", id="nf4")])
-def test_saved_bytes_per_block_match_the_op_by_op_count(quantize):
-    per_block = _saved_after_forward(2, quantize) - _saved_after_forward(1, quantize)
-    setup = TrainSetup(batch_size=2, seq_len=32, rank=4, quantize=quantize, compute_dtype="fp32")
+@pytest.mark.parametrize("padded", [pytest.param(False, id="no-mask"), pytest.param(True, id="padding-mask")])
+def test_saved_bytes_per_block_match_the_op_by_op_count(quantize, padded):
+    per_block = _saved_after_forward(2, quantize, padded) - _saved_after_forward(1, quantize, padded)
+    setup = TrainSetup(batch_size=2, seq_len=32, rank=4, quantize=quantize, compute_dtype="fp32",
+                       padding_mask=padded)
     assert per_block == saved_per_token(tiny(), setup, [4] * 7) * setup.tokens
 
 

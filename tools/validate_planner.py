@@ -33,30 +33,31 @@ MODELS = {
                                          num_attention_heads=6, num_key_value_heads=2, vocab_size=4096),
 }
 
-# (model, batch, seq_len, rank, quantize, checkpointing, dtype, chunk_rows)
+# (model, batch, seq_len, rank, quantize, checkpointing, dtype, chunk_rows, padded); padded rows carry an
+# attention mask (the first row's last quarter is padding)
 GRID = [
-    ("tiny (h64, L2, V256)", 2, 32, 4, None, True, "fp32", 256),
-    ("tiny (h64, L2, V256)", 2, 32, 4, None, False, "fp32", 256),
-    ("tiny (h64, L2, V256)", 2, 32, 4, "nf4", True, "fp32", 256),
-    ("tiny (h64, L2, V256)", 4, 64, 8, None, True, "fp32", None),
-    ("tiny (h64, L2, V256)", 4, 64, 8, "nf4", False, "bf16", 64),
-    ("small (h128, L4, V512)", 2, 64, 4, None, True, "fp32", 256),
-    ("small (h128, L4, V512)", 4, 128, 8, "nf4", True, "fp32", 256),
-    ("small (h128, L4, V512)", 4, 128, 8, "nf4", False, "fp32", 256),
-    ("small (h128, L4, V512)", 4, 128, 8, "nf4", True, "bf16", 256),
-    ("small (h128, L4, V512)", 4, 128, 8, None, False, "bf16", 256),
-    ("small (h128, L4, V512)", 8, 64, 16, None, True, "bf16", 128),
-    ("small (h128, L4, V512)", 2, 256, 8, "nf4", True, "fp32", None),
-    ("small (h128, L4, V512)", 8, 128, 4, None, False, "fp32", 256),
-    ("small (h128, L4, V512)", 1, 512, 8, "nf4", True, "bf16", 256),
-    ("wide-vocab (h192, L3, V4096)", 2, 64, 8, None, True, "fp32", 64),
-    ("wide-vocab (h192, L3, V4096)", 2, 64, 8, None, True, "fp32", None),
-    ("wide-vocab (h192, L3, V4096)", 4, 128, 8, "nf4", True, "bf16", 256),
-    ("wide-vocab (h192, L3, V4096)", 4, 128, 16, "nf4", False, "bf16", 256),
-    ("wide-vocab (h192, L3, V4096)", 4, 64, 8, None, False, "fp32", None),
-    ("wide-vocab (h192, L3, V4096)", 8, 64, 4, "nf4", True, "fp32", 128),
-    ("wide-vocab (h192, L3, V4096)", 2, 256, 8, "nf4", True, "bf16", 512),
-    ("wide-vocab (h192, L3, V4096)", 1, 256, 8, None, False, "bf16", 256),
+    ("tiny (h64, L2, V256)", 2, 32, 4, None, True, "fp32", 256, True),
+    ("tiny (h64, L2, V256)", 2, 32, 4, None, False, "fp32", 256, False),
+    ("tiny (h64, L2, V256)", 2, 32, 4, "nf4", True, "fp32", 256, True),
+    ("tiny (h64, L2, V256)", 4, 64, 8, None, True, "fp32", None, False),
+    ("tiny (h64, L2, V256)", 4, 64, 8, "nf4", False, "bf16", 64, True),
+    ("small (h128, L4, V512)", 2, 64, 4, None, True, "fp32", 256, False),
+    ("small (h128, L4, V512)", 4, 128, 8, "nf4", True, "fp32", 256, True),
+    ("small (h128, L4, V512)", 4, 128, 8, "nf4", False, "fp32", 256, False),
+    ("small (h128, L4, V512)", 4, 128, 8, "nf4", True, "bf16", 256, True),
+    ("small (h128, L4, V512)", 4, 128, 8, None, False, "bf16", 256, False),
+    ("small (h128, L4, V512)", 8, 64, 16, None, True, "bf16", 128, True),
+    ("small (h128, L4, V512)", 2, 256, 8, "nf4", True, "fp32", None, False),
+    ("small (h128, L4, V512)", 8, 128, 4, None, False, "fp32", 256, True),
+    ("small (h128, L4, V512)", 1, 512, 8, "nf4", True, "bf16", 256, False),
+    ("wide-vocab (h192, L3, V4096)", 2, 64, 8, None, True, "fp32", 64, True),
+    ("wide-vocab (h192, L3, V4096)", 2, 64, 8, None, True, "fp32", None, False),
+    ("wide-vocab (h192, L3, V4096)", 4, 128, 8, "nf4", True, "bf16", 256, True),
+    ("wide-vocab (h192, L3, V4096)", 4, 128, 16, "nf4", False, "bf16", 256, False),
+    ("wide-vocab (h192, L3, V4096)", 4, 64, 8, None, False, "fp32", None, True),
+    ("wide-vocab (h192, L3, V4096)", 8, 64, 4, "nf4", True, "fp32", 128, False),
+    ("wide-vocab (h192, L3, V4096)", 2, 256, 8, "nf4", True, "bf16", 512, True),
+    ("wide-vocab (h192, L3, V4096)", 1, 256, 8, None, False, "bf16", 256, False),
 ]
 
 
@@ -68,20 +69,21 @@ def shape_of(name: str) -> ModelShape:
 
 def run(grid) -> list[dict]:
     rows = []
-    for model, batch, seq, rank, quant, ckpt, dtype, chunk in grid:
+    for model, batch, seq, rank, quant, ckpt, dtype, chunk, padded in grid:
         setup = TrainSetup(batch_size=batch, seq_len=seq, rank=rank, quantize=quant, gradient_checkpointing=ckpt,
-                           compute_dtype=dtype, chunk_rows=chunk)
+                           compute_dtype=dtype, chunk_rows=chunk, padding_mask=padded)
         est = estimate(shape_of(model), setup)
         t0 = time.perf_counter()
         got = measure(shape_of(model), setup, steps=2)
         meas = got["measured_tensor_peak_bytes"]
         rows.append(dict(model=model, batch=batch, seq=seq, rank=rank, quant=quant or "none", ckpt=ckpt, dtype=dtype,
-                         chunk=chunk or "full", predicted=est.tensor_peak_bytes, measured=meas,
+                         chunk=chunk or "full", padded=padded, predicted=est.tensor_peak_bytes, measured=meas,
                          phase=est.peak_phase, error=(est.tensor_peak_bytes - meas) / meas, by=got["measured_by"],
                          seconds=time.perf_counter() - t0))
         r = rows[-1]
         print(f"{model:<30} b{batch:<2} T{seq:<4} r{rank:<2} {r['quant']:<4} ckpt={ckpt!s:<5} {dtype} "
-              f"chunk={r['chunk']!s:<4} pred {r['predicted']:>10} meas {meas:>10} err {r['error']:+.1%}", flush=True)
+              f"chunk={r['chunk']!s:<4} pad={padded!s:<5} pred {r['predicted']:>10} meas {meas:>10} "
+              f"err {r['error']:+.1%}", flush=True)
     return rows
 
 
@@ -108,13 +110,15 @@ def write(rows: list[dict], out: Path, command: str) -> None:
         f"- median |error|: **{statistics.median(errs):.1%}**, worst |error|: **{max(errs):.1%}** "
         "(targets: median <= 5%, worst <= 10%)",
         "",
-        "| model | batch | seq_len | rank | base | ckpt | dtype | loss rows | predicted (KiB) | measured (KiB) "
-        "| error | peak phase |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | seq_len | rank | base | ckpt | dtype | loss rows | padded | predicted (KiB) "
+        "| measured (KiB) | error | peak phase |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['seq']} | {r['rank']} | {r['quant']} | "
-                     f"{'on' if r['ckpt'] else 'off'} | {r['dtype']} | {r['chunk']} | {r['predicted'] / 1024:,.1f} | "
+                     f"{'on' if r['ckpt'] else 'off'} | {r['dtype']} | {r['chunk']} | "
+                     f"{'yes' if r['padded'] else 'no'} | "
+                     f"{r['predicted'] / 1024:,.1f} | "
                      f"{r['measured'] / 1024:,.1f} | {r['error']:+.1%} | {r['phase']} |")
     lines += [
         "",

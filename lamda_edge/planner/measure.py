@@ -100,6 +100,11 @@ def measure(shape, setup: TrainSetup, steps: int = 2, device: str | None = None,
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, shape.vocab_size, (setup.batch_size, setup.seq_len), generator=gen).to(device)
     batch = {"input_ids": ids, "labels": ids.clone()}
+    if setup.padding_mask:  # a padded batch: the first row's last quarter is padding
+        mask = torch.ones_like(ids)
+        mask[0, setup.seq_len - setup.seq_len // 4:] = 0
+        batch["attention_mask"] = mask
+        batch["labels"] = batch["labels"].masked_fill(mask == 0, -100)
     _train_step(model, batch, optimizer, setup.chunk_rows)  # warm-up: creates the optimizer state
     steps = max(1, steps - 1)
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ per token, counted op by op (tests/test_planner_memory.py checks it against the 
     RMSNorm rsqrt, fp32                                                 2 * 4 B
     RoPE'd q, k and v (SDPA inputs; GQA without repeat_kv, no mask)     (n_h + 2 n_kv) d * e
     SDPA output + log-sum-exp (fp32)                                    n_h d * e + n_h * 4 B
+    with a padding mask: k, v repeated to n_h heads, SDPA's float mask  2 (n_h - n_kv) d * e + T * e
     gated MLP: gate (for SiLU), up and SiLU(gate) (for the product)     3I * e
     LaMDA, each adapted linear: A x (for S's grad), S A x (for B's)     sum_i r_i (1 + [B trains]) * 4 B
     frozen base weights (plain or NF4) save nothing that scales with N: their inputs are not kept.
@@ -64,6 +65,7 @@ class TrainSetup:
     compute_dtype: str = "bf16"
     weight_dtype: str | None = None  # unquantized weights (embeddings, norms, plain base); None = compute dtype
     b_trainable: bool = True  # before t_i; False after B froze (only S trains)
+    padding_mask: bool = True  # batches padded to the longest row carry an attention mask (see saved_per_token)
     lamda_dtype: str = "fp32"  # A, S, B are kept in float32
 
     def __post_init__(self) -> None:
@@ -166,7 +168,11 @@ def saved_per_token(shape, setup: TrainSetup, ranks: list[int]) -> float:
     adapter = sum(ranks) * (2 if setup.b_trainable else 1) * 4  # A x and S A x per adapted linear, fp32
     if shape.architecture == "decoder":
         norms = 2 * h * 4 + 2 * 4  # fp32 norm inputs + rsqrt
-        attn = (nh + 2 * nkv) * d * e + nh * d * e + nh * 4  # q, k, v, SDPA output, log-sum-exp
+        # with a padding mask transformers cannot use SDPA's GQA: repeat_kv copies k and v to n_h heads
+        kv = nh if setup.padding_mask else nkv
+        attn = (nh + 2 * kv) * d * e + nh * d * e + nh * 4  # q, k, v, SDPA output, log-sum-exp
+        if setup.padding_mask:  # SDPA saves the additive float mask (B, 1, T, T) per block: T*e per token
+            attn += setup.seq_len * e
         mlp = (3 if shape.mlp == "gated" else 1) * inter * e  # gate, up, SiLU(gate) | GELU input
         return norms + attn + mlp + adapter
     # encoders / encoder-decoders (LayerNorm, eager attention): approximate, not validated on this machine
@@ -201,6 +207,9 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     saved_layer = saved_per_token(shape, setup, ranks) * N  # one block's saved set
     # RoPE cos/sin (1, T, d) in the compute dtype, shared by all blocks
     rope = 2 * T * shape.head_dim * e if shape.architecture == "decoder" else 0
+    # a padding mask: the (B, 1, T, T) bool mask built once per forward and kept for every block's recompute
+    # (its float copy, saved per block by SDPA, is in saved_per_token)
+    rope += setup.batch_size * T * T if setup.padding_mask and shape.architecture == "decoder" else 0
     # stored between forward and backward: with checkpointing each block keeps only its input (N*h*e);
     # the last block's output is kept by the final norm (fp32 view, N*h*4 + rsqrt N*4)
     final_norm = N * h * 4 + N * 4
@@ -226,9 +235,11 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     last_hidden = N * h * e  # the final norm's output, alive while the loss runs
     # forward through the loss: logits (+ fp32 copy) and log_softmax output live together
     loss_fwd = shifted_copy + last_hidden + logits_e + 2 * logits_fp32
-    # backward of the loss: saved log_softmax + nll grad + log_softmax grad (3 fp32 copies), and the gradient
-    # of the hidden states being accumulated (full size + one slice's scatter, N*h*e each)
-    loss_bwd = shifted_copy + 3 * logits_fp32 + 2 * N * h * e
+    # backward of the loss: saved log_softmax + nll grad + log_softmax grad (3 fp32 copies) and, from the second
+    # chunk on, the hidden states' gradient accumulated so far (N*h*e); a chunk's own hidden gradient comes after
+    # its logits' gradients are freed
+    chunks = math.ceil(rows_all / rows) if shifted_copy else 1
+    loss_bwd = shifted_copy + 3 * logits_fp32 + (N * h * e if chunks > 1 else 0)
     # ---- backward through the top block ----
     # under checkpointing the block's saved set is rebuilt; its fp32 norm input is the stored input itself
     # when e == 4, so only the rest is new
@@ -238,7 +249,8 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     # gradient transients at the MLP's input-gradient step: the block output's grad (N*h*e) and its scaled
     # adapter copy (N*h*e); down_proj's input grad from the adapter path (fp32, N*I*4, plus its cast back to e),
     # from the frozen base (N*I*e) and their sum (N*I*e) -- the same count holds for d(act), d(up), d(gate)
-    grad_transient = 2 * N * h * e + N * inter * (4 + 2 * e + (e if e != 4 else 0)) + dequant
+    # (an NF4 weight's dequantized copy lives only during its own matmul, before this sum: not added here)
+    grad_transient = 2 * N * h * e + N * inter * (4 + 2 * e + (e if e != 4 else 0))
     grads = trainable * 4  # parameter gradients (fp32, S and B)
     phases = {
         # forward through the top block: without checkpointing its saved set plus the MLP product and down_proj's
