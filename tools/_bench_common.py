@@ -281,7 +281,10 @@ def train_step(built: Built, batch: dict, chunk_rows: int | None, step: int) -> 
 def run_worker(script: Path, args: dict, timeout: float = 3600) -> dict:
     """Run `script --worker JSON` in a fresh process and return the JSON object on its last stdout line."""
     cmd = [sys.executable, str(script), "--worker", json.dumps(args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+    env = dict(os.environ)
+    if args.get("threads"):
+        env["OMP_NUM_THREADS"] = str(args["threads"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO), env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout)[-3000:]

@@ -98,7 +98,8 @@ def _random_llama_dir(cache: Path, name: str, **shape) -> Path:
 def worker(args: dict) -> dict:
     from lamda_edge.memcount import LiveTensorCounter, register_bytes
 
-    torch.set_num_threads(args["threads"]) if args.get("threads") else None
+    if args.get("threads"):
+        torch.set_num_threads(args["threads"])
     device = args["device"]
     ours = args["method"].startswith("lamda")
     stack_b = args["stack"] == "b"
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--compute-dtype", default="fp32", choices=sorted(bc.DTYPES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch/OpenMP threads per worker (0 = torch's default); 1 is fairer on a loaded machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "lamda-edge" / "bench"))
     p.add_argument("--out", default=None, help="write all raw results and the machine info as JSON")

