@@ -6,12 +6,15 @@ LaMDA adapters from `lamda_edge.adapters`, gradient checkpointing (non-reentrant
 `lamda_edge.loss`, AdamW over the trainable parameters. A catalogue shape without local weights gets random
 weights of that shape (memory does not depend on the values).
 
-TODO(train): switch `_train_step` to the step function of `lamda_edge.train` once it exposes one.
+Real weights (a local folder, or `smollm2-135m` -> the built-in default) go through `lamda_edge.quant.
+load_lamda_model`, the loader `lamda-edge train` uses. TODO(train): `_train_step` is a plain loop (chunked loss,
+backward, AdamW step); switch it to the step of `lamda_edge.train` (LaMDATrainer) once it exposes one.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,7 +42,7 @@ def llama_config(shape):
 
 def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) -> torch.nn.Module:
     """The adapted model for `setup`: local weights when `shape.local_path` is set, else random ones."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
     from lamda_edge.adapters import find_targets, make_lamda_linear
     from lamda_edge.adapters.inject import finish_injection
@@ -47,11 +50,23 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
 
     dtype = TORCH_DTYPES[setup.weight_dtype or setup.compute_dtype]
     torch.manual_seed(seed)
-    if shape.local_path:
-        model = AutoModelForCausalLM.from_pretrained(shape.local_path, dtype=dtype, attn_implementation="sdpa")
+    config = LaMDAConfig(rank=setup.rank)
+    if shape.local_path and (Path(shape.local_path) / "config.json").is_file() and any(
+            Path(shape.local_path).glob("*.safetensors")):
+        # real weights: the loader `lamda-edge train` uses (SVD of the full weights, residual to NF4, checkpointing)
+        from lamda_edge.quant import load_lamda_model
+
+        model = load_lamda_model(shape.local_path, config, quantize=setup.quantize, device=device,
+                                 compute_dtype=TORCH_DTYPES[setup.compute_dtype], progress=False,
+                                 gradient_checkpointing=setup.gradient_checkpointing)
+        model.config.use_cache = False
+        model.train()
+        return model
+    if shape.local_path:  # a config without weights: random weights of its shape
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(shape.local_path), dtype=dtype, attn_implementation="sdpa")
     else:
         model = LlamaForCausalLM(llama_config(shape)).to(dtype)
-    config = LaMDAConfig(rank=setup.rank)
     targets = find_targets(model, config)
     per_block = len(shape.block_linears())
     for i, (name, module) in enumerate(targets):
