@@ -62,7 +62,8 @@ def _add_plan(sub) -> None:
                    help="compute dtype (auto: fp32 on a CPU, bf16 on GPUs that have it, else fp16)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--measure", action="store_true",
-                   help="run real training steps of the plan on this machine and report the measured peak")
+                   help="run real training steps of the plan on this machine and report the measured peak "
+                   "(on a CPU, pin a small --batch-size/--seq-len to keep it quick)")
     p.add_argument("--measure-steps", type=int, default=2, help="steps to run with --measure (first one warms up)")
     p.set_defaults(run=_run_plan)
 
