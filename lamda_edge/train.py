@@ -1,7 +1,9 @@
 """The training run: transformers' Trainer with the LaMDA callback, the chunked loss and exact resume.
 
-    RunConfig ─> model folder (default: SmolLM2-135M) ─> load_lamda_model (NF4 residual base + adapters)
-              ─> data (local file, or the built-in demo task) ─> LaMDATrainer.train() ─> output folder:
+    RunConfig ─> planner (rank, batch when not pinned) ─> model folder (default: SmolLM2-135M)
+              ─> load_lamda_model (NF4 residual base on CUDA, full-precision base on CPU, + adapters)
+              ─> data (local file, or the built-in demo task with its before/after metrics)
+              ─> LaMDATrainer.train() ─> output folder:
                  adapter (save_adapter) · run_config.yaml · metrics.json · loss_curve.png · checkpoints/
 
 The Trainer trains `LossModel`, a thin module whose forward returns the chunked causal-LM loss

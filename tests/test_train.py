@@ -103,7 +103,8 @@ def train_args(model_dir: Path, data_file: Path, out: Path) -> list[str]:
     """A run whose checkpoints (every 2 steps) fall before t_i=6 (B partly frozen) and after it (B wholly frozen)."""
     return ["train", "--model", str(model_dir), "--data", str(data_file), "--output", str(out), "--quantize", "none",
             "--rank", "4", "--batch-size", "4", "--seq-len", "64", "--max-steps", "10", "--quiet",
-            "freeze_b_steps=6", "save_steps=2", "save_total_limit=10", "eval_steps=5", "dropout=0.1", "lr=5e-3"]
+            "freeze_b_steps=6", "save_steps=2", "save_total_limit=10", "eval_steps=5", "dropout=0.1", "lr=5e-3",
+            "precision=fp32"]
 
 
 def test_sigkill_and_resume_is_bitwise_exact(tmp_path, model_dir, data_file):
