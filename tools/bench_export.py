@@ -8,8 +8,9 @@ usage:
 --model defaults to the built-in SmolLM2-135M-Instruct folder (`lamda_edge.default_model.default_model_path()`,
 Q4_1-round-tripped weights). The model is exported as it is (no adapter: the merged model of a trained adapter has
 the same shapes and cost). Every engine decodes the same chat prompt greedily for exactly --new-tokens tokens
-(end-of-sequence ignored); decode tokens/s counts the tokens after the first over the time after the prefill, best
-of --repeats. Writes a markdown table to --out and the raw numbers to <work>/bench-export.json.
+(end-of-sequence ignored); decode tokens/s counts the tokens after the first over the time after the prefill; the
+engines take turns --repeats times (so changes in machine load hit them alike) and the table shows the median.
+Writes a markdown table to --out and the raw numbers to <work>/bench-export.json.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -28,37 +30,58 @@ def _mb(n: int) -> float:
     return n / 1e6
 
 
-def bench_torch(folder: Path, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict:
+class TorchEngine:
     """PyTorch eager fp32 greedy `generate`: decode tokens/s from the time of N tokens minus the time of 1."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt_ids])
+    label = "PyTorch eager fp32 (transformers generate)"
 
-    def run(n: int) -> float:
+    def __init__(self, folder: Path, prompt_ids: list[int]):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.ids = torch.tensor([prompt_ids])
+
+    def _generate(self, n: int) -> float:
         t = time.perf_counter()
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                           min_new_tokens=n, top_k=None, top_p=None, temperature=None,
-                           pad_token_id=model.config.eos_token_id)
+        with self.torch.no_grad():
+            self.model.generate(self.ids, attention_mask=self.torch.ones_like(self.ids), do_sample=False,
+                                max_new_tokens=n, min_new_tokens=n, top_k=None, top_p=None, temperature=None,
+                                pad_token_id=self.model.config.eos_token_id)
         return time.perf_counter() - t
 
-    run(2)  # warm-up
-    first = min(run(1) for _ in range(repeats))
-    full = min(run(new_tokens) for _ in range(repeats))
-    return {"engine": "PyTorch eager fp32 (transformers generate)", "prefill_s": first,
-            "tokens_per_s": (new_tokens - 1) / (full - first)}
+    def run(self, new_tokens: int) -> tuple[float, float]:
+        first = self._generate(1)
+        return first, (new_tokens - 1) / (self._generate(new_tokens) - first)
 
 
-def bench_generator(gen, label: str, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict:
-    gen.generate("", max_new_tokens=4, prompt_ids=prompt_ids, ignore_eos=True)  # warm-up
-    runs = [gen.generate("", max_new_tokens=new_tokens, prompt_ids=prompt_ids, ignore_eos=True)
-            for _ in range(repeats)]
-    best = max(runs, key=lambda r: r.tokens_per_s)
-    assert len(best.token_ids) == new_tokens, (label, len(best.token_ids))
-    return {"engine": label, "prefill_s": min(r.prefill_s for r in runs), "tokens_per_s": best.tokens_per_s,
-            "text": best.text[:200]}
+class OrtEngine:
+    """A `lamda_edge.serve` generator (plain ONNX or onnxruntime-genai), end-of-sequence ignored."""
+
+    def __init__(self, gen, label: str, prompt_ids: list[int]):
+        self.gen, self.label, self.prompt_ids = gen, label, prompt_ids
+
+    def run(self, new_tokens: int) -> tuple[float, float]:
+        result = self.gen.generate("", max_new_tokens=new_tokens, prompt_ids=self.prompt_ids, ignore_eos=True)
+        assert len(result.token_ids) == new_tokens, (self.label, len(result.token_ids))
+        return result.prefill_s, result.tokens_per_s
+
+
+def measure(engines: list, new_tokens: int, repeats: int) -> list[dict]:
+    """Round-robin over the engines `repeats` times (so load changes hit them alike); median and best of each."""
+    for engine in engines:
+        engine.run(4)  # warm-up
+    runs = {engine.label: [] for engine in engines}
+    for _ in range(repeats):
+        for engine in engines:
+            runs[engine.label].append(engine.run(new_tokens))
+    rows = []
+    for engine in engines:
+        speeds = sorted(r[1] for r in runs[engine.label])
+        rows.append({"engine": engine.label, "prefill_s": statistics.median(r[0] for r in runs[engine.label]),
+                     "tokens_per_s": statistics.median(speeds), "best_tokens_per_s": speeds[-1], "runs": speeds})
+    return rows
 
 
 def main() -> None:
@@ -97,15 +120,13 @@ def main() -> None:
 
     onnx_gen = OnnxGenerator(onnx_dir, "model.onnx", threads=args.threads)
     prompt_ids = onnx_gen.encode(PROMPT)
-    rows = [bench_torch(onnx_dir / "merged", prompt_ids, args.new_tokens, args.repeats),
-            bench_generator(onnx_gen, "ONNX Runtime fp32 (model.onnx)", prompt_ids, args.new_tokens, args.repeats)]
-    del onnx_gen
-    rows.append(bench_generator(OnnxGenerator(onnx_dir, "model.int4.onnx", threads=args.threads),
-                                f"ONNX Runtime int4 (model.int4.onnx, block {args.block_size})", prompt_ids,
-                                args.new_tokens, args.repeats))
+    engines = [TorchEngine(onnx_dir / "merged", prompt_ids),
+               OrtEngine(onnx_gen, "ONNX Runtime fp32 (model.onnx)", prompt_ids),
+               OrtEngine(OnnxGenerator(onnx_dir, "model.int4.onnx", threads=args.threads),
+                         f"ONNX Runtime int4 (model.int4.onnx, block {args.block_size})", prompt_ids)]
     if "genai" in reports:
-        rows.append(bench_generator(GenaiGenerator(genai_dir), "onnxruntime-genai int4 (builder -p int4)",
-                                    prompt_ids, args.new_tokens, args.repeats))
+        engines.append(OrtEngine(GenaiGenerator(genai_dir), "onnxruntime-genai int4 (builder -p int4)", prompt_ids))
+    rows = measure(engines, args.new_tokens, args.repeats)
     sizes = {
         rows[0]["engine"]: sum(p.stat().st_size for p in (onnx_dir / "merged").glob("*.safetensors")),
         rows[1]["engine"]: reports["onnx"]["sizes_bytes"]["model.onnx"],
@@ -128,16 +149,19 @@ def main() -> None:
         f"Model: `{args.model.name}` (SmolLM2-135M-Instruct, Q4_1-round-tripped weights when it is the built-in "
         f"default), exported with `lamda-edge export` (no adapter). Greedy decoding of one chat prompt "
         f"({len(prompt_ids)} prompt tokens), exactly {args.new_tokens} new tokens, {args.threads} threads, "
-        f"best of {args.repeats}. Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-        "(shared with other jobs while measured: expect noise). Held-out perplexity on the built-in paragraph "
+        f"median of {args.repeats} turns. Machine: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end (shared with other jobs while "
+        "measured: expect noise). Held-out perplexity on the built-in paragraph "
         f"({reports['onnx']['int4']['held_out_tokens']} tokens). Command: `.venv/bin/python tools/bench_export.py`.",
         "",
-        "| engine | decode tokens/s | x PyTorch eager | prefill ms | size MB | x fp32 ONNX size | held-out ppl |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| engine | decode tokens/s (median) | best | x PyTorch eager | prefill ms | size MB | x fp32 ONNX size "
+        "| held-out ppl |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         size = sizes[row["engine"]]
-        lines.append(f"| {row['engine']} | {row['tokens_per_s']:.1f} | {row['tokens_per_s'] / eager:.2f} | "
+        lines.append(f"| {row['engine']} | {row['tokens_per_s']:.1f} | {row['best_tokens_per_s']:.1f} | "
+                     f"{row['tokens_per_s'] / eager:.2f} | "
                      f"{row['prefill_s'] * 1e3:.0f} | {_mb(size):.1f} | {size / fp32_size:.2f} | "
                      f"{ppl[row['engine']]:.3f} |")
     target_speed = rows[2]["tokens_per_s"] / eager
