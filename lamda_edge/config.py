@@ -54,8 +54,8 @@ class LaMDAConfig:
     rank_allocation: str = _field("uniform", "'uniform' (LaMDA) or 'energy' (LaMDA++: per-layer ranks from spectra)")
     min_rank: int | None = _field(None, "LaMDA++ lower bound on a layer's rank; None = rank // 2")
     max_rank: int | None = _field(None, "LaMDA++ upper bound on a layer's rank; None = 2 * rank")
-    svd: str = _field("auto", "'full', 'randomized' (torch.svd_lowrank, error reported) or 'auto' (when large)")
-    seed: int = _field(0, "seed of the random init (init='random')")
+    svd: str = _field("auto", "'full', 'randomized' (seeded, error reported) or 'auto' (randomized for small ranks)")
+    seed: int = _field(0, "seed of the random init and of the randomized SVD")
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):

@@ -118,3 +118,21 @@ def test_make_lamda_linear_nf4_error_is_below_plain_nf4():
     assert report["quant_error"] < report["plain_nf4_error"]
     merged = layer.base_weight() + layer.delta_weight()
     assert float((merged - weight).norm() / weight.norm()) == pytest.approx(report["quant_error"], rel=1e-4)
+
+
+def test_randomized_svd_is_seeded_close_to_full_and_leaves_the_global_rng_alone():
+    from lamda_edge.adapters.spectral import randomized_svd, spectral_init
+
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(160, 160, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(200, 160, generator=g))
+    weight = (U * torch.arange(1, 161).float().pow(-0.7)) @ V.T  # (160, 200), decaying spectrum
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = randomized_svd(weight, 8, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(first, randomized_svd(weight, 8, seed=3)))
+    torch.testing.assert_close(first[1], torch.linalg.svdvals(weight)[:8], atol=1e-5, rtol=1e-5)
+    init = spectral_init(weight, 8, "principal", scaling=2.0, svd="randomized")
+    assert init.svd_error is not None
+    torch.testing.assert_close(init.residual + 2.0 * init.B @ init.S @ init.A, weight, atol=1e-5, rtol=0)

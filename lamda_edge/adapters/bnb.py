@@ -45,11 +45,11 @@ def quantize_nf4(
         compress_statistics=compress_statistics, quant_type="nf4", device="meta",
     )
     layer.weight = bnb.nn.Params4bit(
-        weight.detach().to("cpu", torch.float32).contiguous(), requires_grad=False, quant_type="nf4",
+        weight.detach().to(torch.float32).contiguous(), requires_grad=False, quant_type="nf4",
         compress_statistics=compress_statistics, module=layer,
     )
     if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().to("cpu", compute_dtype).clone(), requires_grad=False)
+        layer.bias = nn.Parameter(bias.detach().to(compute_dtype).clone(), requires_grad=False)
     layer = layer.to(device)  # quantization happens on the move to the device
     disable_cpu_repack(layer)
     return layer

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-# A matrix with more elements than this uses a randomized SVD under svd="auto".
-RANDOMIZED_SVD_MIN_NUMEL = 4096 * 4096
+# Under svd="auto" a randomized SVD is used when rank + oversampling is at most a quarter of the smaller side:
+# then it costs a few thin matmuls instead of a full SVD (measured here: 0.13 s -> 0.01 s for 576 x 576, one thread),
+# and the residual stays exact because it is taken against the same factors.
 RANDOMIZED_SVD_OVERSAMPLE = 16
 RANDOMIZED_SVD_POWER_ITERS = 4
+RANDOMIZED_SVD_MAX_FRACTION = 0.25
 
 
 @dataclass
@@ -50,15 +52,33 @@ def _use_randomized(weight: torch.Tensor, rank: int, method: str) -> bool:
         return False
     if method == "randomized":
         return True
-    return weight.numel() >= RANDOMIZED_SVD_MIN_NUMEL and rank * 8 < min(weight.shape)
+    return rank + RANDOMIZED_SVD_OVERSAMPLE <= RANDOMIZED_SVD_MAX_FRACTION * min(weight.shape)
 
 
-def _top_svd(weight: torch.Tensor, rank: int, randomized: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def randomized_svd(weight: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` SVD by random projection with power iterations (Halko et al. 2011), seeded and deterministic.
+
+    Unlike `torch.svd_lowrank` it draws from its own generator, so the global RNG (and a resumed run) is untouched.
+    Returns (U_r (d_out, r), sigma_r (r,), V_r (d_in, r)).
+    """
+    d_out, d_in = weight.shape
+    q = min(rank + RANDOMIZED_SVD_OVERSAMPLE, d_out, d_in)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(d_in, q, generator=generator).to(weight.device)  # (d_in, q)
+    Q, _ = torch.linalg.qr(weight @ omega)  # (d_out, q): a basis of W's range
+    for _ in range(RANDOMIZED_SVD_POWER_ITERS):
+        Z, _ = torch.linalg.qr(weight.T @ Q)  # (d_in, q)
+        Q, _ = torch.linalg.qr(weight @ Z)  # (d_out, q)
+    U_small, sigma, Vh = torch.linalg.svd(Q.T @ weight, full_matrices=False)  # (q, q), (q,), (q, d_in)
+    return (Q @ U_small)[:, :rank], sigma[:rank], Vh[:rank].T
+
+
+def _top_svd(
+    weight: torch.Tensor, rank: int, randomized: bool, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U_r (d_out, r), sigma_r (r,), V_r (d_in, r)) of the top-r components."""
     if randomized:
-        q = min(rank + RANDOMIZED_SVD_OVERSAMPLE, min(weight.shape))
-        U, sigma, V = torch.svd_lowrank(weight, q=q, niter=RANDOMIZED_SVD_POWER_ITERS)
-        return U[:, :rank], sigma[:rank], V[:, :rank]
+        return randomized_svd(weight, rank, seed)
     U, sigma, Vh = torch.linalg.svd(weight, full_matrices=False)
     return U[:, :rank], sigma[:rank], Vh[:rank].T
 
@@ -87,7 +107,7 @@ def spectral_init(
         return SpectralInit(A, S, B, W.clone(), time.perf_counter() - start, None)
     if init == "principal":
         randomized = _use_randomized(W, rank, svd)
-        U, sigma, V = _top_svd(W, rank, randomized)
+        U, sigma, V = _top_svd(W, rank, randomized, seed)
         if randomized:
             # Reported so a user can judge the randomized factors: ||W - U_r diag(sigma_r) V_r^T|| / ||W||.
             svd_error = float((W - (U * sigma) @ V.T).norm() / W.norm().clamp_min(1e-30))
