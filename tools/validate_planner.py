@@ -34,7 +34,7 @@ MODELS = {
 }
 
 # (model, batch, seq_len, rank, quantize, checkpointing, dtype, chunk_rows, padded); padded rows carry an
-# attention mask (the first row's last quarter is padding)
+# attention mask (one pad token: the fullest padded batch, the case a plan must cover)
 GRID = [
     ("tiny (h64, L2, V256)", 2, 32, 4, None, True, "fp32", 256, True),
     ("tiny (h64, L2, V256)", 2, 32, 4, None, False, "fp32", 256, False),

@@ -115,9 +115,11 @@ def measure(shape, setup: TrainSetup, steps: int = 2, device: str | None = None,
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, shape.vocab_size, (setup.batch_size, setup.seq_len), generator=gen).to(device)
     batch = {"input_ids": ids, "labels": ids.clone()}
-    if setup.padding_mask:  # a padded batch: the first row's last quarter is padding
+    if setup.padding_mask:
+        # a padded batch at its fullest (the worst case a plan must cover): one pad token, so the attention-mask
+        # path runs (repeat_kv, SDPA's float mask) while every other position still carries a label
         mask = torch.ones_like(ids)
-        mask[0, setup.seq_len - setup.seq_len // 4:] = 0
+        mask[0, -1] = 0
         batch["attention_mask"] = mask
         batch["labels"] = batch["labels"].masked_fill(mask == 0, -100)
     _train_step(model, batch, optimizer, setup.chunk_rows)  # warm-up: creates the optimizer state
