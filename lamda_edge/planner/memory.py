@@ -203,13 +203,12 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     e = DTYPE_BYTES[setup.compute_dtype]
     N, T, h, inter, V = setup.tokens, setup.seq_len, shape.hidden_size, shape.intermediate_size, shape.vocab_size
     L = shape.num_blocks
-    widest = max(lin.d_out for lin in linears)
     saved_layer = saved_per_token(shape, setup, ranks) * N  # one block's saved set
-    # RoPE cos/sin (1, T, d) in the compute dtype, shared by all blocks
-    rope = 2 * T * shape.head_dim * e if shape.architecture == "decoder" else 0
+    # shared by all blocks: RoPE cos/sin (1, T, d) in the compute dtype
+    shared = 2 * T * shape.head_dim * e if shape.architecture == "decoder" else 0
     # a padding mask: the (B, 1, T, T) bool mask built once per forward and kept for every block's recompute
     # (its float copy, saved per block by SDPA, is in saved_per_token)
-    rope += setup.batch_size * T * T if setup.padding_mask and shape.architecture == "decoder" else 0
+    shared += setup.batch_size * T * T if setup.padding_mask and shape.architecture == "decoder" else 0
     # stored between forward and backward: with checkpointing each block keeps only its input (N*h*e);
     # the last block's output is kept by the final norm (fp32 view, N*h*4 + rsqrt N*4)
     final_norm = N * h * 4 + N * 4
@@ -217,7 +216,7 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
         stored_blocks = L * N * h * e
     else:
         stored_blocks = L * saved_layer
-    stored = stored_blocks + final_norm + rope
+    stored = stored_blocks + final_norm + shared
     # NF4 base: each matmul dequantizes its weight to the compute dtype first (transient d_out*d_in*e)
     dequant = max(lin.d_in * lin.d_out for lin in linears) * e if setup.quantize == "nf4" else 0
     mlp_mid = N * inter * e  # the gated product / activation being built
@@ -261,8 +260,9 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
         "loss": stored + loss_fwd,
         "loss_backward": stored + loss_bwd + grads,
         "backward": below + top_stored + (recompute if setup.gradient_checkpointing else 0) + grad_transient + grads,
-        # AdamW (single-tensor on CPU): exp_avg_sq.sqrt() and its scaled copy for the largest parameter
-        "optimizer": grads + 2 * max(ranks) * widest * 4,
+        # AdamW: single-tensor on CPU makes exp_avg_sq.sqrt() and a scaled copy per parameter; foreach on CUDA makes
+        # them for all parameters at once: count 2 copies of all trainable parameters (fp32)
+        "optimizer": grads + 2 * trainable * 4,
     }
     peak_phase = max(phases, key=phases.get)
     res_total = sum(resident.values())
