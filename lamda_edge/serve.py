@@ -200,7 +200,10 @@ class GenaiGenerator(_Generator):
         self.og = require("onnxruntime_genai", "genai", package="onnxruntime-genai")
         super().__init__(folder, folder)
         self.onnx_file = json.loads((folder / GENAI_CONFIG).read_text())["model"]["decoder"]["filename"]
-        self.model = self.og.Model(str(folder))
+        config = self.og.Config(str(folder))
+        if threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = self.og.Model(config)
         self.context = json.loads((folder / GENAI_CONFIG).read_text())["model"].get("context_length", 4096)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,

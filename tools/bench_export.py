@@ -90,7 +90,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/lamda-edge-bench-export"), help="scratch folder")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every engine")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="intra-op threads for every engine (1 is fairer on a loaded machine: PyTorch's OpenMP "
+                        "threads stall on each other when the cores are oversubscribed)")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks-export.md"))
     parser.add_argument("--skip-genai", action="store_true")
@@ -125,7 +127,8 @@ def main() -> None:
                OrtEngine(OnnxGenerator(onnx_dir, "model.int4.onnx", threads=args.threads),
                          f"ONNX Runtime int4 (model.int4.onnx, block {args.block_size})", prompt_ids)]
     if "genai" in reports:
-        engines.append(OrtEngine(GenaiGenerator(genai_dir), "onnxruntime-genai int4 (builder -p int4)", prompt_ids))
+        engines.append(OrtEngine(GenaiGenerator(genai_dir, threads=args.threads),
+                                 "onnxruntime-genai int4 (builder -p int4)", prompt_ids))
     rows = measure(engines, args.new_tokens, args.repeats)
     sizes = {
         rows[0]["engine"]: sum(p.stat().st_size for p in (onnx_dir / "merged").glob("*.safetensors")),
