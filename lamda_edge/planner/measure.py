@@ -81,7 +81,9 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
                 m.lamda_B.requires_grad_(False)
     model.to(device)
     if setup.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from lamda_edge.quant import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     model.config.use_cache = False
     model.train()
     return model
