@@ -151,7 +151,8 @@ def main() -> None:
         "",
         f"Model: `{args.model.name}` (SmolLM2-135M-Instruct, Q4_1-round-tripped weights when it is the built-in "
         f"default), exported with `lamda-edge export` (no adapter). Greedy decoding of one chat prompt "
-        f"({len(prompt_ids)} prompt tokens), exactly {args.new_tokens} new tokens, {args.threads} threads, "
+        f"({len(prompt_ids)} prompt tokens), exactly {args.new_tokens} new tokens, {args.threads} "
+        f"thread{'s' if args.threads != 1 else ''} per engine, "
         f"median of {args.repeats} turns. Machine: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end (shared with other jobs while "
         "measured: expect noise). Held-out perplexity on the built-in paragraph "
