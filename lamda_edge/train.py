@@ -385,14 +385,19 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     freeze_b_steps = lamda_config.resolved_freeze_b_steps(max_steps)
     resolved = config.replace(rank=rank, batch_size=batch_size, max_steps=max_steps, alpha=lamda_config.alpha,
                               freeze_b_steps=freeze_b_steps, precision=precision,
-                              quantize=resolve_quantize(config.quantize, device) or "none")
+                              quantize=resolve_quantize(config.quantize, device) or "none")  # as run, for --resume
     if _is_main():
         report.write_run_config(out / report.RUN_CONFIG_NAME, resolved.to_dict())
 
+    quantize = resolve_quantize(config.quantize, device)
+    if progress and _is_main():
+        print(f"lamda-edge: {model_path.name} ({quantize or 'full-precision'} base, {precision}) on {device.type}: "
+              f"rank {rank}, batch {batch_size} x {grad_accum} ({planned_by}), {max_steps} steps, B frozen after "
+              f"{freeze_b_steps}; output {out}" + (f"; resuming from {last_checkpoint}" if last_checkpoint else ""),
+              file=sys.stderr)
     torch.manual_seed(config.seed)
     lm = load_model(model_path, config, lamda_config, device, precision)
-    metadata = {**getattr(lm, "lamda_base", {}), "base_model": str(Path(model_path).resolve()),
-                "quantize": resolve_quantize(config.quantize, device)}
+    metadata = {**getattr(lm, "lamda_base", {}), "base_model": str(Path(model_path).resolve()), "quantize": quantize}
     demo_before = (_demo_before(demo_task, lm, tokenizer, out, resume, progress, config.demo_generate)
                    if demo_task else None)
 
@@ -417,12 +422,6 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
 
     trainer.remove_callback(HFProgress)
     trainer.remove_callback(PrinterCallback)
-    if progress and _is_main():
-        print(f"lamda-edge: training {model_path.name} ({metadata['quantize'] or 'full-precision'} base, {precision}) "
-              f"on {device.type}: rank {rank}, batch {batch_size} x {grad_accum} ({planned_by}), "
-              f"{max_steps} steps, B frozen after {freeze_b_steps}; output {out}", file=sys.stderr)
-    if last_checkpoint is not None and progress and _is_main():
-        print(f"lamda-edge: resuming from {last_checkpoint}", file=sys.stderr)
     trainable_start = effective_trainable(lm)
     trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     seconds = time.perf_counter() - start
