@@ -200,7 +200,7 @@ def _run_generate(args) -> int:
     result = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed, chat=not args.no_chat_template,
                           on_text=lambda piece: print(piece, end="", flush=True))
-    print()
+    print(flush=True)
     print(f"[{gen.onnx_file}: {result.prompt_tokens} prompt tokens, prefill {result.prefill_s * 1e3:.0f} ms; "
           f"{len(result.token_ids)} new tokens at {result.tokens_per_s:.1f} tokens/s; stopped by {result.stopped_by}]",
           file=sys.stderr)
