@@ -44,8 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bc  # noqa: E402
 
-METHODS = ("lora", "lorafa", "qlora", "lamda-b", "lamda-s", "lamda++")
-QUICK_METHODS = METHODS
+METHODS = ("qlora", "lamda-s", "lamda-b", "lamda++", "lora", "lorafa")  # the reference first
 LAMDA_ALL = ("lamda-b", "lamda-s", "lamda++")
 # model name -> (batch_size, seq_len, rank)
 DEFAULTS = {"smollm2": (4, 256, 16), "tiny": (4, 256, 8), "llama-1b-shape": (4, 512, 16)}
@@ -238,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch/OpenMP threads per worker (0 = torch's default); 1 is fairer on a loaded machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "lamda-edge" / "bench"))
-    p.add_argument("--out", default=None, help="write all raw results and the machine info as JSON")
+    p.add_argument("--out", default=None,
+                   help="write all raw results and the machine info as JSON (and OUT.jsonl as workers finish)")
     p.add_argument("--markdown", default=None, help="write the tables as markdown")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             res = bc.run_worker(Path(__file__), job)
             res["round"] = rnd
             results.append(res)
+            if a.out:  # the raw record grows as workers finish: an interrupted run keeps what it measured
+                with open(a.out + ".jsonl", "a") as fh:
+                    fh.write(json.dumps(res) + "\n")
             brief = res.get("error", "")[-300:] or (
                 f"peak+{bc.mib(res['step_peak_above_bytes'])} MiB, trainable {res['trainable_params']:,}, "
                 f"steps {[round(s, 2) for s in res['step_seconds']]}")
