@@ -85,3 +85,14 @@ def test_dropout_gradient_uses_the_same_mask():
     ref.sum().backward()
     base_grad = torch.ones(6, 40) @ layer.base_layer.weight
     torch.testing.assert_close(x.grad, base_grad + h.grad * keep / 0.75)
+
+
+@pytest.mark.parametrize("dropout", [pytest.param(0.0, id="no-dropout"), pytest.param(0.1, id="dropout")])
+def test_backward_under_bf16_autocast(dropout):
+    layer = _layer(dropout).train()
+    x = torch.randn(4, 48, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert layer.lamda_S.grad is not None and layer.lamda_S.grad.dtype == torch.float32

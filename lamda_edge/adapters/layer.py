@@ -129,13 +129,14 @@ class _DropoutProject(torch.autograd.Function):
         keep = torch.rand_like(h) >= p  # (..., d_in) bool
         ctx.save_for_backward(keep, A)
         ctx.scale = 1.0 / (1.0 - p)
-        return F.linear(h * keep * ctx.scale, A)  # (..., r)
+        ctx.h_dtype = h.dtype
+        return F.linear(h * keep * ctx.scale, A)  # (..., r); bf16/fp16 under autocast
 
     @staticmethod
     def backward(ctx, grad_z: torch.Tensor):
         keep, A = ctx.saved_tensors
-        grad_h = (grad_z @ A) * keep * ctx.scale  # (..., d_in)
-        return grad_h, None, None
+        grad_h = (grad_z.to(A.dtype) @ A) * keep * ctx.scale  # (..., d_in)
+        return grad_h.to(ctx.h_dtype), None, None
 
 
 def _after_load(module: LaMDALinear, incompatible_keys) -> None:
