@@ -88,7 +88,9 @@ class RunConfig:
     weight_decay: float = _field(0.0, "AdamW weight decay")
     warmup_steps: int = _field(0, "linear learning-rate warmup steps")
     lr_scheduler: str = _field("linear", f"learning-rate schedule: one of {', '.join(LR_SCHEDULERS)}")
-    gradient_checkpointing: bool = _field(False, "recompute each layer's activations in backward (less memory)")
+    gradient_checkpointing: bool | None = _field(
+        None, "recompute each layer's activations in backward (less memory, ~1.5x compute); null = the planner "
+        "decides: on, unless the batch fits without it")
     chunk_rows: int | None = _field(256, "rows per chunk of the chunked lm_head + loss; null = the model's own loss")
     eval_steps: int | None = _field(None, "evaluate every N optimizer steps; default: 4 times per run")
     save_steps: int | None = _field(None, "checkpoint every N optimizer steps; default: 4 times per run")
@@ -163,9 +165,9 @@ class RunConfig:
              f"`dropout` should be in [0, 1), got {self.dropout!r}")
         need(self.alpha is None or (isinstance(self.alpha, float) and self.alpha > 0),
              f"`alpha` should be a positive number or null, got {self.alpha!r}")
-        for name in ("gradient_checkpointing", "overwrite"):
-            value = getattr(self, name)
-            need(isinstance(value, bool), f"`{name}` should be true or false, got {value!r}")
+        need(isinstance(self.overwrite, bool), f"`overwrite` should be true or false, got {self.overwrite!r}")
+        need(self.gradient_checkpointing is None or isinstance(self.gradient_checkpointing, bool),
+             f"`gradient_checkpointing` should be true, false or null, got {self.gradient_checkpointing!r}")
         if not isinstance(self.training_args, dict):
             problems.append(f"`training_args` should be a mapping of TrainingArguments fields, "
                             f"got {self.training_args!r}")

@@ -183,63 +183,45 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.device, precision: str):
-    """The model with a frozen (NF4) base and LaMDA adapters; `lamda_edge.quant` when present."""
-    quantize = resolve_quantize(config.quantize, device)
-    try:
-        from lamda_edge.quant import load_lamda_model
-    except ImportError:  # the 4-bit loader is not there: plain base + adapters
-        load_lamda_model = None
-    if load_lamda_model is not None:
-        return load_lamda_model(model_path, lamda_config, quantize=quantize, device=device,
-                                compute_dtype=_DTYPES[precision], progress=False,
-                                gradient_checkpointing=config.gradient_checkpointing)
-    from transformers import AutoModelForCausalLM
+    """The model with a frozen (NF4 or full-precision) base and LaMDA adapters, from `lamda_edge.quant`."""
+    from lamda_edge.quant import load_lamda_model
 
-    from lamda_edge.adapters import apply_lamda
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load a causal LM from {model_path}: {exc}") from exc
-    for p in model.parameters():
-        p.requires_grad_(False)
-    apply_lamda(model, lamda_config)
-    model.lamda_base = {"base_model": str(Path(model_path).resolve()), "quantize": None}
-    return model.to(device)
+    return load_lamda_model(model_path, lamda_config, quantize=resolve_quantize(config.quantize, device),
+                            device=device, compute_dtype=_DTYPES[precision], progress=False,
+                            gradient_checkpointing=bool(config.gradient_checkpointing))
 
 
-def _plan(config: RunConfig, model_path: Path) -> tuple[int, int, int, str]:
-    """(rank, batch_size, grad_accum, source): pinned values, else the planner's choice, else the defaults.
+def _plan(config: RunConfig, model_path: Path) -> tuple[int, int, int, bool, str]:
+    """(rank, batch_size, grad_accum, gradient_checkpointing, source): pinned values, else the planner's choice.
 
     The planner (`lamda_edge.planner.search.plan`) gets the device profile (`device` when it names one, else the
     auto-detected device), the model's shape, `seq_len`, the pinned values and a target effective batch of
-    `batch_size * grad_accum` (default batch 4); it picks the rank and the largest batch that fits, and the
-    gradient accumulation that reaches the target. A model it cannot read falls back to the defaults; a
-    configuration that cannot fit raises `DoesNotFitError` (exit 3).
+    `batch_size * grad_accum` (default batch 4); it picks the rank, the largest batch that fits, the gradient
+    accumulation that reaches the target, and turns checkpointing off when the batch fits without it. A model it
+    cannot read falls back to the defaults (checkpointing on); a configuration that cannot fit raises
+    `DoesNotFitError` (exit 3).
     """
-    rank, batch = config.rank, config.batch_size
-    if rank is not None and batch is not None:
-        return rank, batch, config.grad_accum, "pinned"
-    try:
-        from lamda_edge.planner import get_device, get_model
-        from lamda_edge.planner.search import plan
-    except ImportError:
-        return config.resolved_rank, batch or DEFAULT_BATCH_SIZE, config.grad_accum, "defaults"
     from lamda_edge.errors import ProfileError
+    from lamda_edge.planner import get_device, get_model
+    from lamda_edge.planner.search import plan
 
+    rank, batch, checkpointing = config.rank, config.batch_size, config.gradient_checkpointing
+    if rank is not None and batch is not None and checkpointing is not None:
+        return rank, batch, config.grad_accum, checkpointing, "pinned"
     try:
         shape = get_model(str(model_path))
     except ProfileError as exc:
         print(f"lamda-edge: the planner cannot read {model_path} ({exc}); using the defaults", file=sys.stderr)
-        return config.resolved_rank, batch or DEFAULT_BATCH_SIZE, config.grad_accum, "defaults"
+        return (rank or config.resolved_rank, batch or DEFAULT_BATCH_SIZE, config.grad_accum,
+                True if checkpointing is None else checkpointing, "defaults")
     profile = get_device(config.device if config.device not in ("cpu", "cuda") else "auto")
     target = (batch or DEFAULT_BATCH_SIZE) * config.grad_accum
     result = plan(profile, shape, seq_len=config.seq_len, rank=rank, batch_size=batch, target_batch=target,
                   quantize=resolve_quantize(config.quantize, resolve_device(config.device)),
-                  gradient_checkpointing=config.gradient_checkpointing, chunk_rows=config.chunk_rows)
+                  gradient_checkpointing=checkpointing, chunk_rows=config.chunk_rows)
     setup = result.setup
     accum = config.grad_accum if batch is not None else result.grad_accum
-    return setup.rank, setup.batch_size, accum, f"planner, {profile.name}"
+    return setup.rank, setup.batch_size, accum, setup.gradient_checkpointing, f"planner, {profile.name}"
 
 
 def _load_tokenizer(model_path: Path):
@@ -364,7 +346,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
             raise ModelError(f"`model`={config.model!r} is not a transformers model folder (no config.json). "
                              "Fix: pass a local folder, or leave `model` unset for the default model")
     tokenizer = _load_tokenizer(model_path)
-    rank, batch_size, grad_accum, planned_by = _plan(config, model_path)
+    rank, batch_size, grad_accum, checkpointing, planned_by = _plan(config, model_path)
     demo_task = None
     if config.data is None:
         from lamda_edge import demo
@@ -379,7 +361,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
                            eval_fraction=0.0 if config.eval_data else config.eval_fraction, seed=config.seed,
                            on_overflow=config.on_overflow)
         train_set, eval_set = splits.train, splits.eval
-    config = config.replace(grad_accum=grad_accum)
+    config = config.replace(grad_accum=grad_accum, gradient_checkpointing=checkpointing)
     max_steps = _max_steps(config, len(train_set), batch_size, demo_task is not None)
     lamda_config = config.lamda_config(rank)
     freeze_b_steps = lamda_config.resolved_freeze_b_steps(max_steps)
@@ -392,7 +374,8 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     quantize = resolve_quantize(config.quantize, device)
     if progress and _is_main():
         print(f"lamda-edge: {model_path.name} ({quantize or 'full-precision'} base, {precision}) on {device.type}: "
-              f"rank {rank}, batch {batch_size} x {grad_accum} ({planned_by}), {max_steps} steps, B frozen after "
+              f"rank {rank}, batch {batch_size} x {grad_accum} ({planned_by}), checkpointing "
+              f"{'on' if checkpointing else 'off'}, {max_steps} steps, B frozen after "
               f"{freeze_b_steps}; output {out}" + (f"; resuming from {last_checkpoint}" if last_checkpoint else ""),
               file=sys.stderr)
     torch.manual_seed(config.seed)
