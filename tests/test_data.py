@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import CHATML, chatml_tokenizer
 
 from lamda_edge.data import (
     IGNORE_INDEX,
@@ -23,10 +24,6 @@ from lamda_edge.data import (
 )
 from lamda_edge.errors import ConfigError, DataError
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 CORPUS = [
     "the cat sat on the mat and the dog ran to the park",
     "what is two plus three? the answer is five",
@@ -36,22 +33,7 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A byte-level BPE tokenizer (vocab < 512) trained here from a few sentences, with a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    raw.train_from_iterator(CORPUS * 5, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<pad>")
-    tok.chat_template = CHATML
-    return tok
+    return chatml_tokenizer(CORPUS * 5, vocab_size=400)
 
 
 def write_jsonl(path, rows) -> str:

@@ -6,34 +6,20 @@ import math
 
 import pytest
 import torch
+from conftest import chatml_tokenizer
 
 from lamda_edge import demo
 from lamda_edge.data import IGNORE_INDEX
 from lamda_edge.errors import DataError
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 def build_tokenizer():
-    """A byte-level BPE tokenizer (vocab 500) trained here on a few generated problems, with a ChatML template."""
+    """The test tokenizer (vocab 500), trained on a few generated problems."""
     import reasoning_gym
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     source = reasoning_gym.create_dataset(demo.DATASET, size=20, seed=123)
-    corpus = [source[i]["question"] + " " + source[i]["metadata"]["answer_cot"] for i in range(20)]
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    raw.train_from_iterator(corpus, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<pad>")
-    tok.chat_template = CHATML
-    return tok
+    return chatml_tokenizer([source[i]["question"] + " " + source[i]["metadata"]["answer_cot"] for i in range(20)],
+                            vocab_size=500)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from conftest import chatml_tokenizer
 
 from lamda_edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, ModelError
 
@@ -20,21 +21,7 @@ SENTENCES = ["the quick brown fox jumps over the lazy dog", "hello world, how ar
 
 
 def tiny_tokenizer():
-    """A byte-level BPE tokenizer (vocab 300) with a ChatML-style chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(SENTENCES * 3, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
-                                   pad_token="<|endoftext|>")
-    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return fast
+    return chatml_tokenizer(SENTENCES * 3, vocab_size=300)
 
 
 def tiny_model(arch: str, tokenizer, seed: int = 0, tie: bool = False):

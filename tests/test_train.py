@@ -15,28 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import chatml_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 WORDS = "the cat sat on the mat and a dog ran to the park what is two plus three answer five seven".split()
 
 
 def build_model_dir(folder: Path, seed: int = 0) -> Path:
     """A tiny Llama (hidden 32, 2 layers) with a byte-level BPE tokenizer (vocab < 512), saved as a model folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    raw.train_from_iterator([" ".join(WORDS)] * 5, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<pad>")
-    tok.chat_template = CHATML
+    tok = chatml_tokenizer([" ".join(WORDS)] * 5, vocab_size=300)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
