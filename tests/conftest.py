@@ -55,22 +55,23 @@ def chatml_tokenizer(corpus: list[str], vocab_size: int = 300):
     return tok
 
 
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_decoder(config_name: str, model_name: str, seed: int):
+    import transformers
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+    cfg = getattr(transformers, config_name)(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return getattr(transformers, model_name)(cfg).eval()
+
+
+def tiny_llama(seed: int = 0):
+    return _tiny_decoder("LlamaConfig", "LlamaForCausalLM", seed)
 
 
 def tiny_qwen2(seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return Qwen2ForCausalLM(cfg).eval()
+    return _tiny_decoder("Qwen2Config", "Qwen2ForCausalLM", seed)
 
 
 def tiny_bert(seed: int = 0):
