@@ -264,7 +264,9 @@ def train_step(built: Built, batch: dict, chunk_rows: int | None, step: int) -> 
         inputs = {k: v for k, v in batch.items()}
         loss = model(**inputs).loss
     else:
-        loss = causal_lm_loss(model, batch, chunk_rows=chunk_rows)
+        # the chunked loss needs the transformers model (body + head); a PEFT wrapper holds it as its base model
+        target = model.get_base_model() if chunk_rows is not None and hasattr(model, "get_base_model") else model
+        loss = causal_lm_loss(target, batch, chunk_rows=chunk_rows)
     loss.backward()
     built.optimizer.step()
     if built.adalora:
