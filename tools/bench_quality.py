@@ -225,7 +225,10 @@ def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str =
         else:
             from lamda_edge.demo import evaluate
 
-            m = evaluate(model, tok, gsm, n_samples=0)
+            # a PEFT wrapper holds the transformers model (adapters injected in place) as its base model; the
+            # demo's answer loss needs the transformers model's body and head
+            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+            m = evaluate(inner, tok, gsm, n_samples=0)
             result.update(metric="exact_match", value=m.accuracy, format_rate=m.format_rate,
                           answer_loss=m.answer_loss, n_test=m.n_problems)
     result["seconds"] = time.perf_counter() - t0
