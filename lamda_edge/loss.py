@@ -138,7 +138,7 @@ def causal_lm_loss(
     is `lm_head`, tied to the input embeddings or not). With `chunk_rows=None` it calls the model's own loss.
 
     Args:
-        model: a transformers `*ForCausalLM` (plain, 4-bit or LaMDA-adapted).
+        model: a transformers `*ForCausalLM` (plain, 4-bit, LaMDA-adapted, or wrapped by PEFT).
         batch: `input_ids`, `labels` and optionally `attention_mask`, `position_ids` (tensors).
         chunk_rows: rows per chunk, or None for the unchunked loss of the model itself.
         num_items_in_batch: see `chunked_causal_lm_loss`.
@@ -152,6 +152,8 @@ def causal_lm_loss(
     if "labels" not in batch:
         raise ModelError(f"the batch has no `labels` (keys: {sorted(batch)}); the data collator must add them")
     inputs = {k: v for k, v in batch.items() if k in _BODY_KEYS and v is not None}
+    if hasattr(model, "get_base_model"):  # a PEFT wrapper: its transformers model (with the adapters inside)
+        model = model.get_base_model()
     if chunk_rows is None:
         kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         return model(**inputs, labels=batch["labels"], use_cache=False, **kwargs).loss

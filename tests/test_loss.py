@@ -214,3 +214,17 @@ def test_chunked_step_peak_is_below_the_unchunked_one(base, tmp_path):
     chunked = _step_peak(model, batch, chunk_rows=32)
     # the plain step holds the logits, their softmax and their gradient; the chunked one at most 32 rows of them
     assert chunked < plain - logits_bytes, (plain, chunked, logits_bytes)
+
+
+def test_causal_lm_loss_unwraps_a_peft_model():
+    from conftest import tiny_llama
+    from peft import LoraConfig, get_peft_model
+
+    from lamda_edge.loss import causal_lm_loss
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    expected = model(input_ids=ids, labels=ids).loss
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    torch.testing.assert_close(causal_lm_loss(peft_model, batch, chunk_rows=5), expected, atol=1e-5, rtol=1e-5)
