@@ -3,14 +3,15 @@ against PyTorch eager `generate`, and file sizes. A benchmark, not a test.
 
 usage:
     .venv/bin/python tools/bench_export.py [--model DIR] [--work DIR] [--new-tokens 64] [--repeats 3]
-                                           [--threads 2] [--out docs/benchmarks-export.md] [--skip-genai]
+                                           [--threads 2] [--out bench-export.md] [--skip-genai]
 
 --model defaults to the built-in SmolLM2-135M-Instruct folder (`lamda_edge.default_model.default_model_path()`,
 Q4_1-round-tripped weights). The model is exported as it is (no adapter: the merged model of a trained adapter has
 the same shapes and cost). Every engine decodes the same chat prompt greedily for exactly --new-tokens tokens
 (end-of-sequence ignored); decode tokens/s counts the tokens after the first over the time after the prefill; the
 engines take turns --repeats times (so changes in machine load hit them alike) and the table shows the median.
-Writes a markdown table to --out and the raw numbers to <work>/bench-export.json.
+Writes a markdown table to --out (its published copy is the Export section of docs/benchmarks.md) and the raw
+numbers to <work>/bench-export.json.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def main() -> None:
                         help="intra-op threads for every engine (1 is fairer on a loaded machine: PyTorch's OpenMP "
                         "threads stall on each other when the cores are oversubscribed)")
     parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks-export.md"))
+    parser.add_argument("--out", type=Path, default=Path("bench-export.md"))
     parser.add_argument("--skip-genai", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="reuse exports already in --work")
     args = parser.parse_args()
