@@ -296,3 +296,10 @@ def run_worker(script: Path, args: dict, timeout: float = 3600) -> dict:
 
 def mib(nbytes: float | None) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename, so a killed run leaves no half file."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -286,13 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         payload = {"machine": bc.machine_info(), "argv": sys.argv, "results": results,
                    "summary": [{k: v for k, v in r.items() if k != "losses"} for r in rows]}
-        tmp = Path(a.out + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        tmp.replace(a.out)
+        bc.write_atomic(a.out, json.dumps(payload, indent=1))
     if a.markdown:
-        tmp = Path(a.markdown + ".tmp")
-        tmp.write_text(table + "\n")
-        tmp.replace(a.markdown)
+        bc.write_atomic(a.markdown, table + "\n")
     return 1 if errors else 0
 
 

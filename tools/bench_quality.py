@@ -319,9 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     text += "".join(f"\n- FAILED {r['task']} {r['method']} seed {r['seed']}: {r['error']}" for r in errors)
     print(text)
     if a.markdown:
-        tmp = Path(a.markdown + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(a.markdown)
+        bc.write_atomic(a.markdown, text + "\n")
     return 1 if errors else 0
 
 
