@@ -146,8 +146,7 @@ def worker(args: dict) -> dict:
         "model": args["model"], "method": args["method"], "stack": args["stack"], "device": device,
         "batch_size": args["batch_size"], "seq_len": args["seq_len"], "rank": args["rank"],
         "compute_dtype": args["compute_dtype"], "chunked_loss": chunk_rows is not None,
-        "checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)
-                              or getattr(getattr(model, "base_model", None), "is_gradient_checkpointing", False)),
+        "checkpointing": _checkpointing_on(model),
         "trainable_params": trainable, "weights_bytes": weights, "optimizer_bytes": optimizer_bytes,
         "batch_bytes": batch_bytes, "resident_bytes": resident, "step_peak_above_bytes": int(peak_above),
         "measured_by": how, "step_seconds": times, "losses": losses,
@@ -220,6 +219,15 @@ def markdown(rows: list[dict], errors: list[dict]) -> str:
     for e in errors:
         lines.append(f"- FAILED {e.get('model')} {e.get('method')}: {e['error'][-500:]}")
     return "\n".join(lines)
+
+
+def _checkpointing_on(model) -> bool:
+    """Whether activation checkpointing is on (transformers 5.24's name first: the old one warns)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
