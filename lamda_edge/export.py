@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lamda_edge.atomic import write_bytes_atomic
 from lamda_edge.errors import ConfigError, ExportValidationError, ModelError
 
 # Every output passes when max|PyTorch - ONNX Runtime| <= atol + rtol * max|PyTorch|: 1e-4 absolute on the
@@ -295,6 +296,4 @@ def _versions() -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode())

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,28 +19,15 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from lamda_edge.atomic import write_atomic, write_bytes_atomic
+
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "loss_curve.png"
 RUN_CONFIG_NAME = "run_config.yaml"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_json(path: Path, data: dict) -> None:
-    write_atomic(path, (json.dumps(data, indent=2, default=_jsonable) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(data, indent=2, default=_jsonable) + "\n").encode())
 
 
 def _jsonable(value: Any):
@@ -58,7 +43,8 @@ def _jsonable(value: Any):
 def write_run_config(path: Path, config: dict) -> None:
     import yaml
 
-    write_atomic(path, yaml.safe_dump(json.loads(json.dumps(config, default=_jsonable)), sort_keys=False).encode())
+    plain = json.loads(json.dumps(config, default=_jsonable))
+    write_bytes_atomic(path, yaml.safe_dump(plain, sort_keys=False).encode())
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -109,16 +95,10 @@ def plot_loss(path: Path, log_history: list[dict], freeze_b_steps: int | None = 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        write_atomic(path, fig.savefig)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -299,7 +299,7 @@ def mib(nbytes: float | None) -> str:
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename, so a killed run leaves no half file."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Write `text` to `path` atomically (lamda_edge.atomic), so a killed run leaves no half file."""
+    from lamda_edge.atomic import write_bytes_atomic
+
+    write_bytes_atomic(path, text.encode())

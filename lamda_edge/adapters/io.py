@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lamda_edge.adapters.inject import apply_lamda, lamda_layers
+from lamda_edge.atomic import write_atomic
 from lamda_edge.config import LaMDAConfig
 from lamda_edge.errors import AdapterMismatchError, ModelError
 
@@ -46,17 +46,6 @@ def _saved_modules(model: nn.Module, config: LaMDAConfig) -> dict[str, torch.Ten
     return tensors
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write the adapter of `model` into folder `path` (created if needed), atomically file by file.
 
@@ -83,8 +72,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
         "modules_to_save": list(config.modules_to_save),
         "fingerprint": model_fingerprint(model),
     }
-    _write_atomic(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    _write_atomic(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
+    write_atomic(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    write_atomic(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
     return out
 
 
