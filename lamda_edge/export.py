@@ -212,7 +212,7 @@ def load_merged(model_dir: Path | None, adapter_dir: Path | None):
         # rebuild the (4-bit) residual base exactly as training did, then put the trained S, B (and A) on it
         model = load_lamda_model(str(base), LaMDAConfig.from_dict(cfg["lamda_config"]), quantize=cfg.get("quantize"),
                                  device="cpu", compute_dtype=torch.float32, progress=False,
-                                 gradient_checkpointing=False)
+                                 gradient_checkpointing=False, task=cfg.get("task"), num_labels=cfg.get("num_labels"))
         load_adapter(model, adapter_dir)  # AdapterMismatchError when the base is not the one it was trained on
         model = merge_and_unload(model)
         source.update(base_model=str(base), quantize=cfg.get("quantize"), ranks=len(cfg.get("ranks", {})))

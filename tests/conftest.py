@@ -74,12 +74,12 @@ def tiny_qwen2(seed: int = 0):
     return _tiny_decoder("Qwen2Config", "Qwen2ForCausalLM", seed)
 
 
-def tiny_bert(seed: int = 0):
+def tiny_bert(seed: int = 0, num_labels: int = 3):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+                     num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels)
     return BertForSequenceClassification(cfg).eval()
 
 

@@ -73,6 +73,16 @@ def test_other_ranks_are_refused(tmp_path):
         load_adapter(apply_lamda(make_model("llama"), LaMDAConfig(rank=2)), tmp_path / "a")
 
 
+def test_a_head_with_other_classes_is_refused(tmp_path):
+    from conftest import tiny_bert
+
+    cfg = LaMDAConfig(rank=4, modules_to_save=("classifier",))
+    save_adapter(_trained("bert", cfg), tmp_path / "a")  # a 3-way head
+    assert read_adapter_config(tmp_path / "a")["num_labels"] == 3
+    with pytest.raises(AdapterMismatchError, match=r"classifier\.weight of shape \(3, 64\), the model \(2, 64\)"):
+        load_adapter(tiny_bert(num_labels=2), tmp_path / "a")
+
+
 def test_not_an_adapter_folder(tmp_path):
     with pytest.raises(ModelError, match="adapter_config.json"):
         load_adapter(make_model("llama"), tmp_path)

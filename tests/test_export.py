@@ -211,6 +211,47 @@ def test_merge_of_a_4bit_adapter_matches_the_adapter_model(tmp_path, llama_dir):
     torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0)
 
 
+def test_classifier_adapter_on_a_bare_encoder_exports_its_head(tmp_path):
+    """MiniLM's case: the base folder is a bare `BertModel`; the adapter trains a new 3-way head on it.
+
+    The export must rebuild the classifier the adapter was trained as (task and num_labels from the adapter),
+    not what the base folder's config says (no head, 2 labels by default).
+    """
+    import transformers
+
+    from lamda_edge import LaMDAConfig, save_adapter
+    from lamda_edge.adapters import lamda_layers
+    from lamda_edge.quant import load_lamda_model
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    bare = transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id))
+    bare.save_pretrained(tmp_path / "bare")
+    tokenizer.save_pretrained(tmp_path / "bare")
+    config = LaMDAConfig(rank=4, alpha=8.0, target_modules=("query", "value", "dense"),
+                         modules_to_save=("classifier",))
+    adapted = load_lamda_model(tmp_path / "bare", config, quantize=None, device="cpu", compute_dtype=torch.float32,
+                               cache_dir=False, progress=False, task="sequence-classification", num_labels=3)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, layer in lamda_layers(adapted):
+            layer.lamda_S.add_(0.5 * torch.randn(layer.lamda_S.shape, generator=g))
+        adapted.classifier.weight.add_(torch.randn(adapted.classifier.weight.shape, generator=g))
+    save_adapter(adapted, tmp_path / "adapter", metadata={"base_model": str(tmp_path / "bare"), "quantize": None})
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["num_labels"] == 3
+
+    report = run_export(tmp_path / "out", adapter=tmp_path / "adapter", int4=True)
+    assert report["ok"] and report["kind"] == "encoder"
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "merged").eval()
+    ids = torch.randint(0, len(tokenizer), (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = adapted.eval()(input_ids=ids).logits, merged(input_ids=ids).logits  # (2, 3)
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0)
+
+
 def test_adapter_on_another_base_is_refused(tmp_path, llama_dir):
     _trained_adapter(llama_dir, tmp_path / "adapter")
     save_tiny(tmp_path / "other", "llama", seed=1)  # same shapes, other weights

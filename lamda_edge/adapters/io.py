@@ -46,6 +46,17 @@ def _saved_modules(model: nn.Module, config: LaMDAConfig) -> dict[str, torch.Ten
     return tensors
 
 
+def _task_of(model: nn.Module) -> dict:
+    """What the adapter was trained as: the task, and the classes of a classifier's new head.
+
+    A classifier is often trained on a bare encoder folder (config without a head), so the export must not read
+    these from the base model's config.
+    """
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return {"task": "sequence-classification", "num_labels": int(model.config.num_labels)}
+    return {"task": "causal-lm"}
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write the adapter of `model` into folder `path` (created if needed), atomically file by file.
 
@@ -67,6 +78,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **(metadata or {}),
+        **_task_of(model),
         "lamda_config": config.to_dict(),
         "ranks": {name: layer.rank for name, layer in layers},
         "modules_to_save": list(config.modules_to_save),
@@ -127,7 +139,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
     check_fingerprint(model, info["fingerprint"], str(path))
     tensors = load_file(str(Path(path) / WEIGHTS_NAME))
     modules = dict(model.named_modules())
-    missing = []
+    missing, wrong_shape = [], []
     for name, layer in lamda_layers(model):
         sub = {key: tensors.get(f"{name}.{key}") for key in LAYER_TENSORS}
         missing += [f"{name}.{k}" for k, v in sub.items() if v is None]
@@ -138,8 +150,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
         if owner not in modules:
             missing.append(key)
             continue
+        target = getattr(modules[owner], pname)
+        if target.shape != tensors[key].shape:  # e.g. a classifier head with another number of classes
+            wrong_shape.append(f"{key} of shape {tuple(tensors[key].shape)}, the model {tuple(target.shape)}")
+            continue
         with torch.no_grad():
-            getattr(modules[owner], pname).copy_(tensors[key])
+            target.copy_(tensors[key])
+    if wrong_shape:
+        raise AdapterMismatchError(f"the adapter in {path} has " + "; ".join(sorted(wrong_shape))
+                                   + ". Fix: load the model as the adapter was trained (task, num_labels)")
     if missing:
         raise AdapterMismatchError(f"the adapter in {path} does not fit this model: tensors {missing[:5]} missing")
     model.lamda_config = config
