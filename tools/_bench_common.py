@@ -294,6 +294,33 @@ def run_worker(script: Path, args: dict, timeout: float = 3600) -> dict:
     return json.loads(lines[-1])
 
 
+def run_jobs(jobs: list[dict], run, mode: str, out: str | None, markdown: str | None, table) -> int:
+    """Run `run(**job)` for each job, recording a failure and going on; return 1 when any job failed.
+
+    Each result (or `{**job, "error": ...}`) is printed and appended to `out` as a JSON line (a resumable record);
+    at the end `table(results)` is printed and written to `markdown`.
+    """
+    results = []
+    for job in jobs:
+        try:
+            res = run(**job)
+        except Exception as exc:  # record and go on: one failing run must not lose the others
+            res = {**job, "error": f"{type(exc).__name__}: {exc}"[:1000]}
+        res["mode"] = mode
+        results.append(res)
+        print(json.dumps(res), flush=True)
+        if out:
+            with open(out, "a") as fh:
+                fh.write(json.dumps(res) + "\n")
+    text = table(results)
+    errors = [r for r in results if "error" in r]
+    text += "".join(f"\n- FAILED {' '.join(f'{k}={r.get(k)}' for k in jobs[0])}: {r['error']}" for r in errors)
+    print(text)
+    if markdown:
+        write_atomic(markdown, text + "\n")
+    return 1 if errors else 0
+
+
 def mib(nbytes: float | None) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2**20:.1f}"
 

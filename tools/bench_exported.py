@@ -219,31 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-exported-"))
     mode = "quick" if a.quick else "full"
     print(json.dumps({"machine": bc.machine_info(), "mode": mode, "work": str(work)}), flush=True)
-    jobs = [(t, sd) for t in a.tasks for sd in a.seeds]
+    jobs = [dict(task=t, seed=sd) for t in a.tasks for sd in a.seeds]
     if a.base:
-        jobs += [(t, None) for t in a.tasks if t != "spam"]
-    results = []
-    for task, seed in jobs:
+        jobs += [dict(task=t, seed=None) for t in a.tasks if t != "spam"]
+
+    def one(task, seed):
         s = dict(bq.SETTINGS[task][mode])
         if not a.quick and task in TASK_STEPS:
             s["steps"] = TASK_STEPS[task]
-        try:
-            res = run_task(task, seed, s, Path(a.cache), work, a.threads or None)
-        except Exception as exc:  # record and go on with the other tasks
-            res = {"task": task, "seed": seed, "error": f"{type(exc).__name__}: {exc}"[:1000]}
-        res["mode"] = mode
-        results.append(res)
-        print(json.dumps(res), flush=True)
-        if a.out:
-            with open(a.out, "a") as fh:
-                fh.write(json.dumps(res) + "\n")
-    text = table(results)
-    errors = [r for r in results if "error" in r]
-    text += "".join(f"\n- FAILED {r['task']} seed {r['seed']}: {r['error']}" for r in errors)
-    print(text)
-    if a.markdown:
-        bc.write_atomic(a.markdown, text + "\n")
-    return 1 if errors else 0
+        return run_task(task, seed, s, Path(a.cache), work, a.threads or None)
+
+    return bc.run_jobs(jobs, one, mode, a.out, a.markdown, table)
 
 
 if __name__ == "__main__":

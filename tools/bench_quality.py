@@ -356,36 +356,24 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.methods = [m for m in a.methods if m in ("base", "lora", "lamda")] or a.methods
     cache = Path(a.cache)
-    jobs = [(t, m, sd, "principal", 0.3) for t in a.tasks for sd in a.seeds for m in a.methods]
+    jobs = [dict(task=t, method=m, seed=sd, init="principal", freeze_fraction=0.3)
+            for t in a.tasks for sd in a.seeds for m in a.methods]
     if a.ablations:
         t = a.tasks[0]
         for sd in a.seeds:
-            jobs += [(t, "lamda", sd, init, 0.3) for init in ("minor", "random")]
-            jobs += [(t, "lamda", sd, "principal", frac) for frac in (0.1, 0.6)]
+            jobs += [dict(task=t, method="lamda", seed=sd, init=init, freeze_fraction=0.3)
+                     for init in ("minor", "random")]
+            jobs += [dict(task=t, method="lamda", seed=sd, init="principal", freeze_fraction=frac)
+                     for frac in (0.1, 0.6)]
     print(json.dumps({"machine": bc.machine_info(), "mode": mode}), flush=True)
-    results = []
-    for task, method, seed, init, frac in jobs:
+
+    def one(task, method, seed, init, freeze_fraction):
         s = dict(SETTINGS[task][mode])
         if a.steps:
             s["steps"] = a.steps
-        try:
-            res = run_one(task, method, seed, s, cache, init, frac)
-        except Exception as exc:  # record and go on: one failing baseline must not lose the others
-            res = {"task": task, "method": method, "seed": seed, "init": init, "freeze_fraction": frac,
-                   "error": f"{type(exc).__name__}: {exc}"[:1000]}
-        res["mode"] = mode
-        results.append(res)
-        print(json.dumps(res), flush=True)
-        if a.out:
-            with open(a.out, "a") as fh:
-                fh.write(json.dumps(res) + "\n")
-    text = table(results)
-    errors = [r for r in results if "error" in r]
-    text += "".join(f"\n- FAILED {r['task']} {r['method']} seed {r['seed']}: {r['error']}" for r in errors)
-    print(text)
-    if a.markdown:
-        bc.write_atomic(a.markdown, text + "\n")
-    return 1 if errors else 0
+        return run_one(task, method, seed, s, cache, init, freeze_fraction)
+
+    return bc.run_jobs(jobs, one, mode, a.out, a.markdown, table)
 
 
 if __name__ == "__main__":
