@@ -321,6 +321,26 @@ def run_jobs(jobs: list[dict], run, mode: str, out: str | None, markdown: str | 
     return 1 if errors else 0
 
 
+def read_results(files: list[str]) -> list[dict]:
+    """The successful full-mode results recorded in `--out` JSON-lines files, in order."""
+    rows = []
+    for file in files:
+        for line in Path(file).read_text().splitlines():
+            row = json.loads(line)
+            if "task" in row and "error" not in row and row.get("mode") == "full":
+                rows.append(row)
+    return rows
+
+
+def report(results: list[dict], table, markdown: str | None) -> int:
+    """Print `table(results)` and write it to `markdown` (the tools' `--report`)."""
+    text = table(results)
+    print(text)
+    if markdown:
+        write_atomic(markdown, text + "\n")
+    return 0
+
+
 def mib(nbytes: float | None) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2**20:.1f}"
 

@@ -7,7 +7,7 @@ For each task (spam, moby, gsm; see tools/bench_quality.py) and seed:
             adapter   PyTorch, LaMDA layers unmerged (the number bench_quality reports)
             merged    PyTorch, the merged transformers folder the export wrote (OUT/merged)
             fp32      ONNX Runtime, OUT/model.onnx
-            int4      ONNX Runtime, OUT/model.int4.onnx (MatMulNBits, block 32)
+            int4      ONNX Runtime, OUT/model.int4.onnx (MatMulNBits, block 32 or --block-size)
 
 `--base` also exports the untrained base model of moby and gsm the same way (what int4 costs without training;
 spam's base has no trained head, so it is skipped there).
@@ -128,7 +128,8 @@ def evaluate_onnx(task: str, path: Path, tok, test, s: dict, threads: int | None
 # ---- one task -------------------------------------------------------------------------------------------------------
 
 
-def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, threads: int | None) -> dict:
+def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, threads: int | None,
+             block_size: int = 32) -> dict:
     """Train (seed given) or take the base model (seed None), export, and measure every backend."""
     import random
 
@@ -137,20 +138,20 @@ def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, thre
     from lamda_edge.export import ExportOptions, export, load_reference
 
     t0 = time.perf_counter()
-    name = f"{task}-base" if seed is None else f"{task}-s{seed}"
+    name = (f"{task}-base" if seed is None else f"{task}-s{seed}") + f"-b{block_size}"
     folder = work / name
     shutil.rmtree(folder, ignore_errors=True)
     model_dir = bq.task_model_dir(task)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     _, test = bq.task_data(task, tok, s, cache, random.Random(0))
     result: dict = {"task": task, "seed": seed, "model": "base" if seed is None else "lamda", "steps": s["steps"],
-                    "metric": METRICS[task]}
+                    "metric": METRICS[task], "block_size": block_size}
     if seed is None:
-        options = ExportOptions(output=folder / "onnx", model=model_dir, int4=True)
+        options = ExportOptions(output=folder / "onnx", model=model_dir, int4=True, block_size=block_size)
     else:
         trained = bq.run_one(task, "lamda", seed, s, cache, adapter_dir=folder / "adapter")
         result.update(rank=trained["rank"], trainable_end=trained["trainable_end"], adapter=_metric_fields(trained))
-        options = ExportOptions(output=folder / "onnx", adapter=folder / "adapter", int4=True)
+        options = ExportOptions(output=folder / "onnx", adapter=folder / "adapter", int4=True, block_size=block_size)
     t = time.perf_counter()
     report = export(options, log=lambda *_: None)
     result["export_seconds"] = time.perf_counter() - t
@@ -179,23 +180,25 @@ def _fmt(metric: str, value: float) -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| task | model | seed | metric | " + " | ".join(BACKENDS) + " | fp32 max abs logit diff | int4 MB "
-             "(x fp32) |", "|---|---|---:|---|" + "---:|" * len(BACKENDS) + "---:|---:|"]
+    lines = ["| task | model | seed | metric | " + " | ".join(BACKENDS) + " | fp32 max abs logit diff | int4 block | "
+             "int4 MB (x fp32) |", "|---|---|---:|---|" + "---:|" * len(BACKENDS) + "---:|---:|---:|"]
     for r in results:
         if "error" in r:
             continue
         metric = r["metric"]
         cells = [_fmt(metric, r[b]["value"]) if b in r else "-" for b in BACKENDS]
         lines.append(f"| {r['task']} | {r['model']} | {'-' if r['seed'] is None else r['seed']} | {metric} | "
-                     + " | ".join(cells) + f" | {r['fp32_max_abs_diff']:.2g} | {r['int4_bytes'] / 1e6:.1f} "
+                     + " | ".join(cells) + f" | {r['fp32_max_abs_diff']:.2g} | {r.get('block_size', 32)} | "
+                     f"{r['int4_bytes'] / 1e6:.1f} "
                      f"({r['int4_bytes'] / r['fp32_bytes']:.2f}) |")
     gsm = [r for r in results if r.get("task") == "gsm" and "error" not in r]
     if gsm:
-        lines += ["", "| GSM model | seed | " + " | ".join(f"{b} format / answer loss" for b in BACKENDS) + " |",
-                  "|---|---:|" + "---|" * len(BACKENDS)]
+        lines += ["", "| GSM model | seed | int4 block | " + " | ".join(f"{b} format / answer loss" for b in BACKENDS)
+                  + " |", "|---|---:|---:|" + "---|" * len(BACKENDS)]
         for r in gsm:
             cells = [f"{r[b]['format_rate']:.0%} / {r[b]['answer_loss']:.3f}" if b in r else "-" for b in BACKENDS]
-            lines.append(f"| {r['model']} | {'-' if r['seed'] is None else r['seed']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['model']} | {'-' if r['seed'] is None else r['seed']} | {r.get('block_size', 32)} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -208,10 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", action="store_true", help="also export and measure the untrained base (moby, gsm)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "lamda-edge" / "bench-data"))
     p.add_argument("--work", default=None, help="folder for adapters and exports (default: a temp folder)")
+    p.add_argument("--block-size", type=int, default=32, help="int4 quantization block (the export's --block-size)")
     p.add_argument("--out", default=None, help="append each result as a JSON line")
     p.add_argument("--markdown", default=None)
     p.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0 = their default)")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSONL",
+                   help="run nothing: print (and --markdown) the table of the results in these --out files")
     a = p.parse_args(argv)
+    if a.report:
+        return bc.report(bc.read_results(a.report), table, a.markdown)
     if a.threads:
         torch.set_num_threads(a.threads)
     import tempfile
@@ -227,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         s = dict(bq.SETTINGS[task][mode])
         if not a.quick and task in TASK_STEPS:
             s["steps"] = TASK_STEPS[task]
-        return run_task(task, seed, s, Path(a.cache), work, a.threads or None)
+        return run_task(task, seed, s, Path(a.cache), work, a.threads or None, a.block_size)
 
     return bc.run_jobs(jobs, one, mode, a.out, a.markdown, table)
 

@@ -314,22 +314,12 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(files: list[str], markdown: str | None) -> int:
-    """The tables of earlier runs (their `--out` JSON lines), seeds of the same configuration pooled."""
-    results = []
-    for file in files:
-        for line in Path(file).read_text().splitlines():
-            row = json.loads(line)
-            if "task" in row and "error" not in row and row.get("mode") == "full":
-                results.append(row)
+def pooled(results: list[dict]) -> list[dict]:
+    """One record per run: a run recorded twice (a rerun) counts once, the last record wins."""
     seen = {}
-    for r in results:  # the same run recorded twice (a rerun) counts once: the last record wins
+    for r in results:
         seen[(r["task"], r["method"], r["init"], r["freeze_fraction"], r["seed"], r.get("steps"))] = r
-    text = table(list(seen.values()))
-    print(text)
-    if markdown:
-        bc.write_atomic(markdown, text + "\n")
-    return 0
+    return list(seen.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="train nothing: print (and --markdown) the tables of the results in these --out files")
     a = p.parse_args(argv)
     if a.report:
-        return report(a.report, a.markdown)
+        return bc.report(pooled(bc.read_results(a.report)), table, a.markdown)
     if a.threads:
         torch.set_num_threads(a.threads)
     mode = "quick" if a.quick else "full"
