@@ -322,9 +322,9 @@ def run_jobs(jobs: list[dict], run, mode: str, out: str | None, markdown: str | 
 
 
 def read_results(files: list[str]) -> list[dict]:
-    """The successful full-mode results recorded in `--out` JSON-lines files, in order."""
+    """The successful full-mode results recorded in `--out` JSON-lines files, the files in name order."""
     rows = []
-    for file in files:
+    for file in sorted(files):
         for line in Path(file).read_text().splitlines():
             row = json.loads(line)
             if "task" in row and "error" not in row and row.get("mode") == "full":
