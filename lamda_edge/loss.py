@@ -4,7 +4,8 @@ The output head of a language model turns `(B, T, H)` hidden states into `(B, T,
 `B * T * V * 4` bytes (192 MiB for SmolLM2-135M at batch 4 x 256), and a plain loss keeps the logits, their
 softmax and their gradient alive around backward. Here the rows are cut into chunks of `chunk_rows`; each chunk
 runs `lm_head -> fp32 logits -> cross-entropy (sum)` under a non-reentrant checkpoint, so forward keeps only the
-scalar per chunk and backward recomputes one chunk's logits at a time:
+scalar per chunk and backward recomputes one chunk's logits at a time (when all rows fit one chunk there is no
+checkpoint: recomputing would cost a head matmul and save nothing at the peak):
 
     hidden (B, T, H) -> shift -> valid rows (N, H) -> [chunk (c, H) -> logits (c, V) fp32 -> CE sum] * ceil(N/c)
                                                      -> sum / number of valid labels
@@ -91,18 +92,23 @@ def chunked_causal_lm_loss(
         targets = targets.index_select(0, valid)  # (n,)
     if n_valid == 0:  # nothing to learn from: a zero that still has a graph (backward works, gradients are 0)
         return (hidden_states.sum() + lm_head_weight.sum()).float() * 0.0
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, n_valid, chunk_rows):
-        part = checkpoint(
-            _chunk_loss_sum,
-            hidden[start : start + chunk_rows],
-            lm_head_weight,
-            lm_head_bias,
-            targets[start : start + chunk_rows],
-            logit_softcap,
-            use_reentrant=False,
-        )
-        total = total + part
+    if n_valid <= chunk_rows:
+        # one chunk: a checkpoint would recompute the head in backward for nothing: the loss's backward holds the
+        # chunk's logits either way, so the step peak is not lower with it (tests/test_loss.py measures it)
+        total = _chunk_loss_sum(hidden, lm_head_weight, lm_head_bias, targets, logit_softcap)
+    else:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n_valid, chunk_rows):
+            part = checkpoint(
+                _chunk_loss_sum,
+                hidden[start : start + chunk_rows],
+                lm_head_weight,
+                lm_head_bias,
+                targets[start : start + chunk_rows],
+                logit_softcap,
+                use_reentrant=False,
+            )
+            total = total + part
     if num_items_in_batch is not None:
         denominator = num_items_in_batch
         if isinstance(denominator, torch.Tensor):

@@ -228,3 +228,25 @@ def test_causal_lm_loss_unwraps_a_peft_model():
     expected = model(input_ids=ids, labels=ids).loss
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     torch.testing.assert_close(causal_lm_loss(peft_model, batch, chunk_rows=5), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_single_chunk_is_not_checkpointed_and_has_the_same_step_peak(tmp_path, monkeypatch):
+    """All rows in one chunk: no checkpoint (no head recompute in backward), and the step peak is not above that
+    of a checkpointed single chunk (measured here: a few KiB below it, the checkpoint's own saved input)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from lamda_edge import loss as loss_mod
+
+    vocab = 512
+    model = _lamda_model("nf4", vocab, tmp_path)
+    batch = _batch(vocab, batch=2, seq=32)  # at most 62 labelled rows: one chunk of 256
+    calls = []
+    monkeypatch.setattr(loss_mod, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    plain_chunk = _step_peak(model, batch, chunk_rows=256)
+    assert not calls
+    _step_peak(model, batch, chunk_rows=8)  # several chunks: each checkpointed
+    assert len(calls) >= 2
+    real = loss_mod._chunk_loss_sum
+    monkeypatch.setattr(loss_mod, "_chunk_loss_sum", lambda *a: checkpoint(real, *a, use_reentrant=False))
+    checkpointed_chunk = _step_peak(model, batch, chunk_rows=256)
+    assert plain_chunk <= checkpointed_chunk, (plain_chunk, checkpointed_chunk)
