@@ -321,6 +321,17 @@ def run_jobs(jobs: list[dict], run, mode: str, out: str | None, markdown: str | 
     return 1 if errors else 0
 
 
+def add_record_arguments(parser) -> None:
+    """The options bench_quality and bench_exported share: data cache, records, table, threads, --report."""
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "lamda-edge" / "bench-data"),
+                        help="where the fetched data are kept")
+    parser.add_argument("--out", default=None, help="append each result as a JSON line (a resumable record)")
+    parser.add_argument("--markdown", default=None, help="also write the table(s) to this markdown file")
+    parser.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0 = their default)")
+    parser.add_argument("--report", nargs="+", default=None, metavar="JSONL",
+                        help="run nothing: print (and --markdown) the table(s) of the results in these --out files")
+
+
 def read_results(files: list[str]) -> list[dict]:
     """The successful full-mode results recorded in `--out` JSON-lines files, the files in name order."""
     rows = []

@@ -209,14 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=["spam", "moby", "gsm"], choices=sorted(bq.SETTINGS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--base", action="store_true", help="also export and measure the untrained base (moby, gsm)")
-    p.add_argument("--cache", default=str(Path.home() / ".cache" / "lamda-edge" / "bench-data"))
     p.add_argument("--work", default=None, help="folder for adapters and exports (default: a temp folder)")
     p.add_argument("--block-size", type=int, default=32, help="int4 quantization block (the export's --block-size)")
-    p.add_argument("--out", default=None, help="append each result as a JSON line")
-    p.add_argument("--markdown", default=None)
-    p.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0 = their default)")
-    p.add_argument("--report", nargs="+", default=None, metavar="JSONL",
-                   help="run nothing: print (and --markdown) the table of the results in these --out files")
+    bc.add_record_arguments(p)
     a = p.parse_args(argv)
     if a.report:
         return bc.report(bc.read_results(a.report), table, a.markdown)

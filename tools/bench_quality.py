@@ -331,12 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--ablations", action="store_true", help="LaMDA init and t_i ablations on the first task")
     p.add_argument("--steps", type=int, default=None, help="override the task's training steps")
-    p.add_argument("--cache", default=str(Path.home() / ".cache" / "lamda-edge" / "bench-data"))
-    p.add_argument("--out", default=None, help="append each result as a JSON line (resumable record)")
-    p.add_argument("--markdown", default=None)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--report", nargs="+", default=None, metavar="JSONL",
-                   help="train nothing: print (and --markdown) the tables of the results in these --out files")
+    bc.add_record_arguments(p)
     a = p.parse_args(argv)
     if a.report:
         return bc.report(pooled(bc.read_results(a.report)), table, a.markdown)
