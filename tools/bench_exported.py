@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -131,8 +133,6 @@ def evaluate_onnx(task: str, path: Path, tok, test, s: dict, threads: int | None
 def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, threads: int | None,
              block_size: int = 32) -> dict:
     """Train (seed given) or take the base model (seed None), export, and measure every backend."""
-    import random
-
     from transformers import AutoTokenizer
 
     from lamda_edge.export import ExportOptions, export, load_reference
@@ -217,8 +217,6 @@ def main(argv: list[str] | None = None) -> int:
         return bc.report(bc.read_results(a.report), table, a.markdown)
     if a.threads:
         torch.set_num_threads(a.threads)
-    import tempfile
-
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-exported-"))
     mode = "quick" if a.quick else "full"
     print(json.dumps({"machine": bc.machine_info(), "mode": mode, "work": str(work)}), flush=True)
