@@ -102,17 +102,22 @@ def onnx_gsm(decoder, tok, gsm, max_new_tokens: int = 112) -> dict:
         text = tok.decode(new, skip_special_tokens=True)
         correct += is_correct(text, problem, gsm.scorer)
         formatted += in_format(text, stopped)
+    n = len(gsm.eval_problems)
+    return {"metric": "exact_match", "value": correct / n, "format_rate": formatted / n,
+            "answer_loss": onnx_answer_loss(decoder, gsm.eval), "n_test": n}
+
+
+def onnx_answer_loss(decoder, dataset) -> float:
+    """Mean cross-entropy of the reference answers (labels != -100), teacher-forced, one prefill per example."""
     total, count = 0.0, 0
-    for i in range(len(gsm.eval)):
-        item = gsm.eval[i]
+    for i in range(len(dataset)):
+        item = dataset[i]
         logits = torch.from_numpy(decoder.full_logits(item["input_ids"]))[:-1]  # (T-1, V) predicting ids[1:]
         labels = item["labels"][1:]  # (T-1,), -100 outside the answer
         keep = labels != -100
         total += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
         count += int(keep.sum())
-    n = len(gsm.eval_problems)
-    return {"metric": "exact_match", "value": correct / n, "format_rate": formatted / n,
-            "answer_loss": total / max(count, 1), "n_test": n}
+    return total / max(count, 1)
 
 
 def evaluate_onnx(task: str, path: Path, tok, test, s: dict, threads: int | None) -> dict:
