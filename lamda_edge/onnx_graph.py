@@ -182,11 +182,12 @@ def _strip_debug_metadata(path: Path) -> None:
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: int | None = 4,
-                  embeddings: bool = True) -> dict:
-    """Weight-only 4-bit quantization (ONNX Runtime's MatMulNBits quantizer, symmetric, blocks along the input).
+                  embeddings: bool = True, symmetric: bool = True, keep_tied_head: bool = False) -> dict:
+    """Weight-only 4-bit quantization (ONNX Runtime's MatMulNBits quantizer, blocks along the input).
 
     Every MatMul with a constant weight becomes MatMulNBits; with `embeddings`, the token embedding Gather becomes
-    GatherBlockQuantized too (a tied lm_head is exported as a separate transposed copy, so both are quantized).
+    GatherBlockQuantized too (a tied lm_head is exported as a separate transposed copy, so both are quantized,
+    unless `keep_tied_head` leaves that copy in float). `symmetric=False` gives blocks a zero point.
     Returns the count of each quantized op type.
     """
     onnx = require("onnx", "onnx")
@@ -197,12 +198,13 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: in
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
     ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
     axes = (("MatMul", 0), ("Gather", 1))[:len(ops)]  # quantize along the input dim / the hidden dim
-    kw = dict(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, op_types_to_quantize=ops,
-              quant_axes=axes)
+    kw = dict(block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
+              op_types_to_quantize=ops, quant_axes=axes)
     model = onnx.load(str(src))
-    _fold_transposed_weights(model)
-    quantizer = quantizer_mod.MatMulNBitsQuantizer(model, algo_config=quantizer_mod.DefaultWeightOnlyQuantConfig(**kw),
-                                                   **kw)
+    folded = _fold_transposed_weights(model)
+    exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in folded]
+    quantizer = quantizer_mod.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude if keep_tied_head else [],
+                                                   algo_config=quantizer_mod.DefaultWeightOnlyQuantConfig(**kw), **kw)
     import numpy as np
 
     with np.errstate(divide="ignore", invalid="ignore"):  # the quantizer divides by all-zero blocks' scale 0
@@ -218,8 +220,10 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: in
     return counts
 
 
-def _fold_transposed_weights(model) -> None:
+def _fold_transposed_weights(model) -> set[str]:
     """MatMul(x, Transpose(W)) -> MatMul(x, W^T as its own initializer), so that the quantizer sees a weight.
+
+    Returns the names of the new initializers (a tied lm_head's weight, when there is one).
 
     A tied lm_head is exported as a Transpose of the embedding matrix, which the Gather also reads: without this
     the int4 graph keeps the head in fp32 (SmolLM2-135M: 198 MB instead of ~90 MB).
@@ -247,6 +251,7 @@ def _fold_transposed_weights(model) -> None:
     dead = [n for n in model.graph.node if n.op_type == "Transpose" and not set(n.output) & used]
     for node in dead:
         model.graph.node.remove(node)
+    return set(folded.values())
 
 
 def onnx_files(folder: Path, name: str) -> list[Path]:

@@ -328,3 +328,20 @@ def test_genai_fp32_matches_pytorch(tmp_path, llama_dir):
     assert math.isclose(v["ppl_genai"], v["ppl_pytorch"], rel_tol=1e-4)
     assert (tmp_path / "out" / "genai_config.json").is_file() and (tmp_path / "out" / "merged").is_dir()
     assert report["versions"]["onnxruntime-genai"]
+
+
+def test_int4_can_keep_the_tied_head_in_float_and_use_zero_points(tmp_path):
+    """quantize_int4's non-default options (used by tools/int4_variants.py): the tied head's MatMul left as is."""
+    import onnx
+
+    from lamda_edge.onnx_graph import quantize_int4
+
+    save_tiny(tmp_path / "tied", "llama", tie=True)
+    run_export(tmp_path / "out", model=tmp_path / "tied")
+    src = tmp_path / "out" / "model.onnx"
+    default = quantize_int4(src, tmp_path / "default.onnx")
+    kept = quantize_int4(src, tmp_path / "kept.onnx", keep_tied_head=True, symmetric=False)
+    assert default["MatMulNBits"] == kept["MatMulNBits"] + 1 and kept.get("MatMul", 0) == default.get("MatMul", 0) + 1
+    zero_points = [n for n in onnx.load(str(tmp_path / "kept.onnx")).graph.node
+                   if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]]
+    assert zero_points  # asymmetric blocks carry a zero point input

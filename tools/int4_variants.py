@@ -1,7 +1,7 @@
 """int4 quantizer settings against the answer loss of an exported GSM model (what costs the quality of int4).
 
 Takes the folder that `tools/bench_exported.py --tasks gsm` exported (`WORK/gsm-s0-b32/onnx`), rebuilds the
-int4 graph from its `model.onnx` with ONNX Runtime's MatMulNBits quantizer under each setting below, and
+int4 graph from its `model.onnx` with the export's quantizer (`quantize_int4`) under each setting below, and
 measures the held-out answer loss of the GSM task (32 problems, teacher-forced) with ONNX Runtime:
 
     sym-b32          symmetric blocks of 32, int8 compute (accuracy_level 4): what `lamda-edge export --int4` does
@@ -23,7 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,32 +30,13 @@ import _bench_common as bc  # noqa: E402, F401  (offline settings for transforme
 import bench_exported as bx  # noqa: E402
 import bench_quality as bq  # noqa: E402
 
-VARIANTS = {  # name -> (block size, symmetric, head in fp32, accuracy level)
-    "sym-b32": (32, True, False, 4),
-    "asym-b32": (32, False, False, 4),
-    "sym-b32-head-fp32": (32, True, True, 4),
-    "sym-b32-acc1": (32, True, False, 1),
-    "sym-b16": (16, True, False, 4),
+VARIANTS = {  # name -> lamda_edge.onnx_graph.quantize_int4 options
+    "sym-b32": dict(block_size=32),
+    "asym-b32": dict(block_size=32, symmetric=False),
+    "sym-b32-head-fp32": dict(block_size=32, keep_tied_head=True),
+    "sym-b32-acc1": dict(block_size=32, accuracy_level=1),
+    "sym-b16": dict(block_size=16),
 }
-
-
-def quantize(src: Path, dst: Path, block: int, symmetric: bool, head_fp32: bool, accuracy_level: int) -> None:
-    """MatMulNBits (and GatherBlockQuantized for the embedding) with the given settings, as the export builds it."""
-    import onnx
-    from onnxruntime.quantization import matmul_nbits_quantizer as mq
-
-    from lamda_edge.onnx_graph import _fold_transposed_weights
-
-    model = onnx.load(str(src))
-    _fold_transposed_weights(model)  # the tied head becomes its own MatMul weight, as in the export
-    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1].endswith(".transposed")]
-    kw = dict(block_size=block, is_symmetric=symmetric, accuracy_level=accuracy_level,
-              op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)))
-    quantizer = mq.MatMulNBitsQuantizer(model, nodes_to_exclude=head if head_fp32 else [],
-                                        algo_config=mq.DefaultWeightOnlyQuantConfig(**kw), **kw)
-    with np.errstate(all="ignore"):  # the quantizer divides by all-zero blocks' scale 0
-        quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     from transformers import AutoTokenizer
 
-    from lamda_edge.onnx_graph import session
+    from lamda_edge.onnx_graph import quantize_int4, session
     from lamda_edge.serve import OnnxDecoder
 
     src = Path(a.export) / "model.onnx"
@@ -85,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.variants:
             dst = Path(tmp) / f"{name}.onnx"
-            quantize(src, dst, *VARIANTS[name])
+            quantize_int4(src, dst, **VARIANTS[name])  # what `lamda-edge export --int4` runs, other options
             loss = bx.onnx_answer_loss(OnnxDecoder(session(dst, a.threads or None)), gsm.eval)
             rows.append({"variant": name, "answer_loss": loss, "bytes": dst.stat().st_size})
             dst.unlink()
