@@ -32,7 +32,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)  # the new tokens only
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    stopped_by: str = "max_new_tokens"  # or "eos"
+    stopped_by: str = "max_new_tokens"  # or "eos", or "stop" (the caller's `stop` predicate)
 
     @property
     def tokens_per_s(self) -> float:
@@ -166,10 +166,11 @@ class OnnxGenerator(_Generator):
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, chat: bool = True, on_text=None, prompt_ids: list[int] | None = None,
-                 ignore_eos: bool = False):
+                 ignore_eos: bool = False, stop=None):
         """Generate up to `max_new_tokens` after `prompt` (or `prompt_ids`); `on_text(str)` gets each new piece.
 
-        `ignore_eos` runs all `max_new_tokens` steps (for benchmarks).
+        `ignore_eos` runs all `max_new_tokens` steps (for benchmarks); `stop(new_ids) -> bool` ends generation
+        after a token (`stopped_by` "stop").
         """
         ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, chat)
         rng, emit, new = np.random.default_rng(seed), self._streamer(on_text), []
@@ -183,6 +184,9 @@ class OnnxGenerator(_Generator):
             new.append(token)
             if token in self.eos and not ignore_eos:
                 result.stopped_by = "eos"
+                break
+            if stop is not None and stop(new):
+                result.stopped_by = "stop"
                 break
             emit(new)
             if len(new) == max_new_tokens:
@@ -208,7 +212,7 @@ class GenaiGenerator(_Generator):
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, chat: bool = True, on_text=None, prompt_ids: list[int] | None = None,
-                 ignore_eos: bool = False):
+                 ignore_eos: bool = False, stop=None):
         """Same contract as `OnnxGenerator.generate`."""
         ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, chat)
         emit, new = self._streamer(on_text), []
@@ -231,6 +235,9 @@ class GenaiGenerator(_Generator):
             new.append(token)
             if token in self.eos and not ignore_eos:
                 result.stopped_by = "eos"
+                break
+            if stop is not None and stop(new):
+                result.stopped_by = "stop"
                 break
             emit(new)
         result.decode_s = time.perf_counter() - t

@@ -69,6 +69,17 @@ def test_generation_stops_at_eos(exported):
     assert result.token_ids == [first] and result.stopped_by == "eos"
 
 
+@pytest.mark.parametrize("fmt", [pytest.param("onnx", id="plain-onnx"), pytest.param("genai", id="genai")])
+def test_a_stop_predicate_ends_generation_after_its_token(exported, fmt):
+    gen = load_generator(exported / fmt, onnx_file="model.onnx" if fmt == "onnx" else None)
+    gen.eos = set()  # only the predicate or the budget can end it
+    full = gen.generate("hello world", max_new_tokens=8).token_ids
+    seen = []
+    result = gen.generate("hello world", max_new_tokens=8, stop=lambda new: seen.append(list(new)) or len(new) == 3)
+    assert result.token_ids == full[:3] and result.stopped_by == "stop"
+    assert seen == [full[:1], full[:2], full[:3]]  # asked after every token, with all new tokens so far
+
+
 def test_sampling_is_seeded_and_top_p_narrows_it(exported):
     gen = load_generator(exported / "onnx", onnx_file="model.onnx")
     runs = [gen.generate("hello", max_new_tokens=10, temperature=1.5, top_p=1.0, seed=s).token_ids for s in (0, 0, 1)]

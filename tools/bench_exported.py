@@ -16,9 +16,9 @@ Usage:
     .venv/bin/python tools/bench_exported.py --tasks spam moby gsm --seeds 0 --threads 1 --out exported.jsonl
     .venv/bin/python tools/bench_exported.py --quick --tasks spam      # smoke test (a minute or two)
 
-Evaluation through ONNX Runtime is our own loop: classification and perplexity call the graph like the PyTorch
-model; GSM answers are greedy, one problem at a time, with the KV cache, stopped at end-of-turn or once text
-follows the `#### n` line (as `lamda_edge.demo` stops them) after at most 112 new tokens.
+Through ONNX Runtime, classification and perplexity call the graph like the PyTorch model; GSM answers come from
+`lamda_edge.serve.OnnxGenerator` (greedy, one problem at a time, KV cache), stopped at end-of-turn or once text
+follows the `#### n` line (as `lamda_edge.demo` stops them), after at most 112 new tokens.
 """
 
 from __future__ import annotations
@@ -78,33 +78,29 @@ class OnnxCausalLM:
         return SimpleNamespace(logits=torch.from_numpy(logits))
 
 
-def onnx_gsm(decoder, tok, gsm, max_new_tokens: int = 112) -> dict:
-    """bench_quality's GSM metrics (exact match, format rate, answer loss) with an exported decoder."""
+def onnx_gsm(generator, tok, gsm, max_new_tokens: int = 112) -> dict:
+    """bench_quality's GSM metrics (exact match, format rate, answer loss) with an exported decoder.
+
+    Greedy answers come from `lamda_edge.serve.OnnxGenerator`, stopped at end-of-turn or, as `lamda_edge.demo`
+    stops them, once text follows the `#### n` line (the answer is decided and out of format).
+    """
     from lamda_edge.demo import PAST_FINAL_RE, in_format, is_correct, problem_messages
 
-    eos = tok.eos_token_id
+    def decided(new_ids: list[int]) -> bool:
+        return bool(PAST_FINAL_RE.search(tok.decode(new_ids[-24:], skip_special_tokens=True)))
+
     correct = formatted = 0
     for problem in gsm.eval_problems:
         prompt = tok.apply_chat_template(problem_messages(problem["question"]), tokenize=False,
                                          add_generation_prompt=True)
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        logits, past = decoder.step(np.array([ids]), decoder.empty_past(1))  # prefill: logits (1, T, V)
-        new, stopped = [], False
-        while len(new) < max_new_tokens:
-            token = int(np.argmax(logits[0, -1]))
-            new.append(token)
-            if token == eos:
-                stopped = True
-                break
-            if PAST_FINAL_RE.search(tok.decode(new[-24:], skip_special_tokens=True)):
-                break  # the answer is decided (and out of format): demo's stopping rule
-            logits, past = decoder.step(np.array([[token]]), past)
-        text = tok.decode(new, skip_special_tokens=True)
+        out = generator.generate("", max_new_tokens=max_new_tokens, prompt_ids=ids, stop=decided)
+        text = tok.decode(out.token_ids, skip_special_tokens=True)
         correct += is_correct(text, problem, gsm.scorer)
-        formatted += in_format(text, stopped)
+        formatted += in_format(text, out.stopped_by == "eos")
     n = len(gsm.eval_problems)
     return {"metric": "exact_match", "value": correct / n, "format_rate": formatted / n,
-            "answer_loss": onnx_answer_loss(decoder, gsm.eval), "n_test": n}
+            "answer_loss": onnx_answer_loss(generator.decoder, gsm.eval), "n_test": n}
 
 
 def onnx_answer_loss(decoder, dataset) -> float:
@@ -122,14 +118,14 @@ def onnx_answer_loss(decoder, dataset) -> float:
 
 def evaluate_onnx(task: str, path: Path, tok, test, s: dict, threads: int | None) -> dict:
     from lamda_edge.onnx_graph import session
-    from lamda_edge.serve import OnnxDecoder
+    from lamda_edge.serve import OnnxDecoder, OnnxGenerator
 
+    if task == "gsm":
+        return onnx_gsm(OnnxGenerator(path.parent, onnx_file=path.name, threads=threads), tok, test)
     sess = session(path, threads)
     if task == "spam":
         return bq.classify_accuracy(OnnxClassifier(sess), tok, test, s["seq_len"])
-    if task == "moby":
-        return bq.block_perplexity(OnnxCausalLM(OnnxDecoder(sess)), test)
-    return onnx_gsm(OnnxDecoder(sess), tok, test)
+    return bq.block_perplexity(OnnxCausalLM(OnnxDecoder(sess)), test)
 
 
 # ---- one task -------------------------------------------------------------------------------------------------------
