@@ -312,12 +312,9 @@ def run_jobs(jobs: list[dict], run, mode: str, out: str | None, markdown: str | 
         if out:
             with open(out, "a") as fh:
                 fh.write(json.dumps(res) + "\n")
-    text = table(results)
     errors = [r for r in results if "error" in r]
-    text += "".join(f"\n- FAILED {' '.join(f'{k}={r.get(k)}' for k in jobs[0])}: {r['error']}" for r in errors)
-    print(text)
-    if markdown:
-        write_atomic(markdown, text + "\n")
+    failed = "".join(f"\n- FAILED {' '.join(f'{k}={r.get(k)}' for k in jobs[0])}: {r['error']}" for r in errors)
+    report(results, table, markdown, failed)
     return 1 if errors else 0
 
 
@@ -343,9 +340,9 @@ def read_results(files: list[str]) -> list[dict]:
     return rows
 
 
-def report(results: list[dict], table, markdown: str | None) -> int:
-    """Print `table(results)` and write it to `markdown` (the tools' `--report`)."""
-    text = table(results)
+def report(results: list[dict], table, markdown: str | None, footer: str = "") -> int:
+    """Print `table(results)` (and `footer`) and write it to `markdown`; the tools' `--report` and end of a run."""
+    text = table(results) + footer
     print(text)
     if markdown:
         write_atomic(markdown, text + "\n")
