@@ -15,15 +15,15 @@ from lamda_edge.adapters import (  # noqa: E402
     merge_and_unload,
     save_adapter,
 )
-from lamda_edge.config import LaMDAConfig  # noqa: E402
+from lamda_edge.adapters.config import LaMDAConfig  # noqa: E402
 from lamda_edge.errors import ConfigError, LamdaEdgeError  # noqa: E402
 
 __version__ = "0.1.0"
 
 
 def load_lamda_model(model_path, config, quantize="nf4", device=None, **kwargs):
-    """Load a local transformers folder with a frozen (NF4) base and LaMDA adapters; see `lamda_edge.quant`."""
-    from lamda_edge.quant import load_lamda_model as _load
+    """Load a local transformers folder with a frozen (NF4) base and LaMDA adapters; see `lamda_edge.load.loader`."""
+    from lamda_edge.load.loader import load_lamda_model as _load
 
     return _load(model_path, config, quantize=quantize, device=device, **kwargs)
 

@@ -98,7 +98,7 @@ def _run_plan(args) -> int:
 
 
 def _add_train(sub) -> None:
-    from lamda_edge.run_config import CLI_FLAGS, field_help
+    from lamda_edge.train.config import CLI_FLAGS, field_help
 
     p = sub.add_parser(
         "train", help="fine-tune with LaMDA on a 4-bit base", formatter_class=_Formatter,
@@ -120,9 +120,9 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from lamda_edge.report import RUN_CONFIG_NAME
-    from lamda_edge.run_config import CLI_FLAGS, load_run_config
-    from lamda_edge.train import train
+    from lamda_edge.train.config import CLI_FLAGS, load_run_config
+    from lamda_edge.train.recipe import train
+    from lamda_edge.train.report import RUN_CONFIG_NAME
 
     flags = {key: getattr(args, key) for key, _ in CLI_FLAGS.values()}
     config = load_run_config(args.config, flags, args.overrides)
@@ -161,7 +161,7 @@ def _add_export(sub) -> None:
 def _run_export(args) -> int:
     from pathlib import Path
 
-    from lamda_edge.export import ExportOptions, export
+    from lamda_edge.export.pipeline import ExportOptions, export
 
     output = Path(args.output)
     model, adapter = (Path(p) if p else None for p in (args.model, args.adapter))
@@ -195,7 +195,7 @@ def _add_generate(sub) -> None:
 
 def _run_generate(args) -> int:
     from lamda_edge.errors import ConfigError
-    from lamda_edge.serve import load_generator
+    from lamda_edge.runtime.generate import load_generator
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens should be positive, got {args.max_new_tokens}")

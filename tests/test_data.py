@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import CHATML, chatml_tokenizer
 
-from lamda_edge.data import (
+from lamda_edge.errors import ConfigError, DataError
+from lamda_edge.train.data import (
     IGNORE_INDEX,
     DataWarning,
     LengthGroupedSampler,
@@ -22,7 +23,6 @@ from lamda_edge.data import (
     read_records,
     tokenize_messages,
 )
-from lamda_edge.errors import ConfigError, DataError
 
 CORPUS = [
     "the cat sat on the mat and the dog ran to the park",

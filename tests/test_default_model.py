@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lamda_edge import default_model
+from lamda_edge.demo import default_model
 from lamda_edge.errors import MissingDependencyError, ModelError
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import chatml_tokenizer
 
-from lamda_edge import demo
-from lamda_edge.data import IGNORE_INDEX
+from lamda_edge.demo import task as demo
 from lamda_edge.errors import DataError
+from lamda_edge.train.data import IGNORE_INDEX
 
 
 def build_tokenizer():
@@ -148,7 +148,7 @@ def test_evaluate_tiny_model_generates_and_loss_moves(tokenizer, task):
     assert before.n_problems == 2 and 0.0 <= before.accuracy <= 1.0 and len(before.samples) == 2
     assert math.isclose(before.answer_perplexity, math.exp(before.answer_loss), rel_tol=1e-6)
     assert before.answer_loss > math.log(len(tokenizer)) * 0.8  # untrained: near uniform
-    from lamda_edge.data import PaddingCollator
+    from lamda_edge.train.data import PaddingCollator
 
     batch = PaddingCollator.for_tokenizer(tokenizer)([task.eval[i] for i in range(len(task.eval))])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -183,7 +183,7 @@ def test_default_model_baseline(tmp_path_factory):
     """The real default model answers a few held-out problems; its answer loss is finite and plausible."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lamda_edge.default_model import default_model_path
+    from lamda_edge.demo.default_model import default_model_path
 
     path = default_model_path(progress=False)
     tok = AutoTokenizer.from_pretrained(path)

@@ -59,7 +59,7 @@ def _private_cache(tmp_path_factory, monkeypatch):
 
 
 def run_export(output, **kw):
-    from lamda_edge.export import ExportOptions, export
+    from lamda_edge.export.pipeline import ExportOptions, export
 
     return export(ExportOptions(output=output, **kw), log=lambda *_: None)
 
@@ -134,7 +134,7 @@ def test_encoder_classifier_export(tmp_path, dtype):
 
 
 def test_large_models_keep_weights_in_external_data(tmp_path, monkeypatch):
-    from lamda_edge import onnx_graph
+    from lamda_edge.export import graph as onnx_graph
 
     monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_BYTES", 0)  # every model counts as over protobuf's 2 GB
     save_tiny(tmp_path / "bert", "bert")
@@ -186,8 +186,8 @@ def test_merge_of_a_4bit_adapter_matches_the_adapter_model(tmp_path, llama_dir):
     """The training path: NF4 residual base from load_lamda_model, S and B moved, merged back to fp32 weights."""
     from lamda_edge import LaMDAConfig, save_adapter
     from lamda_edge.adapters import lamda_layers
-    from lamda_edge.export import load_merged
-    from lamda_edge.quant import load_lamda_model
+    from lamda_edge.export.merged import load_merged
+    from lamda_edge.load.loader import load_lamda_model
 
     adapted = load_lamda_model(llama_dir, LaMDAConfig(rank=4, alpha=8.0), quantize="nf4", device="cpu",
                                compute_dtype=torch.float32, cache_dir=False, progress=False)
@@ -221,7 +221,7 @@ def test_classifier_adapter_on_a_bare_encoder_exports_its_head(tmp_path):
 
     from lamda_edge import LaMDAConfig, save_adapter
     from lamda_edge.adapters import lamda_layers
-    from lamda_edge.quant import load_lamda_model
+    from lamda_edge.load.loader import load_lamda_model
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
@@ -261,8 +261,8 @@ def test_adapter_on_another_base_is_refused(tmp_path, llama_dir):
 
 
 def test_existing_output_is_refused_without_overwrite(tmp_path, llama_dir, monkeypatch):
-    from lamda_edge import export as export_mod
     from lamda_edge.cli import main
+    from lamda_edge.export import pipeline as export_mod
 
     def fake_build(options, tmp, report, log):  # the folder handling only; the real build is tested above
         (tmp / "model.onnx").write_text("new")
@@ -288,7 +288,7 @@ def test_unsupported_model_type_names_the_supported_ones(tmp_path):
 
 
 def test_validation_failure_lists_every_mismatch_and_writes_the_report(tmp_path, monkeypatch):
-    from lamda_edge import onnx_graph
+    from lamda_edge.export import graph as onnx_graph
 
     save_tiny(tmp_path / "bert", "bert")
     real_export = onnx_graph.export_encoder
@@ -312,7 +312,7 @@ def test_validation_failure_lists_every_mismatch_and_writes_the_report(tmp_path,
 
 
 def test_bad_options_are_config_errors(tmp_path):
-    from lamda_edge.export import ExportOptions
+    from lamda_edge.export.pipeline import ExportOptions
 
     with pytest.raises(ConfigError, match="block_size.*power of two"):
         ExportOptions(output=tmp_path / "o", model=tmp_path, block_size=48)
@@ -334,7 +334,7 @@ def test_int4_can_keep_the_tied_head_in_float_and_use_zero_points(tmp_path):
     """quantize_int4's non-default options (used by tools/int4_variants.py): the tied head's MatMul left as is."""
     import onnx
 
-    from lamda_edge.onnx_graph import quantize_int4
+    from lamda_edge.export.quantize import quantize_int4
 
     save_tiny(tmp_path / "tied", "llama", tie=True)
     run_export(tmp_path / "out", model=tmp_path / "tied")

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from lamda_edge.errors import ConfigError, ModelError
-from lamda_edge.loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
-from lamda_edge.memcount import LiveTensorCounter
+from lamda_edge.planner.live_tensors import LiveTensorCounter
+from lamda_edge.train.loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
 
 ATOL = 1e-5  # fp32 tolerance for losses and gradients (sums of a few hundred terms)
 RTOL = 1e-4
@@ -181,7 +181,7 @@ def _lamda_model(base: str, vocab: int, tmp_path):
             layer.self_attn.q_proj.weight.requires_grad_(True)
         return model
     from lamda_edge import LaMDAConfig
-    from lamda_edge.quant import load_lamda_model
+    from lamda_edge.load.loader import load_lamda_model
 
     model.save_pretrained(str(tmp_path / "tiny"))
     return load_lamda_model(tmp_path / "tiny", LaMDAConfig(rank=4), quantize="nf4", device="cpu", cache_dir=False,
@@ -220,7 +220,7 @@ def test_causal_lm_loss_unwraps_a_peft_model():
     from conftest import tiny_llama
     from peft import LoraConfig, get_peft_model
 
-    from lamda_edge.loss import causal_lm_loss
+    from lamda_edge.train.loss import causal_lm_loss
 
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -235,7 +235,7 @@ def test_a_single_chunk_is_not_checkpointed_and_has_the_same_step_peak(tmp_path,
     of a checkpointed single chunk (measured here: a few KiB below it, the checkpoint's own saved input)."""
     from torch.utils.checkpoint import checkpoint
 
-    from lamda_edge import loss as loss_mod
+    from lamda_edge.train import loss as loss_mod
 
     vocab = 512
     model = _lamda_model("nf4", vocab, tmp_path)

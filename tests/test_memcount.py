@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lamda_edge.memcount import LiveTensorCounter, register_bytes
+from lamda_edge.planner.live_tensors import LiveTensorCounter, register_bytes
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> torch.nn.Module:

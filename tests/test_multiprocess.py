@@ -24,7 +24,7 @@ DUMP = textwrap.dedent("""
     from transformers import TrainerCallback
     from lamda_edge.adapters import lamda_layers
     from lamda_edge.cli import main
-    import lamda_edge.train as t
+    import lamda_edge.train.recipe as t
 
     class Dump(TrainerCallback):  # each rank writes its own adapter at the end
         def on_train_begin(self, args, state, control, model=None, **kw):
@@ -79,7 +79,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lamda_edge.adapters import apply_lamda, lamda_layers
-    from lamda_edge.config import LaMDAConfig
+    from lamda_edge.adapters.config import LaMDAConfig
 
     fresh = apply_lamda(AutoModelForCausalLM.from_pretrained(str(model_dir)), LaMDAConfig(rank=4, alpha=8.0))
     moved = [not torch.equal(layer.lamda_S.detach(), saved[f"{name}.lamda_S"]) for name, layer in lamda_layers(fresh)]

@@ -20,9 +20,9 @@ def _saved_after_forward(layers: int, quantize, padded: bool) -> int:
     """Live bytes after a forward without checkpointing, above weights and batch (counted)."""
     import torch
 
-    from lamda_edge.loss import causal_lm_loss
-    from lamda_edge.memcount import LiveTensorCounter
+    from lamda_edge.planner.live_tensors import LiveTensorCounter
     from lamda_edge.planner.measure import build_model
+    from lamda_edge.train.loss import causal_lm_loss
 
     setup = TrainSetup(batch_size=2, seq_len=32, rank=4, quantize=quantize, gradient_checkpointing=False,
                        compute_dtype="fp32")
@@ -54,7 +54,7 @@ def test_nf4_bytes_match_bitsandbytes():
     import torch
 
     from lamda_edge.adapters.bnb import quantize_nf4
-    from lamda_edge.memcount import LiveTensorCounter
+    from lamda_edge.planner.live_tensors import LiveTensorCounter
 
     layer = quantize_nf4(torch.randn(96, 64), None)
     assert LiveTensorCounter().register(layer).current_bytes == nf4_bytes(96 * 64, double_quant=True)

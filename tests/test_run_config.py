@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lamda_edge.errors import ConfigError
-from lamda_edge.run_config import RunConfig, load_run_config, parse_overrides
+from lamda_edge.train.config import RunConfig, load_run_config, parse_overrides
 
 
 def write(tmp_path, text: str):

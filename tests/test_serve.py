@@ -8,7 +8,8 @@ import torch
 from test_export import run_export, save_tiny
 
 from lamda_edge.errors import ConfigError, ModelError
-from lamda_edge.serve import OnnxGenerator, load_generator, perplexity, pick
+from lamda_edge.runtime.decoder import perplexity
+from lamda_edge.runtime.generate import OnnxGenerator, load_generator, pick
 
 PROMPTS = [pytest.param("hello world, how are you?", id="hello"),
            pytest.param("what is twelve times seven?", id="arithmetic")]

@@ -62,7 +62,7 @@ STALL = textwrap.dedent("""
     import sys, time
     from transformers import TrainerCallback
     from lamda_edge.cli import main
-    import lamda_edge.train as t
+    import lamda_edge.train.recipe as t
 
     class Stall(TrainerCallback):  # after optimizer step N: say so, then wait to be killed
         def on_step_end(self, args, state, control, **kw):
@@ -145,7 +145,7 @@ def test_sigkill_and_resume_is_bitwise_exact(tmp_path, model_dir, data_file):
 
 
 def tiny_config(model_dir: Path, data_file: Path, out: Path, **changes):
-    from lamda_edge.run_config import RunConfig
+    from lamda_edge.train.config import RunConfig
 
     values = dict(model=str(model_dir), data=str(data_file), output=str(out), quantize="none", rank=4, batch_size=4,
                   seq_len=64, max_steps=6, save_steps=2, eval_steps=3, logging_steps=1, lr=5e-3)
@@ -157,8 +157,8 @@ def test_output_folder_holds_adapter_config_metrics_plot(tmp_path, model_dir, da
     from transformers import AutoModelForCausalLM
 
     from lamda_edge.adapters import lamda_layers, load_adapter
-    from lamda_edge.run_config import load_run_config
-    from lamda_edge.train import train
+    from lamda_edge.train.config import load_run_config
+    from lamda_edge.train.recipe import train
 
     out = tmp_path / "run"
     result = train(tiny_config(model_dir, data_file, out), progress=False)
@@ -191,7 +191,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, model_dir, data
 
     from lamda_edge.adapters import lamda_layers
     from lamda_edge.errors import TrainingError
-    from lamda_edge.train import train
+    from lamda_edge.train.recipe import train
 
     class Poison(TrainerCallback):  # after step 2 (checkpointed), one S becomes NaN: step 3's loss is NaN
         def __init__(self):
@@ -216,7 +216,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, model_dir, data
 
 def test_existing_run_and_missing_checkpoint_are_refused(tmp_path, model_dir, data_file):
     from lamda_edge.errors import ConfigError
-    from lamda_edge.train import train
+    from lamda_edge.train.recipe import train
 
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match="nothing to resume"):
@@ -287,23 +287,24 @@ def test_default_job_moves_the_demo_metric(tmp_path):
 )
 def test_device_and_precision(device, precision, expected):
     from lamda_edge.errors import LamdaEdgeError
-    from lamda_edge.run_config import resolve_device, resolve_precision
+    from lamda_edge.load.device import resolve_precision
+    from lamda_edge.train.config import resolve_run_device
 
     try:
-        result = resolve_precision(precision, resolve_device(device))
+        result = resolve_precision(precision, resolve_run_device(device))
     except LamdaEdgeError as exc:
         assert expected in str(exc)
     else:
-        from lamda_edge.run_config import _cpu_has_bf16
+        from lamda_edge.load.device import cpu_has_bf16
 
-        assert result == (("bf16" if _cpu_has_bf16() else "fp32") if expected == "native" else expected)
+        assert result == (("bf16" if cpu_has_bf16() else "fp32") if expected == "native" else expected)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_profile_without_cuda_is_refused():
     from lamda_edge.errors import ConfigError
-    from lamda_edge.run_config import resolve_device
+    from lamda_edge.train.config import resolve_run_device
 
     with pytest.raises(ConfigError, match="needs CUDA"):
-        resolve_device("t4")
-    assert resolve_device("cpu").type == "cpu"
+        resolve_run_device("t4")
+    assert resolve_run_device("cpu").type == "cpu"

@@ -223,7 +223,7 @@ def build(
     elif method in LAMDA_METHODS:
         from lamda_edge import LaMDAConfig
         from lamda_edge.adapters import PMBScheduler, lamda_layers
-        from lamda_edge.quant import load_lamda_model
+        from lamda_edge.load.loader import load_lamda_model
 
         cfg = LaMDAConfig(rank=rank, alpha=2.0 * rank, target_modules=targets, init=init,
                           rank_allocation="energy" if method == "lamda++" else "uniform",
@@ -257,7 +257,7 @@ def build(
 
 def train_step(built: Built, batch: dict, chunk_rows: int | None, step: int) -> float:
     """One optimizer step: forward, loss (chunked or the model's own), backward, step, schedules, zero_grad."""
-    from lamda_edge.loss import causal_lm_loss
+    from lamda_edge.train.loss import causal_lm_loss
 
     model = built.model
     if "labels" in batch and batch["labels"].dim() == 1:  # sequence classification: the model's own loss

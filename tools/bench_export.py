@@ -5,7 +5,7 @@ usage:
     .venv/bin/python tools/bench_export.py [--model DIR] [--work DIR] [--new-tokens 64] [--repeats 3]
                                            [--threads 2] [--out bench-export.md] [--skip-genai]
 
---model defaults to the built-in SmolLM2-135M-Instruct folder (`lamda_edge.default_model.default_model_path()`,
+--model defaults to the built-in SmolLM2-135M-Instruct folder (`lamda_edge.demo.default_model.default_model_path()`,
 Q4_1-round-tripped weights). The model is exported as it is (no adapter: the merged model of a trained adapter has
 the same shapes and cost). Every engine decodes the same chat prompt greedily for exactly --new-tokens tokens
 (end-of-sequence ignored); decode tokens/s counts the tokens after the first over the time after the prefill; the
@@ -58,7 +58,7 @@ class TorchEngine:
 
 
 class OrtEngine:
-    """A `lamda_edge.serve` generator (plain ONNX or onnxruntime-genai), end-of-sequence ignored."""
+    """A `lamda_edge.runtime.generate` generator (plain ONNX or onnxruntime-genai), end-of-sequence ignored."""
 
     def __init__(self, gen, label: str, prompt_ids: list[int]):
         self.gen, self.label, self.prompt_ids = gen, label, prompt_ids
@@ -104,11 +104,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from lamda_edge.export import ExportOptions, export
-    from lamda_edge.serve import GenaiGenerator, OnnxGenerator
+    from lamda_edge.export.pipeline import ExportOptions, export
+    from lamda_edge.runtime.generate import GenaiGenerator, OnnxGenerator
 
     if args.model is None:
-        from lamda_edge.default_model import default_model_path
+        from lamda_edge.demo.default_model import default_model_path
 
         args.model = default_model_path()
     onnx_dir, genai_dir = args.work / "onnx", args.work / "genai-int4"

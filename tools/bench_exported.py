@@ -2,7 +2,7 @@
 
 For each task (spam, moby, gsm; see tools/bench_quality.py) and seed:
 
-    train LaMDA exactly as bench_quality does ──> save the adapter ──> lamda_edge.export (--int4)
+    train LaMDA exactly as bench_quality does ──> save the adapter ──> lamda_edge.export.pipeline (--int4)
       └─> the task's metric on the same test split, four ways:
             adapter   PyTorch, LaMDA layers unmerged (the number bench_quality reports)
             merged    PyTorch, the merged transformers folder the export wrote (OUT/merged)
@@ -17,8 +17,8 @@ Usage:
     .venv/bin/python tools/bench_exported.py --quick --tasks spam      # smoke test (a minute or two)
 
 Through ONNX Runtime, classification and perplexity call the graph like the PyTorch model; GSM answers come from
-`lamda_edge.serve.OnnxGenerator` (greedy, one problem at a time, KV cache), stopped at end-of-turn or once text
-follows the `#### n` line (as `lamda_edge.demo` stops them), after at most 112 new tokens.
+`lamda_edge.runtime.generate.OnnxGenerator` (greedy, one problem at a time, KV cache), stopped at end-of-turn
+or once text follows the `#### n` line (as `lamda_edge.demo.task` stops them), after at most 112 new tokens.
 """
 
 from __future__ import annotations
@@ -81,10 +81,10 @@ class OnnxCausalLM:
 def onnx_gsm(generator, tok, gsm, max_new_tokens: int = 112) -> dict:
     """bench_quality's GSM metrics (exact match, format rate, answer loss) with an exported decoder.
 
-    Greedy answers come from `lamda_edge.serve.OnnxGenerator`, stopped at end-of-turn or, as `lamda_edge.demo`
-    stops them, once text follows the `#### n` line (the answer is decided and out of format).
+    Greedy answers come from `lamda_edge.runtime.generate.OnnxGenerator`, stopped at end-of-turn or, as
+    `lamda_edge.demo.task` stops them, once text follows the `#### n` line (the answer is decided and out of format).
     """
-    from lamda_edge.demo import PAST_FINAL_RE, in_format, is_correct, problem_messages
+    from lamda_edge.demo.task import PAST_FINAL_RE, in_format, is_correct, problem_messages
 
     def decided(new_ids: list[int]) -> bool:
         return bool(PAST_FINAL_RE.search(tok.decode(new_ids[-24:], skip_special_tokens=True)))
@@ -117,8 +117,8 @@ def onnx_answer_loss(decoder, dataset) -> float:
 
 
 def evaluate_onnx(task: str, path: Path, tok, test, s: dict, threads: int | None) -> dict:
-    from lamda_edge.onnx_graph import session
-    from lamda_edge.serve import OnnxDecoder, OnnxGenerator
+    from lamda_edge.runtime.generate import OnnxDecoder, OnnxGenerator
+    from lamda_edge.runtime.session import session
 
     if task == "gsm":
         return onnx_gsm(OnnxGenerator(path.parent, onnx_file=path.name, threads=threads), tok, test)
@@ -136,7 +136,8 @@ def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, thre
     """Train (seed given) or take the base model (seed None), export, and measure every backend."""
     from transformers import AutoTokenizer
 
-    from lamda_edge.export import ExportOptions, export, load_reference
+    from lamda_edge.export import ExportOptions, export
+    from lamda_edge.export.merged import load_reference
 
     t0 = time.perf_counter()
     name = (f"{task}-base" if seed is None else f"{task}-s{seed}") + f"-b{block_size}"

@@ -17,14 +17,14 @@ What is reported per method:
   optimizer    bytes of the optimizer state after the warm-up step
   step peak    the peak of live tensor bytes during one full training step (forward, loss, backward, optimizer
                step), above the resident bytes (weights + optimizer state + batch). On CPU counted exactly by
-               `lamda_edge.memcount.LiveTensorCounter`; on CUDA `torch.cuda.max_memory_allocated` minus
+               `lamda_edge.planner.live_tensors.LiveTensorCounter`; on CUDA `torch.cuda.max_memory_allocated` minus
                `torch.cuda.memory_allocated` before the step.
   step time    median seconds of the timed steps (all rounds pooled); on a shared CPU these are noisy.
 
 Stacks:
   (a) identical settings for all methods: plain cross-entropy (the model's own loss), non-reentrant gradient
       checkpointing on, the same compute dtype. This isolates the adapter.
-  (b) each tool's recommended settings: lamda-edge with its chunked loss (`lamda_edge.loss`, 256 rows) and
+  (b) each tool's recommended settings: lamda-edge with its chunked loss (`lamda_edge.train.loss`, 256 rows) and
       checkpointing; PEFT as its docs set it up (`get_peft_model` alone for a float base, i.e. no checkpointing;
       `prepare_model_for_kbit_training` with its default checkpointing for QLoRA), plain loss.
   (c) (optional, `--stacks c`) identical settings with lamda-edge's chunked loss for every method, so that the
@@ -62,7 +62,7 @@ LABELS = {
 
 def model_dir(name: str, cache: Path) -> Path:
     if name == "smollm2":
-        from lamda_edge.default_model import default_model_path
+        from lamda_edge.demo.default_model import default_model_path
 
         return default_model_path(progress=False)
     if name == "tiny":
@@ -97,7 +97,7 @@ def _random_llama_dir(cache: Path, name: str, **shape) -> Path:
 
 
 def worker(args: dict) -> dict:
-    from lamda_edge.memcount import LiveTensorCounter, register_bytes
+    from lamda_edge.planner.live_tensors import LiveTensorCounter, register_bytes
 
     if args.get("threads"):
         torch.set_num_threads(args["threads"])

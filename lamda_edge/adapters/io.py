@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lamda_edge.adapters.config import LaMDAConfig
 from lamda_edge.adapters.inject import apply_lamda, lamda_layers
 from lamda_edge.atomic import write_atomic
-from lamda_edge.config import LaMDAConfig
 from lamda_edge.errors import AdapterMismatchError, ModelError
 
 CONFIG_NAME = "adapter_config.json"

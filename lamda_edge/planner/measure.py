@@ -3,12 +3,12 @@
 On CUDA the peak comes from the allocator (`torch.cuda.max_memory_allocated`); on CPU from `LiveTensorCounter`
 (exact live tensor bytes). The model is built the way training builds it: the frozen base (NF4 or not) with
 LaMDA adapters from `lamda_edge.adapters`, gradient checkpointing (non-reentrant), the chunked loss from
-`lamda_edge.loss`, AdamW over the trainable parameters. A catalogue shape without local weights gets random
+`lamda_edge.train.loss`, AdamW over the trainable parameters. A catalogue shape without local weights gets random
 weights of that shape (memory does not depend on the values).
 
 Real weights (a local folder, or `smollm2-135m` -> the built-in default) go through `lamda_edge.quant.
 load_lamda_model`, the loader `lamda-edge train` uses. TODO(train): `_train_step` is a plain loop (chunked loss,
-backward, AdamW step); switch it to the step of `lamda_edge.train` (LaMDATrainer) once it exposes one.
+backward, AdamW step); switch it to the step of `lamda_edge.train.recipe` (LaMDATrainer) once it exposes one.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from lamda_edge.errors import ModelError
+from lamda_edge.load.device import DTYPES
 from lamda_edge.planner.memory import TrainSetup
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def llama_config(shape):
@@ -45,19 +44,19 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
     from lamda_edge.adapters import find_targets, make_lamda_linear
+    from lamda_edge.adapters.config import LaMDAConfig
     from lamda_edge.adapters.inject import finish_injection
-    from lamda_edge.config import LaMDAConfig
 
-    dtype = TORCH_DTYPES[setup.weight_dtype or setup.compute_dtype]
+    dtype = DTYPES[setup.weight_dtype or setup.compute_dtype]
     torch.manual_seed(seed)
     config = LaMDAConfig(rank=setup.rank)
     if shape.local_path and (Path(shape.local_path) / "config.json").is_file() and any(
             Path(shape.local_path).glob("*.safetensors")):
         # real weights: the loader `lamda-edge train` uses (SVD of the full weights, residual to NF4, checkpointing)
-        from lamda_edge.quant import load_lamda_model
+        from lamda_edge.load.loader import load_lamda_model
 
         model = load_lamda_model(shape.local_path, config, quantize=setup.quantize, device=device,
-                                 compute_dtype=TORCH_DTYPES[setup.compute_dtype], progress=False,
+                                 compute_dtype=DTYPES[setup.compute_dtype], progress=False,
                                  gradient_checkpointing=setup.gradient_checkpointing)
         model.config.use_cache = False
         model.train()
@@ -72,7 +71,7 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
     for i, (name, module) in enumerate(targets):
         rank = setup.ranks[i % per_block] if setup.ranks else min(setup.rank, *module.weight.shape)
         layer, _ = make_lamda_linear(module.weight, module.bias, rank, config, setup.quantize,
-                                     TORCH_DTYPES[setup.compute_dtype], device)
+                                     DTYPES[setup.compute_dtype], device)
         model.set_submodule(name, layer)
     finish_injection(model, config, {}, {})
     if not setup.b_trainable:
@@ -81,7 +80,7 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
                 m.lamda_B.requires_grad_(False)
     model.to(device)
     if setup.gradient_checkpointing:
-        from lamda_edge.quant import enable_gradient_checkpointing
+        from lamda_edge.load.loader import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
     model.config.use_cache = False
@@ -90,7 +89,7 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
 
 
 def _train_step(model, batch, optimizer, chunk_rows) -> float:
-    from lamda_edge.loss import causal_lm_loss
+    from lamda_edge.train.loss import causal_lm_loss
 
     loss = causal_lm_loss(model, batch, chunk_rows=chunk_rows)
     loss.backward()
@@ -108,7 +107,7 @@ def measure(shape, setup: TrainSetup, steps: int = 2, device: str | None = None,
     Returns:
         {"measured_tensor_peak_bytes", "measured_by", "steps", "seconds_per_step", "device"}
     """
-    from lamda_edge.memcount import LiveTensorCounter
+    from lamda_edge.planner.live_tensors import LiveTensorCounter
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(shape, setup, device, seed)
@@ -157,7 +156,7 @@ def measure_plan(plan, steps: int = 2) -> dict:
     note = "random weights of the planned shape"
     if shape.local_path is None and shape.name == "smollm2-135m":
         try:
-            from lamda_edge.default_model import default_model_path
+            from lamda_edge.demo.default_model import default_model_path
 
             shape = replace(shape, local_path=str(default_model_path()))
             note = "the built-in SmolLM2-135M-Instruct (Q4_1-round-tripped) weights"

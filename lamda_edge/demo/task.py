@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from lamda_edge.data import IGNORE_INDEX, PaddingCollator, TokenDataset, tokenize_messages
 from lamda_edge.errors import DataError, ModelError, require
-from lamda_edge.loss import causal_lm_loss
+from lamda_edge.train.data import IGNORE_INDEX, PaddingCollator, TokenDataset, tokenize_messages
+from lamda_edge.train.loss import causal_lm_loss
 
 SYSTEM_PROMPT = "Solve the math word problem. Show short steps, then give the final number after ####."
 DATASET = "gsm_symbolic"

@@ -11,7 +11,7 @@ and the report compares ||W - (Q(W_res) + s B S A)|| / ||W|| with plain NF4's ||
 Preparation streams: the model skeleton is built without weights (parameters on the meta device), then tensors
 are read one at a time from the safetensors files: a targeted weight goes through SVD -> residual -> NF4 -> device
 and is dropped; every other tensor is placed on the device in the compute dtype. A 7B model is never held in full
-precision on the GPU. The prepared layers are cached on disk (`lamda_edge.prepare_cache`), so the next load of the
+precision on the GPU. The prepared layers are cached on disk (`lamda_edge.load.cache`), so the next load of the
 same weights and config skips the SVDs.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from lamda_edge.adapters.bnb import disable_cpu_repack
+from lamda_edge.adapters.config import LaMDAConfig
 from lamda_edge.adapters.inject import (
     HEAD_NAMES,
     _is_conv1d,
@@ -38,9 +38,8 @@ from lamda_edge.adapters.inject import (
     weight_fingerprint,
 )
 from lamda_edge.adapters.spectral import singular_values
-from lamda_edge.config import LaMDAConfig
 from lamda_edge.errors import ConfigError, ModelError, require
-from lamda_edge.prepare_cache import (
+from lamda_edge.load.cache import (
     build_layer,
     cache_key,
     default_cache_dir,
@@ -49,45 +48,16 @@ from lamda_edge.prepare_cache import (
     read_entry,
     write_entry,
 )
+from lamda_edge.load.checkpoint import Checkpoint, key_map
+from lamda_edge.load.device import PeakMemory, resolve_compute_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
 
 QUANTIZE = ("nf4", None)
 TASKS = ("causal-lm", "sequence-classification")
-# Renames of old checkpoints that transformers applies on load (its "legacy" conversion mapping).
-LEGACY_SUFFIXES = ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias"))
 
 
 # ---- choices: device, dtype, task ----------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device to prepare on: CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"`device` is {device}, but CUDA is not available here; use device='cpu'")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def resolve_compute_dtype(compute_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that have it, fp16 on older GPUs (e.g. T4), fp32 on CPU, unless given."""
-    if isinstance(compute_dtype, str):
-        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-        if compute_dtype not in names:
-            raise ConfigError(f"`compute_dtype` should be one of {sorted(names)}, got {compute_dtype!r}")
-        return names[compute_dtype]
-    if compute_dtype is not None:
-        if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ConfigError(f"`compute_dtype` should be float32, bfloat16 or float16, got {compute_dtype}")
-        return compute_dtype
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def resolve_task(hf_config, task: str | None) -> str:
@@ -117,100 +87,7 @@ def resolve_task(hf_config, task: str | None) -> str:
     )
 
 
-# ---- the checkpoint, read tensor by tensor -------------------------------------------------------------------------
-
-
-class Checkpoint:
-    """The safetensors files of a model folder (single file or sharded with an index), read one tensor at a time."""
-
-    def __init__(self, model_dir: Path):
-        import json
-
-        from safetensors import safe_open
-
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            files = sorted({model_dir / f for f in weight_map.values()})
-        else:
-            files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            found = sorted(p.name for p in model_dir.iterdir())[:10]
-            raise ModelError(
-                f"{model_dir} holds no safetensors weights (files: {found}); lamda-edge never loads pickled "
-                "weights. Fix: load it once with transformers and save_pretrained(safe_serialization=True)"
-            )
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ModelError(f"the weights index of {model_dir} names missing shards: {missing[:3]}")
-        self.files = files
-        self._handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in files}
-        self.where = {key: f for f, h in self._handles.items() for key in h.keys()}
-
-    def get(self, key: str) -> torch.Tensor:
-        """One tensor, on the CPU, in its stored dtype."""
-        return self._handles[self.where[key]].get_tensor(key)
-
-    def close(self) -> None:
-        self._handles.clear()
-
-
-def key_map(model: nn.Module, checkpoint_keys) -> tuple[dict[str, str], list[str]]:
-    """{model state-dict key: checkpoint key}, and the checkpoint keys that match nothing.
-
-    Handles the base-model prefix both ways (a `BertModel` checkpoint into `BertForSequenceClassification`, and
-    back) and the legacy LayerNorm gamma/beta names.
-    """
-    model_keys = set(model.state_dict().keys())
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    mapping, unused = {}, []
-    for ckpt_key in checkpoint_keys:
-        key = ckpt_key
-        for old, new in LEGACY_SUFFIXES:
-            if key.endswith(old):
-                key = key[: -len(old)] + new
-        candidates = [key]
-        if prefix:
-            candidates += [f"{prefix}.{key}", key.removeprefix(prefix + ".")]
-        hit = next((c for c in candidates if c in model_keys), None)
-        if hit is None:
-            unused.append(ckpt_key)
-        else:
-            mapping[hit] = ckpt_key
-    return mapping, unused
-
-
 # ---- memory --------------------------------------------------------------------------------------------------------
-
-
-class PeakMemory:
-    """Peak memory of a stretch of work: the CUDA allocator's peak, or the process's peak RSS on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss"
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:  # Linux: writing 5 resets the peak RSS (VmHWM) of this process
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-        except OSError:
-            self.kind = "process_peak_rss_lifetime"
-
-    def peak_bytes(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # ---- building the model --------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from lamda_edge.errors import ExportValidationError, ModelError, require
+from lamda_edge.runtime.decoder import held_out_ids, perplexity
+from lamda_edge.runtime.generate import GenaiGenerator
 
 FP32_LOGIT_TOL = 1e-3  # the builder fuses attention (GroupQueryAttention): looser than the plain export's 1e-4
 GREEDY_PROMPT = "What is twelve times seven?"
@@ -55,8 +57,6 @@ def torch_greedy(model, ids: list[int], max_new_tokens: int, eos: set[int]) -> l
 def build_and_validate(merged_dir: Path, out: Path, precision: str, execution_provider: str, reference, tokenizer,
                        text: str, report: dict, log=print) -> None:
     """Build the genai folder in `out` and fill report["genai"], report["sizes_bytes"], report["validation"]."""
-    from lamda_edge.serve import GenaiGenerator, held_out_ids, perplexity
-
     report["timings_s"]["genai_build"] = build(merged_dir, out, precision, execution_provider)
     gen = GenaiGenerator(out)
     sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.name.startswith(gen.onnx_file)}

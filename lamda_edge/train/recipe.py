@@ -7,7 +7,7 @@
                  adapter (save_adapter) · run_config.yaml · metrics.json · loss_curve.png · checkpoints/
 
 The Trainer trains `LossModel`, a thin module whose forward returns the chunked causal-LM loss
-(`lamda_edge.loss`), so full fp32 logits never exist and DDP (`accelerate launch`) syncs gradients
+(`lamda_edge.train.loss`), so full fp32 logits never exist and DDP (`accelerate launch`) syncs gradients
 through an ordinary forward. Checkpoints hold only the adapter (safetensors), the optimizer, the
 LR scheduler, the RNG states and the Trainer state; each is written into a staging folder that is
 renamed into place, so a killed run never leaves a half-written checkpoint. On resume, the adapter
@@ -28,20 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
-from lamda_edge import report
-from lamda_edge.errors import ConfigError, ModelError, TrainingError
-from lamda_edge.report import ProgressCallback, effective_trainable, lamda_layer_list
-from lamda_edge.run_config import (
+from lamda_edge.errors import ConfigError, ModelError
+from lamda_edge.load.device import DTYPES, resolve_precision, resolve_quantize
+from lamda_edge.train import report
+from lamda_edge.train.callbacks import LaMDACallback, ProgressCallback
+from lamda_edge.train.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DEMO_STEPS,
     RunConfig,
-    resolve_device,
-    resolve_precision,
-    resolve_quantize,
+    resolve_run_device,
 )
+from lamda_edge.train.report import effective_trainable, lamda_layer_list
+from lamda_edge.train.trainer import LaMDATrainer, LossModel, latest_checkpoint
 
 CHECKPOINTS = "checkpoints"
 DEMO_BEFORE = "demo_before.json"
@@ -55,139 +55,17 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-class LossModel(nn.Module):
-    """A causal LM whose forward returns {"loss": chunked causal-LM loss} (what the Trainer and DDP see)."""
-
-    accepts_loss_kwargs = True  # the loss is normalized by the Trainer's num_items_in_batch
-    loss_type = "ForCausalLM"  # labels are shifted inside: the Trainer counts items over labels[:, 1:]
-
-    def __init__(self, lm: nn.Module, chunk_rows: int | None):
-        super().__init__()
-        self.lm = lm
-        self.chunk_rows = chunk_rows
-
-    def forward(self, input_ids, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
-        from lamda_edge.loss import causal_lm_loss
-
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        return {"loss": causal_lm_loss(self.lm, batch, self.chunk_rows, num_items_in_batch)}
-
-
-class LaMDATrainer(Trainer):
-    """Trainer that checkpoints only the adapter, atomically, and stops on a non-finite loss."""
-
-    def __init__(self, *args, adapter_metadata: dict | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.adapter_metadata = adapter_metadata or {}
-        self.step_loss = 0.0
-        self.last_loss: float | None = None
-
-    @property
-    def lm(self) -> nn.Module:
-        return self.model.lm
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
-        loss = result[0] if return_outputs else result
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            last = latest_checkpoint(Path(self.args.output_dir))
-            raise TrainingError(
-                f"the {'training' if model.training else 'eval'} loss became {value} at optimizer step "
-                f"{self.state.global_step + 1}; the run stopped. The last good checkpoint is kept: "
-                f"{last if last else 'none yet'}. Fix: lower `lr` (now {self.args.learning_rate:g}), use "
-                "`precision=fp32`, or check the data, and start again with `overwrite=true`"
-            )
-        if model.training:
-            self.step_loss += value / max(1, self.accelerator.num_processes)
-        return result
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "eval_loss" in logs:
-            logs["eval_perplexity"] = report.perplexity(logs["eval_loss"])
-        if "loss" in logs:
-            logs["trainable_params"] = effective_trainable(self.lm)
-        super().log(logs, start_time)
-
-    # ---- checkpoints: only the adapter, written into a staging folder and renamed into place -----------------
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        from lamda_edge.adapters import save_adapter
-
-        if self.args.should_save:
-            save_adapter(self.lm, output_dir or self.args.output_dir, metadata=self.adapter_metadata)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        from lamda_edge.adapters import load_adapter
-
-        load_adapter(self.lm, resume_from_checkpoint)
-
-    def _get_output_dir(self, trial) -> str:
-        staging = getattr(self, "_staging_dir", None)
-        return str(staging) if staging is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        from transformers.trainer_utils import rotate_checkpoints
-
-        run_dir = Path(super()._get_output_dir(trial))
-        name = f"checkpoint-{self.state.global_step}"
-        staging = run_dir / f".staging-{self.state.global_step}"
-        if self.args.should_save and staging.exists():
-            shutil.rmtree(staging)
-        self.accelerator.wait_for_everyone()
-        self._staging_dir = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            final = run_dir / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging / name, final)
-            shutil.rmtree(staging, ignore_errors=True)
-            _fsync_dir(run_dir)
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit)
-        self.accelerator.wait_for_everyone()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint with the highest step in `folder` (staging leftovers of a killed run are ignored)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if not folder.is_dir():
-        return None
-    last = get_last_checkpoint(str(folder))
-    return Path(last) if last else None
-
-
 # ---- run setup ---------------------------------------------------------------------------------------------------
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.device, precision: str):
-    """The model with a frozen (NF4 or full-precision) base and LaMDA adapters, from `lamda_edge.quant`."""
-    from lamda_edge.quant import load_lamda_model
+    """The model with a frozen (NF4 or full-precision) base and LaMDA adapters, from `lamda_edge.load.loader`."""
+    from lamda_edge.load.loader import load_lamda_model
 
     return load_lamda_model(model_path, lamda_config, quantize=resolve_quantize(config.quantize, device),
-                            device=device, compute_dtype=_DTYPES[precision], progress=False,
+                            device=device, compute_dtype=DTYPES[precision], progress=False,
                             gradient_checkpointing=bool(config.gradient_checkpointing))
 
 
@@ -217,7 +95,7 @@ def _plan(config: RunConfig, model_path: Path) -> tuple[int, int, int, bool, str
     profile = get_device(config.device if config.device not in ("cpu", "cuda") else "auto")
     target = (batch or DEFAULT_BATCH_SIZE) * config.grad_accum
     result = plan(profile, shape, seq_len=config.seq_len, rank=rank, batch_size=batch, target_batch=target,
-                  quantize=resolve_quantize(config.quantize, resolve_device(config.device)),
+                  quantize=resolve_quantize(config.quantize, resolve_run_device(config.device)),
                   gradient_checkpointing=checkpointing, chunk_rows=config.chunk_rows)
     setup = result.setup
     accum = config.grad_accum if batch is not None else result.grad_accum
@@ -329,15 +207,15 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
         ConfigError, ModelError, DataError: bad input (the CLI exits 2).
         TrainingError: a non-finite loss; the last good checkpoint is kept.
     """
-    from lamda_edge.adapters import LaMDACallback, save_adapter
+    from lamda_edge.adapters import save_adapter
 
     start = time.perf_counter()
     out = config.output_dir()
     last_checkpoint = _prepare_output(config, out, resume)
-    device = resolve_device(config.device)
+    device = resolve_run_device(config.device)
     precision = resolve_precision(config.precision, device)
     if config.model is None:
-        from lamda_edge.default_model import default_model_path
+        from lamda_edge.demo.default_model import default_model_path
 
         model_path = default_model_path(progress=progress)
     else:
@@ -349,13 +227,13 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     rank, batch_size, grad_accum, checkpointing, planned_by = _plan(config, model_path)
     demo_task = None
     if config.data is None:
-        from lamda_edge import demo
+        from lamda_edge.demo import task as demo
 
         demo_task = demo.make_task(tokenizer, n_train=config.demo_train, n_eval=config.demo_eval,
                                    seq_len=config.seq_len, seed=config.seed)
         train_set, eval_set = demo_task.train, demo_task.eval
     else:
-        from lamda_edge.data import load_data
+        from lamda_edge.train.data import load_data
 
         splits = load_data(config.data, tokenizer, config.seq_len, eval_path=config.eval_data,
                            eval_fraction=0.0 if config.eval_data else config.eval_fraction, seed=config.seed,
@@ -384,7 +262,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     demo_before = (_demo_before(demo_task, lm, tokenizer, out, resume, progress, config.demo_generate)
                    if demo_task else None)
 
-    from lamda_edge.data import PaddingCollator
+    from lamda_edge.train.data import PaddingCollator
 
     trainer_ref: list = []
     progress_cb = ProgressCallback(trainer_ref, enabled=progress)
@@ -449,14 +327,14 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
             for line in report.summary_lines(metrics):
                 print(line)
             if demo_task is not None:
-                from lamda_edge.demo import before_after
+                from lamda_edge.demo.task import before_after
 
                 print(before_after(demo_before, metrics["demo"]["metrics_after"]))
     return TrainResult(out, metrics)
 
 
 def _demo_metrics(task, lm, tokenizer, progress: bool, when: str, n_generate: int | None) -> dict:
-    from lamda_edge import demo
+    from lamda_edge.demo import task as demo
 
     result = demo.evaluate(lm, tokenizer, task, n_generate=n_generate)
     if progress and _is_main():

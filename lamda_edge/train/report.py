@@ -11,13 +11,11 @@ import json
 import math
 import resource
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from lamda_edge.atomic import write_atomic, write_bytes_atomic
 
@@ -147,58 +145,3 @@ def effective_trainable(lm: nn.Module) -> int:
     frozen = sum(layer.out_features * layer.frozen_b_columns for _, layer in lamda_layer_list(lm)
                  if layer.lamda_B.requires_grad)
     return trainable_parameter_count(lm) - frozen
-
-
-class ProgressCallback(TrainerCallback):
-    """A tqdm bar over optimizer steps with loss, tokens/s and ETA; eval results and B freezing as lines."""
-
-    def __init__(self, trainer_ref: list, enabled: bool = True):
-        self.trainer_ref = trainer_ref
-        self.enabled = enabled
-        self.bar = None
-        self.start = 0.0
-        self.tokens0 = 0
-        self.trainable = None
-
-    def _write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        elif self.enabled:
-            print(text, file=sys.stderr)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        from tqdm.auto import tqdm
-
-        self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
-        self.trainable = effective_trainable(self.trainer_ref[0].lm)
-        if self.enabled and state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                            dynamic_ncols=True, file=sys.stderr)
-
-    def tokens_per_second(self, state) -> float:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return (state.num_input_tokens_seen - self.tokens0) / elapsed
-
-    def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer_ref[0]
-        trainer.last_loss, trainer.step_loss = trainer.step_loss, 0.0
-        count = effective_trainable(trainer.lm)
-        b_trains = any(layer.lamda_B.requires_grad for _, layer in lamda_layer_list(trainer.lm))
-        if count != self.trainable and not b_trains and state.is_world_process_zero:
-            self._write(f"step {state.global_step}: B wholly frozen, only S trains; trainable parameters "
-                        f"{self.trainable:,} -> {count:,}")
-        self.trainable = count
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-            self.bar.set_postfix(loss=f"{trainer.last_loss:.4f}", tok_s=f"{self.tokens_per_second(state):,.0f}",
-                                 refresh=False)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "eval_loss" in logs and state.is_world_process_zero:
-            self._write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}, "
-                        f"perplexity {logs.get('eval_perplexity', float('nan')):.2f}")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 
-from lamda_edge.config import INITS, RANK_ALLOCATIONS, LaMDAConfig, check_known_keys, closest_key
+from lamda_edge.adapters.config import INITS, RANK_ALLOCATIONS, LaMDAConfig, check_known_keys, closest_key
 from lamda_edge.errors import ConfigError
+from lamda_edge.load.device import PRECISIONS, QUANTIZE, resolve_device
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-QUANTIZE = ("auto", "nf4", "none")
 TORCH_DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 OVERFLOW_POLICIES = ("truncate", "error")
@@ -309,22 +308,18 @@ def load_run_config(config_file: str | Path | None = None, flags: dict[str, Any]
     return RunConfig.from_dict(values, where)
 
 
-# ---- resolving `auto` values on this machine ---------------------------------------------------------------
+# ---- the run's device ----------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' | 'cpu' | 'cuda' | a device profile name (its kind decides) -> torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_run_device(name: str) -> torch.device:
+    """A run's `device`: 'auto' | 'cpu' | 'cuda' | a device profile name (its kind decides) -> torch.device."""
     if name.startswith("cuda:"):
         raise ConfigError(f"`device`={name!r}: pick the GPU with CUDA_VISIBLE_DEVICES={name[5:]} and use "
                           "`device=cuda` (several GPUs: accelerate launch, see docs/multi-gpu.md)")
-    kind = name
-    if name not in ("cpu", "cuda"):
-        kind = _profile_kind(name)
+    kind = name if name in ("auto", "cpu", "cuda") else _profile_kind(name)
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"`device`={name!r} needs CUDA, which is not available here. Fix: use `device=cpu`")
-    return torch.device("cuda" if kind == "cuda" else "cpu")
+    return resolve_device(kind)
 
 
 def _profile_kind(name: str) -> str:
@@ -332,34 +327,3 @@ def _profile_kind(name: str) -> str:
     from lamda_edge.planner.profiles import get_device
 
     return get_device(name).kind
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on GPUs that have it, fp16 on older ones (T4), fp32 on CPU; checks explicit choices."""
-    if device.type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
-        if precision == "auto":
-            return "bf16" if bf16 else "fp16"
-        if precision == "bf16" and not bf16:
-            raise ConfigError("`precision`=bf16 but this GPU has no bf16 (e.g. a T4). Fix: use `precision=fp16`")
-        return precision
-    if precision == "fp16":
-        raise ConfigError("`precision`=fp16 needs a GPU. Fix: use `precision=fp32` (or bf16) on the CPU")
-    if precision == "auto":
-        return "bf16" if _cpu_has_bf16() else "fp32"
-    return precision
-
-
-def _cpu_has_bf16() -> bool:
-    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX): then bf16 runs about 2x fp32 here."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_quantize(quantize: str, device: torch.device) -> str | None:
-    """'auto' -> 'nf4' on CUDA, None on CPU (bitsandbytes dequantizes every 4-bit weight at every CPU call)."""
-    if quantize == "auto":
-        return "nf4" if device.type == "cuda" else None
-    return None if quantize == "none" else quantize

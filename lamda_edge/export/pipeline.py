@@ -19,10 +19,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from lamda_edge.atomic import write_bytes_atomic
 from lamda_edge.errors import ConfigError, ExportValidationError, ModelError
+from lamda_edge.export import genai
+from lamda_edge.export import graph as onnx_graph
+from lamda_edge.export.graph import onnx_files
+from lamda_edge.export.merged import load_merged, load_reference, load_tokenizer, save_merged
+from lamda_edge.export.quantize import quantize_int4
+from lamda_edge.export.validate import validate_decoder, validate_encoder, validate_int4
+from lamda_edge.runtime.decoder import held_out_ids
 
 # Every output passes when max|PyTorch - ONNX Runtime| <= atol + rtol * max|PyTorch|: 1e-4 absolute on the
 # tiny test models; the rtol term lets a deep model's large logits through (SmolLM2-135M, 30 layers: 2.8e-4).
@@ -115,10 +120,6 @@ def export(options: ExportOptions, log=print) -> dict:
 
 
 def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
-    from lamda_edge import onnx_graph
-    from lamda_edge.onnx_graph import validate_decoder, validate_encoder, validate_int4
-    from lamda_edge.serve import held_out_ids
-
     timings = report["timings_s"]
     t = time.perf_counter()
     merged, tokenizer_dir, source = load_merged(options.model, options.adapter)
@@ -134,12 +135,10 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
     timings["save_merged"] = time.perf_counter() - t
     kind = onnx_graph.model_kind(reference)
     report["kind"] = kind
-    tokenizer = _tokenizer(merged_dir)
+    tokenizer = load_tokenizer(merged_dir)
     text = Path(options.eval_text).read_text() if options.eval_text else HELD_OUT_TEXT
 
     if options.format == "genai":
-        from lamda_edge import genai
-
         if kind != "decoder":
             raise ModelError(f"--format genai builds causal LMs only; {type(reference).__name__} is a {kind}. "
                              "Fix: use the default --format onnx for classifiers")
@@ -172,7 +171,7 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
 
         if options.int4:
             t = time.perf_counter()
-            ops = onnx_graph.quantize_int4(tmp / MODEL_FILE, tmp / INT4_FILE, options.block_size)
+            ops = quantize_int4(tmp / MODEL_FILE, tmp / INT4_FILE, options.block_size)
             timings["int4"] = time.perf_counter() - t
             sizes = report["sizes_bytes"]
             sizes[INT4_FILE] = _size(tmp, INT4_FILE)
@@ -185,90 +184,6 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
     _write_json(tmp / REPORT_FILE, report)
 
 
-def load_merged(model_dir: Path | None, adapter_dir: Path | None):
-    """The merged fp32 model, the folder its tokenizer comes from, and a description of the source.
-
-    With an adapter: rebuild the base as training did (`load_lamda_model` with the recorded LaMDA config and
-    quantization), load the adapter (which refuses a base it does not belong to), then `merge_and_unload`.
-    """
-    source: dict = {"model": str(model_dir) if model_dir else None,
-                    "adapter": str(adapter_dir) if adapter_dir else None}
-    if adapter_dir is None:
-        model = load_reference(Path(model_dir))
-        base = Path(model_dir)
-    else:
-        adapter_dir = Path(adapter_dir)
-        cfg_path = adapter_dir / "adapter_config.json"
-        if not cfg_path.is_file():
-            raise ModelError(f"{adapter_dir} is not an adapter folder (no adapter_config.json). "
-                             "Fix: pass the folder that `lamda-edge train` saved the adapter to")
-        cfg = json.loads(cfg_path.read_text())
-        base = _resolve_base(model_dir or cfg.get("base_model"), adapter_dir)
-        from lamda_edge import LaMDAConfig, load_adapter, merge_and_unload
-        from lamda_edge.quant import load_lamda_model
-
-        if "lamda_config" not in cfg:
-            raise ModelError(f"{cfg_path} has no 'lamda_config'. Fix: re-save the adapter with lamda-edge")
-        # rebuild the (4-bit) residual base exactly as training did, then put the trained S, B (and A) on it
-        model = load_lamda_model(str(base), LaMDAConfig.from_dict(cfg["lamda_config"]), quantize=cfg.get("quantize"),
-                                 device="cpu", compute_dtype=torch.float32, progress=False,
-                                 gradient_checkpointing=False, task=cfg.get("task"), num_labels=cfg.get("num_labels"))
-        load_adapter(model, adapter_dir)  # AdapterMismatchError when the base is not the one it was trained on
-        model = merge_and_unload(model)
-        source.update(base_model=str(base), quantize=cfg.get("quantize"), ranks=len(cfg.get("ranks", {})))
-    model = model.float().eval()
-    source.update(model_type=model.config.model_type, architecture=type(model).__name__,
-                  parameters=sum(p.numel() for p in model.parameters()))
-    return model, base, source
-
-
-def _resolve_base(base, adapter_dir: Path) -> Path:
-    if base is None:
-        raise ConfigError(f"the adapter in {adapter_dir} does not record its base model. Fix: pass --model DIR")
-    if Path(base).is_dir():
-        return Path(base)
-    from lamda_edge import default_model
-
-    if str(base).lower() in (default_model.MODEL_NAME, "default", "smollm2-135m"):
-        return default_model.default_model_path()
-    raise ModelError(f"base model {base!r} (recorded in {adapter_dir}/adapter_config.json) is not a folder. "
-                     "Fix: pass --model DIR with the base transformers folder the adapter was trained on")
-
-
-def load_reference(folder: Path):
-    """Load a transformers folder in fp32 with the head its config names (causal LM or sequence classifier)."""
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read a transformers config from {folder}: {exc}") from exc
-    archs = getattr(config, "architectures", None) or []
-    auto = (transformers.AutoModelForSequenceClassification
-            if any(a.endswith("ForSequenceClassification") for a in archs) else transformers.AutoModelForCausalLM)
-    return auto.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def save_merged(model, tokenizer_dir: Path, folder: Path) -> None:
-    """Write the merged model as a plain transformers folder (safetensors, config, tokenizer, generation config)."""
-    import transformers
-
-    for attr in ("quantization_config",):  # a 4-bit load may leave it in the config; the merged model is fp32
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    model.save_pretrained(folder)
-    try:
-        transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the tokenizer of {tokenizer_dir}: {exc}. The merged folder needs it") from exc
-
-
-def _tokenizer(folder: Path):
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(folder)
-
-
 def _to_fp16(path: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -278,8 +193,6 @@ def _to_fp16(path: Path) -> None:
 
 
 def _size(folder: Path, name: str) -> int:
-    from lamda_edge.onnx_graph import onnx_files
-
     return sum(p.stat().st_size for p in onnx_files(folder, name))
 
 

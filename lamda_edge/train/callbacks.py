@@ -1,0 +1,95 @@
+"""Trainer callbacks: B's column freezing on schedule (`LaMDACallback`), and the progress bar (`ProgressCallback`).
+
+These are the only places the method meets `transformers.TrainerCallback`; the method itself (`PMBScheduler`)
+knows nothing of the Trainer.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from torch import nn
+from transformers import TrainerCallback
+
+from lamda_edge.adapters.freeze import PMBScheduler
+from lamda_edge.train.report import effective_trainable, lamda_layer_list
+
+
+class LaMDACallback(TrainerCallback):
+    """A `transformers.TrainerCallback` that runs a `PMBScheduler` after every optimizer step.
+
+    With `freeze_steps=None`, t_i is 30% of the run's optimizer steps (`state.max_steps`), fixed at train begin.
+    """
+
+    def __init__(self, model: nn.Module, freeze_steps: int | None = None, fraction: float = 0.3):
+        self.model = model
+        self.freeze_steps = freeze_steps
+        self.fraction = fraction
+        self.scheduler: PMBScheduler | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.scheduler is None:
+            steps = self.freeze_steps or max(1, round(self.fraction * state.max_steps))
+            self.scheduler = PMBScheduler(self.model, steps)
+            self.scheduler.steps_done = state.global_step
+            if state.global_step:
+                self.scheduler.load_state_dict(self.scheduler.state_dict(), kwargs.get("optimizer"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.scheduler.step(kwargs.get("optimizer"))
+
+
+class ProgressCallback(TrainerCallback):
+    """A tqdm bar over optimizer steps with loss, tokens/s and ETA; eval results and B freezing as lines."""
+
+    def __init__(self, trainer_ref: list, enabled: bool = True):
+        self.trainer_ref = trainer_ref
+        self.enabled = enabled
+        self.bar = None
+        self.start = 0.0
+        self.tokens0 = 0
+        self.trainable = None
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.enabled:
+            print(text, file=sys.stderr)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+        self.trainable = effective_trainable(self.trainer_ref[0].lm)
+        if self.enabled and state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def tokens_per_second(self, state) -> float:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return (state.num_input_tokens_seen - self.tokens0) / elapsed
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer_ref[0]
+        trainer.last_loss, trainer.step_loss = trainer.step_loss, 0.0
+        count = effective_trainable(trainer.lm)
+        b_trains = any(layer.lamda_B.requires_grad for _, layer in lamda_layer_list(trainer.lm))
+        if count != self.trainable and not b_trains and state.is_world_process_zero:
+            self._write(f"step {state.global_step}: B wholly frozen, only S trains; trainable parameters "
+                        f"{self.trainable:,} -> {count:,}")
+        self.trainable = count
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+            self.bar.set_postfix(loss=f"{trainer.last_loss:.4f}", tok_s=f"{self.tokens_per_second(state):,.0f}",
+                                 refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "eval_loss" in logs and state.is_world_process_zero:
+            self._write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}, "
+                        f"perplexity {logs.get('eval_perplexity', float('nan')):.2f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
