@@ -1,10 +1,15 @@
-"""The training run: transformers' Trainer with the LaMDA callback, the chunked loss and exact resume.
+"""The training run as a recipe of named steps (`TrainRecipe`), as torchtune's and litgpt's LoRA recipes are:
+transformers' Trainer with the LaMDA callback, the chunked loss and exact resume.
 
-    RunConfig ─> planner (rank, batch when not pinned) ─> model folder (default: SmolLM2-135M)
-              ─> load_lamda_model (NF4 residual base on CUDA, full-precision base on CPU, + adapters)
-              ─> data (local file, or the built-in demo task with its before/after metrics)
-              ─> LaMDATrainer.train() ─> output folder:
-                 adapter (save_adapter) · run_config.yaml · metrics.json · loss_curve.png · checkpoints/
+    RunConfig ─> TrainRecipe(config)  output folder, device, precision, base quantization
+              ─> .plan()              model folder (default: SmolLM2-135M), tokenizer, planner (rank, batch)
+              ─> .setup_data()        local file, or the built-in demo task; step count, t_i; run_config.yaml
+              ─> .setup_model()       load_lamda_model (NF4 residual base on CUDA, full precision on CPU, + adapters)
+              ─> .setup_trainer()     LaMDATrainer + LaMDACallback + ProgressCallback
+              ─> .run()               trainer.train()
+              ─> .finish()            adapter (save_adapter) · metrics.json · loss_curve.png · summary
+
+`train(config)` runs the steps in that order; each can be called alone after the ones before it (the tests do).
 
 The Trainer trains `LossModel`, a thin module whose forward returns the chunked causal-LM loss
 (`lamda_edge.train.loss`), so full fp32 logits never exist and DDP (`accelerate launch`) syncs gradients
