@@ -2,8 +2,10 @@
 
     plan ──> load (4-bit base) ──> adapt (LaMDA) ──> train ──> merge ──> export (ONNX) ──> generate
 
-Each subcommand has an `_add_<name>` (its arguments, with examples in the help) and a `_run_<name>`
-(one or two calls into the library). Exit codes: 0 ok, 2 bad input, 3 does not fit.
+Each subcommand has an `_add_<name>` (`_subcommand`: its help and examples, then its arguments) and a `_run_<name>`
+(one or two calls into the library). `train`'s flags come from the run config's one table (`cli_flags`), added when
+`train` is parsed; `devices` and `plan` (without --config or --measure) are arithmetic and import no torch.
+Exit codes: 0 ok, 2 bad input, 3 does not fit.
 """
 
 from __future__ import annotations
