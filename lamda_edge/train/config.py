@@ -222,10 +222,6 @@ class RunConfig:
         return Path("runs") / ("demo" if self.data is None else Path(self.data).stem)
 
     def replace(self, **changes) -> RunConfig:
-        """A copy with fields changed; adapter keys (`rank=4`) change the `lamda` block."""
-        lamda = {k: changes.pop(k) for k in list(changes) if k in lamda_keys()}
-        if lamda:
-            changes[LAMDA] = {**changes.get(LAMDA, self.lamda), **lamda}
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
