@@ -36,23 +36,26 @@ def lamda_layers(model: nn.Module) -> list[tuple[str, LaMDALinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LaMDALinear)]
 
 
-def _matches(name: str, targets: tuple[str, ...]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
+def matches_module(name: str, names, include_children: bool = False) -> bool:
+    """True when module `name` is one of `names` or ends with `.<one of them>` (a suffix match on whole parts).
+
+    With `include_children`, also when `name` lies inside one of them (starts with `<one of them>.`).
+    """
+    return any(name == s or name.endswith("." + s) or (include_children and name.startswith(s + ".")) for s in names)
 
 
 def find_targets(model: nn.Module, config: LaMDAConfig) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs `config.target_modules` selects; raises `ModelError` listing the choices if none."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linear = [(n, m) for n, m in model.named_modules() if n and is_linear(m) and not isinstance(m, LaMDALinear)]
-    saved = tuple(config.modules_to_save)
     if config.target_modules == ALL_LINEAR:
         chosen = [
             (n, m) for n, m in linear
-            if m is not head and n.split(".")[-1] not in HEAD_NAMES and not _matches(n, saved)
-            and not any(n.startswith(s + ".") or n == s for s in saved)
+            if m is not head and n.split(".")[-1] not in HEAD_NAMES
+            and not matches_module(n, config.modules_to_save, include_children=True)
         ]
     else:
-        chosen = [(n, m) for n, m in linear if _matches(n, tuple(config.target_modules))]
+        chosen = [(n, m) for n, m in linear if matches_module(n, config.target_modules)]
     if not chosen:
         kinds = sorted({n.split(".")[-1] for n, _ in linear})
         raise ModelError(
@@ -196,7 +199,7 @@ def finish_injection(model: nn.Module, config: LaMDAConfig, fingerprint: dict[st
         layer.lamda_S.requires_grad_(True)
         layer.lamda_B.requires_grad_(layer.frozen_b_columns < layer.rank)
     for name in config.modules_to_save:
-        found = [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
+        found = [m for n, m in model.named_modules() if matches_module(n, (name,))]
         if not found:
             raise ModelError(f"modules_to_save names {name!r}, which is not a module of {type(model).__name__}")
         for module in found:

@@ -15,9 +15,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lamda_edge.adapters.config import LaMDAConfig
-from lamda_edge.adapters.inject import apply_lamda, lamda_layers
+from lamda_edge.adapters.inject import apply_lamda, lamda_layers, matches_module
 from lamda_edge.atomic import write_atomic
 from lamda_edge.errors import AdapterMismatchError, ModelError
+from lamda_edge.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, task_of_architectures
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -40,7 +41,7 @@ def model_fingerprint(model: nn.Module) -> dict:
 def _saved_modules(model: nn.Module, config: LaMDAConfig) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, module in model.named_modules():
-        if any(name == s or name.endswith("." + s) for s in config.modules_to_save):
+        if matches_module(name, config.modules_to_save):
             for pname, param in module.named_parameters():
                 tensors[f"{name}.{pname}"] = param.detach()
     return tensors
@@ -52,9 +53,9 @@ def _task_of(model: nn.Module) -> dict:
     A classifier is often trained on a bare encoder folder (config without a head), so the export must not read
     these from the base model's config.
     """
-    if type(model).__name__.endswith("ForSequenceClassification"):
-        return {"task": "sequence-classification", "num_labels": int(model.config.num_labels)}
-    return {"task": "causal-lm"}
+    if task_of_architectures([type(model).__name__]) == SEQUENCE_CLASSIFICATION:
+        return {"task": SEQUENCE_CLASSIFICATION, "num_labels": int(model.config.num_labels)}
+    return {"task": CAUSAL_LM}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:

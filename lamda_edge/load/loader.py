@@ -35,6 +35,7 @@ from lamda_edge.adapters.inject import (
     finish_injection,
     layer_ranks,
     make_lamda_linear,
+    matches_module,
     weight_fingerprint,
 )
 from lamda_edge.adapters.spectral import singular_values
@@ -50,11 +51,11 @@ from lamda_edge.load.cache import (
 )
 from lamda_edge.load.checkpoint import Checkpoint, key_map
 from lamda_edge.load.device import PeakMemory, resolve_compute_dtype, resolve_device
+from lamda_edge.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS, task_of_architectures
 
 logger = logging.getLogger(__name__)
 
 QUANTIZE = ("nf4", None)
-TASKS = ("causal-lm", "sequence-classification")
 
 
 # ---- choices: device, dtype, task ----------------------------------------------------------------------------------
@@ -67,20 +68,19 @@ def resolve_task(hf_config, task: str | None) -> str:
             raise ConfigError(f"`task` should be one of {TASKS}, got {task!r}")
         return task
     archs = list(getattr(hf_config, "architectures", None) or [])
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "sequence-classification"
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "causal-lm"
+    found = task_of_architectures(archs)
+    if found is not None:
+        return found
     from transformers.models.auto import modeling_auto as auto
 
     model_type = getattr(hf_config, "model_type", None)
     seq_cls = model_type in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
     if seq_cls and model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # an encoder (BERT-like): classify
-        return "sequence-classification"
+        return SEQUENCE_CLASSIFICATION
     if model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "causal-lm"
+        return CAUSAL_LM
     if seq_cls:
-        return "sequence-classification"
+        return SEQUENCE_CLASSIFICATION
     raise ModelError(
         f"cannot tell what model type {model_type!r} (architectures {archs}) is for; lamda-edge loads causal LMs "
         "and sequence-classification encoders. Fix: pass task='causal-lm' or task='sequence-classification'"
@@ -96,7 +96,7 @@ def resolve_task(hf_config, task: str | None) -> str:
 def _auto_class(task: str):
     import transformers
 
-    if task == "causal-lm":
+    if task == CAUSAL_LM:
         return transformers.AutoModelForCausalLM
     return transformers.AutoModelForSequenceClassification
 
@@ -141,8 +141,7 @@ def _init_missing(model: nn.Module, config: LaMDAConfig, device: torch.device) -
         if not meta:
             continue
         is_head = (module is head or name.split(".")[-1] in HEAD_NAMES
-                   or any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in
-                          config.modules_to_save))
+                   or matches_module(name, config.modules_to_save, include_children=True))
         if not is_head:
             raise ModelError(
                 f"the checkpoint holds no weights for {name} ({', '.join(meta)}); its layout does not match "
@@ -157,7 +156,7 @@ def _init_missing(model: nn.Module, config: LaMDAConfig, device: torch.device) -
         module.to(device)
         created.append(name)
     if created:
-        untrained = [n for n in created if not any(n == s or n.endswith("." + s) for s in config.modules_to_save)]
+        untrained = [n for n in created if not matches_module(n, config.modules_to_save)]
         logger.warning("newly initialized (not in the checkpoint): %s", ", ".join(created))
         if untrained:
             logger.warning("these new modules are not in `modules_to_save`, so they will not train: %s; add them "
