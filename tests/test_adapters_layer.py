@@ -14,9 +14,7 @@ def _layer(dropout=0.0, d_in=48, d_out=40, rank=4):
     init = spectral_init(base.weight, rank, "principal", scaling=2.0)
     with torch.no_grad():
         base.weight.copy_(init.residual)
-    layer = LaMDALinear(base, rank, alpha=2.0 * rank, dropout=dropout)
-    layer.load_init(init)
-    return layer
+    return LaMDALinear.from_factors(base, init.A, init.S, init.B, alpha=2.0 * rank, dropout=dropout)
 
 
 def _saved_shapes(layer, x):
@@ -96,3 +94,32 @@ def test_backward_under_bf16_autocast(dropout):
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
     assert layer.lamda_S.grad is not None and layer.lamda_S.grad.dtype == torch.float32
+
+
+def test_from_factors_copies_float32_factors_onto_the_base_device():
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40, dtype=torch.bfloat16)
+    A, S, B = torch.randn(4, 48, dtype=torch.float64), torch.randn(4, 4), torch.randn(40, 4, dtype=torch.bfloat16)
+    layer = LaMDALinear.from_factors(base, A, S, B, alpha=8.0, dropout=0.1)
+    assert (layer.rank, layer.scaling, layer.dropout) == (4, 2.0, 0.1)
+    for name, value in (("lamda_A", A), ("lamda_S", S), ("lamda_B", B)):
+        got = getattr(layer, name)
+        assert got.dtype == torch.float32 and got.device == base.weight.device
+        assert torch.equal(got, value.float()) and got.data_ptr() != value.data_ptr()  # a copy, not an alias
+    assert layer.base_layer is base and not any(p.requires_grad for p in base.parameters())
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        pytest.param(((4, 47), (4, 4), (40, 4)), id="A-d_in"),
+        pytest.param(((4, 48), (4, 4), (41, 4)), id="B-d_out"),
+        pytest.param(((4, 48), (4, 4), (40, 3)), id="B-rank"),
+    ],
+)
+def test_from_factors_refuses_factors_that_do_not_fit(shapes):
+    from lamda_edge.errors import ModelError
+
+    A, S, B = (torch.zeros(s) for s in shapes)
+    with pytest.raises(ModelError, match="do not fit a rank-4 layer 40 x 48"):
+        LaMDALinear.from_factors(nn.Linear(48, 40), A, S, B, alpha=8.0)

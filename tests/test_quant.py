@@ -389,3 +389,29 @@ def test_default_model_spectral_residual_below_plain_nf4(tmp_path):
     assert report["quant_error"] < report["plain_nf4_error"], report
     worse = [n for n, r in report["layers"].items() if r["quant_error"] >= r["plain_nf4_error"]]
     assert not worse, worse
+
+
+@pytest.mark.parametrize(
+    "quantize,dtype",
+    [pytest.param(q, d, id=f"{q or 'plain'}-{str(d)[6:]}") for q in (None, "nf4")
+     for d in (torch.float32, torch.bfloat16)],
+)
+def test_cached_layer_is_identical_to_the_prepared_one(quantize, dtype):
+    """One builder: the layer rebuilt from the cache format equals the freshly factored one, bit for bit."""
+    from lamda_edge.adapters import make_lamda_linear
+    from lamda_edge.load.cache import build_layer, layer_tensors
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(40, 48), torch.randn(40)
+    config = LaMDAConfig(rank=4, alpha=8.0, dropout=0.1)
+    fresh, _ = make_lamda_linear(weight, bias, 4, config, quantize, dtype, "cpu")
+    cached = build_layer("m.q", layer_tensors("m.q", fresh), config.alpha, config.dropout, quantize, dtype,
+                         torch.device("cpu"))
+    assert type(cached.base_layer) is type(fresh.base_layer) and cached.base_layer.bias.dtype == dtype
+    assert (cached.rank, cached.scaling, cached.dropout) == (fresh.rank, fresh.scaling, fresh.dropout)
+    assert torch.equal(dequantize_weight(cached.base_layer), dequantize_weight(fresh.base_layer))
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(cached.state_dict()[name], value), name
+    x = torch.randn(3, 48, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(cached.eval()(x), fresh.eval()(x))

@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import nn
 
-from lamda_edge.adapters.bnb import dequantize_weight, is_linear4bit, quantize_nf4
+from lamda_edge.adapters.bnb import build_base, dequantize_weight, is_linear4bit
 from lamda_edge.adapters.config import ALL_LINEAR, LaMDAConfig
 from lamda_edge.adapters.layer import LaMDALinear
 from lamda_edge.adapters.ranks import allocate_ranks
@@ -119,30 +119,17 @@ def make_lamda_linear(
     device = torch.device(device) if device is not None else weight.device
     svd_device = device if device.type == "cuda" else weight.device
     W = weight.detach().to(svd_device, torch.float32)  # (d_out, d_in)
-    d_out, d_in = W.shape
     scaling = config.alpha / rank
     init = spectral_init(W, rank, config.init, scaling, svd=config.svd, seed=config.seed)
     report: dict = {"rank": rank, "svd_seconds": init.svd_seconds, "svd_error": init.svd_error}
+    base = build_base(init.residual, bias, quantize, compute_dtype, device)
     if quantize == "nf4":
-        base = quantize_nf4(init.residual, bias, compute_dtype, device)
         approx = dequantize_weight(base).to(svd_device) + scaling * (init.B @ init.S @ init.A)
-        plain = dequantize_weight(quantize_nf4(W, None, compute_dtype, device)).to(svd_device)
+        plain = dequantize_weight(build_base(W, None, quantize, compute_dtype, device)).to(svd_device)
         norm = W.norm().clamp_min(1e-30)
         report["quant_error"] = float((W - approx).norm() / norm)
         report["plain_nf4_error"] = float((W - plain).norm() / norm)
-    elif quantize is None:
-        base = nn.Linear(d_in, d_out, bias=bias is not None, dtype=compute_dtype, device=device)
-        with torch.no_grad():
-            base.weight.copy_(init.residual)
-            if bias is not None:
-                base.bias.copy_(bias)
-    else:
-        raise ConfigError(f"`quantize` should be 'nf4' or None, got {quantize!r}")
-    layer = LaMDALinear(base, rank, config.alpha, config.dropout)
-    layer.load_init(init)
-    layer.to(device)
-    for t in (layer.lamda_A, layer.lamda_S, layer.lamda_B):
-        t.data = t.data.to(device, torch.float32)
+    layer = LaMDALinear.from_factors(base, init.A, init.S, init.B, config.alpha, config.dropout)
     return layer, report
 
 

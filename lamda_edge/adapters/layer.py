@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamda_edge.adapters.bnb import dequantize_weight, is_linear4bit
-from lamda_edge.adapters.spectral import SpectralInit
+from lamda_edge.errors import ModelError
 
 
 class LaMDALinear(nn.Module):
@@ -44,12 +44,33 @@ class LaMDALinear(nn.Module):
 
     # ---- init ----------------------------------------------------------------------------------------------------
 
+    @classmethod
+    def from_factors(
+        cls, base_layer: nn.Module, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, alpha: float,
+        dropout: float = 0.0,
+    ) -> LaMDALinear:
+        """The adapted layer around a built (frozen) `base_layer` with factors A (r, d_in), S (r, r), B (d_out, r).
+
+        The one way every path builds a layer (injection, the 4-bit loader, the prepared-layer cache, the planner's
+        measurement). The rank is S's size; the factors are copied in float32 onto the base layer's device.
+        """
+        layer = cls(base_layer, S.shape[0], alpha, dropout)
+        layer.set_factors(A, S, B)
+        return layer
+
     @torch.no_grad()
-    def load_init(self, init: SpectralInit) -> None:
-        """Copy the spectral factors in (float32); the residual base weight is set by whoever built `base_layer`."""
-        self.lamda_A.copy_(init.A)
-        self.lamda_S.copy_(init.S)
-        self.lamda_B.copy_(init.B)
+    def set_factors(self, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy A (r, d_in), S (r, r), B (d_out, r) in, as float32 on the base layer's device (the adapter's home)."""
+        r = self.rank
+        expected = {"A": (r, self.in_features), "S": (r, r), "B": (self.out_features, r)}
+        got = {"A": tuple(A.shape), "S": tuple(S.shape), "B": tuple(B.shape)}
+        if got != expected:
+            raise ModelError(f"LaMDA factors of shapes {got} do not fit a rank-{r} layer {self.out_features} x "
+                             f"{self.in_features} (expected {expected})")
+        device = self.base_layer.weight.device
+        for name, value in (("lamda_A", A), ("lamda_S", S), ("lamda_B", B)):
+            getattr(self, name).data = value.detach().to(device, torch.float32, copy=True)
+        self.lamda_B_frozen.data = self.lamda_B_frozen.data.to(device)
 
     # ---- forward -------------------------------------------------------------------------------------------------
 

@@ -332,8 +332,8 @@ def load_lamda_model(
         ranks, fingerprints, reports, norms = info["ranks"], info["fingerprints"], info["layers"], info["norms"]
         try:
             for name, _ in targets:
-                layer = build_layer(name, cached.layer(name), ranks[name], config.alpha, config.dropout, quantize,
-                                    compute_dtype, device)
+                layer = build_layer(name, cached.layer(name), config.alpha, config.dropout, quantize, compute_dtype,
+                                    device)
                 model.set_submodule(name, layer)
         except Exception as exc:  # noqa: BLE001 - a damaged entry: start again from the weights
             logger.warning("discarding damaged prepared-model cache %s (%s)", cached.folder, exc)
