@@ -123,3 +123,36 @@ def test_from_factors_refuses_factors_that_do_not_fit(shapes):
     A, S, B = (torch.zeros(s) for s in shapes)
     with pytest.raises(ModelError, match="do not fit a rank-4 layer 40 x 48"):
         LaMDALinear.from_factors(nn.Linear(48, 40), A, S, B, alpha=8.0)
+
+
+@pytest.mark.parametrize("quantize", [pytest.param(None, id="plain"), pytest.param("nf4", id="nf4")])
+def test_layer_merge_is_idempotent_and_unmerge_restores_the_base_object(quantize):
+    from lamda_edge.adapters.bnb import build_base, dequantize_weight
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(40, 48), torch.randn(40)
+    init = spectral_init(weight, 4, "principal", scaling=2.0)
+    base = build_base(init.residual, bias, quantize, torch.float32, "cpu")
+    layer = LaMDALinear.from_factors(base, init.A, init.S, init.B, alpha=8.0).eval()
+    with torch.no_grad():  # move S and B away from their init, or merge proves nothing
+        layer.lamda_S.add_(0.5 * torch.randn(4, 4))
+        layer.lamda_B.add_(0.1 * torch.randn(40, 4))
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        before = layer(x)
+    expected = dequantize_weight(base) + 2.0 * layer.lamda_B.detach() @ layer.lamda_S.detach() @ layer.lamda_A
+    layer.merge()
+    assert layer.merged and layer.unmerged_base is base and type(layer.base_layer) is nn.Linear
+    assert torch.equal(layer.base_layer.weight, expected)  # W_base + s * B S A, in float32
+    assert not any(p.requires_grad for p in layer.base_layer.parameters())
+    merged_base = layer.base_layer
+    layer.merge()
+    assert layer.base_layer is merged_base
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=0)
+    layer.unmerge()
+    assert not layer.merged and layer.base_layer is base and layer.unmerged_base is None
+    layer.unmerge()
+    assert layer.base_layer is base
+    with torch.no_grad():
+        assert torch.equal(layer(x), before)

@@ -37,6 +37,7 @@ class LaMDALinear(nn.Module):
         self.register_buffer("lamda_B_frozen", torch.zeros((), dtype=torch.long))
         self._frozen_b_values: torch.Tensor | None = None  # (d_out, k) snapshot restored after each step
         self.merged = False
+        self.register_module("unmerged_base", None)  # the original base while merged (`merge`), for `unmerge`
         self.lamda_B.register_hook(self._mask_frozen_b_grad)
         self.register_load_state_dict_post_hook(_after_load)
         for p in self.base_layer.parameters():
@@ -97,6 +98,36 @@ class LaMDALinear(nn.Module):
     def base_weight(self) -> torch.Tensor:
         """The base weight W_base in float32 (dequantized for a 4-bit base)."""
         return dequantize_weight(self.base_layer)
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """A new frozen `nn.Linear` holding W_base + s * B S A (float32 math, then the base's dtype; never NF4)."""
+        base = self.base_layer
+        dtype = (base.compute_dtype or torch.float32) if is_linear4bit(base) else base.weight.dtype
+        device = self.lamda_A.device
+        weight = self.base_weight().to(device) + self.delta_weight().to(device)  # (d_out, d_in) float32
+        merged = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, dtype=dtype,
+                           device=device)
+        merged.weight.copy_(weight)
+        if base.bias is not None:
+            merged.bias.copy_(base.bias)
+        return merged.requires_grad_(False)
+
+    def merge(self) -> None:
+        """Fold the adapter into the base (`merged_linear`); the original base is kept for `unmerge`. Idempotent."""
+        if self.merged:
+            return
+        self.unmerged_base = self.base_layer
+        self.base_layer = self.merged_linear()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo `merge`: the original base layer object comes back and the adapter path is active again."""
+        if not self.merged:
+            return
+        self.base_layer = self.unmerged_base
+        self.unmerged_base = None
+        self.merged = False
 
     # ---- B freezing ----------------------------------------------------------------------------------------------
 
