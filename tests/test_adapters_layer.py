@@ -156,3 +156,25 @@ def test_layer_merge_is_idempotent_and_unmerge_restores_the_base_object(quantize
     assert layer.base_layer is base
     with torch.no_grad():
         assert torch.equal(layer(x), before)
+
+
+def test_frozen_b_count_is_read_without_touching_the_buffer():
+    """The backward hook reads a Python int (no device sync per layer on CUDA), kept beside the saved buffer."""
+    layer = _layer().train()
+    layer.freeze_b_columns(2)
+    assert int(layer.lamda_B_frozen) == layer.frozen_b_columns == 2
+    layer._buffers["lamda_B_frozen"] = torch.empty((), dtype=torch.long, device="meta")  # int() of it would raise
+    layer(torch.randn(3, 48)).sum().backward()
+    assert layer.frozen_b_columns == 2
+    assert torch.equal(layer.lamda_B.grad[:, :2], torch.zeros(40, 2)) and layer.lamda_B.grad[:, 2:].abs().sum() > 0
+
+
+def test_loading_a_state_dict_sets_the_frozen_b_count():
+    source = _layer()
+    source.freeze_b_columns(3)
+    layer = _layer()
+    assert layer.frozen_b_columns == 0
+    layer.load_state_dict(source.state_dict())
+    assert layer.frozen_b_columns == 3 and layer.lamda_B.requires_grad
+    layer.load_state_dict({"lamda_B_frozen": torch.tensor(4)}, strict=False)
+    assert layer.frozen_b_columns == 4 and not layer.lamda_B.requires_grad

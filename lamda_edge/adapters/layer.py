@@ -35,6 +35,7 @@ class LaMDALinear(nn.Module):
         self.lamda_B = nn.Parameter(torch.zeros(self.out_features, rank))
         # How many of B's leading columns (largest singular values first) are frozen; saved with the adapter.
         self.register_buffer("lamda_B_frozen", torch.zeros((), dtype=torch.long))
+        self._b_frozen_count = 0  # the same count as a Python int: the backward hook reads it without a device sync
         self._frozen_b_values: torch.Tensor | None = None  # (d_out, k) snapshot restored after each step
         self.merged = False
         self.register_module("unmerged_base", None)  # the original base while merged (`merge`), for `unmerge`
@@ -133,10 +134,11 @@ class LaMDALinear(nn.Module):
 
     @property
     def frozen_b_columns(self) -> int:
-        return int(self.lamda_B_frozen)
+        """How many of B's leading columns are frozen (kept equal to the `lamda_B_frozen` buffer)."""
+        return self._b_frozen_count
 
     def _mask_frozen_b_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        k = int(self.lamda_B_frozen)
+        k = self._b_frozen_count
         if k == 0:
             return grad
         grad = grad.clone()
@@ -155,9 +157,10 @@ class LaMDALinear(nn.Module):
         """Freeze B's first `k` columns at their current values; returns True when B is now wholly frozen."""
         k = max(0, min(int(k), self.rank))
         self.restore_frozen_b()
-        if k > int(self.lamda_B_frozen) or self._frozen_b_values is None:
+        if k > self._b_frozen_count or self._frozen_b_values is None:
             self._frozen_b_values = self.lamda_B[:, :k].detach().clone()
             self.lamda_B_frozen.fill_(k)
+            self._b_frozen_count = k
         if k == self.rank:
             self.lamda_B.requires_grad_(False)
             self.lamda_B.grad = None
@@ -193,6 +196,7 @@ class _DropoutProject(torch.autograd.Function):
 
 def _after_load(module: LaMDALinear, incompatible_keys) -> None:
     """After loading a state dict, a wholly frozen B stays out of training (so a resumed optimizer matches)."""
+    module._b_frozen_count = int(module.lamda_B_frozen)  # one sync per layer, at load time only
     module._frozen_b_values = None
     module.lamda_B.requires_grad_(module.frozen_b_columns < module.rank)
     if 0 < module.frozen_b_columns < module.rank:
