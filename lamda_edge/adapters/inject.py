@@ -13,6 +13,7 @@ from lamda_edge.adapters.config import ALL_LINEAR, LaMDAConfig
 from lamda_edge.adapters.layer import LaMDALinear
 from lamda_edge.adapters.ranks import allocate_ranks
 from lamda_edge.adapters.spectral import energy_score, singular_values, spectral_init
+from lamda_edge.adapters.state import STATE_ATTR, AdapterState
 from lamda_edge.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def apply_lamda(model: nn.Module, config: LaMDAConfig) -> nn.Module:
     re-quantized (to factor the original full-precision weights, use `lamda_edge.load_lamda_model`).
 
     Returns:
-        The same model, with `model.lamda_config`, `model.lamda_fingerprint` and `model.lamda_report` set.
+        The same model, with its `AdapterState` (config, fingerprint, per-layer reports) in `model.lamda_state`.
     """
     if lamda_layers(model):
         raise ModelError("this model already has LaMDA layers; apply_lamda once per model (or merge_and_unload first)")
@@ -179,7 +180,7 @@ def apply_lamda(model: nn.Module, config: LaMDAConfig) -> nn.Module:
 
 
 def finish_injection(model: nn.Module, config: LaMDAConfig, fingerprint: dict[str, str], reports: dict) -> None:
-    """Freeze everything but S, B and `modules_to_save`, and record the config, fingerprint and report."""
+    """Freeze everything but S, B and `modules_to_save`, and record the config, fingerprint and reports."""
     for param in model.parameters():
         param.requires_grad_(False)
     for _, layer in lamda_layers(model):
@@ -192,6 +193,4 @@ def finish_injection(model: nn.Module, config: LaMDAConfig, fingerprint: dict[st
         for module in found:
             for param in module.parameters():
                 param.requires_grad_(True)
-    model.lamda_config = config
-    model.lamda_fingerprint = fingerprint
-    model.lamda_report = reports
+    setattr(model, STATE_ATTR, AdapterState(config, fingerprint, reports))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from lamda_edge.adapters.inject import lamda_layers
+from lamda_edge.adapters.state import STATE_ATTR
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -29,7 +30,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every `LaMDALinear` with a plain `nn.Linear` holding the merged weight; returns the model."""
     for name, layer in lamda_layers(model):
         model.set_submodule(name, layer.base_layer if layer.merged else layer.merged_linear())
-    for attr in ("lamda_config", "lamda_fingerprint", "lamda_report"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    if hasattr(model, STATE_ATTR):
+        delattr(model, STATE_ATTR)
     return model

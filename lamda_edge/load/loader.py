@@ -39,6 +39,7 @@ from lamda_edge.adapters.inject import (
     weight_fingerprint,
 )
 from lamda_edge.adapters.spectral import singular_values
+from lamda_edge.adapters.state import adapter_state
 from lamda_edge.errors import ConfigError, ModelError, require
 from lamda_edge.load.cache import (
     build_layer,
@@ -285,8 +286,8 @@ def load_lamda_model(
 
     Returns:
         The model (eval mode): base frozen, `lamda_S`, `lamda_B` and `modules_to_save` trainable, and
-        `model.lamda_prepare_report` (per-layer and overall quantization errors vs plain NF4, SVD seconds, peak
-        memory of preparation, cache hit or miss).
+        `model.lamda_state.prepare_report` (per-layer and overall quantization errors vs plain NF4, SVD seconds,
+        peak memory of preparation, cache hit or miss).
 
     Raises:
         ModelError: the folder is not a loadable model; ConfigError: a bad argument;
@@ -381,8 +382,9 @@ def load_lamda_model(
         del tensors
     report["peak_memory_bytes"] = peak.peak_bytes()
     report["seconds"] = time.perf_counter() - start
-    model.lamda_prepare_report = report
-    model.lamda_base = {"base_model": report["model_path"], "quantize": quantize}
+    state = adapter_state(model)
+    state.prepare_report = report
+    state.base = {"base_model": report["model_path"], "quantize": quantize}
     logger.info(
         "prepared %d LaMDA layers of %s (%s, cache %s) in %.1f s: SVD %.1f s, error %s vs plain NF4 %s, peak %.0f MiB",
         len(targets), model_dir.name, quantize or "unquantized", report["cache"], report["seconds"],
