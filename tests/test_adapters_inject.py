@@ -108,7 +108,7 @@ def test_unknown_modules_to_save():
 
 
 def test_make_lamda_linear_nf4_error_is_below_plain_nf4():
-    """Spectral residual quantization of a full-precision weight beats plain NF4 (METHOD.md, with a 4-bit base)."""
+    """Spectral residual quantization of a full-precision weight beats plain NF4 (docs/method.md, 4-bit base)."""
     g = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(96, 96, generator=g))
     V, _ = torch.linalg.qr(torch.randn(128, 96, generator=g))

@@ -1,4 +1,4 @@
-"""`LaMDALinear`: a frozen linear layer with a LaMDA low-dimensional adapter path (METHOD.md).
+"""`LaMDALinear`: a frozen linear layer with a LaMDA low-dimensional adapter path (docs/method.md).
 
     x ──> base_layer (frozen, plain or NF4) ─────────────────────────────────────────────┐
     │                                                                                       + ──> y

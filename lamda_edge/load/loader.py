@@ -1,6 +1,6 @@
 """Load a local transformers folder as a frozen 4-bit (NF4) base with LaMDA adapters from the full-precision weights.
 
-Spectral residual quantization (METHOD.md, "With a 4-bit base"): for every targeted linear layer the SVD is taken
+Spectral residual quantization (docs/method.md, "With a 4-bit base"): for every targeted linear layer the SVD is taken
 on the original weight W, the adapter gets the principal part, and only the residual is quantized:
 
     W ──SVD──> U_r diag(sigma_r) V_r^T  ──> adapter: B = U_r, S = diag(sigma_r) / s, A = V_r^T
