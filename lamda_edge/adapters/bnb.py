@@ -82,6 +82,12 @@ def _unpacked_shape(quant_state: dict[str, torch.Tensor]) -> tuple[int, int]:
     return tuple(unpack_tensor_to_dict(packed)["shape"])
 
 
+def check_quantize(quantize) -> None:
+    """Raise `ConfigError` unless `quantize` is a base this module builds: 'nf4' or None (plain)."""
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"`quantize` should be 'nf4' or None, got {quantize!r}")
+
+
 def build_base(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -96,8 +102,7 @@ def build_base(
         quantize="nf4"                    Linear4bit: `weight` (float) quantized to NF4 on the device
         quantize="nf4", quant_state=...   Linear4bit from packed NF4 `weight` and its packed quant state (the cache)
     """
-    if quantize not in QUANTIZE:
-        raise ConfigError(f"`quantize` should be 'nf4' or None, got {quantize!r}")
+    check_quantize(quantize)
     device = torch.device(device) if device is not None else weight.device
     if quantize == "nf4":
         if quant_state is not None:

@@ -1,7 +1,7 @@
 """`AdapterState`: what lamda-edge records about an adapted model, kept as one attribute, `model.lamda_state`.
 
     apply_lamda / load_lamda_model ──> model.lamda_state = AdapterState(config, fingerprint, layer_reports, ...)
-    save_adapter, load_adapter, the trainer, export ──> adapter_state(model)
+    save_adapter, load_adapter, the training run's adapter metadata ──> adapter_state(model) / model.lamda_state
     merge_and_unload ──> removed
 """
 

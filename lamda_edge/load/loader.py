@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lamda_edge.adapters.bnb import disable_cpu_repack
+from lamda_edge.adapters.bnb import check_quantize, disable_cpu_repack
 from lamda_edge.adapters.config import LaMDAConfig
 from lamda_edge.adapters.inject import (
     HEAD_NAMES,
@@ -56,7 +56,6 @@ from lamda_edge.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS, task_of_
 
 logger = logging.getLogger(__name__)
 
-QUANTIZE = ("nf4", None)
 
 
 # ---- choices: device, dtype, task ----------------------------------------------------------------------------------
@@ -297,8 +296,7 @@ def load_lamda_model(
     model_dir = Path(model_path).expanduser()
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{model_path} is not a transformers model folder (no config.json); pass a local folder")
-    if quantize not in QUANTIZE:
-        raise ConfigError(f"`quantize` should be 'nf4' or None, got {quantize!r}")
+    check_quantize(quantize)
     if not isinstance(config, LaMDAConfig):
         raise ConfigError(f"`config` should be a LaMDAConfig, got {type(config).__name__}")
     if quantize == "nf4":
