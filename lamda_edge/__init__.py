@@ -7,10 +7,13 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.msg)
 
 from lamda_edge.adapters import (  # noqa: E402
+    AdapterState,
     LaMDALinear,
     PMBScheduler,
+    adapter_state,
     allocate_ranks,
     apply_lamda,
+    lamda_layers,
     load_adapter,
     merge_and_unload,
     save_adapter,
@@ -29,13 +32,16 @@ def load_lamda_model(model_path, config, quantize="nf4", device=None, **kwargs):
 
 
 __all__ = [
+    "AdapterState",
     "ConfigError",
     "LaMDAConfig",
     "LaMDALinear",
     "LamdaEdgeError",
     "PMBScheduler",
+    "adapter_state",
     "allocate_ranks",
     "apply_lamda",
+    "lamda_layers",
     "load_adapter",
     "load_lamda_model",
     "merge_and_unload",

@@ -258,7 +258,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
               file=sys.stderr)
     torch.manual_seed(config.seed)
     lm = load_model(model_path, config, lamda_config, device, precision)
-    metadata = {**getattr(lm, "lamda_base", {}), "base_model": str(Path(model_path).resolve()), "quantize": quantize}
+    metadata = {**(lm.lamda_state.base or {}), "base_model": str(Path(model_path).resolve()), "quantize": quantize}
     demo_before = (_demo_before(demo_task, lm, tokenizer, out, resume, progress, config.demo_generate)
                    if demo_task else None)
 
