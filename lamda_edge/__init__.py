@@ -17,11 +17,14 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _LAZY = {
+    "AdapterState": "lamda_edge.adapters",
     "LaMDAConfig": "lamda_edge.adapters.config",
     "LaMDALinear": "lamda_edge.adapters",
     "PMBScheduler": "lamda_edge.adapters",
+    "adapter_state": "lamda_edge.adapters",
     "allocate_ranks": "lamda_edge.adapters",
     "apply_lamda": "lamda_edge.adapters",
+    "lamda_layers": "lamda_edge.adapters",
     "load_adapter": "lamda_edge.adapters",
     "merge_and_unload": "lamda_edge.adapters",
     "save_adapter": "lamda_edge.adapters",
@@ -48,13 +51,16 @@ def load_lamda_model(model_path, config, quantize="nf4", device=None, **kwargs):
 
 
 __all__ = [
+    "AdapterState",
     "ConfigError",
     "LaMDAConfig",
     "LaMDALinear",
     "LamdaEdgeError",
     "PMBScheduler",
+    "adapter_state",
     "allocate_ranks",
     "apply_lamda",
+    "lamda_layers",
     "load_adapter",
     "load_lamda_model",
     "merge_and_unload",

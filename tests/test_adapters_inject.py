@@ -108,7 +108,7 @@ def test_unknown_modules_to_save():
 
 
 def test_make_lamda_linear_nf4_error_is_below_plain_nf4():
-    """Spectral residual quantization of a full-precision weight beats plain NF4 (METHOD.md, with a 4-bit base)."""
+    """Spectral residual quantization of a full-precision weight beats plain NF4 (docs/method.md, 4-bit base)."""
     g = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(96, 96, generator=g))
     V, _ = torch.linalg.qr(torch.randn(128, 96, generator=g))
@@ -136,3 +136,20 @@ def test_randomized_svd_is_seeded_close_to_full_and_leaves_the_global_rng_alone(
     init = spectral_init(weight, 8, "principal", scaling=2.0, svd="randomized")
     assert init.svd_error is not None
     torch.testing.assert_close(init.residual + 2.0 * init.B @ init.S @ init.A, weight, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name,names,children,expected",
+    [
+        pytest.param("model.layers.0.self_attn.q_proj", ("q_proj",), False, True, id="suffix"),
+        pytest.param("q_proj", ("q_proj",), False, True, id="exact"),
+        pytest.param("model.layers.0.self_attn.xq_proj", ("q_proj",), False, False, id="partial-part"),
+        pytest.param("model.layers.0.self_attn", ("self_attn.q_proj",), False, False, id="longer-name"),
+        pytest.param("classifier.dense", ("classifier",), False, False, id="child-without-flag"),
+        pytest.param("classifier.dense", ("classifier",), True, True, id="child-with-flag"),
+    ],
+)
+def test_matches_module(name, names, children, expected):
+    from lamda_edge.adapters.inject import matches_module
+
+    assert matches_module(name, names, include_children=children) is expected

@@ -103,13 +103,13 @@ def test_streaming_unquantized_equals_in_memory(folders, tmp_path, arch, config)
     folder = folders(arch)
     ref = _reference(folder, config, arch)
     got = _load(folder, tmp_path, config=config, quantize=None, cache_dir=False)
-    assert got.lamda_prepare_report["cache"] == "off"
+    assert got.lamda_state.prepare_report["cache"] == "off"
     ref_sd, got_sd = ref.state_dict(), got.state_dict()
     assert sorted(ref_sd) == sorted(got_sd)
     for key in ref_sd:
         torch.testing.assert_close(got_sd[key], ref_sd[key], atol=1e-6, rtol=1e-6, msg=key)
     assert {n: layer.rank for n, layer in lamda_layers(got)} == {n: layer.rank for n, layer in lamda_layers(ref)}
-    assert got.lamda_fingerprint == ref.lamda_fingerprint
+    assert got.lamda_state.fingerprint == ref.lamda_state.fingerprint
     torch.testing.assert_close(_logits(got), _logits(ref), atol=FP32_ATOL, rtol=0)
 
 
@@ -180,7 +180,7 @@ def test_preparation_streams_one_layer_at_a_time(tmp_path):
 @pytest.mark.parametrize("arch", [pytest.param("llama", id="llama"), pytest.param("qwen2", id="qwen2")])
 def test_spectral_residual_error_below_plain_nf4(folders, tmp_path, arch):
     model = _load(folders(arch), tmp_path, quantize="nf4", cache_dir=False)
-    report = model.lamda_prepare_report
+    report = model.lamda_state.prepare_report
     assert report["quant_error"] < report["plain_nf4_error"], report
     # the reported error is the model's: recompute ||W - (Q(W_res) + s B S A)|| / ||W|| from the layers
     from safetensors.torch import load_file
@@ -195,6 +195,8 @@ def test_spectral_residual_error_below_plain_nf4(folders, tmp_path, arch):
         num, den = num + float((W - approx).norm()) ** 2, den + float(W.norm()) ** 2
     assert (num / den) ** 0.5 == pytest.approx(report["quant_error"], rel=1e-4)
     assert report["svd_seconds"] > 0 and report["peak_memory_bytes"] > 0
+    assert model.lamda_state.base == {"base_model": report["model_path"], "quantize": "nf4"}
+    assert model.lamda_state.layer_reports == report["layers"]
 
 
 # ---- the cache -----------------------------------------------------------------------------------------------------
@@ -208,35 +210,35 @@ def test_cache_hit_then_invalidated_by_config_and_by_weights(tmp_path):
     folder = _save(_tied_llama(0), tmp_path / "model")
     cache = tmp_path / "cache"
     first = _load(folder, tmp_path, quantize="nf4", cache_dir=cache)
-    assert first.lamda_prepare_report["cache"] == "miss"
+    assert first.lamda_state.prepare_report["cache"] == "miss"
     start = time.perf_counter()
     second = _load(folder, tmp_path, quantize="nf4", cache_dir=cache)
     hit_seconds = time.perf_counter() - start
-    report = second.lamda_prepare_report
+    report = second.lamda_state.prepare_report
     assert report["cache"] == "hit" and report["svd_seconds"] == 0.0
     assert hit_seconds < 30
-    assert report["quant_error"] == first.lamda_prepare_report["quant_error"]
+    assert report["quant_error"] == first.lamda_state.prepare_report["quant_error"]
     a, b = _base_tensors(first), _base_tensors(second)
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=0, rtol=0)
     torch.testing.assert_close(_logits(second), _logits(first), atol=0, rtol=0)
-    assert second.lamda_fingerprint == first.lamda_fingerprint
+    assert second.lamda_state.fingerprint == first.lamda_state.fingerprint
     # another config: a miss, beside the first entry
     other = _load(folder, tmp_path, quantize="nf4", cache_dir=cache, config=LaMDAConfig(rank=2, alpha=8.0))
-    assert other.lamda_prepare_report["cache"] == "miss"
+    assert other.lamda_state.prepare_report["cache"] == "miss"
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
     # the same config unquantized is another entry too
-    assert _load(folder, tmp_path, quantize=None, cache_dir=cache).lamda_prepare_report["cache"] == "miss"
+    assert _load(folder, tmp_path, quantize=None, cache_dir=cache).lamda_state.prepare_report["cache"] == "miss"
     # changed weights (same file name and size): a miss, and entries of the old weights are pruned
     stat = os.stat(folder / "model.safetensors")
     _save(_tied_llama(1), folder)
     os.utime(folder / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime
     assert os.stat(folder / "model.safetensors").st_size == stat.st_size
     changed = _load(folder, tmp_path, quantize="nf4", cache_dir=cache)
-    assert changed.lamda_prepare_report["cache"] == "miss"
-    assert changed.lamda_fingerprint != first.lamda_fingerprint
+    assert changed.lamda_state.prepare_report["cache"] == "miss"
+    assert changed.lamda_state.fingerprint != first.lamda_state.fingerprint
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
-    assert _load(folder, tmp_path, quantize="nf4", cache_dir=cache).lamda_prepare_report["cache"] == "hit"
+    assert _load(folder, tmp_path, quantize="nf4", cache_dir=cache).lamda_state.prepare_report["cache"] == "hit"
 
 
 def _garbage_file(entry):
@@ -261,9 +263,9 @@ def test_damaged_cache_entry_is_a_miss_and_is_replaced(tmp_path, damage):
     entry = next(p for p in cache.iterdir() if not p.name.startswith("."))
     damage(entry)
     again = _load(folder, tmp_path, quantize=None, cache_dir=cache)
-    assert again.lamda_prepare_report["cache"] == "miss"
+    assert again.lamda_state.prepare_report["cache"] == "miss"
     torch.testing.assert_close(_logits(again), _logits(first), atol=0, rtol=0)
-    assert _load(folder, tmp_path, quantize=None, cache_dir=cache).lamda_prepare_report["cache"] == "hit"
+    assert _load(folder, tmp_path, quantize=None, cache_dir=cache).lamda_state.prepare_report["cache"] == "hit"
 
 
 # ---- the CPU repacking trap ----------------------------------------------------------------------------------------
@@ -321,7 +323,7 @@ def test_encoder_folder_gets_a_new_classification_head(tmp_path):
     config = LaMDAConfig(rank=4, modules_to_save=("classifier",))
     model = _load(folder, tmp_path, config=config, quantize=None, cache_dir=False, num_labels=5)
     assert type(model).__name__ == "BertForSequenceClassification"
-    assert model.lamda_prepare_report["new_modules"] == ["classifier"]
+    assert model.lamda_state.prepare_report["new_modules"] == ["classifier"]
     assert model.classifier.weight.requires_grad and model.classifier.out_features == 5
     torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight, encoder.embeddings.word_embeddings.weight)
 
@@ -384,8 +386,34 @@ def test_default_model_spectral_residual_below_plain_nf4(tmp_path):
 
     model = load_lamda_model(default_model_path(progress=False), LaMDAConfig(rank=8), quantize="nf4", device="cpu",
                              cache_dir=tmp_path / "cache", progress=False)
-    report = model.lamda_prepare_report
+    report = model.lamda_state.prepare_report
     assert len(report["layers"]) == 30 * 7
     assert report["quant_error"] < report["plain_nf4_error"], report
     worse = [n for n, r in report["layers"].items() if r["quant_error"] >= r["plain_nf4_error"]]
     assert not worse, worse
+
+
+@pytest.mark.parametrize(
+    "quantize,dtype",
+    [pytest.param(q, d, id=f"{q or 'plain'}-{str(d)[6:]}") for q in (None, "nf4")
+     for d in (torch.float32, torch.bfloat16)],
+)
+def test_cached_layer_is_identical_to_the_prepared_one(quantize, dtype):
+    """One builder: the layer rebuilt from the cache format equals the freshly factored one, bit for bit."""
+    from lamda_edge.adapters import make_lamda_linear
+    from lamda_edge.load.cache import build_layer, layer_tensors
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(40, 48), torch.randn(40)
+    config = LaMDAConfig(rank=4, alpha=8.0, dropout=0.1)
+    fresh, _ = make_lamda_linear(weight, bias, 4, config, quantize, dtype, "cpu")
+    cached = build_layer("m.q", layer_tensors("m.q", fresh), config.alpha, config.dropout, quantize, dtype,
+                         torch.device("cpu"))
+    assert type(cached.base_layer) is type(fresh.base_layer) and cached.base_layer.bias.dtype == dtype
+    assert (cached.rank, cached.scaling, cached.dropout) == (fresh.rank, fresh.scaling, fresh.dropout)
+    assert torch.equal(dequantize_weight(cached.base_layer), dequantize_weight(fresh.base_layer))
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(cached.state_dict()[name], value), name
+    x = torch.randn(3, 48, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(cached.eval()(x), fresh.eval()(x))

@@ -6,6 +6,7 @@ from lamda_edge.adapters.io import load_adapter, read_adapter_config, save_adapt
 from lamda_edge.adapters.layer import LaMDALinear
 from lamda_edge.adapters.merge import merge, merge_and_unload, unmerge
 from lamda_edge.adapters.ranks import allocate_ranks
+from lamda_edge.adapters.state import AdapterState, adapter_state
 
 
 def trainable_parameter_count(model) -> int:
@@ -14,8 +15,10 @@ def trainable_parameter_count(model) -> int:
 
 
 __all__ = [
+    "AdapterState",
     "LaMDALinear",
     "PMBScheduler",
+    "adapter_state",
     "allocate_ranks",
     "apply_lamda",
     "find_targets",

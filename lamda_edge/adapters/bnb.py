@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lamda_edge.errors import require
+from lamda_edge.errors import ConfigError, require
+
+QUANTIZE = ("nf4", None)
 
 
 def _bnb():
@@ -53,6 +55,66 @@ def quantize_nf4(
     layer = layer.to(device)  # quantization happens on the move to the device
     disable_cpu_repack(layer)
     return layer
+
+
+def nf4_from_packed(
+    packed: torch.Tensor, quant_state: dict[str, torch.Tensor], bias: torch.Tensor | None,
+    compute_dtype: torch.dtype, device: torch.device | str,
+) -> nn.Module:
+    """Rebuild a frozen NF4 `Linear4bit` from packed 4-bit data and its packed quant state (no quantization)."""
+    bnb = _bnb()
+    d_out, d_in = (int(s) for s in _unpacked_shape(quant_state))
+    layer = bnb.nn.Linear4bit(d_in, d_out, bias=bias is not None, compute_dtype=compute_dtype, quant_type="nf4",
+                              device="meta")
+    layer.weight = bnb.nn.Params4bit.from_prequantized(packed, quant_state, requires_grad=False, device=device,
+                                                       module=layer)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(device, compute_dtype), requires_grad=False)
+    disable_cpu_repack(layer)
+    return layer
+
+
+def _unpacked_shape(quant_state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """The (d_out, d_in) shape stored in a packed bitsandbytes quant state."""
+    from bitsandbytes.utils import unpack_tensor_to_dict
+
+    packed = next(v for k, v in quant_state.items() if k.startswith("quant_state."))
+    return tuple(unpack_tensor_to_dict(packed)["shape"])
+
+
+def check_quantize(quantize) -> None:
+    """Raise `ConfigError` unless `quantize` is a base this module builds: 'nf4' or None (plain)."""
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"`quantize` should be 'nf4' or None, got {quantize!r}")
+
+
+def build_base(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    quantize: str | None,
+    compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    quant_state: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """The frozen base layer of an adapted linear layer, on `device` (default: `weight`'s):
+
+        quantize=None                     nn.Linear in `compute_dtype` holding `weight` (d_out, d_in)
+        quantize="nf4"                    Linear4bit: `weight` (float) quantized to NF4 on the device
+        quantize="nf4", quant_state=...   Linear4bit from packed NF4 `weight` and its packed quant state (the cache)
+    """
+    check_quantize(quantize)
+    device = torch.device(device) if device is not None else weight.device
+    if quantize == "nf4":
+        if quant_state is not None:
+            return nf4_from_packed(weight, quant_state, bias, compute_dtype, device)
+        return quantize_nf4(weight, bias, compute_dtype, device)
+    d_out, d_in = weight.shape
+    base = nn.Linear(d_in, d_out, bias=bias is not None, dtype=compute_dtype, device=device)
+    with torch.no_grad():
+        base.weight.copy_(weight)
+        if bias is not None:
+            base.bias.copy_(bias)
+    return base.requires_grad_(False)
 
 
 def disable_cpu_repack(model: nn.Module) -> nn.Module:

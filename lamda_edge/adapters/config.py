@@ -40,7 +40,7 @@ def check_known_keys(values: dict[str, Any], cls: type, where: str) -> None:
 
 @dataclass(frozen=True)
 class LaMDAConfig:
-    """How LaMDA adapts a model (see METHOD.md)."""
+    """How LaMDA adapts a model (see docs/method.md)."""
 
     rank: int = _field(8, "rank r of the adapter path (S is r x r); the base rank for LaMDA++")
     alpha: float = _field(16.0, "scaling numerator: the adapter output is multiplied by alpha/r")
@@ -101,11 +101,6 @@ class LaMDAConfig:
                 )
         if problems:
             raise ConfigError("invalid LaMDAConfig: " + "; ".join(problems) + ".")
-
-    @property
-    def scaling(self) -> float:
-        """s = alpha / r for the base rank."""
-        return self.alpha / self.rank
 
     @property
     def rank_bounds(self) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Gradual freezing of B (PMB): after each optimizer step, freeze B's columns in descending-singular-value order.
+"""Gradual freezing of B (the paper's PMB, second projection matrix; docs/method.md): after each optimizer step,
+freeze B's columns in descending-singular-value order.
 
 After optimizer step t, the first ceil(r * t / t_i) columns of every B are frozen (bitwise: their values are
 restored after each step, so AdamW momentum and weight decay cannot move them). From step t_i on B is wholly
@@ -23,7 +24,8 @@ def _drop_from_optimizer(optimizer, param) -> None:
 
 
 class PMBScheduler:
-    """Drives B's column freezing. Call `.step(optimizer)` after each optimizer step."""
+    """Drives the PMB schedule: PMB is the paper's name for B (d_out x r), the second Projection Matrix (A, the
+    first, is PMA). Call `.step(optimizer)` after each optimizer step."""
 
     def __init__(self, model: nn.Module, freeze_steps: int):
         if not isinstance(freeze_steps, int) or freeze_steps < 1:
@@ -37,10 +39,6 @@ class PMBScheduler:
     def columns_frozen(self, rank: int, step: int) -> int:
         """ceil(r * t / t_i), capped at r."""
         return min(rank, math.ceil(rank * step / self.freeze_steps))
-
-    @property
-    def b_frozen(self) -> bool:
-        return self.steps_done >= self.freeze_steps
 
     def step(self, optimizer=None) -> None:
         """Advance one optimizer step and freeze the columns the schedule calls for."""

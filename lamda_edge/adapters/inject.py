@@ -8,11 +8,12 @@ import logging
 import torch
 from torch import nn
 
-from lamda_edge.adapters.bnb import dequantize_weight, is_linear4bit, quantize_nf4
+from lamda_edge.adapters.bnb import build_base, dequantize_weight, is_linear4bit
 from lamda_edge.adapters.config import ALL_LINEAR, LaMDAConfig
 from lamda_edge.adapters.layer import LaMDALinear
 from lamda_edge.adapters.ranks import allocate_ranks
 from lamda_edge.adapters.spectral import energy_score, singular_values, spectral_init
+from lamda_edge.adapters.state import STATE_ATTR, AdapterState
 from lamda_edge.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -36,23 +37,26 @@ def lamda_layers(model: nn.Module) -> list[tuple[str, LaMDALinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LaMDALinear)]
 
 
-def _matches(name: str, targets: tuple[str, ...]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
+def matches_module(name: str, names, include_children: bool = False) -> bool:
+    """True when module `name` is one of `names` or ends with `.<one of them>` (a suffix match on whole parts).
+
+    With `include_children`, also when `name` lies inside one of them (starts with `<one of them>.`).
+    """
+    return any(name == s or name.endswith("." + s) or (include_children and name.startswith(s + ".")) for s in names)
 
 
 def find_targets(model: nn.Module, config: LaMDAConfig) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs `config.target_modules` selects; raises `ModelError` listing the choices if none."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linear = [(n, m) for n, m in model.named_modules() if n and is_linear(m) and not isinstance(m, LaMDALinear)]
-    saved = tuple(config.modules_to_save)
     if config.target_modules == ALL_LINEAR:
         chosen = [
             (n, m) for n, m in linear
-            if m is not head and n.split(".")[-1] not in HEAD_NAMES and not _matches(n, saved)
-            and not any(n.startswith(s + ".") or n == s for s in saved)
+            if m is not head and n.split(".")[-1] not in HEAD_NAMES
+            and not matches_module(n, config.modules_to_save, include_children=True)
         ]
     else:
-        chosen = [(n, m) for n, m in linear if _matches(n, tuple(config.target_modules))]
+        chosen = [(n, m) for n, m in linear if matches_module(n, config.target_modules)]
     if not chosen:
         kinds = sorted({n.split(".")[-1] for n, _ in linear})
         raise ModelError(
@@ -116,30 +120,17 @@ def make_lamda_linear(
     device = torch.device(device) if device is not None else weight.device
     svd_device = device if device.type == "cuda" else weight.device
     W = weight.detach().to(svd_device, torch.float32)  # (d_out, d_in)
-    d_out, d_in = W.shape
     scaling = config.alpha / rank
     init = spectral_init(W, rank, config.init, scaling, svd=config.svd, seed=config.seed)
     report: dict = {"rank": rank, "svd_seconds": init.svd_seconds, "svd_error": init.svd_error}
+    base = build_base(init.residual, bias, quantize, compute_dtype, device)
     if quantize == "nf4":
-        base = quantize_nf4(init.residual, bias, compute_dtype, device)
         approx = dequantize_weight(base).to(svd_device) + scaling * (init.B @ init.S @ init.A)
-        plain = dequantize_weight(quantize_nf4(W, None, compute_dtype, device)).to(svd_device)
+        plain = dequantize_weight(build_base(W, None, quantize, compute_dtype, device)).to(svd_device)
         norm = W.norm().clamp_min(1e-30)
         report["quant_error"] = float((W - approx).norm() / norm)
         report["plain_nf4_error"] = float((W - plain).norm() / norm)
-    elif quantize is None:
-        base = nn.Linear(d_in, d_out, bias=bias is not None, dtype=compute_dtype, device=device)
-        with torch.no_grad():
-            base.weight.copy_(init.residual)
-            if bias is not None:
-                base.bias.copy_(bias)
-    else:
-        raise ConfigError(f"`quantize` should be 'nf4' or None, got {quantize!r}")
-    layer = LaMDALinear(base, rank, config.alpha, config.dropout)
-    layer.load_init(init)
-    layer.to(device)
-    for t in (layer.lamda_A, layer.lamda_S, layer.lamda_B):
-        t.data = t.data.to(device, torch.float32)
+    layer = LaMDALinear.from_factors(base, init.A, init.S, init.B, config.alpha, config.dropout)
     return layer, report
 
 
@@ -158,7 +149,7 @@ def apply_lamda(model: nn.Module, config: LaMDAConfig) -> nn.Module:
     re-quantized (to factor the original full-precision weights, use `lamda_edge.load_lamda_model`).
 
     Returns:
-        The same model, with `model.lamda_config`, `model.lamda_fingerprint` and `model.lamda_report` set.
+        The same model, with its `AdapterState` (config, fingerprint, per-layer reports) in `model.lamda_state`.
     """
     if lamda_layers(model):
         raise ModelError("this model already has LaMDA layers; apply_lamda once per model (or merge_and_unload first)")
@@ -189,19 +180,17 @@ def apply_lamda(model: nn.Module, config: LaMDAConfig) -> nn.Module:
 
 
 def finish_injection(model: nn.Module, config: LaMDAConfig, fingerprint: dict[str, str], reports: dict) -> None:
-    """Freeze everything but S, B and `modules_to_save`, and record the config, fingerprint and report."""
+    """Freeze everything but S, B and `modules_to_save`, and record the config, fingerprint and reports."""
     for param in model.parameters():
         param.requires_grad_(False)
     for _, layer in lamda_layers(model):
         layer.lamda_S.requires_grad_(True)
         layer.lamda_B.requires_grad_(layer.frozen_b_columns < layer.rank)
     for name in config.modules_to_save:
-        found = [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
+        found = [m for n, m in model.named_modules() if matches_module(n, (name,))]
         if not found:
             raise ModelError(f"modules_to_save names {name!r}, which is not a module of {type(model).__name__}")
         for module in found:
             for param in module.parameters():
                 param.requires_grad_(True)
-    model.lamda_config = config
-    model.lamda_fingerprint = fingerprint
-    model.lamda_report = reports
+    setattr(model, STATE_ATTR, AdapterState(config, fingerprint, reports))

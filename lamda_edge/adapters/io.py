@@ -15,9 +15,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lamda_edge.adapters.config import LaMDAConfig
-from lamda_edge.adapters.inject import apply_lamda, lamda_layers
+from lamda_edge.adapters.inject import apply_lamda, lamda_layers, matches_module
+from lamda_edge.adapters.state import STATE_ATTR, AdapterState, adapter_state
 from lamda_edge.atomic import write_atomic
 from lamda_edge.errors import AdapterMismatchError, ModelError
+from lamda_edge.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, task_of_architectures
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,18 +31,19 @@ LAYER_TENSORS = ("lamda_A", "lamda_S", "lamda_B", "lamda_B_frozen")
 def model_fingerprint(model: nn.Module) -> dict:
     """Architecture, targeted layer shapes, and hashes of the targeted pretrained weights (taken at injection)."""
     config = getattr(model, "config", None)
+    state = getattr(model, STATE_ATTR, None)
     return {
         "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
         "model_type": getattr(config, "model_type", None),
         "shapes": {name: [layer.out_features, layer.in_features] for name, layer in lamda_layers(model)},
-        "weights": dict(getattr(model, "lamda_fingerprint", {})),
+        "weights": dict(state.fingerprint) if state is not None else {},
     }
 
 
 def _saved_modules(model: nn.Module, config: LaMDAConfig) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, module in model.named_modules():
-        if any(name == s or name.endswith("." + s) for s in config.modules_to_save):
+        if matches_module(name, config.modules_to_save):
             for pname, param in module.named_parameters():
                 tensors[f"{name}.{pname}"] = param.detach()
     return tensors
@@ -52,9 +55,9 @@ def _task_of(model: nn.Module) -> dict:
     A classifier is often trained on a bare encoder folder (config without a head), so the export must not read
     these from the base model's config.
     """
-    if type(model).__name__.endswith("ForSequenceClassification"):
-        return {"task": "sequence-classification", "num_labels": int(model.config.num_labels)}
-    return {"task": "causal-lm"}
+    if task_of_architectures([type(model).__name__]) == SEQUENCE_CLASSIFICATION:
+        return {"task": SEQUENCE_CLASSIFICATION, "num_labels": int(model.config.num_labels)}
+    return {"task": CAUSAL_LM}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
@@ -68,7 +71,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
     layers = lamda_layers(model)
     if not layers:
         raise ModelError("save_adapter: the model has no LaMDA layers; call apply_lamda first")
-    config: LaMDAConfig = model.lamda_config
+    config = adapter_state(model).config
     tensors = {f"{name}.{key}": getattr(layer, key).detach() for name, layer in layers for key in LAYER_TENSORS}
     tensors.update(_saved_modules(model, config))
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
@@ -161,5 +164,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
                                    + ". Fix: load the model as the adapter was trained (task, num_labels)")
     if missing:
         raise AdapterMismatchError(f"the adapter in {path} does not fit this model: tensors {missing[:5]} missing")
-    model.lamda_config = config
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        setattr(model, STATE_ATTR, AdapterState(config, {}, {}))
+    else:
+        state.config = config
     return info

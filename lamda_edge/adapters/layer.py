@@ -1,4 +1,4 @@
-"""`LaMDALinear`: a frozen linear layer with a LaMDA low-dimensional adapter path (METHOD.md).
+"""`LaMDALinear`: a frozen linear layer with a LaMDA low-dimensional adapter path (docs/method.md).
 
     x ──> base_layer (frozen, plain or NF4) ─────────────────────────────────────────────┐
     │                                                                                       + ──> y
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamda_edge.adapters.bnb import dequantize_weight, is_linear4bit
-from lamda_edge.adapters.spectral import SpectralInit
+from lamda_edge.errors import ModelError
 
 
 class LaMDALinear(nn.Module):
@@ -35,8 +35,10 @@ class LaMDALinear(nn.Module):
         self.lamda_B = nn.Parameter(torch.zeros(self.out_features, rank))
         # How many of B's leading columns (largest singular values first) are frozen; saved with the adapter.
         self.register_buffer("lamda_B_frozen", torch.zeros((), dtype=torch.long))
+        self._b_frozen_count = 0  # the same count as a Python int: the backward hook reads it without a device sync
         self._frozen_b_values: torch.Tensor | None = None  # (d_out, k) snapshot restored after each step
         self.merged = False
+        self.register_module("unmerged_base", None)  # the original base while merged (`merge`), for `unmerge`
         self.lamda_B.register_hook(self._mask_frozen_b_grad)
         self.register_load_state_dict_post_hook(_after_load)
         for p in self.base_layer.parameters():
@@ -44,12 +46,33 @@ class LaMDALinear(nn.Module):
 
     # ---- init ----------------------------------------------------------------------------------------------------
 
+    @classmethod
+    def from_factors(
+        cls, base_layer: nn.Module, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, alpha: float,
+        dropout: float = 0.0,
+    ) -> LaMDALinear:
+        """The adapted layer around a built (frozen) `base_layer` with factors A (r, d_in), S (r, r), B (d_out, r).
+
+        The one way every path builds a layer (injection, the 4-bit loader, the prepared-layer cache, the planner's
+        measurement). The rank is S's size; the factors are copied in float32 onto the base layer's device.
+        """
+        layer = cls(base_layer, S.shape[0], alpha, dropout)
+        layer.set_factors(A, S, B)
+        return layer
+
     @torch.no_grad()
-    def load_init(self, init: SpectralInit) -> None:
-        """Copy the spectral factors in (float32); the residual base weight is set by whoever built `base_layer`."""
-        self.lamda_A.copy_(init.A)
-        self.lamda_S.copy_(init.S)
-        self.lamda_B.copy_(init.B)
+    def set_factors(self, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy A (r, d_in), S (r, r), B (d_out, r) in, as float32 on the base layer's device (the adapter's home)."""
+        r = self.rank
+        expected = {"A": (r, self.in_features), "S": (r, r), "B": (self.out_features, r)}
+        got = {"A": tuple(A.shape), "S": tuple(S.shape), "B": tuple(B.shape)}
+        if got != expected:
+            raise ModelError(f"LaMDA factors of shapes {got} do not fit a rank-{r} layer {self.out_features} x "
+                             f"{self.in_features} (expected {expected})")
+        device = self.base_layer.weight.device
+        for name, value in (("lamda_A", A), ("lamda_S", S), ("lamda_B", B)):
+            getattr(self, name).data = value.detach().to(device, torch.float32, copy=True)
+        self.lamda_B_frozen.data = self.lamda_B_frozen.data.to(device)
 
     # ---- forward -------------------------------------------------------------------------------------------------
 
@@ -77,14 +100,45 @@ class LaMDALinear(nn.Module):
         """The base weight W_base in float32 (dequantized for a 4-bit base)."""
         return dequantize_weight(self.base_layer)
 
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """A new frozen `nn.Linear` holding W_base + s * B S A (float32 math, then the base's dtype; never NF4)."""
+        base = self.base_layer
+        dtype = (base.compute_dtype or torch.float32) if is_linear4bit(base) else base.weight.dtype
+        device = self.lamda_A.device
+        weight = self.base_weight().to(device) + self.delta_weight().to(device)  # (d_out, d_in) float32
+        merged = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, dtype=dtype,
+                           device=device)
+        merged.weight.copy_(weight)
+        if base.bias is not None:
+            merged.bias.copy_(base.bias)
+        return merged.requires_grad_(False)
+
+    def merge(self) -> None:
+        """Fold the adapter into the base (`merged_linear`); the original base is kept for `unmerge`. Idempotent."""
+        if self.merged:
+            return
+        self.unmerged_base = self.base_layer
+        self.base_layer = self.merged_linear()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo `merge`: the original base layer object comes back and the adapter path is active again."""
+        if not self.merged:
+            return
+        self.base_layer = self.unmerged_base
+        self.unmerged_base = None
+        self.merged = False
+
     # ---- B freezing ----------------------------------------------------------------------------------------------
 
     @property
     def frozen_b_columns(self) -> int:
-        return int(self.lamda_B_frozen)
+        """How many of B's leading columns are frozen (kept equal to the `lamda_B_frozen` buffer)."""
+        return self._b_frozen_count
 
     def _mask_frozen_b_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        k = int(self.lamda_B_frozen)
+        k = self._b_frozen_count
         if k == 0:
             return grad
         grad = grad.clone()
@@ -103,9 +157,10 @@ class LaMDALinear(nn.Module):
         """Freeze B's first `k` columns at their current values; returns True when B is now wholly frozen."""
         k = max(0, min(int(k), self.rank))
         self.restore_frozen_b()
-        if k > int(self.lamda_B_frozen) or self._frozen_b_values is None:
+        if k > self._b_frozen_count or self._frozen_b_values is None:
             self._frozen_b_values = self.lamda_B[:, :k].detach().clone()
             self.lamda_B_frozen.fill_(k)
+            self._b_frozen_count = k
         if k == self.rank:
             self.lamda_B.requires_grad_(False)
             self.lamda_B.grad = None
@@ -141,6 +196,7 @@ class _DropoutProject(torch.autograd.Function):
 
 def _after_load(module: LaMDALinear, incompatible_keys) -> None:
     """After loading a state dict, a wholly frozen B stays out of training (so a resumed optimizer matches)."""
+    module._b_frozen_count = int(module.lamda_B_frozen)  # one sync per layer, at load time only
     module._frozen_b_values = None
     module.lamda_B.requires_grad_(module.frozen_b_columns < module.rank)
     if 0 < module.frozen_b_columns < module.rank:

@@ -1,4 +1,4 @@
-"""LaMDA++: per-layer ranks from normalized energy scores, under a parameter budget (METHOD.md).
+"""LaMDA++: per-layer ranks from normalized energy scores, under a parameter budget (docs/method.md).
 
     budget:  sum_l r_l^2 <= L * r0^2,  r_min <= r_l <= r_max,  at least 95% of the budget used
     order:   a layer with a higher score never gets a lower rank than a layer with a lower score

@@ -1,4 +1,4 @@
-"""Spectral initialization of a LaMDA adapter from a full-precision weight (METHOD.md).
+"""Spectral initialization of a LaMDA adapter from a full-precision weight (docs/method.md).
 
     W0 = U diag(sigma) V^T                       (float32, singular values descending)
     principal:  A = V_r^T,  B = U_r,  S = diag(sigma_r) / s,  W_base = W0 - U_r diag(sigma_r) V_r^T

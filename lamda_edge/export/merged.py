@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lamda_edge.errors import ConfigError, ModelError
+from lamda_edge.tasks import SEQUENCE_CLASSIFICATION, task_of_architectures
 
 
 def load_merged(model_dir: Path | None, adapter_dir: Path | None):
@@ -72,7 +73,7 @@ def load_reference(folder: Path):
         raise ModelError(f"cannot read a transformers config from {folder}: {exc}") from exc
     archs = getattr(config, "architectures", None) or []
     auto = (transformers.AutoModelForSequenceClassification
-            if any(a.endswith("ForSequenceClassification") for a in archs) else transformers.AutoModelForCausalLM)
+            if task_of_architectures(archs) == SEQUENCE_CLASSIFICATION else transformers.AutoModelForCausalLM)
     return auto.from_pretrained(folder, dtype=torch.float32).eval()
 
 

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
-from lamda_edge.adapters.bnb import is_linear4bit
+from lamda_edge.adapters.bnb import build_base, is_linear4bit
 from lamda_edge.adapters.layer import LaMDALinear
 
 logger = logging.getLogger(__name__)
@@ -203,42 +202,13 @@ def read_entry(root: Path, key: str) -> CacheEntry | None:
 
 
 def build_layer(
-    name: str, tensors: dict[str, torch.Tensor], rank: int, alpha: float, dropout: float,
+    name: str, tensors: dict[str, torch.Tensor], alpha: float, dropout: float,
     quantize: str | None, compute_dtype: torch.dtype, device: torch.device,
 ) -> LaMDALinear:
     """Rebuild one prepared `LaMDALinear` from cached tensors (no SVD, no quantization)."""
-    weight = tensors[f"{name}.base.weight"]
-    bias = tensors.get(f"{name}.base.bias")
-    if quantize == "nf4":
-        import bitsandbytes as bnb
-
-        prefix = f"{name}.base.weight."
-        stats = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        d_out, d_in = (int(s) for s in _unpacked_shape(stats))
-        base = bnb.nn.Linear4bit(d_in, d_out, bias=bias is not None, compute_dtype=compute_dtype,
-                                 quant_type="nf4", device="meta")
-        base.weight = bnb.nn.Params4bit.from_prequantized(weight, stats, requires_grad=False, device=device,
-                                                          module=base)
-        if bias is not None:
-            base.bias = nn.Parameter(bias.to(device, compute_dtype), requires_grad=False)
-        base.support_avx512bf16_for_cpu = False  # the CPU repacking trap (DESIGN.md)
-    else:
-        d_out, d_in = weight.shape
-        base = nn.Linear(d_in, d_out, bias=bias is not None, dtype=compute_dtype, device=device)
-        with torch.no_grad():
-            base.weight.copy_(weight)
-            if bias is not None:
-                base.bias.copy_(bias)
-    layer = LaMDALinear(base, rank, alpha, dropout)
-    with torch.no_grad():
-        for key in LAYER_KEYS:
-            getattr(layer, key).data = tensors[f"{name}.{key}"].to(device, torch.float32)
-    return layer
-
-
-def _unpacked_shape(stats: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """The (d_out, d_in) shape stored in a packed bitsandbytes quant state."""
-    from bitsandbytes.utils import unpack_tensor_to_dict
-
-    packed = next(v for k, v in stats.items() if k.startswith("quant_state."))
-    return tuple(unpack_tensor_to_dict(packed)["shape"])
+    prefix = f"{name}.base.weight."
+    stats = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} if quantize == "nf4" else None
+    base = build_base(tensors[f"{name}.base.weight"], tensors.get(f"{name}.base.bias"), quantize, compute_dtype,
+                      device, quant_state=stats)
+    A, S, B = (tensors[f"{name}.{key}"] for key in LAYER_KEYS)
+    return LaMDALinear.from_factors(base, A, S, B, alpha, dropout)

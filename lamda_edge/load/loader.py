@@ -1,6 +1,6 @@
 """Load a local transformers folder as a frozen 4-bit (NF4) base with LaMDA adapters from the full-precision weights.
 
-Spectral residual quantization (METHOD.md, "With a 4-bit base"): for every targeted linear layer the SVD is taken
+Spectral residual quantization (docs/method.md, "With a 4-bit base"): for every targeted linear layer the SVD is taken
 on the original weight W, the adapter gets the principal part, and only the residual is quantized:
 
     W ──SVD──> U_r diag(sigma_r) V_r^T  ──> adapter: B = U_r, S = diag(sigma_r) / s, A = V_r^T
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lamda_edge.adapters.bnb import disable_cpu_repack
+from lamda_edge.adapters.bnb import check_quantize, disable_cpu_repack
 from lamda_edge.adapters.config import LaMDAConfig
 from lamda_edge.adapters.inject import (
     HEAD_NAMES,
@@ -35,9 +35,11 @@ from lamda_edge.adapters.inject import (
     finish_injection,
     layer_ranks,
     make_lamda_linear,
+    matches_module,
     weight_fingerprint,
 )
 from lamda_edge.adapters.spectral import singular_values
+from lamda_edge.adapters.state import adapter_state
 from lamda_edge.errors import ConfigError, ModelError, require
 from lamda_edge.load.cache import (
     build_layer,
@@ -50,11 +52,10 @@ from lamda_edge.load.cache import (
 )
 from lamda_edge.load.checkpoint import Checkpoint, key_map
 from lamda_edge.load.device import PeakMemory, resolve_compute_dtype, resolve_device
+from lamda_edge.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS, task_of_architectures
 
 logger = logging.getLogger(__name__)
 
-QUANTIZE = ("nf4", None)
-TASKS = ("causal-lm", "sequence-classification")
 
 
 # ---- choices: device, dtype, task ----------------------------------------------------------------------------------
@@ -67,20 +68,19 @@ def resolve_task(hf_config, task: str | None) -> str:
             raise ConfigError(f"`task` should be one of {TASKS}, got {task!r}")
         return task
     archs = list(getattr(hf_config, "architectures", None) or [])
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "sequence-classification"
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "causal-lm"
+    found = task_of_architectures(archs)
+    if found is not None:
+        return found
     from transformers.models.auto import modeling_auto as auto
 
     model_type = getattr(hf_config, "model_type", None)
     seq_cls = model_type in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
     if seq_cls and model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # an encoder (BERT-like): classify
-        return "sequence-classification"
+        return SEQUENCE_CLASSIFICATION
     if model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "causal-lm"
+        return CAUSAL_LM
     if seq_cls:
-        return "sequence-classification"
+        return SEQUENCE_CLASSIFICATION
     raise ModelError(
         f"cannot tell what model type {model_type!r} (architectures {archs}) is for; lamda-edge loads causal LMs "
         "and sequence-classification encoders. Fix: pass task='causal-lm' or task='sequence-classification'"
@@ -96,7 +96,7 @@ def resolve_task(hf_config, task: str | None) -> str:
 def _auto_class(task: str):
     import transformers
 
-    if task == "causal-lm":
+    if task == CAUSAL_LM:
         return transformers.AutoModelForCausalLM
     return transformers.AutoModelForSequenceClassification
 
@@ -141,8 +141,7 @@ def _init_missing(model: nn.Module, config: LaMDAConfig, device: torch.device) -
         if not meta:
             continue
         is_head = (module is head or name.split(".")[-1] in HEAD_NAMES
-                   or any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in
-                          config.modules_to_save))
+                   or matches_module(name, config.modules_to_save, include_children=True))
         if not is_head:
             raise ModelError(
                 f"the checkpoint holds no weights for {name} ({', '.join(meta)}); its layout does not match "
@@ -157,7 +156,7 @@ def _init_missing(model: nn.Module, config: LaMDAConfig, device: torch.device) -
         module.to(device)
         created.append(name)
     if created:
-        untrained = [n for n in created if not any(n == s or n.endswith("." + s) for s in config.modules_to_save)]
+        untrained = [n for n in created if not matches_module(n, config.modules_to_save)]
         logger.warning("newly initialized (not in the checkpoint): %s", ", ".join(created))
         if untrained:
             logger.warning("these new modules are not in `modules_to_save`, so they will not train: %s; add them "
@@ -286,8 +285,8 @@ def load_lamda_model(
 
     Returns:
         The model (eval mode): base frozen, `lamda_S`, `lamda_B` and `modules_to_save` trainable, and
-        `model.lamda_prepare_report` (per-layer and overall quantization errors vs plain NF4, SVD seconds, peak
-        memory of preparation, cache hit or miss).
+        `model.lamda_state.prepare_report` (per-layer and overall quantization errors vs plain NF4, SVD seconds,
+        peak memory of preparation, cache hit or miss).
 
     Raises:
         ModelError: the folder is not a loadable model; ConfigError: a bad argument;
@@ -297,8 +296,7 @@ def load_lamda_model(
     model_dir = Path(model_path).expanduser()
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{model_path} is not a transformers model folder (no config.json); pass a local folder")
-    if quantize not in QUANTIZE:
-        raise ConfigError(f"`quantize` should be 'nf4' or None, got {quantize!r}")
+    check_quantize(quantize)
     if not isinstance(config, LaMDAConfig):
         raise ConfigError(f"`config` should be a LaMDAConfig, got {type(config).__name__}")
     if quantize == "nf4":
@@ -333,8 +331,8 @@ def load_lamda_model(
         ranks, fingerprints, reports, norms = info["ranks"], info["fingerprints"], info["layers"], info["norms"]
         try:
             for name, _ in targets:
-                layer = build_layer(name, cached.layer(name), ranks[name], config.alpha, config.dropout, quantize,
-                                    compute_dtype, device)
+                layer = build_layer(name, cached.layer(name), config.alpha, config.dropout, quantize, compute_dtype,
+                                    device)
                 model.set_submodule(name, layer)
         except Exception as exc:  # noqa: BLE001 - a damaged entry: start again from the weights
             logger.warning("discarding damaged prepared-model cache %s (%s)", cached.folder, exc)
@@ -382,8 +380,9 @@ def load_lamda_model(
         del tensors
     report["peak_memory_bytes"] = peak.peak_bytes()
     report["seconds"] = time.perf_counter() - start
-    model.lamda_prepare_report = report
-    model.lamda_base = {"base_model": report["model_path"], "quantize": quantize}
+    state = adapter_state(model)
+    state.prepare_report = report
+    state.base = {"base_model": report["model_path"], "quantize": quantize}
     logger.info(
         "prepared %d LaMDA layers of %s (%s, cache %s) in %.1f s: SVD %.1f s, error %s vs plain NF4 %s, peak %.0f MiB",
         len(targets), model_dir.name, quantize or "unquantized", report["cache"], report["seconds"],

@@ -6,8 +6,9 @@ LaMDA adapters from `lamda_edge.adapters`, gradient checkpointing (non-reentrant
 `lamda_edge.train.loss`, AdamW over the trainable parameters. A catalogue shape without local weights gets random
 weights of that shape (memory does not depend on the values).
 
-Real weights (a local folder, or `smollm2-135m` -> the built-in default) go through `lamda_edge.quant.
-load_lamda_model`, the loader `lamda-edge train` uses. TODO(train): `_train_step` is a plain loop (chunked loss,
+Real weights (a local folder, or `smollm2-135m` -> the built-in default) go through `lamda_edge.load.loader.
+load_lamda_model`, the loader `lamda-edge train` uses; random weights go through `make_lamda_linear`, the same
+builder of adapted layers. TODO(train): `_train_step` is a plain loop (chunked loss,
 backward, AdamW step); switch it to the step of `lamda_edge.train.recipe` (LaMDATrainer) once it exposes one.
 """
 
@@ -43,7 +44,7 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
     """The adapted model for `setup`: local weights when `shape.local_path` is set, else random ones."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
-    from lamda_edge.adapters import find_targets, make_lamda_linear
+    from lamda_edge.adapters import find_targets, lamda_layers, make_lamda_linear
     from lamda_edge.adapters.config import LaMDAConfig
     from lamda_edge.adapters.inject import finish_injection
 
@@ -75,9 +76,8 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
         model.set_submodule(name, layer)
     finish_injection(model, config, {}, {})
     if not setup.b_trainable:
-        for _, m in model.named_modules():
-            if hasattr(m, "lamda_B"):
-                m.lamda_B.requires_grad_(False)
+        for _, layer in lamda_layers(model):
+            layer.lamda_B.requires_grad_(False)
     model.to(device)
     if setup.gradient_checkpointing:
         from lamda_edge.load.loader import enable_gradient_checkpointing

@@ -75,7 +75,7 @@ def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.
 
 def _adapter_metadata(lm, model_path: Path, quantize: str | None) -> dict:
     """What the saved adapter records about its base: the loader's facts, the model folder, the quantization."""
-    metadata = {**getattr(lm, "lamda_base", {}), "base_model": str(Path(model_path).resolve()), "quantize": quantize}
+    metadata = {**(lm.lamda_state.base or {}), "base_model": str(Path(model_path).resolve()), "quantize": quantize}
     return metadata
 
 
