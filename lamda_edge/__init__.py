@@ -1,27 +1,46 @@
-"""lamda-edge: LaMDA / LaMDA++ fine-tuning on a 4-bit base, in the least memory, shipped to devices as ONNX."""
+"""lamda-edge: LaMDA / LaMDA++ fine-tuning on a 4-bit base, in the least memory, shipped to devices as ONNX.
 
+The public names load on first use (PEP 562): `import lamda_edge` (and so `lamda-edge devices` and `plan`) imports
+no torch; `from lamda_edge import apply_lamda` loads the adapters (and torch) then.
+"""
+
+import importlib
 import logging
 
 # bitsandbytes suggests `pip install kernels` on import, which would fetch a kernel from a model hub; we never do.
 # The filter goes in before anything imports bitsandbytes (transformers may, on import).
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.msg)
 
-from lamda_edge.adapters import (  # noqa: E402
-    AdapterState,
-    LaMDALinear,
-    PMBScheduler,
-    adapter_state,
-    allocate_ranks,
-    apply_lamda,
-    lamda_layers,
-    load_adapter,
-    merge_and_unload,
-    save_adapter,
-)
-from lamda_edge.adapters.config import LaMDAConfig  # noqa: E402
 from lamda_edge.errors import ConfigError, LamdaEdgeError  # noqa: E402
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_LAZY = {
+    "AdapterState": "lamda_edge.adapters",
+    "LaMDAConfig": "lamda_edge.adapters.config",
+    "LaMDALinear": "lamda_edge.adapters",
+    "PMBScheduler": "lamda_edge.adapters",
+    "adapter_state": "lamda_edge.adapters",
+    "allocate_ranks": "lamda_edge.adapters",
+    "apply_lamda": "lamda_edge.adapters",
+    "lamda_layers": "lamda_edge.adapters",
+    "load_adapter": "lamda_edge.adapters",
+    "merge_and_unload": "lamda_edge.adapters",
+    "save_adapter": "lamda_edge.adapters",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'lamda_edge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def load_lamda_model(model_path, config, quantize="nf4", device=None, **kwargs):

@@ -2,8 +2,10 @@
 
     plan ──> load (4-bit base) ──> adapt (LaMDA) ──> train ──> merge ──> export (ONNX) ──> generate
 
-Each subcommand has an `_add_<name>` (its arguments, with examples in the help) and a `_run_<name>`
-(one or two calls into the library). Exit codes: 0 ok, 2 bad input, 3 does not fit.
+Each subcommand has an `_add_<name>` (`_subcommand`: its help and examples, then its arguments) and a `_run_<name>`
+(one or two calls into the library). `train`'s flags come from the run config's one table (`cli_flags`), added when
+`train` is parsed; `devices` and `plan` (without --config or --measure) are arithmetic and import no torch.
+Exit codes: 0 ok, 2 bad input, 3 does not fit.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import sys
 
 from lamda_edge.errors import LamdaEdgeError
+from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -24,68 +27,98 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but bad usage exits 2 with the message only (argparse's own default is 2 as well)."""
+    """argparse, where a subcommand's arguments may be added on first use (`arguments`): `train`'s flags come from
+    the run config's table, whose adapter help lives in the adapter package (torch); `devices` and `plan` never
+    pay for that import."""
+
+    def __init__(self, *args, arguments=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._arguments = arguments
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._arguments is not None:
+            add, self._arguments = self._arguments, None
+            add(self)
+        return super().parse_known_args(args, namespace)
+
+
+def _subcommand(sub, name: str, help: str, run, examples: list[str], **kwargs) -> argparse.ArgumentParser:
+    """A subcommand's parser: its help, its examples under the arguments, `_run_<name>` to run it."""
+    lines = "\n".join(f"  {example}" for example in examples)
+    p = sub.add_parser(name, help=help, formatter_class=_Formatter,
+                       epilog=f"example{'s' if len(examples) > 1 else ''}:\n{lines}", **kwargs)
+    p.set_defaults(run=run)
+    return p
 
 
 # ---- devices -------------------------------------------------------------------------------------------------------
 
 
 def _add_devices(sub) -> None:
-    p = sub.add_parser("devices", help="list the device profiles", formatter_class=_Formatter,
-                       epilog="example:\n  lamda-edge devices")
-    p.set_defaults(run=_run_devices)
+    _subcommand(sub, "devices", "list the device profiles", _run_devices, ["lamda-edge devices"])
 
 
 def _run_devices(args) -> int:
-    from lamda_edge.planner import profiles
+    from lamda_edge.planner.profiles import describe_devices
 
-    for line in profiles.describe_devices():
-        print(line)
+    print("\n".join(describe_devices()))
     return 0
 
 
 # ---- plan ----------------------------------------------------------------------------------------------------------
 
+# plan's own defaults (without --config); with --config the run config's (those of `train`) apply
+PLAN_DEFAULTS = {"device": "auto", "model": "smollm2-135m", "seq_len": 512, "target_batch": 16,
+                 "chunk_rows": DEFAULT_CHUNK_ROWS}
+# the flags whose setting a run config holds: flag -> run config key
+PLAN_RUN_FLAGS = {"device": "device", "model": "model", "seq_len": "seq_len", "rank": "rank", "batch_size":
+                  "batch_size", "target_batch": "grad_accum", "no_quantize": "quantize", "checkpointing":
+                  "gradient_checkpointing", "chunk_rows": "chunk_rows", "precision": "precision"}
+
 
 def _add_plan(sub) -> None:
-    p = sub.add_parser("plan", help="plan rank, batch size and accumulation for a device", formatter_class=_Formatter,
-                       epilog="examples:\n  lamda-edge plan --device rtx3060 --model llama-3.1-8b --seq-len 1024\n"
-                       "  lamda-edge plan --device orin-nano --model qwen2.5-0.5b --json\n"
-                       "  lamda-edge plan --device cpu --model smollm2-135m --json --measure")
-    p.add_argument("--device", default="auto", help="device profile name or alias (`lamda-edge devices`), or auto")
-    p.add_argument("--model", default="smollm2-135m", help="catalogue name, or a local folder / config.json")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--rank", type=int, default=None, help="pin the LaMDA(++) base rank (default: choose)")
-    p.add_argument("--batch-size", type=int, default=None, help="pin the micro-batch (default: largest that fits)")
-    p.add_argument("--target-batch", type=int, default=16, help="effective batch reached with grad_accum")
-    p.add_argument("--no-quantize", action="store_true", help="plan an unquantized base instead of NF4")
-    p.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
-                   help="gradient checkpointing (auto: off when the same batch fits without it)")
-    p.add_argument("--chunk-rows", type=int, default=256, help="rows per chunk of the loss; 0 = full logits")
+    p = _subcommand(sub, "plan", "plan rank, batch size and accumulation for a device", _run_plan, [
+        "lamda-edge plan --device rtx3060 --model llama-3.1-8b --seq-len 1024",
+        "lamda-edge plan --device orin-nano --model qwen2.5-0.5b --json",
+        "lamda-edge plan --device cpu --model smollm2-135m --json --measure",
+        "lamda-edge plan --config examples/rtx3060-llama3-8b.yaml model=llama-3.1-8b  (what `train` would plan)"])
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="with --config: run config overrides")
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="plan the run of this run config as `train` plans it (its device, model, seq_len, rank, "
+                   "batch_size x grad_accum, quantize, gradient_checkpointing, chunk_rows); the flags below that a "
+                   "run config also holds are then given as key=value")
+    d = PLAN_DEFAULTS
+    p.add_argument("--device", help=f"device profile name or alias (`lamda-edge devices`), or auto "
+                   f"(default: {d['device']})")
+    p.add_argument("--model", help=f"catalogue name, or a local folder / config.json (default: {d['model']})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default: {d['seq_len']})")
+    p.add_argument("--rank", type=int, help="pin the LaMDA(++) base rank (default: choose)")
+    p.add_argument("--batch-size", type=int, help="pin the micro-batch (default: largest that fits)")
+    p.add_argument("--target-batch", type=int,
+                   help=f"effective batch reached with grad_accum (default: {d['target_batch']})")
+    p.add_argument("--no-quantize", action="store_true", default=None, help="plan an unquantized base instead of NF4")
+    p.add_argument("--checkpointing", choices=("auto", "on", "off"),
+                   help="gradient checkpointing (default auto: off when the same batch fits without it)")
+    p.add_argument("--chunk-rows", type=int, help=f"rows per chunk of the loss; 0 = full logits "
+                   f"(default: {d['chunk_rows']})")
     p.add_argument("--dataset-tokens", type=int, default=10_000_000, help="tokens per epoch, for the time estimate")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="compute dtype (auto: fp32 on a CPU, bf16 on GPUs that have it, else fp16)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="compute dtype (default auto: fp32 on a CPU, bf16 on GPUs that have it, else fp16)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--measure", action="store_true",
                    help="run real training steps of the plan on this machine and report the measured peak "
                    "(on a CPU, pin a small --batch-size/--seq-len to keep it quick)")
     p.add_argument("--measure-steps", type=int, default=2, help="steps to run with --measure (first one warms up)")
-    p.set_defaults(run=_run_plan)
 
 
 def _run_plan(args) -> int:
     import json
 
-    from lamda_edge.planner import get_device, get_model
     from lamda_edge.planner.report import format_plan
     from lamda_edge.planner.search import plan
 
-    ckpt = {"auto": None, "on": True, "off": False}[args.checkpointing]
-    result = plan(get_device(args.device), get_model(args.model), seq_len=args.seq_len, rank=args.rank,
-                  batch_size=args.batch_size, target_batch=args.target_batch,
-                  quantize=None if args.no_quantize else "nf4", gradient_checkpointing=ckpt,
-                  chunk_rows=args.chunk_rows or None, dataset_tokens=args.dataset_tokens,
-                  compute_dtype=None if args.precision == "auto" else args.precision)
+    device, model, request = _plan_request(args)
+    result = plan(device, model, **request, dataset_tokens=args.dataset_tokens)
     if args.measure:
         from lamda_edge.planner.measure import measure_plan
 
@@ -94,37 +127,75 @@ def _run_plan(args) -> int:
     return 0 if result.fits else 3
 
 
+def _plan_request(args):
+    """(device profile, model shape, the planner's arguments): from the flags, or as `train` asks for --config."""
+    from lamda_edge.errors import ConfigError
+    from lamda_edge.planner import get_device, get_model
+
+    if args.config is None:
+        if args.overrides:
+            raise ConfigError(f"key=value overrides ({args.overrides[0]!r}) need --config. Fix: give a run config, "
+                              "or use the flags (`lamda-edge plan --help`)")
+        v = {key: getattr(args, key) for key in PLAN_DEFAULTS}
+        v = {key: PLAN_DEFAULTS[key] if value is None else value for key, value in v.items()}
+        return get_device(v["device"]), get_model(v["model"]), dict(
+            seq_len=v["seq_len"], rank=args.rank, batch_size=args.batch_size, target_batch=v["target_batch"],
+            quantize=None if args.no_quantize else "nf4", chunk_rows=v["chunk_rows"] or None,
+            gradient_checkpointing={None: None, "auto": None, "on": True, "off": False}[args.checkpointing],
+            compute_dtype=None if args.precision in (None, "auto") else args.precision)
+    given = [flag for flag in PLAN_RUN_FLAGS if getattr(args, flag) is not None]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} with --config: the run config holds that setting. Fix: "
+                          f"give it as key=value after the file (e.g. {PLAN_RUN_FLAGS[given[0]]}=...)")
+    import torch  # the run config's checks load it already
+
+    from lamda_edge.load.device import resolve_quantize
+    from lamda_edge.train.config import load_run_config
+
+    config = load_run_config(args.config, None, args.overrides)
+    device = get_device(config.planner_device())
+    quantize = resolve_quantize(config.quantize, torch.device("cpu" if device.kind == "cpu" else "cuda"))
+    return device, get_model(config.model or PLAN_DEFAULTS["model"]), config.plan_arguments(quantize)
+
+
 # ---- train ---------------------------------------------------------------------------------------------------------
 
 
 def _add_train(sub) -> None:
-    from lamda_edge.train.config import CLI_FLAGS, field_help
-
-    p = sub.add_parser(
-        "train", help="fine-tune with LaMDA on a 4-bit base", formatter_class=_Formatter,
+    _subcommand(
+        sub, "train", "fine-tune with LaMDA on a 4-bit base", _run_train, [
+            "lamda-edge train", "lamda-edge train --config run.yaml max_steps=200",
+            "lamda-edge train --model ./my-model --data train.jsonl --output runs/mine --rank 16 lr=5e-4 "
+            "lamda.init=minor",
+            "lamda-edge train --output runs/mine --resume",
+            "lamda-edge train --config examples/cpu-default.yaml  (more in examples/)",
+            "accelerate launch --num_processes 2 -m lamda_edge.cli train --data train.jsonl  (docs/multi-gpu.md)"],
+        arguments=_train_arguments,
         description="Fine-tune with LaMDA. Settings come from --config YAML, then the flags, then key=value pairs "
-        "(later wins); any run config key can be given as key=value. Output folder: the adapter, run_config.yaml, "
-        "metrics.json, loss_curve.png and checkpoints/.",
-        epilog="examples:\n  lamda-edge train\n  lamda-edge train --config run.yaml max_steps=200\n"
-        "  lamda-edge train --model ./my-model --data train.jsonl --output runs/mine --rank 16 lr=5e-4\n"
-        "  lamda-edge train --output runs/mine --resume\n"
-        "  accelerate launch --num_processes 2 -m lamda_edge.cli train --data train.jsonl  (docs/multi-gpu.md)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides, e.g. max_steps=200")
+        "(later wins); any run config key can be given as key=value, the adapter's as lamda.<key>=value. Output "
+        "folder: the adapter, run_config.yaml, metrics.json, loss_curve.png and checkpoints/.")
+
+
+def _train_arguments(p) -> None:
+    """`train`'s arguments: the run config's flags, from its one table (`cli_flags`)."""
+    from lamda_edge.train.config import cli_flags
+
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="run config overrides, e.g. max_steps=200 lamda.rank=16")
     p.add_argument("--config", metavar="FILE.yaml", help="run config YAML file")
-    for flag, (key, kind) in CLI_FLAGS.items():
-        p.add_argument(flag, dest=key, type=kind, default=None, help=field_help(key))
+    for flag, key, kind, text in cli_flags():
+        p.add_argument(flag, dest=key, type=kind, default=None, help=text)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output from its newest checkpoint (exactly, as if never stopped)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> int:
-    from lamda_edge.train.config import CLI_FLAGS, load_run_config
+    from lamda_edge.train.config import cli_flags, load_run_config
     from lamda_edge.train.recipe import train
     from lamda_edge.train.report import RUN_CONFIG_NAME
 
-    flags = {key: getattr(args, key) for key, _ in CLI_FLAGS.values()}
+    flags = {key: getattr(args, key) for _, key, _, _ in cli_flags()}
     config = load_run_config(args.config, flags, args.overrides)
     saved = config.output_dir() / RUN_CONFIG_NAME
     if args.resume and args.config is None and saved.is_file():  # resume with the run's own (resolved) config
@@ -137,10 +208,10 @@ def _run_train(args) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="merge the adapter and export to ONNX", formatter_class=_Formatter,
-                       epilog="examples:\n  lamda-edge export --adapter runs/demo --output runs/demo-onnx --int4\n"
-                       "  lamda-edge export --adapter runs/demo --output runs/demo-genai --format genai "
-                       "--precision int4\n  lamda-edge export --model base-folder --output base-onnx")
+    p = _subcommand(sub, "export", "merge the adapter and export to ONNX", _run_export, [
+        "lamda-edge export --adapter runs/demo --output runs/demo-onnx --int4",
+        "lamda-edge export --adapter runs/demo --output runs/demo-genai --format genai --precision int4",
+        "lamda-edge export --model base-folder --output base-onnx"])
     p.add_argument("--model", help="base transformers folder (default: the one the adapter records); "
                    "without --adapter, this model is exported as it is")
     p.add_argument("--adapter", help="LaMDA adapter folder saved by `lamda-edge train`")
@@ -155,7 +226,6 @@ def _add_export(sub) -> None:
                    help="--format genai target execution provider")
     p.add_argument("--eval-text", help="held-out text file for perplexity (default: a built-in paragraph)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> int:
@@ -177,9 +247,9 @@ def _run_export(args) -> int:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text with an exported ONNX model", formatter_class=_Formatter,
-                       epilog="examples:\n  lamda-edge generate --model runs/demo-onnx --prompt 'What is 12 * 7?'\n"
-                       "  lamda-edge generate --model runs/demo-genai --prompt 'Hi' --temperature 0.7 --top-p 0.9")
+    p = _subcommand(sub, "generate", "generate text with an exported ONNX model", _run_generate, [
+        "lamda-edge generate --model runs/demo-onnx --prompt 'What is 12 * 7?'",
+        "lamda-edge generate --model runs/demo-genai --prompt 'Hi' --temperature 0.7 --top-p 0.9"])
     p.add_argument("--model", required=True,
                    help="folder written by `lamda-edge export` (plain ONNX or onnxruntime-genai)")
     p.add_argument("--prompt", required=True, help="the user message (wrapped in the chat template when present)")
@@ -190,7 +260,6 @@ def _add_generate(sub) -> None:
     p.add_argument("--onnx-file", help="plain format: which graph (default: model.int4.onnx if present, "
                    "else model.onnx)")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
-    p.set_defaults(run=_run_generate)
 
 
 def _run_generate(args) -> int:

@@ -13,11 +13,9 @@ from lamda_edge.errors import ConfigError, DataError
 from lamda_edge.train.data import (
     IGNORE_INDEX,
     DataWarning,
-    LengthGroupedSampler,
     PaddingCollator,
     TokenDataset,
     build_dataset,
-    length_grouped_indices,
     load_data,
     pack_documents,
     read_records,
@@ -317,29 +315,6 @@ def test_collator_on_dataset_items(tmp_path, tokenizer):
     assert batch["input_ids"].shape[1] % 8 == 0
     assert batch["attention_mask"].sum().item() == sum(train.lengths)
     assert (batch["labels"] != IGNORE_INDEX).sum().item() == train.stats.label_tokens
-
-
-def test_length_grouped_indices_reduce_padding():
-    gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(4, 200, (400,), generator=gen).tolist()
-    order = length_grouped_indices(lengths, batch_size=8, seed=1)
-    assert sorted(order) == list(range(400))
-
-    def padding(idx):
-        batches = [idx[i : i + 8] for i in range(0, len(idx), 8)]
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-
-    assert padding(order) < padding(list(range(400))) / 4
-    assert max(lengths[i] for i in order[:8]) == max(lengths)  # the longest batch comes first
-    assert order == length_grouped_indices(lengths, batch_size=8, seed=1)
-    assert order != length_grouped_indices(lengths, batch_size=8, seed=2)
-
-
-def test_sampler_set_epoch_changes_order():
-    sampler = LengthGroupedSampler(list(range(1, 101)), batch_size=4, seed=0)
-    first = list(sampler)
-    sampler.set_epoch(1)
-    assert sorted(first) == sorted(list(sampler)) and first != list(sampler)
 
 
 def test_trainer_consumes_dataset_with_collator(tmp_path, tokenizer):

@@ -1,11 +1,15 @@
-"""Tests of the run config (lamda_edge/run_config.py): YAML, flags and key=value merged, validated, typo hints."""
+"""Tests of the run config (lamda_edge/train/config.py): YAML, flags and key=value merged, validated, typo hints;
+the `lamda:` block and its flat aliases; the one table of flags."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from lamda_edge.adapters.config import LaMDAConfig
 from lamda_edge.errors import ConfigError
-from lamda_edge.train.config import RunConfig, load_run_config, parse_overrides
+from lamda_edge.train.config import RunConfig, cli_flags, field_help, load_run_config, parse_overrides
 
 
 def write(tmp_path, text: str):
@@ -17,11 +21,11 @@ def write(tmp_path, text: str):
 def test_yaml_then_flags_then_overrides(tmp_path):
     path = write(tmp_path, "rank: 4\nlr: 5e-4\nmax_steps: 10\nseq_len: 128\n")
     config = load_run_config(path, {"rank": 16, "seq_len": None}, ["max_steps=20", "target_modules=[q_proj, v_proj]"])
-    assert config.rank == 16  # the flag beats the file
+    assert config.rank == config.lamda["rank"] == 16  # the flag beats the file (both name `lamda.rank`)
     assert config.max_steps == 20  # key=value beats the file
     assert config.seq_len == 128  # a flag left unset (None) does not override
     assert config.lr == pytest.approx(5e-4)  # YAML 1.1 reads 5e-4 as a string; it is coerced
-    assert config.target_modules == ("q_proj", "v_proj")
+    assert config.lamda["target_modules"] == ["q_proj", "v_proj"]
     assert config.lamda_config().target_modules == ("q_proj", "v_proj")
     assert config.lamda_config().alpha == 32.0  # default alpha = 2 * rank
 
@@ -35,7 +39,11 @@ def test_yaml_then_flags_then_overrides(tmp_path):
         pytest.param("override", "", ["training_args.max_grad_nrom=1"], "Did you mean `max_grad_norm`",
                      id="training-args-typo"),
         pytest.param("override", "", ["training_args.learning_rate=1"], "use `lr`", id="training-args-owned"),
-        pytest.param("override", "", ["lamda.rank=3"], "training_args", id="dotted-not-training-args"),
+        pytest.param("override", "", ["lora.rank=3"], "training_args", id="dotted-not-training-args-or-lamda"),
+        pytest.param("override", "", ["lamda.rnak=3"], "Did you mean `rank`", id="lamda-block-typo"),
+        pytest.param("yaml", "lamda:\n  min_rnak: 2\n", [], "Did you mean `min_rank`", id="yaml-lamda-block-typo"),
+        pytest.param("yaml", "rank: 4\nlamda:\n  rank: 8\n", [], "both at the top and in `lamda:`",
+                     id="flat-and-nested-in-one-file"),
         pytest.param("override", "", ["rank"], "key=value", id="no-equals-sign"),
     ],
 )
@@ -63,12 +71,12 @@ def test_unknown_keys_suggest_the_closest(tmp_path, where, text, overrides, expe
 )
 def test_invalid_values_name_the_field(values, field):
     with pytest.raises(ConfigError, match=field):
-        RunConfig(**values)
+        RunConfig.from_dict(values)
 
 
 def test_all_problems_reported_at_once():
     with pytest.raises(ConfigError) as info:
-        RunConfig(rank=0, lr=-1.0, seq_len=0)
+        RunConfig.from_dict({"rank": 0, "lr": -1.0, "seq_len": 0})
     message = str(info.value)
     assert "`rank`" in message and "`lr`" in message and "`seq_len`" in message
 
@@ -89,9 +97,86 @@ def test_overrides_parse_yaml_values():
 
 
 def test_round_trip_and_output_folder(tmp_path):
-    config = RunConfig(rank=4, data="x/train.jsonl", target_modules=["q_proj"], training_args={"max_grad_norm": 0.5})
+    config = RunConfig.from_dict({"rank": 4, "data": "x/train.jsonl", "target_modules": ["q_proj"],
+                                  "training_args": {"max_grad_norm": 0.5}})
     again = RunConfig.from_dict(config.to_dict())
     assert again == config
+    assert config.to_dict()["lamda"] == {"rank": 4, "target_modules": ["q_proj"]}
     assert str(config.output_dir()) == "runs/train"
     assert str(RunConfig().output_dir()) == "runs/demo"
     assert str(RunConfig(output=str(tmp_path)).output_dir()) == str(tmp_path)
+
+
+def test_every_lamda_field_is_reachable(tmp_path):
+    path = write(tmp_path, "lamda:\n  rank: 8\n  modules_to_save: [classifier]\n  svd: randomized\n")
+    config = load_run_config(path, {}, ["lamda.rank=16", "lamda.min_rank=4", "lamda.svd=full", "max_rank=32"])
+    lamda = config.lamda_config()
+    assert (lamda.rank, lamda.min_rank, lamda.max_rank, lamda.svd) == (16, 4, 32, "full")
+    assert lamda.modules_to_save == ("classifier",)  # a key=value on one adapter key keeps the file's others
+    given = load_run_config(None, {}, [f"lamda.{key}={value}" for key, value in LaMDAConfig().to_dict().items()
+                                       if value is not None and value != []])
+    assert given.lamda_config(rank=99) == LaMDAConfig()  # every field set from key=value comes through as given
+
+
+@pytest.mark.parametrize(
+    "lamda, planner_rank, expected",
+    [
+        pytest.param({}, None, (8, 16.0), id="nothing-given-default-rank"),
+        pytest.param({}, 32, (32, 64.0), id="planner-rank-alpha-2r"),
+        pytest.param({"rank": 4}, 32, (4, 8.0), id="pinned-rank-beats-planner"),
+        pytest.param({"rank": 4, "alpha": 5}, None, (4, 5.0), id="alpha-given"),
+    ],
+)
+def test_alpha_is_twice_the_rank_unless_given(lamda, planner_rank, expected):
+    config = RunConfig(lamda=lamda, seed=7)
+    adapter = config.lamda_config(planner_rank)
+    assert (adapter.rank, adapter.alpha) == expected
+    assert adapter.seed == 7  # the run's seed, unless `lamda.seed` is given
+    assert RunConfig(lamda={"seed": 3}, seed=7).lamda_config().seed == 3
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("rank: 4\nalpha: 8.0\ndropout: 0.1\ntarget_modules: [q_proj, v_proj]\ninit: principal\n"
+                     "freeze_b_steps: 2\nrank_allocation: uniform\nseed: 0\nbatch_size: 4\nmax_steps: 6\n",
+                     id="saved-before-the-lamda-block"),
+        pytest.param("lamda:\n  rank: 4\n  alpha: 8.0\n  dropout: 0.1\n  target_modules: [q_proj, v_proj]\n"
+                     "  modules_to_save: []\n  init: principal\n  freeze_b_steps: 2\n  rank_allocation: uniform\n"
+                     "  min_rank: null\n  max_rank: null\n  svd: auto\n  seed: 0\nseed: 0\nbatch_size: 4\n"
+                     "max_steps: 6\n", id="saved-with-the-lamda-block"),
+    ],
+)
+def test_a_saved_run_config_loads_in_either_form(tmp_path, text):
+    config = load_run_config(write(tmp_path, text), {"rank": None}, [])
+    lamda = config.lamda_config()
+    assert (lamda.rank, lamda.alpha, lamda.dropout, lamda.freeze_b_steps) == (4, 8.0, 0.1, 2)
+    assert lamda.target_modules == ("q_proj", "v_proj") and (config.batch_size, config.max_steps) == (4, 6)
+    assert RunConfig.from_dict(config.to_dict()) == config
+
+
+def test_one_table_of_flags():
+    flags = {flag: (key, kind) for flag, key, kind, _ in cli_flags()}
+    assert flags == {
+        "--model": ("model", str), "--data": ("data", str), "--eval-data": ("eval_data", str),
+        "--output": ("output", str), "--device": ("device", str), "--quantize": ("quantize", str),
+        "--precision": ("precision", str), "--rank": ("rank", int), "--seq-len": ("seq_len", int),
+        "--batch-size": ("batch_size", int), "--grad-accum": ("grad_accum", int), "--max-steps": ("max_steps", int),
+        "--lr": ("lr", float), "--seed": ("seed", int),
+    }  # the flags of `lamda-edge train` (a user contract)
+    adapter_help = {f.name: f.metadata["help"] for f in dataclasses.fields(LaMDAConfig)}
+    assert field_help("rank").startswith(adapter_help["rank"]) and "planner" in field_help("rank")
+    assert dict((flag, text) for flag, _, _, text in cli_flags())["--seq-len"] == field_help("seq_len")
+
+
+def test_cli_flags_set_the_run_config(monkeypatch):
+    import lamda_edge.cli as cli
+    import lamda_edge.train.recipe as recipe
+
+    seen = {}
+    monkeypatch.setattr(recipe, "train", lambda config, resume=False, callbacks=None, progress=True:
+                        seen.setdefault("config", config))
+    assert cli.main(["train", "--rank", "16", "--seq-len", "64", "--lr", "5e-4", "lamda.init=minor", "alpha=3"]) == 0
+    config = seen["config"]
+    assert config.lamda == {"rank": 16, "init": "minor", "alpha": 3.0}
+    assert (config.seq_len, config.lr) == (64, 5e-4)

@@ -150,7 +150,7 @@ def tiny_config(model_dir: Path, data_file: Path, out: Path, **changes):
     values = dict(model=str(model_dir), data=str(data_file), output=str(out), quantize="none", rank=4, batch_size=4,
                   seq_len=64, max_steps=6, save_steps=2, eval_steps=3, logging_steps=1, lr=5e-3)
     values.update(changes)
-    return RunConfig(**values)
+    return RunConfig.from_dict(values)
 
 
 def test_output_folder_holds_adapter_config_metrics_plot(tmp_path, model_dir, data_file):
@@ -166,7 +166,7 @@ def test_output_folder_holds_adapter_config_metrics_plot(tmp_path, model_dir, da
     assert info["base_model"] == str(model_dir.resolve()) and info["quantize"] is None
     assert info["trained_steps"] == 6
     saved = load_run_config(out / "run_config.yaml")
-    assert (saved.rank, saved.batch_size, saved.max_steps, saved.freeze_b_steps) == (4, 4, 6, 2)
+    assert (saved.rank, saved.batch_size, saved.max_steps, saved.lamda["freeze_b_steps"]) == (4, 4, 6, 2)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result.metrics, default=str))
     assert metrics["global_step"] == 6
@@ -305,6 +305,60 @@ def test_gpu_profile_without_cuda_is_refused():
     from lamda_edge.errors import ConfigError
     from lamda_edge.train.config import resolve_run_device
 
-    with pytest.raises(ConfigError, match="needs CUDA"):
-        resolve_run_device("t4")
+    for profile in ("t4", "orin-nano"):  # a Jetson profile (kind `jetson`) trains on CUDA too
+        with pytest.raises(ConfigError, match="needs CUDA"):
+            resolve_run_device(profile)
     assert resolve_run_device("cpu").type == "cpu"
+
+
+# ---- the recipe's steps, one at a time ------------------------------------------------------------------------------
+
+
+def test_recipe_plan_and_setup_data(tmp_path, model_dir, data_file):
+    """plan() picks what was not pinned; setup_data() sizes the run and writes the run config as it will run."""
+    from lamda_edge.train.config import load_run_config
+    from lamda_edge.train.recipe import TrainRecipe
+
+    out = tmp_path / "run"
+    recipe = TrainRecipe(tiny_config(model_dir, data_file, out, max_steps=None, batch_size=None, grad_accum=2),
+                         progress=False)
+    assert recipe.device.type == "cpu" and recipe.quantize is None and recipe.last_checkpoint is None
+    recipe.plan()
+    assert recipe.rank == 4 and recipe.planned_by.startswith("planner")  # the batch was left to the planner
+    assert recipe.batch_size * recipe.config.grad_accum == 4 * 2  # the target: default batch 4 x grad_accum 2
+    recipe.setup_data()
+    assert len(recipe.train_set) + len(recipe.eval_set) == 48 and recipe.demo_task is None
+    steps_per_epoch = math.ceil(len(recipe.train_set) / recipe.batch_size)
+    assert recipe.max_steps == math.ceil(steps_per_epoch / recipe.config.grad_accum)
+    assert recipe.freeze_b_steps == max(1, round(0.3 * recipe.max_steps))
+    saved = load_run_config(out / "run_config.yaml")
+    assert saved.lamda_config() == recipe.lamda_config.__class__(**{**recipe.lamda_config.to_dict(),
+                                                                   "freeze_b_steps": recipe.freeze_b_steps})
+    assert (saved.batch_size, saved.max_steps, saved.quantize) == (recipe.batch_size, recipe.max_steps, "none")
+    assert not (out / "checkpoints").exists() and not hasattr(recipe, "lm")  # nothing loaded yet
+
+
+def test_recipe_setup_model_and_trainer(tmp_path, model_dir, data_file):
+    """setup_model() adapts the tiny Llama at the planned rank; setup_trainer() wires the Trainer without training."""
+    from lamda_edge.adapters import lamda_layers
+    from lamda_edge.train.callbacks import LaMDACallback, ProgressCallback
+    from lamda_edge.train.recipe import TrainRecipe
+    from lamda_edge.train.trainer import LossModel
+
+    recipe = TrainRecipe(tiny_config(model_dir, data_file, tmp_path / "run", lamda={"alpha": 3.0}), progress=False)
+    recipe.plan()
+    recipe.setup_data()
+    recipe.setup_model()
+    layers = lamda_layers(recipe.lm)
+    assert len(layers) == 7 * 2 and all(layer.lamda_S.shape == (4, 4) for _, layer in layers)
+    assert all(layer.scaling == pytest.approx(3.0 / 4) for _, layer in layers)  # `lamda.alpha` came through
+    assert recipe.metadata["base_model"] == str(model_dir.resolve()) and recipe.metadata["quantize"] is None
+    assert recipe.demo_before is None
+    recipe.setup_trainer()
+    trainer = recipe.trainer
+    assert isinstance(trainer.model, LossModel) and trainer.model.lm is recipe.lm
+    assert (trainer.args.max_steps, trainer.args.per_device_train_batch_size) == (6, 4)
+    kinds = [type(cb) for cb in trainer.callback_handler.callbacks]
+    assert LaMDACallback in kinds and ProgressCallback in kinds
+    assert trainer.state.global_step == 0 and not list((tmp_path / "run").rglob("checkpoint-*"))  # not trained
+

@@ -35,6 +35,10 @@ from dataclasses import dataclass, field
 
 from lamda_edge.errors import ConfigError
 
+# Rows per chunk of the chunked lm_head + loss (`lamda_edge.train.loss`): the one default of the loss, the run
+# config, `plan --chunk-rows` and this model. It lives here, not in train/loss.py, because the planner and the CLI's
+# `plan` must not import torch; the loss imports it from here.
+DEFAULT_CHUNK_ROWS = 256
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 NF4_BLOCK = 64  # bitsandbytes NF4 block size (elements per absmax)
 NF4_NESTED_BLOCK = 256  # double quantization: absmax blocks per second-level fp32 absmax
@@ -61,7 +65,7 @@ class TrainSetup:
     quantize: str | None = "nf4"
     double_quant: bool = True
     gradient_checkpointing: bool = True
-    chunk_rows: int | None = 256  # chunked loss rows; None = the model's own (full-logits) loss
+    chunk_rows: int | None = DEFAULT_CHUNK_ROWS  # chunked loss rows; None = the model's own (full-logits) loss
     compute_dtype: str = "bf16"
     weight_dtype: str | None = None  # unquantized weights (embeddings, norms, plain base); None = compute dtype
     b_trainable: bool = True  # before t_i; False after B froze (only S trains)

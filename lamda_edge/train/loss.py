@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lamda_edge.errors import ConfigError, ModelError
+from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS
 
 IGNORE_INDEX = -100
 # Batch keys that the model body accepts; everything else (labels, lengths, ...) stays out of the forward call.
@@ -45,7 +46,7 @@ def chunked_causal_lm_loss(
     hidden_states: torch.Tensor,
     lm_head_weight: torch.Tensor,
     labels: torch.Tensor,
-    chunk_rows: int = 256,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
     lm_head_bias: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     logit_softcap: float | None = None,
@@ -73,7 +74,7 @@ def chunked_causal_lm_loss(
         ModelError: the shapes of hidden states, head weight and labels do not agree.
     """
     if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
-        raise ConfigError(f"`chunk_rows` should be a positive integer, got {chunk_rows!r}; try 256")
+        raise ConfigError(f"`chunk_rows` should be a positive integer, got {chunk_rows!r}; try {DEFAULT_CHUNK_ROWS}")
     if hidden_states.dim() != 3 or labels.shape != hidden_states.shape[:2]:
         raise ModelError(
             f"chunked loss needs hidden states (B, T, H) and labels (B, T), got {tuple(hidden_states.shape)} "
@@ -134,7 +135,7 @@ def _logit_softcap(config) -> float | None:
 def causal_lm_loss(
     model: torch.nn.Module,
     batch: dict,
-    chunk_rows: int | None = 256,
+    chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loss of a transformers causal LM on a batch, with the chunked head + cross-entropy.

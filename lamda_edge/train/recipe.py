@@ -1,10 +1,15 @@
-"""The training run: transformers' Trainer with the LaMDA callback, the chunked loss and exact resume.
+"""The training run as a recipe of named steps (`TrainRecipe`), as torchtune's and litgpt's LoRA recipes are:
+transformers' Trainer with the LaMDA callback, the chunked loss and exact resume.
 
-    RunConfig ─> planner (rank, batch when not pinned) ─> model folder (default: SmolLM2-135M)
-              ─> load_lamda_model (NF4 residual base on CUDA, full-precision base on CPU, + adapters)
-              ─> data (local file, or the built-in demo task with its before/after metrics)
-              ─> LaMDATrainer.train() ─> output folder:
-                 adapter (save_adapter) · run_config.yaml · metrics.json · loss_curve.png · checkpoints/
+    RunConfig ─> TrainRecipe(config)  output folder, device, precision, base quantization
+              ─> .plan()              model folder (default: SmolLM2-135M), tokenizer, planner (rank, batch)
+              ─> .setup_data()        local file, or the built-in demo task; step count, t_i; run_config.yaml
+              ─> .setup_model()       load_lamda_model (NF4 residual base on CUDA, full precision on CPU, + adapters)
+              ─> .setup_trainer()     LaMDATrainer + LaMDACallback + ProgressCallback
+              ─> .run()               trainer.train()
+              ─> .finish()            adapter (save_adapter) · metrics.json · loss_curve.png · summary
+
+`train(config)` runs the steps in that order; each can be called alone after the ones before it (the tests do).
 
 The Trainer trains `LossModel`, a thin module whose forward returns the chunked causal-LM loss
 (`lamda_edge.train.loss`), so full fp32 logits never exist and DDP (`accelerate launch`) syncs gradients
@@ -37,6 +42,7 @@ from lamda_edge.train.callbacks import LaMDACallback, ProgressCallback
 from lamda_edge.train.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DEMO_STEPS,
+    DEFAULT_RANK,
     RunConfig,
     resolve_run_device,
 )
@@ -55,9 +61,7 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-# ---- run setup ---------------------------------------------------------------------------------------------------
-
-
+# ---- the steps' helpers ------------------------------------------------------------------------------------------
 
 
 def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.device, precision: str):
@@ -69,7 +73,13 @@ def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.
                             gradient_checkpointing=bool(config.gradient_checkpointing))
 
 
-def _plan(config: RunConfig, model_path: Path) -> tuple[int, int, int, bool, str]:
+def _adapter_metadata(lm, model_path: Path, quantize: str | None) -> dict:
+    """What the saved adapter records about its base: the loader's facts, the model folder, the quantization."""
+    metadata = {**(lm.lamda_state.base or {}), "base_model": str(Path(model_path).resolve()), "quantize": quantize}
+    return metadata
+
+
+def _plan(config: RunConfig, model_path: Path, quantize: str | None) -> tuple[int, int, int, bool, str]:
     """(rank, batch_size, grad_accum, gradient_checkpointing, source): pinned values, else the planner's choice.
 
     The planner (`lamda_edge.planner.search.plan`) gets the device profile (`device` when it names one, else the
@@ -90,13 +100,10 @@ def _plan(config: RunConfig, model_path: Path) -> tuple[int, int, int, bool, str
         shape = get_model(str(model_path))
     except ProfileError as exc:
         print(f"lamda-edge: the planner cannot read {model_path} ({exc}); using the defaults", file=sys.stderr)
-        return (rank or config.resolved_rank, batch or DEFAULT_BATCH_SIZE, config.grad_accum,
+        return (rank or DEFAULT_RANK, batch or DEFAULT_BATCH_SIZE, config.grad_accum,
                 True if checkpointing is None else checkpointing, "defaults")
-    profile = get_device(config.device if config.device not in ("cpu", "cuda") else "auto")
-    target = (batch or DEFAULT_BATCH_SIZE) * config.grad_accum
-    result = plan(profile, shape, seq_len=config.seq_len, rank=rank, batch_size=batch, target_batch=target,
-                  quantize=resolve_quantize(config.quantize, resolve_run_device(config.device)),
-                  gradient_checkpointing=checkpointing, chunk_rows=config.chunk_rows)
+    profile = get_device(config.planner_device())
+    result = plan(profile, shape, **config.plan_arguments(quantize))
     setup = result.setup
     accum = config.grad_accum if batch is not None else result.grad_accum
     return setup.rank, setup.batch_size, accum, setup.gradient_checkpointing, f"planner, {profile.name}"
@@ -189,9 +196,177 @@ def _max_steps(config: RunConfig, n_train: int, batch_size: int, demo: bool) -> 
     return max(1, math.ceil(config.epochs * batches / config.grad_accum))
 
 
+class TrainRecipe:
+    """One run in named steps, each callable (and testable) on its own once the steps before it ran:
+
+        TrainRecipe(config)   check the output folder, resolve device and precision
+        .plan()               model folder, tokenizer, the planner's rank / batch / accumulation / checkpointing
+        .setup_data()         datasets (file or demo task), step count, t_i; writes run_config.yaml (as run)
+        .setup_model()        the frozen base with LaMDA adapters; the demo task's before metrics
+        .setup_trainer()      LaMDATrainer with the LaMDA and progress callbacks
+        .run()                trainer.train() (from the newest checkpoint when resuming)
+        .finish()             metrics.json, the adapter, loss_curve.png, the printed summary -> TrainResult
+
+    Data comes before the model because the step count (and so t_i, which the run config records and the header
+    line shows before the long load) depends on the dataset's size.
+    """
+
+    def __init__(self, config: RunConfig, resume: bool = False, progress: bool = True):
+        self.start = time.perf_counter()
+        self.config = config
+        self.progress = progress
+        self.resume = resume
+        self.out = config.output_dir()
+        self.last_checkpoint = _prepare_output(config, self.out, resume)
+        self.device = resolve_run_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.quantize = resolve_quantize(config.quantize, self.device)
+
+    def plan(self) -> None:
+        """The model folder (default: the demo model), its tokenizer, and what the planner picks (`_plan`)."""
+        config = self.config
+        if config.model is None:
+            from lamda_edge.demo.default_model import default_model_path
+
+            self.model_path = default_model_path(progress=self.progress)
+        else:
+            self.model_path = Path(config.model).expanduser()
+            if not (self.model_path / "config.json").is_file():
+                raise ModelError(f"`model`={config.model!r} is not a transformers model folder (no config.json). "
+                                 "Fix: pass a local folder, or leave `model` unset for the default model")
+        self.tokenizer = _load_tokenizer(self.model_path)
+        self.rank, self.batch_size, grad_accum, checkpointing, self.planned_by = _plan(config, self.model_path,
+                                                                                       self.quantize)
+        self.config = config.replace(grad_accum=grad_accum, gradient_checkpointing=checkpointing)
+
+    def setup_data(self) -> None:
+        """The datasets, the number of optimizer steps and t_i; writes the run config as run (for --resume)."""
+        config = self.config
+        self.demo_task = None
+        if config.data is None:
+            from lamda_edge.demo import task as demo
+
+            self.demo_task = demo.make_task(self.tokenizer, n_train=config.demo_train, n_eval=config.demo_eval,
+                                            seq_len=config.seq_len, seed=config.seed)
+            self.train_set, self.eval_set = self.demo_task.train, self.demo_task.eval
+        else:
+            from lamda_edge.train.data import load_data
+
+            splits = load_data(config.data, self.tokenizer, config.seq_len, eval_path=config.eval_data,
+                               eval_fraction=0.0 if config.eval_data else config.eval_fraction, seed=config.seed,
+                               on_overflow=config.on_overflow)
+            self.train_set, self.eval_set = splits.train, splits.eval
+        self.max_steps = _max_steps(config, len(self.train_set), self.batch_size, self.demo_task is not None)
+        self.lamda_config = config.lamda_config(self.rank)
+        self.freeze_b_steps = self.lamda_config.resolved_freeze_b_steps(self.max_steps)
+        resolved = config.replace(lamda={**self.lamda_config.to_dict(), "freeze_b_steps": self.freeze_b_steps},
+                                  batch_size=self.batch_size, max_steps=self.max_steps, precision=self.precision,
+                                  quantize=self.quantize or "none")  # as run, for --resume
+        if _is_main():
+            report.write_run_config(self.out / report.RUN_CONFIG_NAME, resolved.to_dict())
+        if self.progress and _is_main():
+            print(f"lamda-edge: {self.model_path.name} ({self.quantize or 'full-precision'} base, {self.precision}) "
+                  f"on {self.device.type}: rank {self.rank}, batch {self.batch_size} x {config.grad_accum} "
+                  f"({self.planned_by}), checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
+                  f"{self.max_steps} steps, B frozen after {self.freeze_b_steps}; output {self.out}"
+                  + (f"; resuming from {self.last_checkpoint}" if self.last_checkpoint else ""), file=sys.stderr)
+
+    def setup_model(self) -> None:
+        """The frozen (NF4 or full-precision) base with LaMDA adapters; the demo task's metrics before training."""
+        config = self.config
+        torch.manual_seed(config.seed)
+        self.lm = load_model(self.model_path, config, self.lamda_config, self.device, self.precision)
+        self.metadata = _adapter_metadata(self.lm, self.model_path, self.quantize)
+        self.demo_before = (_demo_before(self.demo_task, self.lm, self.tokenizer, self.out, self.resume, self.progress,
+                                         config.demo_generate) if self.demo_task else None)
+
+    def setup_trainer(self, callbacks: list | None = None) -> None:
+        """`LaMDATrainer` over `LossModel(lm)` with B freezing, the progress bar and `callbacks`."""
+        from transformers.trainer_callback import PrinterCallback
+        from transformers.trainer_callback import ProgressCallback as HFProgress
+
+        from lamda_edge.train.data import PaddingCollator
+
+        config = self.config
+        self.progress_callback = ProgressCallback(enabled=self.progress)
+        args = _training_args(config, self.out / CHECKPOINTS, self.device, self.precision, self.batch_size,
+                              self.max_steps, self.eval_set is not None)
+        report.reset_peak_memory(self.device)
+        self.trainer = LaMDATrainer(
+            model=LossModel(self.lm, config.chunk_rows),
+            args=args,
+            data_collator=PaddingCollator.for_tokenizer(self.tokenizer),
+            train_dataset=self.train_set,
+            eval_dataset=self.eval_set,
+            callbacks=[LaMDACallback(self.lm, freeze_steps=self.freeze_b_steps), self.progress_callback,
+                       *(callbacks or [])],
+            adapter_metadata=self.metadata,
+        )
+        self.trainer.remove_callback(HFProgress)
+        self.trainer.remove_callback(PrinterCallback)
+
+    def run(self) -> None:
+        """Train (from the newest checkpoint when resuming); records the trainable count before and the time."""
+        self.trainable_start = effective_trainable(self.lm)
+        self.trainer.train(resume_from_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+        self.seconds = time.perf_counter() - self.start
+
+    def finish(self) -> TrainResult:
+        """The metrics; on the main process, the adapter, metrics.json, the loss plot and the printed summary."""
+        from lamda_edge.adapters import save_adapter
+
+        lm, trainer, state = self.lm, self.trainer, self.trainer.state
+        trainable_end = effective_trainable(lm)
+        b_total = sum(layer.lamda_B.numel() for _, layer in lamda_layer_list(lm))
+        s_total = sum(layer.lamda_S.numel() for _, layer in lamda_layer_list(lm))
+        other = trainable_end - s_total if trainable_end >= s_total else 0
+        history = state.log_history
+        train_log, eval_log = report.split_history(history)
+        metrics: dict[str, Any] = {
+            "output": str(self.out),
+            "base_model": self.metadata["base_model"],
+            "quantize": self.metadata["quantize"],
+            "device": self.device.type,
+            "precision": self.precision,
+            "world_size": _world_size(),
+            "global_step": state.global_step,
+            "seconds": self.seconds,
+            "tokens_seen": int(state.num_input_tokens_seen),
+            "tokens_per_second": self.progress_callback.tokens_per_second(state),
+            "trainable_params": {"start": s_total + b_total + other, "end": trainable_end,
+                                 "at_run_start": self.trainable_start, "freeze_b_steps": self.freeze_b_steps},
+            "rank": self.rank,
+            "batch_size": self.batch_size,
+            "planned_by": self.planned_by,
+            "log_history": history,
+            "eval": eval_log,
+            **report.peak_memory(self.device),
+        }
+        if train_log:
+            metrics["train_loss_first"], metrics["train_loss_last"] = train_log[0]["loss"], train_log[-1]["loss"]
+        if self.demo_task is not None:
+            after = _demo_metrics(self.demo_task, lm, self.tokenizer, self.progress, "after",
+                                  self.config.demo_generate)
+            metrics["demo"] = {"problems": after["n_problems"], "before": self.demo_before["accuracy"],
+                               "after": after["accuracy"], "metrics_before": self.demo_before, "metrics_after": after}
+        if trainer.args.should_save:
+            save_adapter(lm, self.out, metadata={**self.metadata, "trained_steps": state.global_step})
+            report.write_json(self.out / report.METRICS_NAME, metrics)
+            report.plot_loss(self.out / report.PLOT_NAME, history, self.freeze_b_steps,
+                             title=f"{self.model_path.name} + LaMDA r{self.rank}")
+            if self.progress:
+                for line in report.summary_lines(metrics):
+                    print(line)
+                if self.demo_task is not None:
+                    from lamda_edge.demo.task import before_after
+
+                    print(before_after(self.demo_before, metrics["demo"]["metrics_after"]))
+        return TrainResult(self.out, metrics)
+
+
 def train(config: RunConfig, resume: bool = False, callbacks: list | None = None,
           progress: bool = True) -> TrainResult:
-    """Run one fine-tuning job as `config` says and write the output folder.
+    """Run one fine-tuning job as `config` says and write the output folder (the steps of `TrainRecipe`).
 
     Args:
         config: the run configuration (see `RunConfig`).
@@ -207,130 +382,13 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
         ConfigError, ModelError, DataError: bad input (the CLI exits 2).
         TrainingError: a non-finite loss; the last good checkpoint is kept.
     """
-    from lamda_edge.adapters import save_adapter
-
-    start = time.perf_counter()
-    out = config.output_dir()
-    last_checkpoint = _prepare_output(config, out, resume)
-    device = resolve_run_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    if config.model is None:
-        from lamda_edge.demo.default_model import default_model_path
-
-        model_path = default_model_path(progress=progress)
-    else:
-        model_path = Path(config.model).expanduser()
-        if not (model_path / "config.json").is_file():
-            raise ModelError(f"`model`={config.model!r} is not a transformers model folder (no config.json). "
-                             "Fix: pass a local folder, or leave `model` unset for the default model")
-    tokenizer = _load_tokenizer(model_path)
-    rank, batch_size, grad_accum, checkpointing, planned_by = _plan(config, model_path)
-    demo_task = None
-    if config.data is None:
-        from lamda_edge.demo import task as demo
-
-        demo_task = demo.make_task(tokenizer, n_train=config.demo_train, n_eval=config.demo_eval,
-                                   seq_len=config.seq_len, seed=config.seed)
-        train_set, eval_set = demo_task.train, demo_task.eval
-    else:
-        from lamda_edge.train.data import load_data
-
-        splits = load_data(config.data, tokenizer, config.seq_len, eval_path=config.eval_data,
-                           eval_fraction=0.0 if config.eval_data else config.eval_fraction, seed=config.seed,
-                           on_overflow=config.on_overflow)
-        train_set, eval_set = splits.train, splits.eval
-    config = config.replace(grad_accum=grad_accum, gradient_checkpointing=checkpointing)
-    max_steps = _max_steps(config, len(train_set), batch_size, demo_task is not None)
-    lamda_config = config.lamda_config(rank)
-    freeze_b_steps = lamda_config.resolved_freeze_b_steps(max_steps)
-    resolved = config.replace(rank=rank, batch_size=batch_size, max_steps=max_steps, alpha=lamda_config.alpha,
-                              freeze_b_steps=freeze_b_steps, precision=precision,
-                              quantize=resolve_quantize(config.quantize, device) or "none")  # as run, for --resume
-    if _is_main():
-        report.write_run_config(out / report.RUN_CONFIG_NAME, resolved.to_dict())
-
-    quantize = resolve_quantize(config.quantize, device)
-    if progress and _is_main():
-        print(f"lamda-edge: {model_path.name} ({quantize or 'full-precision'} base, {precision}) on {device.type}: "
-              f"rank {rank}, batch {batch_size} x {grad_accum} ({planned_by}), checkpointing "
-              f"{'on' if checkpointing else 'off'}, {max_steps} steps, B frozen after "
-              f"{freeze_b_steps}; output {out}" + (f"; resuming from {last_checkpoint}" if last_checkpoint else ""),
-              file=sys.stderr)
-    torch.manual_seed(config.seed)
-    lm = load_model(model_path, config, lamda_config, device, precision)
-    metadata = {**(lm.lamda_state.base or {}), "base_model": str(Path(model_path).resolve()), "quantize": quantize}
-    demo_before = (_demo_before(demo_task, lm, tokenizer, out, resume, progress, config.demo_generate)
-                   if demo_task else None)
-
-    from lamda_edge.train.data import PaddingCollator
-
-    trainer_ref: list = []
-    progress_cb = ProgressCallback(trainer_ref, enabled=progress)
-    args = _training_args(config, out / CHECKPOINTS, device, precision, batch_size, max_steps, eval_set is not None)
-    report.reset_peak_memory(device)
-    trainer = LaMDATrainer(
-        model=LossModel(lm, config.chunk_rows),
-        args=args,
-        data_collator=PaddingCollator.for_tokenizer(tokenizer),
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        callbacks=[LaMDACallback(lm, freeze_steps=freeze_b_steps), progress_cb, *(callbacks or [])],
-        adapter_metadata=metadata,
-    )
-    trainer_ref.append(trainer)
-    from transformers.trainer_callback import PrinterCallback
-    from transformers.trainer_callback import ProgressCallback as HFProgress
-
-    trainer.remove_callback(HFProgress)
-    trainer.remove_callback(PrinterCallback)
-    trainable_start = effective_trainable(lm)
-    trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
-    seconds = time.perf_counter() - start
-
-    trainable_end = effective_trainable(lm)
-    b_total = sum(layer.lamda_B.numel() for _, layer in lamda_layer_list(lm))
-    s_total = sum(layer.lamda_S.numel() for _, layer in lamda_layer_list(lm))
-    other = trainable_end - s_total if trainable_end >= s_total else 0
-    history = trainer.state.log_history
-    train_log, eval_log = report.split_history(history)
-    metrics: dict[str, Any] = {
-        "output": str(out),
-        "base_model": metadata["base_model"],
-        "quantize": metadata["quantize"],
-        "device": device.type,
-        "precision": precision,
-        "world_size": _world_size(),
-        "global_step": trainer.state.global_step,
-        "seconds": seconds,
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "tokens_per_second": progress_cb.tokens_per_second(trainer.state),
-        "trainable_params": {"start": s_total + b_total + other, "end": trainable_end,
-                             "at_run_start": trainable_start, "freeze_b_steps": freeze_b_steps},
-        "rank": rank,
-        "batch_size": batch_size,
-        "planned_by": planned_by,
-        "log_history": history,
-        "eval": eval_log,
-        **report.peak_memory(device),
-    }
-    if train_log:
-        metrics["train_loss_first"], metrics["train_loss_last"] = train_log[0]["loss"], train_log[-1]["loss"]
-    if demo_task is not None:
-        after = _demo_metrics(demo_task, lm, tokenizer, progress, "after", config.demo_generate)
-        metrics["demo"] = {"problems": after["n_problems"], "before": demo_before["accuracy"],
-                           "after": after["accuracy"], "metrics_before": demo_before, "metrics_after": after}
-    if trainer.args.should_save:
-        save_adapter(lm, out, metadata={**metadata, "trained_steps": trainer.state.global_step})
-        report.write_json(out / report.METRICS_NAME, metrics)
-        report.plot_loss(out / report.PLOT_NAME, history, freeze_b_steps, title=f"{model_path.name} + LaMDA r{rank}")
-        if progress:
-            for line in report.summary_lines(metrics):
-                print(line)
-            if demo_task is not None:
-                from lamda_edge.demo.task import before_after
-
-                print(before_after(demo_before, metrics["demo"]["metrics_after"]))
-    return TrainResult(out, metrics)
+    recipe = TrainRecipe(config, resume=resume, progress=progress)
+    recipe.plan()
+    recipe.setup_data()
+    recipe.setup_model()
+    recipe.setup_trainer(callbacks)
+    recipe.run()
+    return recipe.finish()
 
 
 def _demo_metrics(task, lm, tokenizer, progress: bool, when: str, n_generate: int | None) -> dict:

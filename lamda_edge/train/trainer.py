@@ -25,7 +25,11 @@ from lamda_edge.train.report import effective_trainable
 
 
 class LossModel(nn.Module):
-    """A causal LM whose forward returns {"loss": chunked causal-LM loss} (what the Trainer and DDP see)."""
+    """A causal LM whose forward returns {"loss": chunked causal-LM loss} (what the Trainer and DDP see).
+
+    `step_loss` is the training loss of the optimizer step in progress, summed over its micro-batches by
+    `LaMDATrainer` (the progress bar reads and resets it after each step).
+    """
 
     accepts_loss_kwargs = True  # the loss is normalized by the Trainer's num_items_in_batch
     loss_type = "ForCausalLM"  # labels are shifted inside: the Trainer counts items over labels[:, 1:]
@@ -34,6 +38,7 @@ class LossModel(nn.Module):
         super().__init__()
         self.lm = lm
         self.chunk_rows = chunk_rows
+        self.step_loss = 0.0
 
     def forward(self, input_ids, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
@@ -46,8 +51,6 @@ class LaMDATrainer(Trainer):
     def __init__(self, *args, adapter_metadata: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.adapter_metadata = adapter_metadata or {}
-        self.step_loss = 0.0
-        self.last_loss: float | None = None
 
     @property
     def lm(self) -> nn.Module:
@@ -67,7 +70,7 @@ class LaMDATrainer(Trainer):
                 "`precision=fp32`, or check the data, and start again with `overwrite=true`"
             )
         if model.training:
-            self.step_loss += value / max(1, self.accelerator.num_processes)
+            self.model.step_loss += value / max(1, self.accelerator.num_processes)
         return result
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

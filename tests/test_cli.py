@@ -1,0 +1,89 @@
+"""Tests of lamda_edge/cli.py as a whole: the import cost of the arithmetic commands, plan --config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "bitsandbytes")
+
+# `python -m lamda_edge.cli ARGS`, then which heavy modules that loaded (also after argparse's SystemExit for --help).
+WRAPPER = textwrap.dedent("""
+    import runpy, sys
+    sys.argv = ["lamda-edge", *sys.argv[1:]]
+    try:
+        runpy.run_module("lamda_edge.cli", run_name="__main__")
+    finally:
+        print("HEAVY=" + ",".join(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)
+""").format(heavy=HEAVY)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["devices"], id="devices"),
+        pytest.param(["plan", "--device", "cpu", "--model", "smollm2-135m", "--json"], id="plan"),
+        pytest.param(["--help"], id="help"),
+        pytest.param(["plan", "--help"], id="plan-help"),
+    ],
+)
+def test_arithmetic_commands_import_no_torch(args):
+    done = subprocess.run([sys.executable, "-c", WRAPPER, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "HEAVY=\n" in done.stderr, done.stderr[-2000:]
+    if args[0] == "plan" and "--json" in args:
+        assert json.loads(done.stdout)["fits"] is True
+
+
+def test_import_lamda_edge_loads_no_trainer():
+    code = ("import sys, lamda_edge; from lamda_edge import __all__; "
+            "print(sorted(m for m in ('torch', 'transformers', 'transformers.trainer') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
+def test_public_names_load_on_first_use():
+    import lamda_edge
+
+    for name in lamda_edge.__all__:
+        assert getattr(lamda_edge, name) is not None
+    from lamda_edge import LaMDAConfig, apply_lamda  # noqa: F401
+    with pytest.raises(AttributeError):
+        lamda_edge.no_such_name  # noqa: B018
+
+
+def test_plan_config_plans_as_train_does(tmp_path, capsys):
+    """`plan --config` asks the planner what `train` asks: seq_len, the pinned rank, batch_size x grad_accum."""
+    from lamda_edge.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text("device: cpu\nseq_len: 128\nbatch_size: 2\ngrad_accum: 3\nlamda:\n  rank: 4\n")
+    assert main(["plan", "--config", str(path), "--json", "seq_len=64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["seq_len"], result["rank"], result["batch_size"], result["grad_accum"]) == (64, 4, 2, 3)
+    assert result["model"] == "smollm2-135m"  # the run's default model
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        pytest.param(["--config", "{run}", "--seq-len", "64"], "seq_len=", id="run-flag-with-config"),
+        pytest.param(["seq_len=64"], "need --config", id="override-without-config"),
+        pytest.param(["--config", "{run}", "rnak=4"], "Did you mean `rank`", id="override-typo"),
+    ],
+)
+def test_plan_config_bad_input_exits_2(tmp_path, capsys, args, expected):
+    from lamda_edge.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text("device: cpu\n")
+    assert main(["plan", *[a.format(run=path) for a in args]]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
