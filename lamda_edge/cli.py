@@ -147,14 +147,12 @@ def _plan_request(args):
     if given:
         raise ConfigError(f"--{given[0].replace('_', '-')} with --config: the run config holds that setting. Fix: "
                           f"give it as key=value after the file (e.g. {PLAN_RUN_FLAGS[given[0]]}=...)")
-    import torch  # the run config's checks load it already
-
     from lamda_edge.load.device import resolve_quantize
     from lamda_edge.train.config import load_run_config
 
     config = load_run_config(args.config, None, args.overrides)
     device = get_device(config.planner_device())
-    quantize = resolve_quantize(config.quantize, torch.device("cpu" if device.kind == "cpu" else "cuda"))
+    quantize = resolve_quantize(config.quantize, "cpu" if device.kind == "cpu" else "cuda")
     return device, get_model(config.model or PLAN_DEFAULTS["model"]), config.plan_arguments(quantize)
 
 

@@ -31,6 +31,7 @@ WRAPPER = textwrap.dedent("""
         pytest.param(["plan", "--device", "cpu", "--model", "smollm2-135m", "--json"], id="plan"),
         pytest.param(["--help"], id="help"),
         pytest.param(["plan", "--help"], id="plan-help"),
+        pytest.param(["plan", "--config", "examples/cpu-default.yaml", "--json"], id="plan-config"),
     ],
 )
 def test_arithmetic_commands_import_no_torch(args):

@@ -1,35 +1,48 @@
-"""The LaMDA method: the adapter layer, spectral init, injection, B freezing, LaMDA++ ranks, merge, adapter files."""
+"""The LaMDA method: the adapter layer, spectral init, injection, B freezing, LaMDA++ ranks, merge, adapter files.
 
-from lamda_edge.adapters.freeze import PMBScheduler
-from lamda_edge.adapters.inject import apply_lamda, find_targets, lamda_layers, layer_ranks, make_lamda_linear
-from lamda_edge.adapters.io import load_adapter, read_adapter_config, save_adapter
-from lamda_edge.adapters.layer import LaMDALinear
-from lamda_edge.adapters.merge import merge, merge_and_unload, unmerge
-from lamda_edge.adapters.ranks import allocate_ranks
-from lamda_edge.adapters.state import AdapterState, adapter_state
+    config.py   LaMDAConfig (no torch)           layer.py   LaMDALinear: x -> A -> S -> B, merge/unmerge
+    spectral.py SVD init and the residual        inject.py  find targets, build adapted layers, apply_lamda
+    freeze.py   PMBScheduler (B's columns)       ranks.py   LaMDA++ rank allocation
+    merge.py    model-level merge loops          io.py      adapter files with a base-model fingerprint
+    bnb.py      bitsandbytes NF4 bases           state.py   AdapterState, the one attribute on the model
+
+The names below load on first use (PEP 562), so that `lamda_edge.adapters.config` can be read without torch.
+"""
+
+import importlib
+
+# public name -> the module that defines it
+_LAZY = {
+    "AdapterState": "state",
+    "LaMDALinear": "layer",
+    "PMBScheduler": "freeze",
+    "adapter_state": "state",
+    "allocate_ranks": "ranks",
+    "apply_lamda": "inject",
+    "find_targets": "inject",
+    "lamda_layers": "inject",
+    "layer_ranks": "inject",
+    "load_adapter": "io",
+    "make_lamda_linear": "inject",
+    "merge": "merge",
+    "merge_and_unload": "merge",
+    "read_adapter_config": "io",
+    "save_adapter": "io",
+    "trainable_parameter_count": "inject",
+    "unmerge": "merge",
+}
 
 
-def trainable_parameter_count(model) -> int:
-    """Number of parameters that currently require a gradient."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "AdapterState",
-    "LaMDALinear",
-    "PMBScheduler",
-    "adapter_state",
-    "allocate_ranks",
-    "apply_lamda",
-    "find_targets",
-    "lamda_layers",
-    "layer_ranks",
-    "load_adapter",
-    "make_lamda_linear",
-    "merge",
-    "merge_and_unload",
-    "read_adapter_config",
-    "save_adapter",
-    "trainable_parameter_count",
-    "unmerge",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = sorted(_LAZY)

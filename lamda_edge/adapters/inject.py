@@ -194,3 +194,8 @@ def finish_injection(model: nn.Module, config: LaMDAConfig, fingerprint: dict[st
             for param in module.parameters():
                 param.requires_grad_(True)
     setattr(model, STATE_ATTR, AdapterState(config, fingerprint, reports))
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    """Number of parameters that currently require a gradient."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -4,20 +4,23 @@ peak memory is read.
     'auto' | 'cpu' | 'cuda'           ──> torch.device            (CUDA when available)
     precision 'auto' | fp32/bf16/fp16 ──> compute dtype           (bf16 where the GPU or CPU multiplies it natively)
     quantize 'auto' | 'nf4' | 'none'  ──> 'nf4' or None           (NF4 on CUDA; bitsandbytes' CPU path is slow)
+
+Each function imports torch when it runs, not this module: `lamda-edge plan --config run.yaml` resolves the run's
+base (`resolve_quantize`) without loading torch.
 """
 
 from __future__ import annotations
 
 import resource
-
-import torch
+from typing import TYPE_CHECKING
 
 from lamda_edge.errors import ConfigError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-QUANTIZE = ("auto", "nf4", "none")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DTYPE_NAMES = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -25,6 +28,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
     A CUDA device without an index gets the current one; CUDA where there is none is a `ConfigError`.
     """
+    import torch
+
     if device is None or device == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
@@ -37,6 +42,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def cpu_has_bf16() -> bool:
     """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX): then bf16 runs about 2x fp32 here."""
+    import torch
+
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
@@ -46,6 +53,8 @@ def cpu_has_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> bf16 on GPUs that have it, fp16 on older ones (T4), bf16 on CPUs that multiply it natively, else
     fp32; an explicit choice is checked against the device."""
+    import torch
+
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
         if precision == "auto":
@@ -63,12 +72,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def resolve_compute_dtype(compute_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     """The loader's dtype: as given (a torch dtype or a name), else bf16 on GPUs that have it, fp16 on older GPUs
     (e.g. T4), fp32 on CPU."""
+    import torch
+
     if isinstance(compute_dtype, str):
-        if compute_dtype not in _DTYPE_NAMES:
-            raise ConfigError(f"`compute_dtype` should be one of {sorted(_DTYPE_NAMES)}, got {compute_dtype!r}")
-        return _DTYPE_NAMES[compute_dtype]
+        if compute_dtype not in DTYPE_NAMES:
+            raise ConfigError(f"`compute_dtype` should be one of {sorted(DTYPE_NAMES)}, got {compute_dtype!r}")
+        return getattr(torch, DTYPE_NAMES[compute_dtype])
     if compute_dtype is not None:
-        if compute_dtype not in DTYPES.values():
+        if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"`compute_dtype` should be float32, bfloat16 or float16, got {compute_dtype}")
         return compute_dtype
     if device.type == "cuda":
@@ -76,11 +87,11 @@ def resolve_compute_dtype(compute_dtype: torch.dtype | str | None, device: torch
     return torch.float32
 
 
-def resolve_quantize(quantize: str | None, device: torch.device) -> str | None:
+def resolve_quantize(quantize: str | None, device: torch.device | str) -> str | None:
     """'auto' -> 'nf4' on CUDA, None on CPU (bitsandbytes dequantizes every 4-bit weight at every CPU call);
-    'none' -> None."""
+    'none' -> None. `device` is a torch.device or its type ('cpu', 'cuda')."""
     if quantize == "auto":
-        return "nf4" if device.type == "cuda" else None
+        return "nf4" if getattr(device, "type", device) == "cuda" else None
     return None if quantize == "none" else quantize
 
 
@@ -92,6 +103,8 @@ class PeakMemory:
         self.kind = "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss"
 
     def start(self) -> None:
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
@@ -102,6 +115,8 @@ class PeakMemory:
             self.kind = "process_peak_rss_lifetime"
 
     def peak_bytes(self) -> int:
+        import torch
+
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lamda_edge.errors import ModelError
-from lamda_edge.load.device import DTYPES
+from lamda_edge.load.device import resolve_compute_dtype
 from lamda_edge.planner.memory import TrainSetup
 
 
@@ -48,7 +48,7 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
     from lamda_edge.adapters.config import LaMDAConfig
     from lamda_edge.adapters.inject import finish_injection
 
-    dtype = DTYPES[setup.weight_dtype or setup.compute_dtype]
+    dtype = resolve_compute_dtype(setup.weight_dtype or setup.compute_dtype, None)
     torch.manual_seed(seed)
     config = LaMDAConfig(rank=setup.rank)
     if shape.local_path and (Path(shape.local_path) / "config.json").is_file() and any(
@@ -57,7 +57,7 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
         from lamda_edge.load.loader import load_lamda_model
 
         model = load_lamda_model(shape.local_path, config, quantize=setup.quantize, device=device,
-                                 compute_dtype=DTYPES[setup.compute_dtype], progress=False,
+                                 compute_dtype=resolve_compute_dtype(setup.compute_dtype, None), progress=False,
                                  gradient_checkpointing=setup.gradient_checkpointing)
         model.config.use_cache = False
         model.train()
@@ -72,7 +72,7 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
     for i, (name, module) in enumerate(targets):
         rank = setup.ranks[i % per_block] if setup.ranks else min(setup.rank, *module.weight.shape)
         layer, _ = make_lamda_linear(module.weight, module.bias, rank, config, setup.quantize,
-                                     DTYPES[setup.compute_dtype], device)
+                                     resolve_compute_dtype(setup.compute_dtype, None), device)
         model.set_submodule(name, layer)
     finish_injection(model, config, {}, {})
     if not setup.b_trainable:

@@ -35,9 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lamda_edge.adapters.config import LaMDAConfig, closest_key
 from lamda_edge.errors import ConfigError
 from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # resolved by lamda_edge.load.device.resolve_precision
+QUANTIZE = ("auto", "nf4", "none")  # resolved by lamda_edge.load.device.resolve_quantize
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 OVERFLOW_POLICIES = ("truncate", "error")
 DEFAULT_RANK = 8  # used when neither the user nor the planner gives one
@@ -123,8 +126,6 @@ class RunConfig:
     training_args: dict = _field({}, "extra transformers.TrainingArguments fields, e.g. {max_grad_norm: 0.5}")
 
     def __post_init__(self) -> None:
-        from lamda_edge.load.device import PRECISIONS, QUANTIZE
-
         for name in ("eval_fraction", "lr", "weight_decay", "epochs"):
             object.__setattr__(self, name, _as_float(getattr(self, name)))
         problems = []
@@ -206,8 +207,6 @@ class RunConfig:
         Args:
             rank: the planner's rank, used when the block pins none.
         """
-        from lamda_edge.adapters.config import LaMDAConfig
-
         r = next((value for value in (self.lamda.get("rank"), rank) if value is not None), DEFAULT_RANK)
         values = {**self.lamda, "rank": r}
         if values.get("alpha") is None and isinstance(r, int) and r > 0:
@@ -238,8 +237,9 @@ class RunConfig:
     # ---- the planner's view of the run ---------------------------------------------------------------------------
 
     def planner_device(self) -> str:
-        """The device profile the planner reads: `device` when it names one, else the auto-detected device."""
-        return self.device if self.device not in ("cpu", "cuda") else "auto"
+        """The device profile the planner reads: `device` when it names one ('cpu' is the host CPU's profile), else
+        (`auto`, `cuda`) the auto-detected device."""
+        return "auto" if self.device == "cuda" else self.device
 
     def plan_arguments(self, quantize: str | None) -> dict[str, Any]:
         """The arguments of `planner.search.plan` for this run (what `train` asks, what `plan --config` shows).
@@ -265,9 +265,9 @@ def _as_float(value):
 
 
 def _check_training_args(values: dict) -> list[str]:
+    if not values:  # nothing to check: transformers need not load (`lamda-edge plan --config` stays arithmetic)
+        return []
     from transformers import TrainingArguments
-
-    from lamda_edge.adapters.config import closest_key
 
     valid = [f.name for f in dataclasses.fields(TrainingArguments)]
     problems = []
@@ -280,13 +280,6 @@ def _check_training_args(values: dict) -> list[str]:
     return problems
 
 
-def closest_key(key: str, valid) -> str:
-    """' Did you mean `x`?' for the closest valid key, or '' (`lamda_edge.adapters.config.closest_key`)."""
-    from lamda_edge.adapters.config import closest_key as closest
-
-    return closest(key, valid)
-
-
 # ---- the one table: fields, their help, their flags ------------------------------------------------------------
 
 
@@ -296,8 +289,6 @@ def field_names() -> list[str]:
 
 def lamda_keys() -> list[str]:
     """The adapter keys that may also be written flat (aliases of `lamda.<key>`): LaMDAConfig's fields but `seed`."""
-    from lamda_edge.adapters.config import LaMDAConfig
-
     return [f.name for f in dataclasses.fields(LaMDAConfig) if f.name not in field_names()]
 
 
@@ -306,8 +297,6 @@ def field_help(name: str) -> str:
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     if name in fields:
         return fields[name].metadata.get("help", "")
-    from lamda_edge.adapters.config import LaMDAConfig
-
     text = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(LaMDAConfig)}[name]
     rule = LAMDA_RUN_DEFAULTS.get(name)
     return f"{text}{'; ' + rule if rule else ''} (`{LAMDA}.{name}`)"
@@ -315,8 +304,6 @@ def field_help(name: str) -> str:
 
 def cli_flags() -> list[tuple[str, str, type, str]]:
     """`lamda-edge train`'s flags, from the fields' metadata: (flag, key, type, help), in field order."""
-    from lamda_edge.adapters.config import LaMDAConfig
-
     adapter = {f.name: f for f in dataclasses.fields(LaMDAConfig)}
     flags = []
     for f in dataclasses.fields(RunConfig):

@@ -36,7 +36,7 @@ import torch
 from transformers import TrainingArguments
 
 from lamda_edge.errors import ConfigError, ModelError
-from lamda_edge.load.device import DTYPES, resolve_precision, resolve_quantize
+from lamda_edge.load.device import resolve_compute_dtype, resolve_precision, resolve_quantize
 from lamda_edge.train import report
 from lamda_edge.train.callbacks import LaMDACallback, ProgressCallback
 from lamda_edge.train.config import (
@@ -69,7 +69,7 @@ def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.
     from lamda_edge.load.loader import load_lamda_model
 
     return load_lamda_model(model_path, lamda_config, quantize=resolve_quantize(config.quantize, device),
-                            device=device, compute_dtype=DTYPES[precision], progress=False,
+                            device=device, compute_dtype=resolve_compute_dtype(precision, device), progress=False,
                             gradient_checkpointing=bool(config.gradient_checkpointing))
 
 
