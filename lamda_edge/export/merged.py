@@ -8,8 +8,13 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 
+from lamda_edge.adapters import load_adapter, merge_and_unload
+from lamda_edge.adapters.config import LaMDAConfig
+from lamda_edge.demo import default_model
 from lamda_edge.errors import ConfigError, ModelError
+from lamda_edge.load.loader import load_lamda_model
 from lamda_edge.tasks import SEQUENCE_CLASSIFICATION, task_of_architectures
 
 
@@ -32,9 +37,6 @@ def load_merged(model_dir: Path | None, adapter_dir: Path | None):
                              "Fix: pass the folder that `lamda-edge train` saved the adapter to")
         cfg = json.loads(cfg_path.read_text())
         base = _resolve_base(model_dir or cfg.get("base_model"), adapter_dir)
-        from lamda_edge import LaMDAConfig, load_adapter, merge_and_unload
-        from lamda_edge.load.loader import load_lamda_model
-
         if "lamda_config" not in cfg:
             raise ModelError(f"{cfg_path} has no 'lamda_config'. Fix: re-save the adapter with lamda-edge")
         # rebuild the (4-bit) residual base exactly as training did, then put the trained S, B (and A) on it
@@ -55,8 +57,6 @@ def _resolve_base(base, adapter_dir: Path) -> Path:
         raise ConfigError(f"the adapter in {adapter_dir} does not record its base model. Fix: pass --model DIR")
     if Path(base).is_dir():
         return Path(base)
-    from lamda_edge.demo import default_model
-
     if str(base).lower() in (default_model.MODEL_NAME, "default", "smollm2-135m"):
         return default_model.default_model_path()
     raise ModelError(f"base model {base!r} (recorded in {adapter_dir}/adapter_config.json) is not a folder. "
@@ -65,8 +65,6 @@ def _resolve_base(base, adapter_dir: Path) -> Path:
 
 def load_reference(folder: Path):
     """Load a transformers folder in fp32 with the head its config names (causal LM or sequence classifier)."""
-    import transformers
-
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
@@ -79,8 +77,6 @@ def load_reference(folder: Path):
 
 def save_merged(model, tokenizer_dir: Path, folder: Path) -> None:
     """Write the merged model as a plain transformers folder (safetensors, config, tokenizer, generation config)."""
-    import transformers
-
     for attr in ("quantization_config",):  # a 4-bit load may leave it in the config; the merged model is fp32
         if hasattr(model.config, attr):
             delattr(model.config, attr)
@@ -92,6 +88,4 @@ def save_merged(model, tokenizer_dir: Path, folder: Path) -> None:
 
 
 def load_tokenizer(folder: Path):
-    import transformers
-
     return transformers.AutoTokenizer.from_pretrained(folder)

@@ -18,16 +18,22 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from lamda_edge.adapters import find_targets, lamda_layers, make_lamda_linear
+from lamda_edge.adapters.config import LaMDAConfig
+from lamda_edge.adapters.inject import finish_injection
+from lamda_edge.demo.default_model import default_model_path
 from lamda_edge.errors import ModelError
 from lamda_edge.load.device import resolve_compute_dtype
+from lamda_edge.load.loader import enable_gradient_checkpointing, load_lamda_model
+from lamda_edge.planner.live_tensors import LiveTensorCounter
 from lamda_edge.planner.memory import TrainSetup
+from lamda_edge.train.loss import causal_lm_loss
 
 
 def llama_config(shape):
     """A transformers LlamaConfig with `shape`'s numbers (random weights; memory depends only on shapes)."""
-    from transformers import LlamaConfig
-
     if shape.architecture != "decoder" or shape.fused_qkv:
         raise ModelError(f"--measure builds Llama-style decoders; {shape.name} is {shape.architecture}"
                          f"{' with fused projections' if shape.fused_qkv else ''}. Give a local model folder instead.")
@@ -42,20 +48,12 @@ def llama_config(shape):
 
 def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) -> torch.nn.Module:
     """The adapted model for `setup`: local weights when `shape.local_path` is set, else random ones."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
-
-    from lamda_edge.adapters import find_targets, lamda_layers, make_lamda_linear
-    from lamda_edge.adapters.config import LaMDAConfig
-    from lamda_edge.adapters.inject import finish_injection
-
     dtype = resolve_compute_dtype(setup.weight_dtype or setup.compute_dtype, None)
     torch.manual_seed(seed)
     config = LaMDAConfig(rank=setup.rank)
     if shape.local_path and (Path(shape.local_path) / "config.json").is_file() and any(
             Path(shape.local_path).glob("*.safetensors")):
         # real weights: the loader `lamda-edge train` uses (SVD of the full weights, residual to NF4, checkpointing)
-        from lamda_edge.load.loader import load_lamda_model
-
         model = load_lamda_model(shape.local_path, config, quantize=setup.quantize, device=device,
                                  compute_dtype=resolve_compute_dtype(setup.compute_dtype, None), progress=False,
                                  gradient_checkpointing=setup.gradient_checkpointing)
@@ -80,8 +78,6 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
             layer.lamda_B.requires_grad_(False)
     model.to(device)
     if setup.gradient_checkpointing:
-        from lamda_edge.load.loader import enable_gradient_checkpointing
-
         enable_gradient_checkpointing(model)
     model.config.use_cache = False
     model.train()
@@ -89,8 +85,6 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
 
 
 def _train_step(model, batch, optimizer, chunk_rows) -> float:
-    from lamda_edge.train.loss import causal_lm_loss
-
     loss = causal_lm_loss(model, batch, chunk_rows=chunk_rows)
     loss.backward()
     optimizer.step()
@@ -107,8 +101,6 @@ def measure(shape, setup: TrainSetup, steps: int = 2, device: str | None = None,
     Returns:
         {"measured_tensor_peak_bytes", "measured_by", "steps", "seconds_per_step", "device"}
     """
-    from lamda_edge.planner.live_tensors import LiveTensorCounter
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(shape, setup, device, seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -156,8 +148,6 @@ def measure_plan(plan, steps: int = 2) -> dict:
     note = "random weights of the planned shape"
     if shape.local_path is None and shape.name == "smollm2-135m":
         try:
-            from lamda_edge.demo.default_model import default_model_path
-
             shape = replace(shape, local_path=str(default_model_path()))
             note = "the built-in SmolLM2-135M-Instruct (Q4_1-round-tripped) weights"
         except Exception as exc:  # noqa: BLE001 - any failure: fall back to random weights of the same shape

@@ -33,10 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import AutoTokenizer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import ProgressCallback as HFProgress
 
-from lamda_edge.errors import ConfigError, ModelError
+from lamda_edge.adapters import save_adapter
+from lamda_edge.demo import task as demo
+from lamda_edge.demo.default_model import default_model_path
+from lamda_edge.errors import ConfigError, ModelError, ProfileError
 from lamda_edge.load.device import resolve_compute_dtype, resolve_precision, resolve_quantize
+from lamda_edge.load.loader import load_lamda_model
+from lamda_edge.planner import get_device, get_model
+from lamda_edge.planner.search import plan as plan_run
 from lamda_edge.train import report
 from lamda_edge.train.callbacks import LaMDACallback, ProgressCallback
 from lamda_edge.train.config import (
@@ -46,6 +54,7 @@ from lamda_edge.train.config import (
     RunConfig,
     resolve_run_device,
 )
+from lamda_edge.train.data import PaddingCollator, load_data
 from lamda_edge.train.report import effective_trainable, lamda_layer_list
 from lamda_edge.train.trainer import LaMDATrainer, LossModel, latest_checkpoint
 
@@ -66,8 +75,6 @@ class TrainResult:
 
 def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.device, precision: str):
     """The model with a frozen (NF4 or full-precision) base and LaMDA adapters, from `lamda_edge.load.loader`."""
-    from lamda_edge.load.loader import load_lamda_model
-
     return load_lamda_model(model_path, lamda_config, quantize=resolve_quantize(config.quantize, device),
                             device=device, compute_dtype=resolve_compute_dtype(precision, device), progress=False,
                             gradient_checkpointing=bool(config.gradient_checkpointing))
@@ -89,10 +96,6 @@ def _plan(config: RunConfig, model_path: Path, quantize: str | None) -> tuple[in
     cannot read falls back to the defaults (checkpointing on); a configuration that cannot fit raises
     `DoesNotFitError` (exit 3).
     """
-    from lamda_edge.errors import ProfileError
-    from lamda_edge.planner import get_device, get_model
-    from lamda_edge.planner.search import plan
-
     rank, batch, checkpointing = config.rank, config.batch_size, config.gradient_checkpointing
     if rank is not None and batch is not None and checkpointing is not None:
         return rank, batch, config.grad_accum, checkpointing, "pinned"
@@ -103,15 +106,13 @@ def _plan(config: RunConfig, model_path: Path, quantize: str | None) -> tuple[in
         return (rank or DEFAULT_RANK, batch or DEFAULT_BATCH_SIZE, config.grad_accum,
                 True if checkpointing is None else checkpointing, "defaults")
     profile = get_device(config.planner_device())
-    result = plan(profile, shape, **config.plan_arguments(quantize))
+    result = plan_run(profile, shape, **config.plan_arguments(quantize))
     setup = result.setup
     accum = config.grad_accum if batch is not None else result.grad_accum
     return setup.rank, setup.batch_size, accum, setup.gradient_checkpointing, f"planner, {profile.name}"
 
 
 def _load_tokenizer(model_path: Path):
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     except (OSError, ValueError) as exc:
@@ -226,8 +227,6 @@ class TrainRecipe:
         """The model folder (default: the demo model), its tokenizer, and what the planner picks (`_plan`)."""
         config = self.config
         if config.model is None:
-            from lamda_edge.demo.default_model import default_model_path
-
             self.model_path = default_model_path(progress=self.progress)
         else:
             self.model_path = Path(config.model).expanduser()
@@ -244,14 +243,10 @@ class TrainRecipe:
         config = self.config
         self.demo_task = None
         if config.data is None:
-            from lamda_edge.demo import task as demo
-
             self.demo_task = demo.make_task(self.tokenizer, n_train=config.demo_train, n_eval=config.demo_eval,
                                             seq_len=config.seq_len, seed=config.seed)
             self.train_set, self.eval_set = self.demo_task.train, self.demo_task.eval
         else:
-            from lamda_edge.train.data import load_data
-
             splits = load_data(config.data, self.tokenizer, config.seq_len, eval_path=config.eval_data,
                                eval_fraction=0.0 if config.eval_data else config.eval_fraction, seed=config.seed,
                                on_overflow=config.on_overflow)
@@ -282,11 +277,6 @@ class TrainRecipe:
 
     def setup_trainer(self, callbacks: list | None = None) -> None:
         """`LaMDATrainer` over `LossModel(lm)` with B freezing, the progress bar and `callbacks`."""
-        from transformers.trainer_callback import PrinterCallback
-        from transformers.trainer_callback import ProgressCallback as HFProgress
-
-        from lamda_edge.train.data import PaddingCollator
-
         config = self.config
         self.progress_callback = ProgressCallback(enabled=self.progress)
         args = _training_args(config, self.out / CHECKPOINTS, self.device, self.precision, self.batch_size,
@@ -313,8 +303,6 @@ class TrainRecipe:
 
     def finish(self) -> TrainResult:
         """The metrics; on the main process, the adapter, metrics.json, the loss plot and the printed summary."""
-        from lamda_edge.adapters import save_adapter
-
         lm, trainer, state = self.lm, self.trainer, self.trainer.state
         trainable_end = effective_trainable(lm)
         b_total = sum(layer.lamda_B.numel() for _, layer in lamda_layer_list(lm))
@@ -358,9 +346,7 @@ class TrainRecipe:
                 for line in report.summary_lines(metrics):
                     print(line)
                 if self.demo_task is not None:
-                    from lamda_edge.demo.task import before_after
-
-                    print(before_after(self.demo_before, metrics["demo"]["metrics_after"]))
+                    print(demo.before_after(self.demo_before, metrics["demo"]["metrics_after"]))
         return TrainResult(self.out, metrics)
 
 
@@ -392,8 +378,6 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
 
 
 def _demo_metrics(task, lm, tokenizer, progress: bool, when: str, n_generate: int | None) -> dict:
-    from lamda_edge.demo import task as demo
-
     result = demo.evaluate(lm, tokenizer, task, n_generate=n_generate)
     if progress and _is_main():
         print(f"demo task {when} training: {result.line()}", file=sys.stderr)

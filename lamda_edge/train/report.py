@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lamda_edge.adapters import lamda_layers, trainable_parameter_count
 from lamda_edge.atomic import write_atomic, write_bytes_atomic
 
 METRICS_NAME = "metrics.json"
@@ -133,15 +134,11 @@ def perplexity(loss: float) -> float:
 
 def lamda_layer_list(lm: nn.Module) -> list:
     """[(name, LaMDALinear)] of a model (imported lazily: the adapters pull in bitsandbytes)."""
-    from lamda_edge.adapters import lamda_layers
-
     return lamda_layers(lm)
 
 
 def effective_trainable(lm: nn.Module) -> int:
     """Parameters that still train: everything requiring grad, minus B's frozen columns."""
-    from lamda_edge.adapters import trainable_parameter_count
-
     frozen = sum(layer.out_features * layer.frozen_b_columns for _, layer in lamda_layer_list(lm)
                  if layer.lamda_B.requires_grad)
     return trainable_parameter_count(lm) - frozen
