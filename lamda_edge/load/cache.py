@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lamda_edge import __version__
 from lamda_edge.adapters.bnb import build_base, is_linear4bit
 from lamda_edge.adapters.layer import LaMDALinear
 
@@ -80,8 +81,6 @@ def cache_key(
     compute_dtype: torch.dtype, task: str, num_labels: int | None,
 ) -> tuple[str, str]:
     """(key of the prepared model, key of the weights alone) as hex digests."""
-    from lamda_edge import __version__
-
     config_file = model_dir / "config.json"
     weights = {
         "files": [file_identity(f) for f in sorted(weight_files)],

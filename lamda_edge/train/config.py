@@ -37,7 +37,9 @@ from typing import Any
 
 from lamda_edge.adapters.config import LaMDAConfig, closest_key
 from lamda_edge.errors import ConfigError
+from lamda_edge.load.device import resolve_device
 from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS
+from lamda_edge.planner.profiles import get_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # resolved by lamda_edge.load.device.resolve_precision
 QUANTIZE = ("auto", "nf4", "none")  # resolved by lamda_edge.load.device.resolve_quantize
@@ -432,8 +434,6 @@ def resolve_run_device(name: str):
     """A run's `device`: 'auto' | 'cpu' | 'cuda' | a device profile name (its kind decides) -> torch.device."""
     import torch
 
-    from lamda_edge.load.device import resolve_device
-
     if name.startswith("cuda:"):
         raise ConfigError(f"`device`={name!r}: pick the GPU with CUDA_VISIBLE_DEVICES={name[5:]} and use "
                           "`device=cuda` (several GPUs: accelerate launch, see docs/multi-gpu.md)")
@@ -446,6 +446,4 @@ def resolve_run_device(name: str):
 def _profile_kind(name: str) -> str:
     """'cpu' or 'cuda' for a device profile (by name or alias; ProfileError lists the known ones): a profile of any
     other kind than 'cpu' (a GPU, a Jetson) trains on CUDA."""
-    from lamda_edge.planner.profiles import get_device
-
     return "cpu" if get_device(name).kind == "cpu" else "cuda"
