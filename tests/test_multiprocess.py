@@ -12,11 +12,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import REPO, build_model_dir, write_data
+
+REPO = Path(__file__).resolve().parents[1]
 
 DUMP = textwrap.dedent("""
     import os, sys
@@ -43,11 +45,11 @@ DUMP = textwrap.dedent("""
 
 @pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
                     reason="accelerate's launcher is not installed next to this Python")
-def test_accelerate_launch_two_cpu_processes(tmp_path):
+def test_accelerate_launch_two_cpu_processes(tiny_run, tmp_path):
     from safetensors import safe_open
 
-    model_dir = build_model_dir(tmp_path / "model")
-    data_file = write_data(tmp_path / "train.jsonl", n=32)
+    model_dir = tiny_run.model_dir(tmp_path / "model")
+    data_file = tiny_run.data(tmp_path / "train.jsonl", n=32)
     script = tmp_path / "dump.py"
     script.write_text(DUMP)
     out = tmp_path / "run"
