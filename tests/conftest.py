@@ -11,6 +11,7 @@ Test modules never import each other nor this file: what they share comes throug
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -126,24 +127,41 @@ def quantize_linears(model):
 
 
 class TinyModels:
-    """The builders of tiny models, tokenizers and model folders, by architecture (handed out by `tiny`)."""
+    """The builders of tiny models, tokenizers and model folders, by architecture (handed out by `tiny`).
+
+    `model()` builds each (arch, base, seed, shape) once per session and hands out deep copies: a copy has the
+    weights a fresh build would have, and the global RNG is left where a fresh build would leave it. The kept
+    originals never run a forward pass (an eval forward may repack 4-bit weights on CPU; see DESIGN.md).
+    """
 
     VOCAB = VOCAB
     CHATML = CHATML
     config = staticmethod(tiny_config)
     tokenizer = staticmethod(chatml_tokenizer)
 
+    def __init__(self):
+        self._built: dict = {}
+
     def model(self, arch: str = "llama", base: str = "fp32", seed: int = 0, **shape):
         """A tiny randomly initialized `arch` model in eval mode, seeded with `seed`; `base="nf4"`: NF4 linears.
 
         `shape`: `tiny_config`'s arguments (vocab, hidden, intermediate, layers, positions, config fields).
         """
-        import transformers
+        key = (arch, base, seed, tuple(sorted(shape.items())))
+        if key not in self._built:
+            import transformers
 
-        config = tiny_config(arch, **shape)
-        torch.manual_seed(seed)
-        model = getattr(transformers, ARCHS[arch][1])(config).eval()
-        return quantize_linears(model) if base == "nf4" else model
+            if base == "nf4":
+                model = quantize_linears(self.model(arch, "fp32", seed, **shape))
+                self._built[key] = (model, torch.get_rng_state())
+            else:
+                config = tiny_config(arch, **shape)
+                torch.manual_seed(seed)
+                model = getattr(transformers, ARCHS[arch][1])(config).eval()
+                self._built[key] = (model, torch.get_rng_state())
+        model, rng = self._built[key]
+        torch.set_rng_state(rng)
+        return copy.deepcopy(model)
 
     @staticmethod
     def for_tokenizer(arch: str, tokenizer) -> dict:

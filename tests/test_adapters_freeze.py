@@ -1,5 +1,6 @@
 """PMBScheduler: the schedule, bitwise freezing under AdamW with weight decay, leaving the optimizer, resume."""
 
+import copy
 import math
 
 import pytest
@@ -21,15 +22,28 @@ def _train(model, scheduler, optimizer, steps, seed=0):
         scheduler.step(optimizer)
 
 
-def _setup(tiny, rank=4, freeze_steps=4):
-    model = apply_lamda(tiny.model("llama"), LaMDAConfig(rank=rank))
+@pytest.fixture(scope="module")
+def adapted(tiny):
+    """`adapted(rank)`: a copy of the tiny Llama with LaMDA of `rank` applied (applied once per rank and module)."""
+    built = {}
+
+    def get(rank):
+        if rank not in built:
+            built[rank] = apply_lamda(tiny.model("llama"), LaMDAConfig(rank=rank))
+        return copy.deepcopy(built[rank])
+
+    return get
+
+
+def _setup(adapted, rank=4, freeze_steps=4):
+    model = adapted(rank)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     return model, optimizer, PMBScheduler(model, freeze_steps)
 
 
-def test_columns_freeze_linearly_in_descending_singular_value_order(tiny):
-    model, optimizer, scheduler = _setup(tiny, rank=4, freeze_steps=6)
+def test_columns_freeze_linearly_in_descending_singular_value_order(adapted):
+    model, optimizer, scheduler = _setup(adapted, rank=4, freeze_steps=6)
     layer = lamda_layers(model)[0][1]
     seen = []
     for step in range(1, 8):
@@ -39,8 +53,8 @@ def test_columns_freeze_linearly_in_descending_singular_value_order(tiny):
     assert seen == [1, 2, 2, 3, 4, 4, 4]
 
 
-def test_frozen_columns_stay_bitwise_equal_under_adamw_weight_decay(tiny):
-    model, optimizer, scheduler = _setup(tiny, rank=4, freeze_steps=8)
+def test_frozen_columns_stay_bitwise_equal_under_adamw_weight_decay(adapted):
+    model, optimizer, scheduler = _setup(adapted, rank=4, freeze_steps=8)
     _train(model, scheduler, optimizer, 2)  # first ceil(4*2/8) = 1 column frozen
     layers = [layer for _, layer in lamda_layers(model)]
     frozen = [layer.lamda_B[:, :1].clone() for layer in layers]
@@ -51,8 +65,8 @@ def test_frozen_columns_stay_bitwise_equal_under_adamw_weight_decay(tiny):
         assert not torch.equal(layer.lamda_B[:, 3:], moving[:, 2:])  # later columns still train
 
 
-def test_a_never_changes_and_s_keeps_training(tiny):
-    model, optimizer, scheduler = _setup(tiny, rank=4, freeze_steps=2)
+def test_a_never_changes_and_s_keeps_training(adapted):
+    model, optimizer, scheduler = _setup(adapted, rank=4, freeze_steps=2)
     A = {n: layer.lamda_A.clone() for n, layer in lamda_layers(model)}
     S = {n: layer.lamda_S.clone() for n, layer in lamda_layers(model)}
     _train(model, scheduler, optimizer, 4)
@@ -61,8 +75,8 @@ def test_a_never_changes_and_s_keeps_training(tiny):
         assert not torch.equal(layer.lamda_S, S[name])
 
 
-def test_wholly_frozen_b_leaves_the_optimizer_and_frees_its_state(tiny):
-    model, optimizer, scheduler = _setup(tiny, rank=4, freeze_steps=2)
+def test_wholly_frozen_b_leaves_the_optimizer_and_frees_its_state(adapted):
+    model, optimizer, scheduler = _setup(adapted, rank=4, freeze_steps=2)
     _train(model, scheduler, optimizer, 1)
     B = [layer.lamda_B for _, layer in lamda_layers(model)]
     assert all(b in optimizer.state for b in B)
@@ -77,19 +91,19 @@ def test_wholly_frozen_b_leaves_the_optimizer_and_frees_its_state(tiny):
     assert all(torch.equal(b, f) for b, f in zip(B, frozen))
 
 
-def test_resume_reproduces_the_uninterrupted_run_bitwise(tiny):
+def test_resume_reproduces_the_uninterrupted_run_bitwise(adapted):
     torch.manual_seed(0)
-    model, optimizer, scheduler = _setup(tiny, rank=4, freeze_steps=4)
+    model, optimizer, scheduler = _setup(adapted, rank=4, freeze_steps=4)
     _train(model, scheduler, optimizer, 6)
     expected = {k: v.clone() for k, v in model.state_dict().items() if "lamda_" in k}
 
     torch.manual_seed(0)
-    model, optimizer, scheduler = _setup(tiny, rank=4, freeze_steps=4)
+    model, optimizer, scheduler = _setup(adapted, rank=4, freeze_steps=4)
     _train(model, scheduler, optimizer, 3)
     state = ({k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict(), scheduler.state_dict())
 
     torch.manual_seed(0)
-    model2, _, _ = _setup(tiny, rank=4, freeze_steps=4)
+    model2, _, _ = _setup(adapted, rank=4, freeze_steps=4)
     model2.load_state_dict(state[0])
     optimizer2 = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     optimizer2.load_state_dict(state[1])
@@ -111,8 +125,8 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tiny):
 
 
 @pytest.mark.parametrize("steps", [0, -3, 2.5])
-def test_bad_freeze_steps(tiny, steps):
-    model = apply_lamda(tiny.model("llama"), LaMDAConfig(rank=2))
+def test_bad_freeze_steps(adapted, steps):
+    model = adapted(2)
     with pytest.raises(ConfigError, match="freeze_b_steps"):
         PMBScheduler(model, steps)
 

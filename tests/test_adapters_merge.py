@@ -1,5 +1,7 @@
 """merge / unmerge / merge_and_unload, after S and B have moved away from their init."""
 
+import copy
+
 import pytest
 import torch
 
@@ -21,9 +23,23 @@ def _moved(tiny, arch, base, seed=0):
 CASES = [pytest.param(a, b, id=f"{a}-{b}") for a in ("llama", "qwen2", "bert") for b in ("fp32", "nf4")]
 
 
+@pytest.fixture(scope="module")
+def moved(tiny):
+    """`moved(arch, base)`: a copy of `_moved(arch, base)`, built once per module (each test merges its own copy;
+    the kept original never runs a forward pass)."""
+    built = {}
+
+    def get(arch, base):
+        if (arch, base) not in built:
+            built[arch, base] = _moved(tiny, arch, base)
+        return copy.deepcopy(built[arch, base])
+
+    return get
+
+
 @pytest.mark.parametrize("arch, base", CASES)
-def test_merge_and_unload_equals_the_adapter_forward(tiny, tol, arch, base, ids):
-    model = _moved(tiny, arch, base)
+def test_merge_and_unload_equals_the_adapter_forward(tiny, tol, moved, arch, base, ids):
+    model = moved(arch, base)
     before = tiny.output(model, ids)
     init_like = apply_lamda(tiny.model(arch, base), LaMDAConfig(rank=4))
     assert (before - tiny.output(init_like, ids)).abs().max() > 1e-2  # the adapters really moved
@@ -34,8 +50,8 @@ def test_merge_and_unload_equals_the_adapter_forward(tiny, tol, arch, base, ids)
 
 
 @pytest.mark.parametrize("arch, base", CASES)
-def test_merge_twice_equals_once_and_unmerge_restores(tiny, tol, arch, base, ids):
-    model = _moved(tiny, arch, base)
+def test_merge_twice_equals_once_and_unmerge_restores(tiny, tol, moved, arch, base, ids):
+    model = moved(arch, base)
     before = tiny.output(model, ids)
     bases = {n: layer.base_layer for n, layer in lamda_layers(model)}
     merge(model)

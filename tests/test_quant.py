@@ -55,6 +55,21 @@ def _reference(folder, config, arch):
     return apply_lamda(model, config)
 
 
+@pytest.fixture(scope="module")
+def reference(folders):
+    """`reference(arch, config)`: `_reference` of the `folders(arch)` model, built once per module (tests only read
+    it: its state dict, its layers' factors and its logits)."""
+    built = {}
+
+    def get(arch, config):
+        key = (arch, repr(config))
+        if key not in built:
+            built[key] = _reference(folders(arch), config, arch)
+        return built[key]
+
+    return get
+
+
 def _load(folder, tmp_path, **kwargs):
     kwargs.setdefault("cache_dir", tmp_path / "cache")
     return load_lamda_model(folder, kwargs.pop("config", CFG), device="cpu", progress=False, **kwargs)
@@ -88,9 +103,9 @@ def _logits(model):
                      id="llama-lamda++-energy"),
     ],
 )
-def test_streaming_unquantized_equals_in_memory(folders, tol, tmp_path, arch, config):
+def test_streaming_unquantized_equals_in_memory(folders, reference, tol, tmp_path, arch, config):
     folder = folders(arch)
-    ref = _reference(folder, config, arch)
+    ref = reference(arch, config)
     got = _load(folder, tmp_path, config=config, quantize=None, cache_dir=False)
     assert got.lamda_prepare_report["cache"] == "off"
     ref_sd, got_sd = ref.state_dict(), got.state_dict()
@@ -103,9 +118,9 @@ def test_streaming_unquantized_equals_in_memory(folders, tol, tmp_path, arch, co
 
 
 @pytest.mark.parametrize("arch", [pytest.param("llama-tied", id="llama-tied"), pytest.param("qwen2", id="qwen2")])
-def test_streaming_nf4_matches_in_memory(folders, tol, tmp_path, arch):
+def test_streaming_nf4_matches_in_memory(folders, reference, tol, tmp_path, arch):
     folder = folders(arch)
-    ref = _reference(folder, CFG, arch)
+    ref = reference(arch, CFG)
     got = _load(folder, tmp_path, quantize="nf4", cache_dir=False)
     ref_layers = dict(lamda_layers(ref))
     assert set(ref_layers) == {n for n, _ in lamda_layers(got)}
