@@ -36,8 +36,8 @@ class Tolerances:
 
     `nf4` is the relative norm error of outputs on a 4-bit base: apply_lamda on an already-4-bit base re-quantizes
     the residual, one more 4-bit rounding of the same order as NF4's own (measured on these tiny models: 0.03-0.17
-    against 0.05-0.10 for NF4 vs float32). The 4-bit path that factors the original weights is load_lamda_model
-    (tests/test_quant.py).
+    against 0.05-0.10 for NF4 vs float32). The 4-bit path that factors the original weights, load_lamda_model, is
+    held to the same bound against the float32 in-memory path (tests/test_quant.py).
     """
 
     fp32: float = 1e-4  # largest |difference| of float32 outputs (logits, presents) computed two ways
