@@ -209,6 +209,18 @@ class TinyRun:
         self.tiny.save(folder, "llama", seed, tokenizer=tokenizer, hidden=32, positions=128)
         return folder
 
+    @staticmethod
+    def env(**extra: str) -> dict:
+        """Environment for a subprocess that runs a script by path: `extra`, and this checkout first on PYTHONPATH.
+
+        `python -m lamda_edge.cli` from the repository root imports this checkout's lamda_edge, but a script run by
+        path imports whatever lamda_edge is installed, which need not be this checkout (another worktree's editable
+        install): then the two halves of one test would run different code.
+        """
+        repo = str(Path(__file__).resolve().parents[1])
+        path = os.environ.get("PYTHONPATH")
+        return {"PYTHONPATH": repo + os.pathsep + path if path else repo, **extra}
+
     def data(self, path: Path, n: int = 48, seed: int = 0) -> Path:
         """`n` prompt/completion rows of random WORDS, seeded."""
         rng = random.Random(seed)

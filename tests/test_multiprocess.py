@@ -58,7 +58,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_run, tmp_path):
            "no", "--dynamo_backend", "no", str(script), str(tmp_path), "train", "--model", str(model_dir), "--data",
            str(data_file), "--output", str(out), "--quantize", "none", "--rank", "4", "--batch-size", "2",
            "--seq-len", "64", "--max-steps", "4", "--quiet", "save_steps=4", "freeze_b_steps=2", "lr=5e-3"]
-    env = {**os.environ, "LAMDA_EDGE_CACHE": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": "",
+    env = {**os.environ, **tiny_run.env(LAMDA_EDGE_CACHE=str(tmp_path / "cache")), "CUDA_VISIBLE_DEVICES": "",
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -71,10 +71,10 @@ def train_args(model_dir: Path, data_file: Path, out: Path) -> list[str]:
             "precision=fp32"]
 
 
-def test_sigkill_and_resume_is_bitwise_exact(tmp_path, model_dir, data_file):
+def test_sigkill_and_resume_is_bitwise_exact(tiny_run, tmp_path, model_dir, data_file):
     import shutil
 
-    env = {"LAMDA_EDGE_CACHE": str(tmp_path / "cache")}
+    env = tiny_run.env(LAMDA_EDGE_CACHE=str(tmp_path / "cache"))
     whole = run_cli(train_args(model_dir, data_file, tmp_path / "whole"), env)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
