@@ -1,9 +1,23 @@
-"""Shared fixtures: tiny models built from configs (no downloads) and the tolerances, defined once per dtype."""
+"""Shared fixtures: tiny models built from configs (no downloads), their tokenizer, and the tolerances.
+
+Test modules never import each other nor this file: what they share comes through fixtures.
+
+- `tiny`: the one set of builders (`tiny.model`, `tiny.save`, `tiny.tokenizer`, `tiny.output`), by architecture.
+- `tol`: the tolerances, defined once per dtype / base kind.
+- `tiny_run`: a training run's inputs (a tiny Llama folder, a JSONL data file).
+- `run_export`: the export pipeline with its log silenced.
+- `ids`: a (2, 12) batch of token ids below `tiny.VOCAB`.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 import os
+import random
 import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,27 +27,50 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*kernels.*")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# Tolerances on outputs, defined once per base kind: the largest absolute difference for a float32 base, and the
-# relative norm error for NF4: apply_lamda on an already-4-bit base re-quantizes the residual, one more 4-bit
-# rounding of the same order as NF4's own (measured on these tiny models: 0.03-0.17 against 0.05-0.10 for NF4 vs
-# float32). The 4-bit path that factors the original weights is load_lamda_model (tests/test_quant.py).
-ATOL = {"fp32": 1e-4}
-NF4_REL_TOL = 0.25
-
-
-def assert_outputs_close(actual, expected, base: str = "fp32"):
-    if base == "nf4":
-        rel = float((actual - expected).norm() / expected.norm())
-        assert rel <= NF4_REL_TOL, f"relative error {rel:.4f} > {NF4_REL_TOL}"
-    else:
-        torch.testing.assert_close(actual, expected, atol=ATOL[base], rtol=0)
 VOCAB = 128
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Tolerances on outputs, defined once per dtype / base kind.
+
+    `nf4` is the relative norm error of outputs on a 4-bit base: apply_lamda on an already-4-bit base re-quantizes
+    the residual, one more 4-bit rounding of the same order as NF4's own (measured on these tiny models: 0.03-0.17
+    against 0.05-0.10 for NF4 vs float32). The 4-bit path that factors the original weights, load_lamda_model, is
+    held to the same bound against the float32 in-memory path (tests/test_quant.py).
+    """
+
+    fp32: float = 1e-4  # largest |difference| of float32 outputs (logits, presents) computed two ways
+    fp16: float = 3e-2  # the same for a float16 model (ONNX fp16 export)
+    nf4: float = 0.25  # relative norm error of outputs on an NF4 base
+    # losses and gradients in fp32 (sums of a few hundred terms), and a loss computed from bf16 inputs
+    fp32_loss: dict = field(default_factory=lambda: {"atol": 1e-5, "rtol": 1e-4})
+    bf16_loss: dict = field(default_factory=lambda: {"atol": 5e-2, "rtol": 2e-2})
+
+    def assert_outputs_close(self, actual, expected, base: str = "fp32"):
+        if base == "nf4":
+            rel = float((actual - expected).norm() / expected.norm())
+            assert rel <= self.nf4, f"relative error {rel:.4f} > {self.nf4}"
+        else:
+            torch.testing.assert_close(actual, expected, atol=getattr(self, base), rtol=0)
 
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# The corpus of the tokenizer that `tiny.save` gives a model folder by default.
+SENTENCES = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
+             "what is twelve times seven? it is eighty four.", "water boils at one hundred degrees."]
+
+# arch -> (config class, model class) in transformers
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+    "bert": ("BertConfig", "BertForSequenceClassification"),
+    "bert-encoder": ("BertConfig", "BertModel"),  # a bare encoder, no head (MiniLM's case)
+}
 
 
 def chatml_tokenizer(corpus: list[str], vocab_size: int = 300):
@@ -55,43 +92,27 @@ def chatml_tokenizer(corpus: list[str], vocab_size: int = 300):
     return tok
 
 
-def _tiny_decoder(config_name: str, model_name: str, seed: int):
+def tiny_config(arch: str, vocab: int = VOCAB, hidden: int = 64, intermediate: int | None = None, layers: int = 2,
+                positions: int = 64, **extra):
+    """The config of a tiny `arch` model: `hidden` wide, `layers` deep, 4 heads (2 key/value heads for decoders).
+
+    `intermediate` defaults to 2 * hidden (GPT-2: its own 4 * hidden); `extra` goes to the config as is.
+    """
     import transformers
 
-    torch.manual_seed(seed)
-    cfg = getattr(transformers, config_name)(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return getattr(transformers, model_name)(cfg).eval()
-
-
-def tiny_llama(seed: int = 0):
-    return _tiny_decoder("LlamaConfig", "LlamaForCausalLM", seed)
-
-
-def tiny_qwen2(seed: int = 0):
-    return _tiny_decoder("Qwen2Config", "Qwen2ForCausalLM", seed)
-
-
-def tiny_bert(seed: int = 0, num_labels: int = 3):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels)
-    return BertForSequenceClassification(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "bert": tiny_bert, "gpt2": tiny_gpt2}
+    config_cls = getattr(transformers, ARCHS[arch][0])
+    if arch == "gpt2":
+        shape = dict(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=positions)
+        if intermediate is not None:
+            shape["n_inner"] = intermediate
+        return config_cls(**shape, **extra)
+    shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                 num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=positions)
+    if arch in ("llama", "qwen2"):
+        shape["num_key_value_heads"] = 2
+    elif arch == "bert":
+        shape["num_labels"] = 3
+    return config_cls(**{**shape, **extra})
 
 
 def quantize_linears(model):
@@ -105,14 +126,135 @@ def quantize_linears(model):
     return model
 
 
-def make_model(arch: str, base: str = "fp32", seed: int = 0):
-    model = BUILDERS[arch](seed)
-    return quantize_linears(model) if base == "nf4" else model
+class TinyModels:
+    """The builders of tiny models, tokenizers and model folders, by architecture (handed out by `tiny`).
+
+    `model()` builds each (arch, base, seed, shape) once per session and hands out deep copies: a copy has the
+    weights a fresh build would have, and the global RNG is left where a fresh build would leave it. The kept
+    originals never run a forward pass (an eval forward may repack 4-bit weights on CPU; see DESIGN.md).
+    """
+
+    VOCAB = VOCAB
+    CHATML = CHATML
+    config = staticmethod(tiny_config)
+    tokenizer = staticmethod(chatml_tokenizer)
+
+    def __init__(self):
+        self._built: dict = {}
+
+    def model(self, arch: str = "llama", base: str = "fp32", seed: int = 0, **shape):
+        """A tiny randomly initialized `arch` model in eval mode, seeded with `seed`; `base="nf4"`: NF4 linears.
+
+        `shape`: `tiny_config`'s arguments (vocab, hidden, intermediate, layers, positions, config fields).
+        """
+        key = (arch, base, seed, tuple(sorted(shape.items())))
+        if key not in self._built:
+            import transformers
+
+            if base == "nf4":
+                model = quantize_linears(self.model(arch, "fp32", seed, **shape))
+                self._built[key] = (model, torch.get_rng_state())
+            else:
+                config = tiny_config(arch, **shape)
+                torch.manual_seed(seed)
+                model = getattr(transformers, ARCHS[arch][1])(config).eval()
+                self._built[key] = (model, torch.get_rng_state())
+        model, rng = self._built[key]
+        torch.set_rng_state(rng)
+        return copy.deepcopy(model)
+
+    @staticmethod
+    def for_tokenizer(arch: str, tokenizer) -> dict:
+        """Config fields that size a model of `arch` to `tokenizer`: vocab and its special token ids."""
+        if arch == "gpt2":
+            return {"vocab": len(tokenizer)}
+        fields = {"vocab": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+        if arch in ("llama", "qwen2"):
+            fields.update(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        return fields
+
+    def save(self, folder, arch: str = "llama", seed: int = 0, tokenizer=None, tie: bool = False, **shape):
+        """Write a tiny `arch` model sized to `tokenizer` (default: one trained on SENTENCES) and the tokenizer.
+
+        The model has 256 positions unless `shape` says otherwise; `tie`: lm_head shares the embedding.
+        Returns the model.
+        """
+        tokenizer = tokenizer if tokenizer is not None else chatml_tokenizer(SENTENCES * 3, vocab_size=300)
+        shape = {"positions": 256, **self.for_tokenizer(arch, tokenizer), **shape}
+        if tie:
+            shape["tie_word_embeddings"] = True
+        model = self.model(arch, seed=seed, **shape)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return model
+
+    @staticmethod
+    def output(model, ids):
+        with torch.no_grad():
+            return model(input_ids=ids).logits
 
 
-def model_output(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+class TinyRun:
+    """A training run's inputs (handed out by `tiny_run`): a tiny Llama folder and a JSONL file of rows drawn from
+    WORDS."""
+
+    WORDS = "the cat sat on the mat and a dog ran to the park what is two plus three answer five seven".split()
+
+    def __init__(self, tiny: TinyModels):
+        self.tiny = tiny
+
+    def model_dir(self, folder: Path, seed: int = 0) -> Path:
+        """A tiny Llama (hidden 32, 2 layers) with a byte-level BPE tokenizer (vocab < 512), saved as a folder."""
+        tokenizer = chatml_tokenizer([" ".join(self.WORDS)] * 5, vocab_size=300)
+        self.tiny.save(folder, "llama", seed, tokenizer=tokenizer, hidden=32, positions=128)
+        return folder
+
+    @staticmethod
+    def env(**extra: str) -> dict:
+        """Environment for a subprocess that runs a script by path: `extra`, and this checkout first on PYTHONPATH.
+
+        `python -m lamda_edge.cli` from the repository root imports this checkout's lamda_edge, but a script run by
+        path imports whatever lamda_edge is installed, which need not be this checkout (another worktree's editable
+        install): then the two halves of one test would run different code.
+        """
+        repo = str(Path(__file__).resolve().parents[1])
+        path = os.environ.get("PYTHONPATH")
+        return {"PYTHONPATH": repo + os.pathsep + path if path else repo, **extra}
+
+    def data(self, path: Path, n: int = 48, seed: int = 0) -> Path:
+        """`n` prompt/completion rows of random WORDS, seeded."""
+        rng = random.Random(seed)
+        rows = [{"prompt": " ".join(rng.choices(self.WORDS, k=6)),
+                 "completion": " " + " ".join(rng.choices(self.WORDS, k=5))} for _ in range(n)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+
+@pytest.fixture(scope="session")
+def tiny() -> TinyModels:
+    return TinyModels()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny) -> TinyRun:
+    return TinyRun(tiny)
+
+
+@pytest.fixture(scope="session")
+def tol() -> Tolerances:
+    return Tolerances()
+
+
+@pytest.fixture(scope="session")
+def run_export():
+    """`run_export(output, **options)`: the export pipeline (ExportOptions fields), its log silenced."""
+
+    def run(output, **kw):
+        from lamda_edge.export.pipeline import ExportOptions, export
+
+        return export(ExportOptions(output=output, **kw), log=lambda *_: None)
+
+    return run
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 """PMBScheduler: the schedule, bitwise freezing under AdamW with weight decay, leaving the optimizer, resume."""
 
+import copy
 import math
 
 import pytest
 import torch
-from conftest import VOCAB, make_model
 
 from lamda_edge import ConfigError, LaMDAConfig, PMBScheduler, apply_lamda
 from lamda_edge.adapters import lamda_layers, trainable_parameter_count
@@ -14,7 +14,7 @@ def _train(model, scheduler, optimizer, steps, seed=0):
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
-        ids = torch.randint(0, VOCAB, (2, 10), generator=g)
+        ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=g)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
@@ -22,15 +22,28 @@ def _train(model, scheduler, optimizer, steps, seed=0):
         scheduler.step(optimizer)
 
 
-def _setup(rank=4, freeze_steps=4):
-    model = apply_lamda(make_model("llama"), LaMDAConfig(rank=rank))
+@pytest.fixture(scope="module")
+def adapted(tiny):
+    """`adapted(rank)`: a copy of the tiny Llama with LaMDA of `rank` applied (applied once per rank and module)."""
+    built = {}
+
+    def get(rank):
+        if rank not in built:
+            built[rank] = apply_lamda(tiny.model("llama"), LaMDAConfig(rank=rank))
+        return copy.deepcopy(built[rank])
+
+    return get
+
+
+def _setup(adapted, rank=4, freeze_steps=4):
+    model = adapted(rank)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     return model, optimizer, PMBScheduler(model, freeze_steps)
 
 
-def test_columns_freeze_linearly_in_descending_singular_value_order():
-    model, optimizer, scheduler = _setup(rank=4, freeze_steps=6)
+def test_columns_freeze_linearly_in_descending_singular_value_order(adapted):
+    model, optimizer, scheduler = _setup(adapted, rank=4, freeze_steps=6)
     layer = lamda_layers(model)[0][1]
     seen = []
     for step in range(1, 8):
@@ -40,8 +53,8 @@ def test_columns_freeze_linearly_in_descending_singular_value_order():
     assert seen == [1, 2, 2, 3, 4, 4, 4]
 
 
-def test_frozen_columns_stay_bitwise_equal_under_adamw_weight_decay():
-    model, optimizer, scheduler = _setup(rank=4, freeze_steps=8)
+def test_frozen_columns_stay_bitwise_equal_under_adamw_weight_decay(adapted):
+    model, optimizer, scheduler = _setup(adapted, rank=4, freeze_steps=8)
     _train(model, scheduler, optimizer, 2)  # first ceil(4*2/8) = 1 column frozen
     layers = [layer for _, layer in lamda_layers(model)]
     frozen = [layer.lamda_B[:, :1].clone() for layer in layers]
@@ -52,8 +65,8 @@ def test_frozen_columns_stay_bitwise_equal_under_adamw_weight_decay():
         assert not torch.equal(layer.lamda_B[:, 3:], moving[:, 2:])  # later columns still train
 
 
-def test_a_never_changes_and_s_keeps_training():
-    model, optimizer, scheduler = _setup(rank=4, freeze_steps=2)
+def test_a_never_changes_and_s_keeps_training(adapted):
+    model, optimizer, scheduler = _setup(adapted, rank=4, freeze_steps=2)
     A = {n: layer.lamda_A.clone() for n, layer in lamda_layers(model)}
     S = {n: layer.lamda_S.clone() for n, layer in lamda_layers(model)}
     _train(model, scheduler, optimizer, 4)
@@ -62,8 +75,8 @@ def test_a_never_changes_and_s_keeps_training():
         assert not torch.equal(layer.lamda_S, S[name])
 
 
-def test_wholly_frozen_b_leaves_the_optimizer_and_frees_its_state():
-    model, optimizer, scheduler = _setup(rank=4, freeze_steps=2)
+def test_wholly_frozen_b_leaves_the_optimizer_and_frees_its_state(adapted):
+    model, optimizer, scheduler = _setup(adapted, rank=4, freeze_steps=2)
     _train(model, scheduler, optimizer, 1)
     B = [layer.lamda_B for _, layer in lamda_layers(model)]
     assert all(b in optimizer.state for b in B)
@@ -78,19 +91,19 @@ def test_wholly_frozen_b_leaves_the_optimizer_and_frees_its_state():
     assert all(torch.equal(b, f) for b, f in zip(B, frozen))
 
 
-def test_resume_reproduces_the_uninterrupted_run_bitwise():
+def test_resume_reproduces_the_uninterrupted_run_bitwise(adapted):
     torch.manual_seed(0)
-    model, optimizer, scheduler = _setup(rank=4, freeze_steps=4)
+    model, optimizer, scheduler = _setup(adapted, rank=4, freeze_steps=4)
     _train(model, scheduler, optimizer, 6)
     expected = {k: v.clone() for k, v in model.state_dict().items() if "lamda_" in k}
 
     torch.manual_seed(0)
-    model, optimizer, scheduler = _setup(rank=4, freeze_steps=4)
+    model, optimizer, scheduler = _setup(adapted, rank=4, freeze_steps=4)
     _train(model, scheduler, optimizer, 3)
     state = ({k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict(), scheduler.state_dict())
 
     torch.manual_seed(0)
-    model2, _, _ = _setup(rank=4, freeze_steps=4)
+    model2, _, _ = _setup(adapted, rank=4, freeze_steps=4)
     model2.load_state_dict(state[0])
     optimizer2 = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     optimizer2.load_state_dict(state[1])
@@ -99,10 +112,10 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise():
     g_steps = 3
     g = torch.Generator().manual_seed(0)
     for _ in range(3):  # the data the first 3 steps consumed
-        torch.randint(0, VOCAB, (2, 10), generator=g)
+        torch.randint(0, model2.config.vocab_size, (2, 10), generator=g)
     model2.train()
     for _ in range(g_steps):
-        ids = torch.randint(0, VOCAB, (2, 10), generator=g)
+        ids = torch.randint(0, model2.config.vocab_size, (2, 10), generator=g)
         model2(input_ids=ids, labels=ids).loss.backward()
         optimizer2.step()
         optimizer2.zero_grad()
@@ -112,12 +125,12 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise():
 
 
 @pytest.mark.parametrize("steps", [0, -3, 2.5])
-def test_bad_freeze_steps(steps):
-    model = apply_lamda(make_model("llama"), LaMDAConfig(rank=2))
+def test_bad_freeze_steps(adapted, steps):
+    model = adapted(2)
     with pytest.raises(ConfigError, match="freeze_b_steps"):
         PMBScheduler(model, steps)
 
 
-def test_scheduler_needs_lamda_layers():
+def test_scheduler_needs_lamda_layers(tiny):
     with pytest.raises(ConfigError, match="apply_lamda"):
-        PMBScheduler(make_model("llama"), 3)
+        PMBScheduler(tiny.model("llama"), 3)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import ATOL, assert_outputs_close, make_model, model_output
 
 from lamda_edge import ConfigError, LaMDAConfig, apply_lamda
 from lamda_edge.adapters import lamda_layers, make_lamda_linear, trainable_parameter_count
@@ -17,19 +16,19 @@ CASES = [
 
 
 @pytest.mark.parametrize("arch, base, init", CASES)
-def test_step_zero_output_equals_the_base_model(arch, base, init, ids):
-    model = make_model(arch, base)
-    before = model_output(model, ids)
+def test_step_zero_output_equals_the_base_model(tiny, tol, arch, base, init, ids):
+    model = tiny.model(arch, base)
+    before = tiny.output(model, ids)
     apply_lamda(model, LaMDAConfig(rank=4, init=init))
-    after = model_output(model, ids)
-    assert_outputs_close(after, before, base)
+    after = tiny.output(model, ids)
+    tol.assert_outputs_close(after, before, base)
 
 
-def test_random_init_leaves_the_base_exact(ids):
-    model = make_model("llama")
-    before = model_output(model, ids)
+def test_random_init_leaves_the_base_exact(tiny, ids):
+    model = tiny.model("llama")
+    before = tiny.output(model, ids)
     apply_lamda(model, LaMDAConfig(rank=4, init="random"))
-    torch.testing.assert_close(model_output(model, ids), before, atol=0, rtol=0)
+    torch.testing.assert_close(tiny.output(model, ids), before, atol=0, rtol=0)
     for _, layer in lamda_layers(model):
         eye = torch.eye(4)
         torch.testing.assert_close(layer.lamda_A @ layer.lamda_A.T, eye, atol=1e-5, rtol=0)
@@ -37,8 +36,8 @@ def test_random_init_leaves_the_base_exact(ids):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "bert"])
-def test_trainable_count_is_r2_plus_dout_r_then_r2(arch):
-    model = make_model(arch)
+def test_trainable_count_is_r2_plus_dout_r_then_r2(tiny, arch):
+    model = tiny.model(arch)
     apply_lamda(model, LaMDAConfig(rank=4))
     layers = [layer for _, layer in lamda_layers(model)]
     assert trainable_parameter_count(model) == sum(4 * 4 + layer.out_features * 4 for layer in layers)
@@ -47,33 +46,33 @@ def test_trainable_count_is_r2_plus_dout_r_then_r2(arch):
     assert trainable_parameter_count(model) == sum(4 * 4 for _ in layers)
 
 
-def test_all_linear_skips_the_head_and_targets_match_suffixes():
-    model = make_model("llama")
+def test_all_linear_skips_the_head_and_targets_match_suffixes(tiny):
+    model = tiny.model("llama")
     apply_lamda(model, LaMDAConfig(rank=2))
     names = [n for n, _ in lamda_layers(model)]
     assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
-    model = make_model("llama")
+    model = tiny.model("llama")
     apply_lamda(model, LaMDAConfig(rank=2, target_modules=("q_proj", "v_proj")))
     assert sorted({n.split(".")[-1] for n, _ in lamda_layers(model)}) == ["q_proj", "v_proj"]
 
 
-def test_gpt2_conv1d_is_converted_exactly(ids):
-    model = make_model("gpt2")
-    before = model_output(model, ids)
+def test_gpt2_conv1d_is_converted_exactly(tiny, tol, ids):
+    model = tiny.model("gpt2")
+    before = tiny.output(model, ids)
     apply_lamda(model, LaMDAConfig(rank=4, target_modules=("c_attn", "c_proj", "c_fc")))
-    torch.testing.assert_close(model_output(model, ids), before, atol=ATOL["fp32"], rtol=0)
+    torch.testing.assert_close(tiny.output(model, ids), before, atol=tol.fp32, rtol=0)
     assert len(lamda_layers(model)) == 2 * 4
 
 
-def test_modules_to_save_train_in_full():
-    model = make_model("bert")
+def test_modules_to_save_train_in_full(tiny):
+    model = tiny.model("bert")
     apply_lamda(model, LaMDAConfig(rank=2, modules_to_save=("classifier",)))
     assert all(p.requires_grad for p in model.classifier.parameters())
     assert not model.bert.embeddings.word_embeddings.weight.requires_grad
 
 
-def test_energy_allocation_gives_per_layer_ranks_within_budget():
-    model = make_model("llama")
+def test_energy_allocation_gives_per_layer_ranks_within_budget(tiny):
+    model = tiny.model("llama")
     cfg = LaMDAConfig(rank=4, rank_allocation="energy")
     apply_lamda(model, cfg)
     ranks = [layer.rank for _, layer in lamda_layers(model)]
@@ -83,28 +82,28 @@ def test_energy_allocation_gives_per_layer_ranks_within_budget():
     assert 0.95 * len(ranks) * 16 <= sum(r * r for r in ranks) <= len(ranks) * 16
 
 
-def test_no_match_lists_the_linear_names():
-    model = make_model("llama")
+def test_no_match_lists_the_linear_names(tiny):
+    model = tiny.model("llama")
     with pytest.raises(ModelError) as info:
         apply_lamda(model, LaMDAConfig(target_modules=("query",)))
     assert "q_proj" in str(info.value) and "down_proj" in str(info.value)
 
 
-def test_rank_larger_than_a_layer_allows():
-    model = make_model("llama")
+def test_rank_larger_than_a_layer_allows(tiny):
+    model = tiny.model("llama")
     with pytest.raises(ConfigError, match="larger than layer"):
         apply_lamda(model, LaMDAConfig(rank=40, max_rank=80))
 
 
-def test_applying_twice_is_refused():
-    model = apply_lamda(make_model("llama"), LaMDAConfig(rank=2))
+def test_applying_twice_is_refused(tiny):
+    model = apply_lamda(tiny.model("llama"), LaMDAConfig(rank=2))
     with pytest.raises(ModelError, match="already"):
         apply_lamda(model, LaMDAConfig(rank=2))
 
 
-def test_unknown_modules_to_save():
+def test_unknown_modules_to_save(tiny):
     with pytest.raises(ModelError, match="modules_to_save"):
-        apply_lamda(make_model("llama"), LaMDAConfig(rank=2, modules_to_save=("head_that_is_not_there",)))
+        apply_lamda(tiny.model("llama"), LaMDAConfig(rank=2, modules_to_save=("head_that_is_not_there",)))
 
 
 def test_make_lamda_linear_nf4_error_is_below_plain_nf4():

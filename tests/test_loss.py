@@ -10,9 +10,6 @@ from lamda_edge.errors import ConfigError, ModelError
 from lamda_edge.planner.live_tensors import LiveTensorCounter
 from lamda_edge.train.loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
 
-ATOL = 1e-5  # fp32 tolerance for losses and gradients (sums of a few hundred terms)
-RTOL = 1e-4
-
 
 def _reference_loss(hidden, weight, labels, bias=None):
     """The unchunked loss, as transformers computes it (shift, fp32 logits, mean over valid labels)."""
@@ -44,26 +41,26 @@ def _grads(loss, *tensors):
         pytest.param(4, 8, 14, 0.5, True, id="ignore-half-chunk-divides-28"),
     ],
 )
-def test_chunked_loss_and_gradients_equal_unchunked(batch, seq, chunk_rows, ignore_fraction, bias):
+def test_chunked_loss_and_gradients_equal_unchunked(tol, batch, seq, chunk_rows, ignore_fraction, bias):
     h, w, b, labels = _inputs(batch, seq, 16, 37, ignore_fraction, bias)
     ref = _reference_loss(h, w, labels, b)
     ref_grads = _grads(ref, h, w, b)
     got = chunked_causal_lm_loss(h, w, labels, chunk_rows=chunk_rows, lm_head_bias=b)
     got_grads = _grads(got, h, w, b)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got, ref, **tol.fp32_loss)
     for g_got, g_ref in zip(got_grads, ref_grads):
-        torch.testing.assert_close(g_got, g_ref, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(g_got, g_ref, **tol.fp32_loss)
 
 
-def test_ignored_positions_do_not_change_the_loss():
+def test_ignored_positions_do_not_change_the_loss(tol):
     h, w, _, labels = _inputs(2, 10, 8, 23, 0.0, False)
     masked = labels.clone()
     masked[:, 1:4] = IGNORE_INDEX
     full = chunked_causal_lm_loss(h, w, labels, chunk_rows=3)
     part = chunked_causal_lm_loss(h, w, masked, chunk_rows=3)
     assert not torch.allclose(full, part)
-    torch.testing.assert_close(part, _reference_loss(h, w, masked), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(part, _reference_loss(h, w, masked), **tol.fp32_loss)
     # the hidden states whose next label is ignored get no gradient
     (grad_h,) = _grads(part, h)
     assert torch.count_nonzero(grad_h[:, 0:3]) == 0
@@ -80,19 +77,19 @@ def test_all_labels_ignored_gives_zero_loss_with_graph():
     assert torch.count_nonzero(grad_h) == 0 and torch.count_nonzero(grad_w) == 0
 
 
-def test_num_items_in_batch_divides_the_sum():
+def test_num_items_in_batch_divides_the_sum(tol):
     h, w, _, labels = _inputs(2, 12, 8, 19, 0.25, False)
     n_valid = int((labels[:, 1:] != IGNORE_INDEX).sum())
     mean = chunked_causal_lm_loss(h, w, labels, chunk_rows=5)
     summed = chunked_causal_lm_loss(h, w, labels, chunk_rows=5, num_items_in_batch=torch.tensor(3 * n_valid))
-    torch.testing.assert_close(summed * 3, mean, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(summed * 3, mean, **tol.fp32_loss)
 
 
-def test_bf16_hidden_states_give_fp32_loss_close_to_reference():
+def test_bf16_hidden_states_give_fp32_loss_close_to_reference(tol):
     h, w, _, labels = _inputs(2, 9, 16, 29, 0.0, False)
     loss = chunked_causal_lm_loss(h.detach().bfloat16(), w.detach().bfloat16(), labels, chunk_rows=5)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, _reference_loss(h, w, labels).detach(), atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(loss, _reference_loss(h, w, labels).detach(), **tol.bf16_loss)
 
 
 @pytest.mark.parametrize(
@@ -111,21 +108,8 @@ def test_bad_inputs_raise_typed_errors(kwargs, error):
         chunked_causal_lm_loss(**args)
 
 
-def _tiny_llama(tie: bool, vocab: int = 512, hidden: int = 32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg).float()
+def _tiny_llama(tiny, tie: bool, vocab: int = 512, hidden: int = 32):
+    return tiny.model("llama", vocab=vocab, hidden=hidden, positions=256, tie_word_embeddings=tie).train()
 
 
 def _batch(vocab, batch=2, seq=24, pad=5, seed=1):
@@ -138,8 +122,8 @@ def _batch(vocab, batch=2, seq=24, pad=5, seed=1):
 
 
 @pytest.mark.parametrize("tie", [pytest.param(True, id="tied-embeddings"), pytest.param(False, id="separate-lm-head")])
-def test_causal_lm_loss_matches_the_model_loss(tie):
-    model = _tiny_llama(tie, vocab=97)
+def test_causal_lm_loss_matches_the_model_loss(tiny, tol, tie):
+    model = _tiny_llama(tiny, tie, vocab=97)
     batch = _batch(97)
     ref = model(**batch).loss
     head = model.get_output_embeddings().weight
@@ -147,15 +131,15 @@ def test_causal_lm_loss_matches_the_model_loss(tie):
     ref_grads = torch.autograd.grad(ref, [head, emb] if not tie else [head])
     got = causal_lm_loss(model, batch, chunk_rows=7)
     got_grads = torch.autograd.grad(got, [head, emb] if not tie else [head])
-    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got, ref, **tol.fp32_loss)
     for g_got, g_ref in zip(got_grads, ref_grads):
-        torch.testing.assert_close(g_got, g_ref, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(g_got, g_ref, **tol.fp32_loss)
     # chunk_rows=None is the model's own loss
     torch.testing.assert_close(causal_lm_loss(model, batch, chunk_rows=None), ref)
 
 
-def test_causal_lm_loss_needs_labels():
-    model = _tiny_llama(True, vocab=31)
+def test_causal_lm_loss_needs_labels(tiny):
+    model = _tiny_llama(tiny, True, vocab=31)
     batch = _batch(31)
     batch.pop("labels")
     with pytest.raises(ModelError, match="labels"):
@@ -172,9 +156,9 @@ def _step_peak(model, batch, chunk_rows) -> int:
     return counter.peak_bytes
 
 
-def _lamda_model(base: str, vocab: int, tmp_path):
+def _lamda_model(tiny, base: str, vocab: int, tmp_path):
     """A tiny tied Llama: plain with a trainable q_proj, or LaMDA on an NF4 base through load_lamda_model."""
-    model = _tiny_llama(tie=True, vocab=vocab)
+    model = _tiny_llama(tiny, tie=True, vocab=vocab)
     if base == "plain":
         model.requires_grad_(False)
         for layer in model.model.layers:  # a trainable part deep in the body, as with adapters
@@ -188,10 +172,10 @@ def _lamda_model(base: str, vocab: int, tmp_path):
                             progress=False).train()  # gradient checkpointing is on (train mode)
 
 
-def test_chunked_loss_gives_the_adapter_gradients_of_the_plain_loss_on_nf4(tmp_path):
+def test_chunked_loss_gives_the_adapter_gradients_of_the_plain_loss_on_nf4(tiny, tol, tmp_path):
     from lamda_edge.adapters import lamda_layers
 
-    model = _lamda_model("nf4", 97, tmp_path)
+    model = _lamda_model(tiny, "nf4", 97, tmp_path)
     batch = _batch(97)
     grads = {}
     for chunk_rows in (None, 5):
@@ -201,13 +185,13 @@ def test_chunked_loss_gives_the_adapter_gradients_of_the_plain_loss_on_nf4(tmp_p
     assert grads[None]
     for name, grad in grads[None].items():
         assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(grads[5][name], grad, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(grads[5][name], grad, **tol.fp32_loss)
 
 
 @pytest.mark.parametrize("base", [pytest.param("plain", id="plain"), pytest.param("nf4", id="lamda-nf4")])
-def test_chunked_step_peak_is_below_the_unchunked_one(base, tmp_path):
+def test_chunked_step_peak_is_below_the_unchunked_one(tiny, base, tmp_path):
     vocab = 512
-    model = _lamda_model(base, vocab, tmp_path)
+    model = _lamda_model(tiny, base, vocab, tmp_path)
     batch = _batch(vocab, batch=4, seq=64, pad=0)
     logits_bytes = 4 * 63 * vocab * 4  # one fp32 copy of the shifted logits
     plain = _step_peak(model, batch, chunk_rows=None)
@@ -216,13 +200,12 @@ def test_chunked_step_peak_is_below_the_unchunked_one(base, tmp_path):
     assert chunked < plain - logits_bytes, (plain, chunked, logits_bytes)
 
 
-def test_causal_lm_loss_unwraps_a_peft_model():
-    from conftest import tiny_llama
+def test_causal_lm_loss_unwraps_a_peft_model(tiny):
     from peft import LoraConfig, get_peft_model
 
     from lamda_edge.train.loss import causal_lm_loss
 
-    model = tiny_llama()
+    model = tiny.model("llama")
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids}
     expected = model(input_ids=ids, labels=ids).loss
@@ -230,7 +213,7 @@ def test_causal_lm_loss_unwraps_a_peft_model():
     torch.testing.assert_close(causal_lm_loss(peft_model, batch, chunk_rows=5), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_single_chunk_is_not_checkpointed_and_has_the_same_step_peak(tmp_path, monkeypatch):
+def test_a_single_chunk_is_not_checkpointed_and_has_the_same_step_peak(tiny, tmp_path, monkeypatch):
     """All rows in one chunk: no checkpoint (no head recompute in backward), and the step peak is not above that
     of a checkpointed single chunk (measured here: a few KiB below it, the checkpoint's own saved input)."""
     from torch.utils.checkpoint import checkpoint
@@ -238,7 +221,7 @@ def test_a_single_chunk_is_not_checkpointed_and_has_the_same_step_peak(tmp_path,
     from lamda_edge.train import loss as loss_mod
 
     vocab = 512
-    model = _lamda_model("nf4", vocab, tmp_path)
+    model = _lamda_model(tiny, "nf4", vocab, tmp_path)
     batch = _batch(vocab, batch=2, seq=32)  # at most 62 labelled rows: one chunk of 256
     calls = []
     monkeypatch.setattr(loss_mod, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))

@@ -12,11 +12,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import REPO, build_model_dir, write_data
+
+REPO = Path(__file__).resolve().parents[1]
 
 DUMP = textwrap.dedent("""
     import os, sys
@@ -43,11 +45,11 @@ DUMP = textwrap.dedent("""
 
 @pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
                     reason="accelerate's launcher is not installed next to this Python")
-def test_accelerate_launch_two_cpu_processes(tmp_path):
+def test_accelerate_launch_two_cpu_processes(tiny_run, tmp_path):
     from safetensors import safe_open
 
-    model_dir = build_model_dir(tmp_path / "model")
-    data_file = write_data(tmp_path / "train.jsonl", n=32)
+    model_dir = tiny_run.model_dir(tmp_path / "model")
+    data_file = tiny_run.data(tmp_path / "train.jsonl", n=32)
     script = tmp_path / "dump.py"
     script.write_text(DUMP)
     out = tmp_path / "run"
@@ -56,7 +58,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
            "no", "--dynamo_backend", "no", str(script), str(tmp_path), "train", "--model", str(model_dir), "--data",
            str(data_file), "--output", str(out), "--quantize", "none", "--rank", "4", "--batch-size", "2",
            "--seq-len", "64", "--max-steps", "4", "--quiet", "save_steps=4", "freeze_b_steps=2", "lr=5e-3"]
-    env = {**os.environ, "LAMDA_EDGE_CACHE": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": "",
+    env = {**os.environ, **tiny_run.env(LAMDA_EDGE_CACHE=str(tmp_path / "cache")), "CUDA_VISIBLE_DEVICES": "",
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]

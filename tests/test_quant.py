@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-from conftest import BUILDERS, VOCAB
 
 from lamda_edge import LaMDAConfig, apply_lamda, merge_and_unload
 from lamda_edge.adapters import lamda_layers
@@ -21,8 +20,6 @@ from lamda_edge.errors import ConfigError, ModelError
 from lamda_edge.load.loader import load_lamda_model, resolve_task
 
 CFG = LaMDAConfig(rank=4, alpha=8.0)
-FP32_ATOL = 1e-4  # logits of a float32 base against the in-memory path
-NF4_REL = 0.25  # relative norm error of NF4-base logits against the float32 in-memory path
 
 
 def _save(model, folder, **kwargs):
@@ -30,28 +27,20 @@ def _save(model, folder, **kwargs):
     return folder
 
 
-def _tied_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
-
-
-FOLDER_BUILDERS = {**BUILDERS, "llama-tied": _tied_llama}
+def _tied_llama(tiny, seed: int = 0):
+    return tiny.model("llama", seed=seed, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """arch -> saved tiny model folder (built lazily, once per module)."""
+def folders(tmp_path_factory, tiny):
+    """arch -> saved tiny model folder (built lazily, once per module); "llama-tied": lm_head is the embedding."""
     root = tmp_path_factory.mktemp("models")
     cache = {}
 
     def get(arch: str):
         if arch not in cache:
-            cache[arch] = _save(FOLDER_BUILDERS[arch](0), root / arch)
+            model = _tied_llama(tiny) if arch == "llama-tied" else tiny.model(arch)
+            cache[arch] = _save(model, root / arch)
         return cache[arch]
 
     return get
@@ -66,13 +55,28 @@ def _reference(folder, config, arch):
     return apply_lamda(model, config)
 
 
+@pytest.fixture(scope="module")
+def reference(folders):
+    """`reference(arch, config)`: `_reference` of the `folders(arch)` model, built once per module (tests only read
+    it: its state dict, its layers' factors and its logits)."""
+    built = {}
+
+    def get(arch, config):
+        key = (arch, repr(config))
+        if key not in built:
+            built[key] = _reference(folders(arch), config, arch)
+        return built[key]
+
+    return get
+
+
 def _load(folder, tmp_path, **kwargs):
     kwargs.setdefault("cache_dir", tmp_path / "cache")
     return load_lamda_model(folder, kwargs.pop("config", CFG), device="cpu", progress=False, **kwargs)
 
 
 def _ids():
-    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))  # below the tiny vocab
 
 
 def _assert_rel_close(actual, expected, tol):
@@ -99,9 +103,9 @@ def _logits(model):
                      id="llama-lamda++-energy"),
     ],
 )
-def test_streaming_unquantized_equals_in_memory(folders, tmp_path, arch, config):
+def test_streaming_unquantized_equals_in_memory(folders, reference, tol, tmp_path, arch, config):
     folder = folders(arch)
-    ref = _reference(folder, config, arch)
+    ref = reference(arch, config)
     got = _load(folder, tmp_path, config=config, quantize=None, cache_dir=False)
     assert got.lamda_state.prepare_report["cache"] == "off"
     ref_sd, got_sd = ref.state_dict(), got.state_dict()
@@ -110,13 +114,13 @@ def test_streaming_unquantized_equals_in_memory(folders, tmp_path, arch, config)
         torch.testing.assert_close(got_sd[key], ref_sd[key], atol=1e-6, rtol=1e-6, msg=key)
     assert {n: layer.rank for n, layer in lamda_layers(got)} == {n: layer.rank for n, layer in lamda_layers(ref)}
     assert got.lamda_state.fingerprint == ref.lamda_state.fingerprint
-    torch.testing.assert_close(_logits(got), _logits(ref), atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(_logits(got), _logits(ref), atol=tol.fp32, rtol=0)
 
 
 @pytest.mark.parametrize("arch", [pytest.param("llama-tied", id="llama-tied"), pytest.param("qwen2", id="qwen2")])
-def test_streaming_nf4_matches_in_memory(folders, tmp_path, arch):
+def test_streaming_nf4_matches_in_memory(folders, reference, tol, tmp_path, arch):
     folder = folders(arch)
-    ref = _reference(folder, CFG, arch)
+    ref = reference(arch, CFG)
     got = _load(folder, tmp_path, quantize="nf4", cache_dir=False)
     ref_layers = dict(lamda_layers(ref))
     assert set(ref_layers) == {n for n, _ in lamda_layers(got)}
@@ -127,7 +131,7 @@ def test_streaming_nf4_matches_in_memory(folders, tmp_path, arch):
         residual = ref_layers[name].base_weight()
         err = (dequantize_weight(layer.base_layer) - residual).norm() / residual.norm()
         assert err < 0.15, (name, float(err))  # NF4 of the residual, nothing else
-    _assert_rel_close(_logits(got), _logits(ref), NF4_REL)
+    _assert_rel_close(_logits(got), _logits(ref), tol.nf4)
 
 
 def test_tied_embeddings_stay_tied(folders, tmp_path):
@@ -136,8 +140,8 @@ def test_tied_embeddings_stay_tied(folders, tmp_path):
     assert model.lm_head.weight.device.type == "cpu"
 
 
-def test_sharded_checkpoint_equals_single_file(folders, tmp_path):
-    sharded = _save(_tied_llama(0), tmp_path / "sharded", max_shard_size="60KB")
+def test_sharded_checkpoint_equals_single_file(tiny, folders, tmp_path):
+    sharded = _save(_tied_llama(tiny, 0), tmp_path / "sharded", max_shard_size="60KB")
     assert (sharded / "model.safetensors.index.json").is_file()
     assert len(list(sharded.glob("*.safetensors"))) > 1
     one = _load(folders("llama-tied"), tmp_path, quantize=None, cache_dir=False).state_dict()
@@ -147,16 +151,15 @@ def test_sharded_checkpoint_equals_single_file(folders, tmp_path):
         torch.testing.assert_close(many[key], one[key], atol=0, rtol=0, msg=key)
 
 
-def _prepare_peak(tmp_path, layers: int) -> tuple[int, int, int]:
+def _prepare_peak(tiny, tmp_path, layers: int) -> tuple[int, int, int]:
     """(live-tensor peak during an NF4 preparation, live bytes of the result, fp32 bytes of the whole model)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from lamda_edge.planner.live_tensors import LiveTensorCounter
 
+    cfg = tiny.config("llama", intermediate=256, layers=layers, positions=2048, tie_word_embeddings=True)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg)  # built here, not kept by `tiny`: nothing of it outlives the `del` below
     full = sum(p.numel() * 4 for p in model.parameters())
     folder = _save(model, tmp_path / f"deep{layers}")
     del model
@@ -166,9 +169,9 @@ def _prepare_peak(tmp_path, layers: int) -> tuple[int, int, int]:
     return counter.peak_bytes, LiveTensorCounter().register(loaded).current_bytes, full
 
 
-def test_preparation_streams_one_layer_at_a_time(tmp_path):
-    peak2, final2, _ = _prepare_peak(tmp_path, 2)
-    peak8, final8, full8 = _prepare_peak(tmp_path, 8)
+def test_preparation_streams_one_layer_at_a_time(tiny, tmp_path):
+    peak2, final2, _ = _prepare_peak(tiny, tmp_path, 2)
+    peak8, final8, full8 = _prepare_peak(tiny, tmp_path, 8)
     assert peak8 < 0.6 * full8, (peak8, full8)  # the full-precision model never exists at once
     # the working set above the result (one layer's SVD and quantization) does not grow with depth
     assert peak8 - final8 < 1.5 * (peak2 - final2), (peak2 - final2, peak8 - final8)
@@ -206,8 +209,8 @@ def _base_tensors(model):
     return {name: dequantize_weight(layer.base_layer) for name, layer in lamda_layers(model)}
 
 
-def test_cache_hit_then_invalidated_by_config_and_by_weights(tmp_path):
-    folder = _save(_tied_llama(0), tmp_path / "model")
+def test_cache_hit_then_invalidated_by_config_and_by_weights(tiny, tmp_path):
+    folder = _save(_tied_llama(tiny, 0), tmp_path / "model")
     cache = tmp_path / "cache"
     first = _load(folder, tmp_path, quantize="nf4", cache_dir=cache)
     assert first.lamda_state.prepare_report["cache"] == "miss"
@@ -231,7 +234,7 @@ def test_cache_hit_then_invalidated_by_config_and_by_weights(tmp_path):
     assert _load(folder, tmp_path, quantize=None, cache_dir=cache).lamda_state.prepare_report["cache"] == "miss"
     # changed weights (same file name and size): a miss, and entries of the old weights are pruned
     stat = os.stat(folder / "model.safetensors")
-    _save(_tied_llama(1), folder)
+    _save(_tied_llama(tiny, 1), folder)
     os.utime(folder / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime
     assert os.stat(folder / "model.safetensors").st_size == stat.st_size
     changed = _load(folder, tmp_path, quantize="nf4", cache_dir=cache)
@@ -256,8 +259,8 @@ def _drop_a_layer(entry):
 
 @pytest.mark.parametrize("damage", [pytest.param(_garbage_file, id="garbage-file"),
                                     pytest.param(_drop_a_layer, id="layer-missing")])
-def test_damaged_cache_entry_is_a_miss_and_is_replaced(tmp_path, damage):
-    folder = _save(_tied_llama(0), tmp_path / "model")
+def test_damaged_cache_entry_is_a_miss_and_is_replaced(tiny, tmp_path, damage):
+    folder = _save(_tied_llama(tiny, 0), tmp_path / "model")
     cache = tmp_path / "cache"
     first = _load(folder, tmp_path, quantize=None, cache_dir=cache)
     entry = next(p for p in cache.iterdir() if not p.name.startswith("."))
@@ -294,8 +297,8 @@ def test_merge_after_eval_forward_on_cpu_4bit(folders, tmp_path):
 # ---- the loaded model ----------------------------------------------------------------------------------------------
 
 
-def test_frozen_base_trainable_adapters_and_dtypes(tmp_path):
-    folder = _save(BUILDERS["bert"](0), tmp_path / "bert")
+def test_frozen_base_trainable_adapters_and_dtypes(tiny, tmp_path):
+    folder = _save(tiny.model("bert"), tmp_path / "bert")
     config = LaMDAConfig(rank=4, modules_to_save=("classifier",))
     model = _load(folder, tmp_path, quantize="nf4", cache_dir=False, compute_dtype=torch.bfloat16)
     adapters = {f"{n}.{k}" for n, _ in lamda_layers(model) for k in ("lamda_S", "lamda_B")}
@@ -313,12 +316,8 @@ def test_frozen_base_trainable_adapters_and_dtypes(tmp_path):
     assert out.shape == (2, 3) and torch.isfinite(out.float()).all()
 
 
-def test_encoder_folder_gets_a_new_classification_head(tmp_path):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    encoder = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, max_position_embeddings=64))
+def test_encoder_folder_gets_a_new_classification_head(tiny, tmp_path):
+    encoder = tiny.model("bert-encoder")
     folder = _save(encoder, tmp_path / "encoder")
     config = LaMDAConfig(rank=4, modules_to_save=("classifier",))
     model = _load(folder, tmp_path, config=config, quantize=None, cache_dir=False, num_labels=5)
@@ -366,10 +365,10 @@ def test_resolve_task(architectures, model_type, task):
         pytest.param(lambda d: d, {"task": "translation"}, ConfigError, id="bad-task"),
     ],
 )
-def test_bad_inputs_raise_typed_errors(tmp_path, make, kwargs, error):
+def test_bad_inputs_raise_typed_errors(tiny, tmp_path, make, kwargs, error):
     folder = make(tmp_path)
     if "quantize" in kwargs or "task" in kwargs:
-        folder = _save(_tied_llama(0), tmp_path / "model")
+        folder = _save(_tied_llama(tiny, 0), tmp_path / "model")
     with pytest.raises(error):
         _load(folder, tmp_path, cache_dir=False, **kwargs)
 

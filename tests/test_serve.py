@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_export import run_export, save_tiny
 
 from lamda_edge.errors import ConfigError, ModelError
 from lamda_edge.runtime.decoder import perplexity
@@ -17,10 +16,10 @@ NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, tiny, run_export):
     """A tiny Llama with a tied lm_head (as SmolLM2), exported as plain ONNX (fp32 + int4) and genai fp32."""
     root = tmp_path_factory.mktemp("serve")
-    save_tiny(root / "base", "llama", seed=3, tie=True)
+    tiny.save(root / "base", "llama", seed=3, tie=True)
     run_export(root / "onnx", model=root / "base", int4=True)
     run_export(root / "genai", model=root / "base", format="genai", precision="fp32")
     return root

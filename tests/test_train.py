@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,42 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import chatml_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "the cat sat on the mat and a dog ran to the park what is two plus three answer five seven".split()
-
-
-def build_model_dir(folder: Path, seed: int = 0) -> Path:
-    """A tiny Llama (hidden 32, 2 layers) with a byte-level BPE tokenizer (vocab < 512), saved as a model folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = chatml_tokenizer([" ".join(WORDS)] * 5, vocab_size=300)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def write_data(path: Path, n: int = 48, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    rows = [{"prompt": " ".join(rng.choices(WORDS, k=6)), "completion": " " + " ".join(rng.choices(WORDS, k=5))}
-            for _ in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+def model_dir(tmp_path_factory, tiny_run):
+    return tiny_run.model_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return write_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+def data_file(tmp_path_factory, tiny_run):
+    return tiny_run.data(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
 @pytest.fixture(autouse=True)
@@ -96,10 +71,10 @@ def train_args(model_dir: Path, data_file: Path, out: Path) -> list[str]:
             "precision=fp32"]
 
 
-def test_sigkill_and_resume_is_bitwise_exact(tmp_path, model_dir, data_file):
+def test_sigkill_and_resume_is_bitwise_exact(tiny_run, tmp_path, model_dir, data_file):
     import shutil
 
-    env = {"LAMDA_EDGE_CACHE": str(tmp_path / "cache")}
+    env = tiny_run.env(LAMDA_EDGE_CACHE=str(tmp_path / "cache"))
     whole = run_cli(train_args(model_dir, data_file, tmp_path / "whole"), env)
     assert whole.returncode == 0, whole.stderr[-3000:]
 

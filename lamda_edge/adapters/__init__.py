@@ -3,7 +3,7 @@
     config.py   LaMDAConfig (no torch)           layer.py   LaMDALinear: x -> A -> S -> B, merge/unmerge
     spectral.py SVD init and the residual        inject.py  find targets, build adapted layers, apply_lamda
     freeze.py   PMBScheduler (B's columns)       ranks.py   LaMDA++ rank allocation
-    merge.py    model-level merge loops          io.py      adapter files with a base-model fingerprint
+    merging.py  model-level merge loops          io.py      adapter files with a base-model fingerprint
     bnb.py      bitsandbytes NF4 bases           state.py   AdapterState, the one attribute on the model
 
 The names below load on first use (PEP 562), so that `lamda_edge.adapters.config` can be read without torch.
@@ -24,12 +24,12 @@ _LAZY = {
     "layer_ranks": "inject",
     "load_adapter": "io",
     "make_lamda_linear": "inject",
-    "merge": "merge",
-    "merge_and_unload": "merge",
+    "merge": "merging",
+    "merge_and_unload": "merging",
     "read_adapter_config": "io",
     "save_adapter": "io",
     "trainable_parameter_count": "inject",
-    "unmerge": "merge",
+    "unmerge": "merging",
 }
 
 
