@@ -4,7 +4,6 @@ The public names load on first use (PEP 562): `import lamda_edge` (and so `lamda
 no torch; `from lamda_edge import apply_lamda` loads the adapters (and torch) then.
 """
 
-import importlib
 import logging
 
 # bitsandbytes suggests `pip install kernels` on import, which would fetch a kernel from a model hub; we never do.
@@ -12,6 +11,7 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.msg)
 
 from lamda_edge.errors import ConfigError, LamdaEdgeError  # noqa: E402
+from lamda_edge.lazy import lazy_names  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -30,17 +30,7 @@ _LAZY = {
     "save_adapter": "lamda_edge.adapters",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'lamda_edge' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
 
 def load_lamda_model(model_path, config, quantize="nf4", device=None, **kwargs):

@@ -9,7 +9,7 @@
 The names below load on first use (PEP 562), so that `lamda_edge.adapters.config` can be read without torch.
 """
 
-import importlib
+from lamda_edge.lazy import lazy_names
 
 # public name -> the module that defines it
 _LAZY = {
@@ -32,17 +32,6 @@ _LAZY = {
     "unmerge": "merging",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_names(__name__, {name: f"{__name__}.{module}" for name, module in _LAZY.items()})
 
 __all__ = sorted(_LAZY)
