@@ -146,8 +146,16 @@ def _add_export(sub) -> None:
     p.add_argument("--adapter", help="LaMDA adapter folder saved by `lamda-edge train`")
     p.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX weight type (--format onnx)")
-    p.add_argument("--int4", action="store_true", help="also write model.int4.onnx (MatMulNBits, weight-only)")
-    p.add_argument("--block-size", type=int, default=32, help="int4 quantization block size")
+    p.add_argument("--int4", action="store_true", help="also write model.int4.onnx: the adapter unmerged on its "
+                   "4-bit residual base (see --int4-method)")
+    p.add_argument("--int4-method", choices=("auto", "nf4", "nbits", "merged"), default="auto",
+                   help="nf4: residual as NF4 (ONNX Runtime MatMulBnb4; an NF4-trained adapter exactly as trained) + "
+                   "fp32 adapter path; nbits: residual as MatMulNBits int4 + fp32 adapter path; merged: merge, then "
+                   "round-to-nearest int4 on every weight (before issue 11; the only one without --adapter); "
+                   "auto: nf4 for an adapter, merged without one. Speed and quality: docs/benchmarks.md")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (residual as MatMulNBits "
+                   "bits=8, adapter path fp32); not together with --int4")
+    p.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size (nbits, merged, --int8)")
     p.add_argument("--format", choices=("onnx", "genai"), default="onnx",
                    help="onnx: plain graph with optimum's names; genai: onnxruntime-genai model builder")
     p.add_argument("--precision", choices=("int4", "fp16", "fp32"), default="int4", help="--format genai precision")
@@ -166,7 +174,8 @@ def _run_export(args) -> int:
     output = Path(args.output)
     model, adapter = (Path(p) if p else None for p in (args.model, args.adapter))
     export(ExportOptions(output=output, model=model, adapter=adapter, dtype=args.dtype,
-                         int4=args.int4, block_size=args.block_size, format=args.format, precision=args.precision,
+                         int4=args.int4, int4_method=args.int4_method, int8=args.int8,
+                         block_size=args.block_size, format=args.format, precision=args.precision,
                          execution_provider=args.execution_provider, overwrite=args.overwrite,
                          eval_text=Path(args.eval_text) if args.eval_text else None))
     print(f"wrote {output} (report: {output / 'export-report.json'})")

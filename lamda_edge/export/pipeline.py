@@ -21,13 +21,11 @@ from pathlib import Path
 
 from lamda_edge.atomic import write_bytes_atomic
 from lamda_edge.errors import ConfigError, ExportValidationError, ModelError
-from lamda_edge.export import genai
+from lamda_edge.export import genai, lowbit
 from lamda_edge.export import graph as onnx_graph
 from lamda_edge.export.graph import onnx_files
 from lamda_edge.export.merged import load_merged, load_reference, load_tokenizer, save_merged
-from lamda_edge.export.quantize import quantize_int4
-from lamda_edge.export.validate import validate_decoder, validate_encoder, validate_int4
-from lamda_edge.runtime.decoder import held_out_ids
+from lamda_edge.export.validate import validate_decoder, validate_encoder
 
 # Every output passes when max|PyTorch - ONNX Runtime| <= atol + rtol * max|PyTorch|: 1e-4 absolute on the
 # tiny test models; the rtol term lets a deep model's large logits through (SmolLM2-135M, 30 layers: 2.8e-4).
@@ -53,8 +51,10 @@ class ExportOptions:
     model: Path | None = None  # base transformers folder; None: the one the adapter records
     adapter: Path | None = None  # LaMDA adapter folder; None: export the base model as it is
     dtype: str = "fp32"  # "fp32" | "fp16" (plain ONNX format)
-    int4: bool = False  # also write model.int4.onnx (MatMulNBits)
-    block_size: int = 32  # int4 quantization block along the input dimension
+    int4: bool = False  # also write model.int4.onnx (export/lowbit.py)
+    block_size: int = 32  # MatMulNBits quantization block along the input dimension
+    int4_method: str = "auto"  # "auto" | "nf4" (as trained, MatMulBnb4) | "nbits" | "merged" (export/lowbit.py)
+    int8: bool = False  # also write model.int8.onnx (MatMulNBits bits=8 on the residual base)
     format: str = "onnx"  # "onnx" | "genai"
     precision: str = "int4"  # genai format: "int4" | "fp16" | "fp32"
     execution_provider: str = "cpu"  # genai format: "cpu" | "cuda"
@@ -74,6 +74,10 @@ class ExportOptions:
                             f"got {self.execution_provider!r}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             problems.append(f"`block_size` should be a power of two >= 16, got {self.block_size}")
+        if self.int4 and self.int8:
+            problems.append("--int4 and --int8 write different graphs; choose one (export twice for both)")
+        if self.int4_method not in lowbit.METHODS:
+            problems.append(f"`int4_method` should be one of {lowbit.METHODS}, got {self.int4_method!r}")
         if self.model is None and self.adapter is None:
             problems.append("give `--adapter DIR` (a trained adapter) or `--model DIR` (a model to export as is)")
         if self.eval_text is not None and not Path(self.eval_text).is_file():
@@ -169,18 +173,8 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
         log(f"validated against PyTorch: max |diff| logits {diffs['logits']:.3g}"
             + (f", present keys/values {present:.3g}" if present is not None else ""))
 
-        if options.int4:
-            t = time.perf_counter()
-            ops = quantize_int4(tmp / MODEL_FILE, tmp / INT4_FILE, options.block_size)
-            timings["int4"] = time.perf_counter() - t
-            sizes = report["sizes_bytes"]
-            sizes[INT4_FILE] = _size(tmp, INT4_FILE)
-            ids = held_out_ids(tokenizer, text, reference) if kind == "decoder" else None
-            report["int4"] = validate_int4(reference, tmp / MODEL_FILE, tmp / INT4_FILE, ids)
-            report["int4"].update(block_size=options.block_size, size_ratio=sizes[INT4_FILE] / sizes[MODEL_FILE],
-                                  ops=ops)
-            log(f"int4: {sizes[INT4_FILE] / 1e6:.1f} MB ({report['int4']['size_ratio']:.2f}x of {options.dtype}); "
-                + ", ".join(f"{k} {v:.3f}" for k, v in report["int4"].items() if k.startswith(("ppl", "agree"))))
+        if options.int4 or options.int8:
+            lowbit.build(options, tmp, reference, tokenizer, text, kind, report, log)
     _write_json(tmp / REPORT_FILE, report)
 
 
