@@ -115,7 +115,8 @@ def test_nf4_packing_is_bitsandbytes_dequantization(shape):
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
                               [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(absmax, "absmax")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = torch.randn(5, k).numpy()
     y = sess.run(None, {"x": x})[0]
@@ -125,7 +126,8 @@ def test_nf4_packing_is_bitsandbytes_dequantization(shape):
 
 def test_bitsandbytes_cpu_layout_quirk_is_refused():
     """bitsandbytes 0.50's CPU kernel dequantizes an even d_in that is not a multiple of the block (80 vs 64) with
-    other weights than its packed layout holds; the NF4 export refuses such a layer instead of writing a wrong graph."""
+    other weights than its packed layout holds; the NF4 export refuses such a layer instead of writing a wrong
+    graph."""
     from lamda_edge.adapters.bnb import dequantize_weight, quantize_nf4
     from lamda_edge.errors import ModelError
     from lamda_edge.export.nf4 import _check_layout, nf4_dequantize, nf4_tensors
@@ -214,7 +216,8 @@ def test_full_precision_adapter_keeps_the_low_rank_path_exact(fp_run):
     root, reports = fp_run
     diffs = {m: reports[m]["int4"]["max_abs_logit_diff_int4"] for m in ("nf4", "nbits", "merged")}
     assert all(reports[m]["int4"]["method"] == m for m in diffs)
-    assert reports["nbits"]["int4"]["ops"]["MatMulNBits"] == 14 and "GatherBlockQuantized" in reports["merged"]["int4"]["ops"]
+    assert reports["nbits"]["int4"]["ops"]["MatMulNBits"] == 14
+    assert "GatherBlockQuantized" in reports["merged"]["int4"]["ops"]
     nf4 = json.loads((root / "nf4" / "export-report.json").read_text())["int4"]
     assert nf4["parity"]["mismatches"] == [] and "NF4-quantized" in nf4["parity"]["against"]
     assert diffs["nf4"] < diffs["merged"] and diffs["nbits"] < diffs["merged"]
@@ -224,7 +227,7 @@ def test_full_precision_adapter_keeps_the_low_rank_path_exact(fp_run):
 
 
 def test_int8_is_closer_than_int4(fp_run):
-    """--int8: MatMulNBits bits=8 on the residual, the LaMDA path in fp32; parity with PyTorch well under int4's error."""
+    """--int8: MatMulNBits bits=8 on the residual, the LaMDA path in fp32; well under int4's error."""
     root, reports = fp_run
     q8, q4 = reports["int8"]["int8"], reports["nbits"]["int4"]
     assert q8["method"] == "nbits8" and q8["ops"]["MatMulNBits"] == 14

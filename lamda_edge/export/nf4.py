@@ -244,8 +244,8 @@ def quantize_residuals_nbits(src: Path, dst: Path, residuals: dict, bits: int, b
     model = onnx.load(str(src))
     found = find_residual_matmuls(model, residuals)
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in found]
-    kw = dict(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",),
-              quant_axes=(("MatMul", 0),), bits=bits)
+    kw = dict(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+              op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),), bits=bits)
     quantizer = quantizer_mod.MatMulNBitsQuantizer(
         model, nodes_to_exclude=exclude, algo_config=quantizer_mod.DefaultWeightOnlyQuantConfig(**kw), **kw)
     with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks have scale 0

@@ -9,8 +9,10 @@ from lamda_edge.export import graph
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: int | None = 4,
-                  embeddings: bool = True, symmetric: bool = True, keep_tied_head: bool = False, bits: int = 4) -> dict:
-    """Weight-only 4-bit (`bits=8`: 8-bit) quantization (ONNX Runtime's MatMulNBits quantizer, blocks along the input).
+                  embeddings: bool = True, symmetric: bool = True, keep_tied_head: bool = False,
+                  bits: int = 4) -> dict:
+    """Weight-only 4-bit (`bits=8`: 8-bit) quantization (ONNX Runtime's MatMulNBits quantizer, blocks along the
+    input).
 
     Every MatMul with a constant weight becomes MatMulNBits; with `embeddings`, the token embedding Gather becomes
     GatherBlockQuantized too (a tied lm_head is exported as a separate transposed copy, so both are quantized,
