@@ -28,8 +28,11 @@ from lamda_edge.export.merged import load_merged, load_reference, load_tokenizer
 from lamda_edge.export.validate import validate_decoder, validate_encoder
 
 # Every output passes when max|PyTorch - ONNX Runtime| <= atol + rtol * max|PyTorch|: 1e-4 absolute on the
-# tiny test models; the rtol term lets a deep model's large logits through (SmolLM2-135M, 30 layers: 2.8e-4).
-TOLERANCE = {"fp32": (1e-4, 2e-5), "fp16": (3e-2, 1e-3)}  # (atol, rtol)
+# tiny test models; the rtol term lets a deep model's float32 rounding through. Measured against a float64
+# evaluation of the same merged weights (tools/fp32_rounding.py; SmolLM2-135M + an NF4-trained adapter, prefill
+# B=2 T=8, max|logit| 34.1): PyTorch fp32 is 1.35e-3 off float64, ONNX Runtime 4.7e-4, and they differ by 1.8e-3
+# (5.3e-5 of max|logit|): summation order, not a different model. rtol 1e-4 leaves 2x room over that.
+TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (3e-2, 1e-3)}  # (atol, rtol)
 FORMATS = ("onnx", "genai")
 GENAI_PRECISIONS = ("int4", "fp16", "fp32")
 GENAI_PROVIDERS = ("cpu", "cuda")
@@ -76,8 +79,10 @@ class ExportOptions:
             problems.append(f"`block_size` should be a power of two >= 16, got {self.block_size}")
         if self.int4 and self.int8:
             problems.append("--int4 and --int8 write different graphs; choose one (export twice for both)")
-        if self.int4_method not in lowbit.METHODS:
-            problems.append(f"`int4_method` should be one of {lowbit.METHODS}, got {self.int4_method!r}")
+        try:
+            lowbit.resolve_method(self.int4_method, self.adapter, None)
+        except ConfigError as exc:
+            problems.append(str(exc))
         if self.model is None and self.adapter is None:
             problems.append("give `--adapter DIR` (a trained adapter) or `--model DIR` (a model to export as is)")
         if self.eval_text is not None and not Path(self.eval_text).is_file():
