@@ -157,7 +157,10 @@ def _add_export(sub) -> None:
                    "bits=8, adapter path fp32); not together with --int4")
     p.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size (nbits, merged, --int8)")
     p.add_argument("--format", choices=("onnx", "genai"), default="onnx",
-                   help="onnx: plain graph with optimum's names; genai: onnxruntime-genai model builder")
+                   help="onnx: plain graph with optimum's names; genai: the same validated graph (--precision picks "
+                   "fp32, fp16 or int4 = --int4) packaged for onnxruntime-genai (genai_config.json + tokenizer)")
+    p.add_argument("--genai-builder", action="store_true", help="--format genai: rebuild the merged folder with "
+                   "onnxruntime-genai's model builder instead (its own graph; int4 re-quantizes the merged weights)")
     p.add_argument("--precision", choices=("int4", "fp16", "fp32"), default="int4", help="--format genai precision")
     p.add_argument("--execution-provider", choices=("cpu", "cuda"), default="cpu",
                    help="--format genai target execution provider")
@@ -176,7 +179,8 @@ def _run_export(args) -> int:
     export(ExportOptions(output=output, model=model, adapter=adapter, dtype=args.dtype,
                          int4=args.int4, int4_method=args.int4_method, int8=args.int8,
                          block_size=args.block_size, format=args.format, precision=args.precision,
-                         execution_provider=args.execution_provider, overwrite=args.overwrite,
+                         execution_provider=args.execution_provider, genai_builder=args.genai_builder,
+                         overwrite=args.overwrite,
                          eval_text=Path(args.eval_text) if args.eval_text else None))
     print(f"wrote {output} (report: {output / 'export-report.json'})")
     return 0

@@ -301,3 +301,30 @@ def test_default_model_nf4_adapter_int4_within_half_a_percent(tmp_path):
     assert r["ok"] and q["method"] == "nf4" and q["parity"]["mismatches"] == []
     assert abs(q["ppl_int4"] / q["ppl_pytorch"] - 1) < 0.005
     assert q["size_ratio"] <= 0.35
+
+
+# ---- onnxruntime-genai ---------------------------------------------------------------------------------------------
+
+
+def test_genai_packages_the_as_trained_graph(nf4_run, tmp_path):
+    """--format genai: our as-trained int4 graph, packaged; onnxruntime_genai.Model loads it and its greedy tokens
+    equal `lamda-edge generate`'s (OnnxGenerator over the same graph)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from lamda_edge.runtime.generate import OnnxGenerator, load_generator
+
+    root, _ = nf4_run
+    r = _export(tmp_path / "g", adapter=root / "adapter", format="genai")  # --precision int4 (the default)
+    g = r["genai"]
+    assert r["ok"] and g["graph"] == "model.int4.onnx" and r["int4"]["method"] == "nf4"
+    assert g["greedy_match"] and len(g["greedy_tokens_genai"]) > 0
+    config = json.loads((tmp_path / "g" / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "model.int4.onnx"
+    assert config["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    model = og.Model(str(tmp_path / "g"))  # loads as it is
+    assert model is not None
+    prompt = [5, 17, 42, 9]
+    want = OnnxGenerator(tmp_path / "g", "model.int4.onnx").generate("", max_new_tokens=8, prompt_ids=prompt,
+                                                                   ignore_eos=True).token_ids
+    got = load_generator(tmp_path / "g").generate("", max_new_tokens=8, prompt_ids=prompt, ignore_eos=True).token_ids
+    assert got == want
+    assert abs(g["ppl_genai"] / g["ppl_onnx"] - 1) < 1e-3

@@ -16,12 +16,12 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from lamda_edge.atomic import write_bytes_atomic
 from lamda_edge.errors import ConfigError, ExportValidationError, ModelError
-from lamda_edge.export import genai, lowbit
+from lamda_edge.export import genai, genai_pack, lowbit
 from lamda_edge.export import graph as onnx_graph
 from lamda_edge.export.graph import onnx_files
 from lamda_edge.export.merged import load_merged, load_reference, load_tokenizer, save_merged
@@ -61,6 +61,7 @@ class ExportOptions:
     format: str = "onnx"  # "onnx" | "genai"
     precision: str = "int4"  # genai format: "int4" | "fp16" | "fp32"
     execution_provider: str = "cpu"  # genai format: "cpu" | "cuda"
+    genai_builder: bool = False  # genai format: rebuild with onnxruntime-genai's builder (re-quantized) instead
     overwrite: bool = False
     eval_text: Path | None = None  # held-out text for perplexity; None: a built-in paragraph
 
@@ -77,6 +78,9 @@ class ExportOptions:
                             f"got {self.execution_provider!r}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             problems.append(f"`block_size` should be a power of two >= 16, got {self.block_size}")
+        if self.format == "genai" and self.execution_provider != "cpu" and not self.genai_builder:
+            problems.append("--format genai packages the validated CPU graph; for --execution-provider "
+                            f"{self.execution_provider} add --genai-builder")
         if self.int4 and self.int8:
             problems.append("--int4 and --int8 write different graphs; choose one (export twice for both)")
         try:
@@ -147,13 +151,16 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
     tokenizer = load_tokenizer(merged_dir)
     text = Path(options.eval_text).read_text() if options.eval_text else HELD_OUT_TEXT
 
-    if options.format == "genai":
-        if kind != "decoder":
-            raise ModelError(f"--format genai builds causal LMs only; {type(reference).__name__} is a {kind}. "
-                             "Fix: use the default --format onnx for classifiers")
+    if options.format == "genai" and kind != "decoder":
+        raise ModelError(f"--format genai builds causal LMs only; {type(reference).__name__} is a {kind}. "
+                         "Fix: use the default --format onnx for classifiers")
+    if options.format == "genai" and options.genai_builder:  # the builder's own graph, re-quantized
         genai.build_and_validate(merged_dir, tmp, options.precision, options.execution_provider, reference,
                                  tokenizer, text, report, log)
     else:
+        if options.format == "genai":  # our validated graph, packaged: --precision picks which one
+            options = replace(options, int4=options.int4 or (options.precision == "int4" and not options.int8),
+                              dtype="fp16" if options.precision == "fp16" else options.dtype)
         t = time.perf_counter()
         export_fn = onnx_graph.export_decoder if kind == "decoder" else onnx_graph.export_encoder
         export_fn(reference, tmp / MODEL_FILE)
@@ -180,6 +187,10 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
 
         if options.int4 or options.int8:
             lowbit.build(options, tmp, reference, tokenizer, text, kind, report, log)
+        if options.format == "genai":
+            graph_file = lowbit.INT8_FILE if options.int8 else lowbit.INT4_FILE if options.int4 else MODEL_FILE
+            genai_pack.package_and_validate(tmp, graph_file, merged_dir, reference, tokenizer, text, report, log)
+            report["validation"].update({k: v for k, v in report["genai"].items() if k != "mismatches"})
     _write_json(tmp / REPORT_FILE, report)
 
 
