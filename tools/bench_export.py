@@ -212,8 +212,6 @@ def main() -> None:
 
 def adapter_variants(args) -> None:
     """--adapter: build every low-bit graph of the adapter next to one export, then time and score them all."""
-    import copy
-
     import onnxruntime
     import torch
 
@@ -237,13 +235,10 @@ def adapter_variants(args) -> None:
     pytorch, _, cfg = load_adapted(None, args.adapter)
     if not (args.reuse and all((folder / f).is_file() for f in files.values())):
         quantize_int4(folder / "model.onnx", folder / files["int4-merged"], args.block_size)
-        view, residuals = nf4.unmerged_for_export(copy.deepcopy(pytorch), "int4")
-        onnx_graph.export_decoder(view, args.work / "unmerged.onnx")
-        del view
-        nf4.quantize_residuals_nbits(args.work / "unmerged.onnx", folder / files["int4-nbits"], residuals, 4,
-                                     args.block_size)
-        nf4.quantize_residuals_nbits(args.work / "unmerged.onnx", folder / files["int8"], residuals, 8,
-                                     args.block_size)
+        variants = {"nf4": files["int4-nf4"], "int4": files["int4-nbits"], "int8": files["int8"]}
+        if (folder / files["int4-nf4"]).is_file():  # the export's own as-trained graph
+            del variants["nf4"]
+        nf4.write_variants(pytorch, "decoder", folder, variants, args.block_size)
     labels = {"fp32": "ONNX Runtime fp32 (model.onnx, merged)",
               "int4-merged": f"ONNX Runtime int4 merged round-to-nearest (MatMulNBits block {args.block_size})",
               "int4-nf4": "ONNX Runtime int4 as trained (MatMulBnb4 NF4 residual + LaMDA path)",

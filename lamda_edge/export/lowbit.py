@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from lamda_edge.errors import ConfigError, ExportValidationError
-from lamda_edge.export import graph as onnx_graph
 from lamda_edge.export import nf4
 from lamda_edge.runtime.decoder import OnnxDecoder, held_out_ids, perplexity
 from lamda_edge.runtime.session import session
@@ -29,7 +28,7 @@ from lamda_edge.runtime.session import session
 METHODS = ("auto", "nf4", "nbits", "merged")
 # auto for an adapter trained on a full-precision base (measured in docs/benchmarks.md, "Export: int4 as trained")
 FULL_PRECISION_AUTO = "nf4"
-INT4_FILE, INT8_FILE, UNMERGED_FILE = "model.int4.onnx", "model.int8.onnx", ".unmerged.onnx"
+INT4_FILE, INT8_FILE = "model.int4.onnx", "model.int8.onnx"
 GREEDY_PROMPT = "What is twelve times seven?"
 GREEDY_TOKENS = 24
 
@@ -63,7 +62,7 @@ def build(options, tmp: Path, reference, tokenizer, text: str, kind: str, report
     if options.adapter is None or method == "merged":
         from lamda_edge.export.quantize import quantize_int4
 
-        pytorch = reference
+        pytorch, built = reference, None
         ops = quantize_int4(tmp / MODEL_FILE, tmp / out_name, options.block_size, bits=bits,
                             embeddings=bits == 4)
         parity = None
@@ -73,17 +72,8 @@ def build(options, tmp: Path, reference, tokenizer, text: str, kind: str, report
 
         pytorch, _, _ = load_adapted(options.model, options.adapter)  # the adapter as training held it
         scheme = {"nf4": "nf4", "nbits": "int4", "nbits8": "int8"}[method]
-        view, residuals = nf4.unmerged_for_export(copy.deepcopy(pytorch), scheme)
-        export_fn = onnx_graph.export_decoder if kind == "decoder" else onnx_graph.export_encoder
-        export_fn(view, tmp / UNMERGED_FILE)
-        del view
-        if scheme == "nf4":
-            ops = nf4.write_nf4(tmp / UNMERGED_FILE, tmp / out_name, residuals)
-        else:
-            ops = nf4.quantize_residuals_nbits(tmp / UNMERGED_FILE, tmp / out_name, residuals, bits,
-                                               options.block_size)
-        for p in onnx_graph.onnx_files(tmp, UNMERGED_FILE):
-            p.unlink()
+        built = nf4.write_variants(pytorch, kind, tmp, {scheme: out_name}, options.block_size)[scheme]
+        ops = built["ops"]
         parity = None
         if scheme == "nf4":  # the graph must compute what the NF4 model computes, to float rounding
             from lamda_edge.export.validate import validate_decoder, validate_encoder
@@ -96,10 +86,7 @@ def build(options, tmp: Path, reference, tokenizer, text: str, kind: str, report
             del as_trained
     timings[key] = time.perf_counter() - t
     sizes[out_name] = _size(tmp, out_name)
-    block = options.block_size
-    if method == "nf4":
-        block = sorted({r["nf4"][2] for r in residuals.values()})  # bitsandbytes' blocks (64 by default)
-        block = block[0] if len(block) == 1 else block
+    block = built["block_size"] if built else options.block_size
     result = {"method": method, "file": out_name, "ops": ops, "block_size": block,
               "size_ratio": sizes[out_name] / sizes[MODEL_FILE]}
     result.update(quality(pytorch, tmp / MODEL_FILE, tmp / out_name, ids, tokenizer, kind, suffix=key))

@@ -109,32 +109,29 @@ class _ExportLinear(nn.Module):
         return out + low
 
 
-def unmerged_for_export(model: nn.Module, scheme: str) -> tuple[nn.Module, dict]:
+def unmerged_for_export(model: nn.Module, with_nf4: bool = True) -> tuple[nn.Module, dict]:
     """Swap every `LaMDALinear` of `model` (in place) for an `_ExportLinear`; returns (model, residuals).
 
-    `residuals` maps a layer name to {"weight": fp32 (d_out, d_in) residual the graph carries, "nf4": (codes,
-    absmax, block) or None}. With scheme "nf4", a 4-bit base gives its own codes, a full-precision base is
-    quantized here with bitsandbytes (blocks of 64, double-quantized absmax, as `load_lamda_model` does).
+    The graph carries each base as training held it (a 4-bit base dequantized exactly, a full-precision one as is).
+    `residuals` maps a layer name to {"weight": that fp32 (d_out, d_in) weight, "nf4": (codes, absmax, block) or
+    None}. With `with_nf4`, a 4-bit base gives its own codes; a full-precision base is quantized here with
+    bitsandbytes (blocks of 64, double-quantized absmax, as `load_lamda_model` does).
     """
     from lamda_edge.adapters.bnb import dequantize_weight, disable_cpu_repack, is_linear4bit, quantize_nf4
     from lamda_edge.adapters.inject import lamda_layers
 
-    if scheme not in SCHEMES:
-        raise ModelError(f"quantization scheme should be one of {SCHEMES}, got {scheme!r}")
     disable_cpu_repack(model)
     residuals = {}
     for name, layer in lamda_layers(model):
         base = layer.base_layer
         if layer.merged:
             raise ModelError(f"{name} is merged; export the unmerged adapter")
+        weight = dequantize_weight(base)
         nf4 = None
-        if scheme == "nf4":
-            q = base if is_linear4bit(base) else quantize_nf4(base.weight.detach().float(), None, torch.float32, "cpu")
+        if with_nf4:
+            q = base if is_linear4bit(base) else quantize_nf4(weight, None, torch.float32, "cpu")
             nf4 = nf4_tensors(q)
-            weight = dequantize_weight(q)
-            _check_layout(name, nf4, weight)
-        else:
-            weight = dequantize_weight(base)
+            _check_layout(name, nf4, dequantize_weight(q))
         bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
         model.set_submodule(name, _ExportLinear(weight, bias, layer.lamda_A, layer.lamda_S, layer.lamda_B,
                                                 layer.scaling))
@@ -145,6 +142,41 @@ def unmerged_for_export(model: nn.Module, scheme: str) -> tuple[nn.Module, dict]
         if hasattr(model, attr):
             delattr(model, attr)
     return model.float().eval(), residuals
+
+
+def write_variants(adapter_model: nn.Module, kind: str, folder: Path, files: dict, block_size: int = 32,
+                   scratch: Path | None = None) -> dict:
+    """Export the unmerged graph of `adapter_model` once and write each low-bit graph in `files` into `folder`.
+
+    `files` maps "nf4" (MatMulBnb4), "int4" or "int8" (MatMulNBits) to a file name. Returns {variant: {"ops":
+    op counts, "block_size": block}}. `adapter_model` is not changed.
+    """
+    import copy
+
+    from lamda_edge.export import graph as onnx_graph
+
+    unknown = set(files) - set(SCHEMES)
+    if unknown:
+        raise ModelError(f"low-bit variants should be among {SCHEMES}, got {sorted(unknown)}")
+    view, residuals = unmerged_for_export(copy.deepcopy(adapter_model), with_nf4="nf4" in files)
+    src = (scratch or folder) / ".unmerged.onnx"
+    (onnx_graph.export_decoder if kind == "decoder" else onnx_graph.export_encoder)(view, src)
+    del view
+    done = {}
+    try:
+        for variant, name in files.items():
+            if variant == "nf4":
+                blocks = sorted({r["nf4"][2] for r in residuals.values()})
+                done[variant] = {"ops": write_nf4(src, folder / name, residuals),
+                                 "block_size": blocks[0] if len(blocks) == 1 else blocks}
+            else:
+                bits = 4 if variant == "int4" else 8
+                done[variant] = {"ops": quantize_residuals_nbits(src, folder / name, residuals, bits, block_size),
+                                 "block_size": block_size}
+    finally:
+        for p in onnx_graph.onnx_files(src.parent, src.name):
+            p.unlink()
+    return done
 
 
 def nf4_reference(model: nn.Module) -> nn.Module:
