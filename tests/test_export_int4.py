@@ -265,6 +265,21 @@ def test_int4_and_int8_together_is_a_config_error(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_int4_on_an_unmapped_model_type_lists_the_supported_ones(tmp_path, capsys):
+    import transformers
+
+    from lamda_edge.cli import main
+
+    tok = _tokenizer()
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    assert main(["export", "--model", str(tmp_path / "gpt2"), "--output", str(tmp_path / "o"), "--int4"]) == 2
+    err = capsys.readouterr().err
+    assert "gpt2" in err and "llama, mistral, qwen2, qwen3" in err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+
+
 def test_residual_methods_need_an_adapter(tmp_path):
     base = _save_base(tmp_path / "base", "llama")
     with pytest.raises(ConfigError, match="without --adapter"):
