@@ -215,10 +215,23 @@ def _add_export(sub) -> None:
     p.add_argument("--adapter", help="LaMDA adapter folder saved by `lamda-edge train`")
     p.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX weight type (--format onnx)")
-    p.add_argument("--int4", action="store_true", help="also write model.int4.onnx (MatMulNBits, weight-only)")
-    p.add_argument("--block-size", type=int, default=32, help="int4 quantization block size")
+    p.add_argument("--int4", action="store_true", help="also write model.int4.onnx: the adapter unmerged on its "
+                   "4-bit residual base (see --int4-method)")
+    p.add_argument("--int4-method", choices=("auto", "nf4", "nbits", "merged"), default="auto",
+                   help="nf4: residual as NF4 (ONNX Runtime MatMulBnb4; an NF4-trained adapter exactly as trained) + "
+                   "fp32 adapter path; nbits: residual as MatMulNBits int4 + fp32 adapter path; merged: merge, then "
+                   "round-to-nearest int4 on every weight (before issue 11; the only one without --adapter); "
+                   "auto: nf4 for an adapter, merged without one. SmolLM2-135M, 1 CPU thread, decode tokens/s "
+                   "vs PyTorch eager 12.6: nf4 6.6 (ONNX Runtime's MatMulBnb4 CPU kernel is slow), nbits 29.2, "
+                   "merged 39.1, --int8 26.1, fp32 graph 17.6 (docs/benchmarks.md, 'Export: int4 as trained')")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (residual as MatMulNBits "
+                   "bits=8, adapter path fp32); not together with --int4")
+    p.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size (nbits, merged, --int8)")
     p.add_argument("--format", choices=("onnx", "genai"), default="onnx",
-                   help="onnx: plain graph with optimum's names; genai: onnxruntime-genai model builder")
+                   help="onnx: plain graph with optimum's names; genai: the same validated graph (--precision picks "
+                   "fp32, fp16 or int4 = --int4) packaged for onnxruntime-genai (genai_config.json + tokenizer)")
+    p.add_argument("--genai-builder", action="store_true", help="--format genai: rebuild the merged folder with "
+                   "onnxruntime-genai's model builder instead (its own graph; int4 re-quantizes the merged weights)")
     p.add_argument("--precision", choices=("int4", "fp16", "fp32"), default="int4", help="--format genai precision")
     p.add_argument("--execution-provider", choices=("cpu", "cuda"), default="cpu",
                    help="--format genai target execution provider")
@@ -234,8 +247,10 @@ def _run_export(args) -> int:
     output = Path(args.output)
     model, adapter = (Path(p) if p else None for p in (args.model, args.adapter))
     export(ExportOptions(output=output, model=model, adapter=adapter, dtype=args.dtype,
-                         int4=args.int4, block_size=args.block_size, format=args.format, precision=args.precision,
-                         execution_provider=args.execution_provider, overwrite=args.overwrite,
+                         int4=args.int4, int4_method=args.int4_method, int8=args.int8,
+                         block_size=args.block_size, format=args.format, precision=args.precision,
+                         execution_provider=args.execution_provider, genai_builder=args.genai_builder,
+                         overwrite=args.overwrite,
                          eval_text=Path(args.eval_text) if args.eval_text else None))
     print(f"wrote {output} (report: {output / 'export-report.json'})")
     return 0

@@ -4,6 +4,12 @@ against PyTorch eager `generate`, and file sizes. A benchmark, not a test.
 usage:
     .venv/bin/python tools/bench_export.py [--model DIR] [--work DIR] [--new-tokens 64] [--repeats 3]
                                            [--threads 2] [--out bench-export.md] [--skip-genai]
+    .venv/bin/python tools/bench_export.py --adapter RUN [...]      # every low-bit variant of a trained adapter
+
+With --adapter (issue 11): PyTorch eager (merged fp32, and the adapter model as trained: NF4 base or not) against
+ONNX Runtime fp32, int4 merged round-to-nearest (the behaviour before issue 11), int4 as trained (`--int4-method
+nf4`: MatMulBnb4 residual + fp32 LaMDA path), int4 MatMulNBits residual + LaMDA path (`nbits`), and int8
+(MatMulNBits bits=8 residual + LaMDA path); held-out perplexity of each on the built-in paragraph (or --eval-text).
 
 --model defaults to the built-in SmolLM2-135M-Instruct folder (`lamda_edge.demo.default_model.default_model_path()`,
 Q4_1-round-tripped weights). The model is exported as it is (no adapter: the merged model of a trained adapter has
@@ -57,6 +63,16 @@ class TorchEngine:
         return first, (new_tokens - 1) / (self._generate(new_tokens) - first)
 
 
+class AdapterEngine(TorchEngine):
+    """PyTorch eager `generate` on the adapter model as training held it (LaMDA layers unmerged, NF4 or not)."""
+
+    def __init__(self, model, prompt_ids: list[int], label: str):
+        import torch
+
+        self.torch, self.model, self.label = torch, model, label
+        self.ids = torch.tensor([prompt_ids])
+
+
 class OrtEngine:
     """A `lamda_edge.runtime.generate` generator (plain ONNX or onnxruntime-genai), end-of-sequence ignored."""
 
@@ -98,7 +114,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-export.md"))
     parser.add_argument("--skip-genai", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="reuse exports already in --work")
+    parser.add_argument("--adapter", type=Path, help="a trained adapter: measure every low-bit variant of it")
+    parser.add_argument("--eval-text", type=Path, help="held-out text for perplexity (--adapter)")
     args = parser.parse_args()
+    if args.adapter is not None:
+        return adapter_variants(args)
 
     import torch
 
@@ -187,6 +207,83 @@ def main() -> None:
     args.out.write_text("\n".join(lines))
     (args.work / "bench-export.json").write_text(json.dumps({"rows": rows, "sizes_bytes": sizes, "perplexity": ppl},
                                                         indent=2) + "\n")
+    print("\n".join(lines))
+
+
+def adapter_variants(args) -> None:
+    """--adapter: build every low-bit graph of the adapter next to one export, then time and score them all."""
+    import onnxruntime
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from lamda_edge.export import graph as onnx_graph
+    from lamda_edge.export import nf4
+    from lamda_edge.export.merged import load_adapted
+    from lamda_edge.export.pipeline import HELD_OUT_TEXT, ExportOptions, export
+    from lamda_edge.export.quantize import quantize_int4
+    from lamda_edge.runtime.decoder import OnnxDecoder, held_out_ids, perplexity
+    from lamda_edge.runtime.generate import OnnxGenerator
+    from lamda_edge.runtime.session import session
+
+    folder = args.work / "onnx"
+    if not (args.reuse and (folder / "export-report.json").is_file()):  # model.onnx + model.int4.onnx (as trained)
+        export(ExportOptions(output=folder, adapter=args.adapter, int4=True, int4_method="nf4", overwrite=True,
+                             eval_text=args.eval_text))
+    report = json.loads((folder / "export-report.json").read_text())
+    files = {"fp32": "model.onnx", "int4-nf4": "model.int4.onnx", "int4-merged": "model.int4-merged.onnx",
+             "int4-nbits": "model.int4-nbits.onnx", "int8": "model.int8.onnx"}
+    pytorch, _, cfg = load_adapted(None, args.adapter)
+    if not (args.reuse and all((folder / f).is_file() for f in files.values())):
+        quantize_int4(folder / "model.onnx", folder / files["int4-merged"], args.block_size)
+        variants = {"nf4": files["int4-nf4"], "int4": files["int4-nbits"], "int8": files["int8"]}
+        if (folder / files["int4-nf4"]).is_file():  # the export's own as-trained graph
+            del variants["nf4"]
+        nf4.write_variants(pytorch, "decoder", folder, variants, args.block_size)
+    labels = {"fp32": "ONNX Runtime fp32 (model.onnx, merged)",
+              "int4-merged": f"ONNX Runtime int4 merged round-to-nearest (MatMulNBits block {args.block_size})",
+              "int4-nf4": "ONNX Runtime int4 as trained (MatMulBnb4 NF4 residual + LaMDA path)",
+              "int4-nbits": f"ONNX Runtime int4 residual (MatMulNBits block {args.block_size}) + LaMDA path",
+              "int8": f"ONNX Runtime int8 residual (MatMulNBits bits=8 block {args.block_size}) + LaMDA path"}
+    gens = {k: OnnxGenerator(folder, f, threads=args.threads) for k, f in files.items()}
+    prompt_ids = gens["fp32"].encode(PROMPT)
+    quant = cfg.get("quantize") or "full-precision"
+    engines = [TorchEngine(folder / "merged", prompt_ids),
+               AdapterEngine(pytorch, prompt_ids, f"PyTorch eager adapter as trained ({quant} base, unmerged)")]
+    engines += [OrtEngine(gens[k], labels[k], prompt_ids) for k in files]
+    rows = measure(engines, args.new_tokens, args.repeats)
+    text = args.eval_text.read_text() if args.eval_text else HELD_OUT_TEXT
+    ids = held_out_ids(gens["fp32"].tokenizer, text, pytorch)
+    with torch.no_grad():
+        ppl_torch = perplexity(pytorch(input_ids=ids).logits[0].float().numpy(), ids[0].numpy())
+    ppl = {rows[0]["engine"]: report["int4"]["ppl_onnx"], rows[1]["engine"]: ppl_torch}
+    sizes = {rows[0]["engine"]: sum(p.stat().st_size for p in (folder / "merged").glob("*.safetensors")),
+             rows[1]["engine"]: None}
+    for key, row in zip(files, rows[2:]):
+        logits = OnnxDecoder(session(folder / files[key], args.threads)).full_logits(ids)
+        ppl[row["engine"]] = perplexity(logits, ids[0].numpy())
+        sizes[row["engine"]] = sum(p.stat().st_size for p in onnx_graph.onnx_files(folder, files[key]))
+    eager, fp32_size = rows[0]["tokens_per_s"], sizes[rows[2]["engine"]]
+    lines = [
+        "| engine | decode tokens/s (median) | runs | x PyTorch eager (merged) | prefill ms | size MB "
+        "| x fp32 ONNX size | held-out ppl | ppl vs PyTorch adapter |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        size = sizes[row["engine"]]
+        size_txt = (f"{_mb(size):.1f} | {size / fp32_size:.2f}" if size else "- | -")
+        lines.append(f"| {row['engine']} | {row['tokens_per_s']:.1f} | {' '.join(f'{r:.1f}' for r in row['runs'])} | "
+                     f"{row['tokens_per_s'] / eager:.2f} | {row['prefill_s'] * 1e3:.0f} | {size_txt} | "
+                     f"{ppl[row['engine']]:.3f} | {100 * (ppl[row['engine']] / ppl_torch - 1):+.2f}% |")
+    lines += ["", f"Adapter {args.adapter} ({quant} base); {len(prompt_ids)} prompt tokens, {args.new_tokens} new, "
+              f"{args.threads} thread(s), median of {args.repeats} turns (A B C ... repeated); held-out "
+              f"{ids.shape[1]} tokens; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; "
+              f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}.", ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    (args.work / "bench-export-adapter.json").write_text(json.dumps(
+        {"rows": rows, "sizes_bytes": sizes, "perplexity": ppl, "ppl_pytorch_adapter": ppl_torch,
+         "parity_int4": report["int4"].get("parity", {}).get("max_abs_diff"),
+         "loadavg": os.getloadavg()}, indent=2, default=str) + "\n")
     print("\n".join(lines))
 
 

@@ -7,7 +7,9 @@ For each task (spam, moby, gsm; see tools/bench_quality.py) and seed:
             adapter   PyTorch, LaMDA layers unmerged (the number bench_quality reports)
             merged    PyTorch, the merged transformers folder the export wrote (OUT/merged)
             fp32      ONNX Runtime, OUT/model.onnx
-            int4      ONNX Runtime, OUT/model.int4.onnx (MatMulNBits, block 32 or --block-size)
+            int4      ONNX Runtime, OUT/model.int4.onnx (merged, then MatMulNBits round-to-nearest, block 32)
+            int4-nf4  ONNX Runtime, the adapter unmerged, residual base NF4 (MatMulBnb4) + fp32 LaMDA path
+            int4-nbits  the same with the residual as MatMulNBits int4;  int8: MatMulNBits bits=8
 
 `--base` also exports the untrained base model of moby and gsm the same way (what int4 costs without training;
 spam's base has no trained head, so it is skipped there).
@@ -40,7 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bc  # noqa: E402
 import bench_quality as bq  # noqa: E402
 
-BACKENDS = ("adapter", "merged", "fp32", "int4")
+BACKENDS = ("adapter", "merged", "fp32", "int4", "int4-nf4", "int4-nbits", "int8")
+# issue 11's graphs, built from the adapter unmerged (lamda_edge.export.nf4.write_variants): the residual base as
+# NF4 (MatMulBnb4) / MatMulNBits int4 / int8, the LaMDA path in fp32. "int4" stays the merged round-to-nearest graph.
+VARIANT_FILES = {"int4-nf4": ("nf4", "model.int4-nf4.onnx"), "int4-nbits": ("int4", "model.int4-nbits.onnx"),
+                 "int8": ("int8", "model.int8.onnx")}
 METRICS = {"spam": "accuracy", "moby": "perplexity", "gsm": "exact_match"}
 TASK_STEPS = {"gsm": 10}  # the published GSM runs use 10 steps (docs/benchmarks.md)
 
@@ -153,7 +159,8 @@ def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, thre
     else:
         trained = bq.run_one(task, "lamda", seed, s, cache, adapter_dir=folder / "adapter")
         result.update(rank=trained["rank"], trainable_end=trained["trainable_end"], adapter=_metric_fields(trained))
-        options = ExportOptions(output=folder / "onnx", adapter=folder / "adapter", int4=True, block_size=block_size)
+        options = ExportOptions(output=folder / "onnx", adapter=folder / "adapter", int4=True, block_size=block_size,
+                                int4_method="merged")
     t = time.perf_counter()
     report = export(options, log=lambda *_: None)
     result["export_seconds"] = time.perf_counter() - t
@@ -164,7 +171,19 @@ def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, thre
     merged = load_reference(folder / "onnx" / "merged")
     result["merged"] = _metric_fields(bq.evaluate(task, merged, tok, test, s))
     del merged
-    for backend, file in (("fp32", "model.onnx"), ("int4", "model.int4.onnx")):
+    graphs = [("fp32", "model.onnx"), ("int4", "model.int4.onnx")]
+    if seed is not None:
+        from lamda_edge.export.merged import load_adapted
+        from lamda_edge.export.nf4 import write_variants
+
+        adapter_model, _, _ = load_adapted(None, folder / "adapter")
+        kind = "encoder" if task == "spam" else "decoder"
+        write_variants(adapter_model, kind, folder / "onnx", dict(VARIANT_FILES.values()), block_size)
+        del adapter_model
+        for backend, (_, file) in VARIANT_FILES.items():
+            result[f"{backend}_bytes"] = (folder / "onnx" / file).stat().st_size
+            graphs.append((backend, file))
+    for backend, file in graphs:
         result[backend] = _metric_fields(evaluate_onnx(task, folder / "onnx" / file, tok, test, s, threads))
     result["seconds"] = time.perf_counter() - t0
     return result
@@ -183,7 +202,8 @@ def _fmt(metric: str, value: float) -> str:
 
 def table(results: list[dict]) -> str:
     lines = ["| task | model | seed | metric | " + " | ".join(BACKENDS) + " | fp32 max abs logit diff | int4 block | "
-             "int4 MB (x fp32) |", "|---|---|---:|---|" + "---:|" * len(BACKENDS) + "---:|---:|---:|"]
+             "int4 MB (x fp32) | int4-nf4 / int4-nbits / int8 MB |",
+             "|---|---|---:|---|" + "---:|" * len(BACKENDS) + "---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
             continue
@@ -192,7 +212,9 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['task']} | {r['model']} | {'-' if r['seed'] is None else r['seed']} | {metric} | "
                      + " | ".join(cells) + f" | {r['fp32_max_abs_diff']:.2g} | {r.get('block_size', 32)} | "
                      f"{r['int4_bytes'] / 1e6:.1f} "
-                     f"({r['int4_bytes'] / r['fp32_bytes']:.2f}) |")
+                     f"({r['int4_bytes'] / r['fp32_bytes']:.2f}) | "
+                     + (" / ".join(f"{r[f'{b}_bytes'] / 1e6:.1f}" for b in VARIANT_FILES) if "int8_bytes" in r
+                        else "-") + " |")
     gsm = [r for r in results if r.get("task") == "gsm" and "error" not in r]
     if gsm:
         lines += ["", "| GSM model | seed | int4 block | " + " | ".join(f"{b} format / answer loss" for b in BACKENDS)

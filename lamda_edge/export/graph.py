@@ -27,6 +27,7 @@ DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ENCODER_TYPES = ("bert", "roberta")
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: bigger models keep their weights in model.onnx.data
 OPSET = 18
+MODEL_FILE = "model.onnx"  # the fp32 (or fp16) graph of an export folder
 
 
 def model_kind(model: nn.Module) -> str:
@@ -184,3 +185,8 @@ def _strip_debug_metadata(path: Path) -> None:
 def onnx_files(folder: Path, name: str) -> list[Path]:
     """The files an ONNX model `name` occupies in `folder` (the graph and its external data, if any)."""
     return [p for p in (folder / name, folder / f"{name}.data") if p.exists()]
+
+
+def onnx_size(folder: Path, name: str) -> int:
+    """Bytes an ONNX model `name` occupies in `folder`, its external data included."""
+    return sum(p.stat().st_size for p in onnx_files(folder, name))

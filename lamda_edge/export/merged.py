@@ -21,8 +21,7 @@ from lamda_edge.tasks import SEQUENCE_CLASSIFICATION, task_of_architectures
 def load_merged(model_dir: Path | None, adapter_dir: Path | None):
     """The merged fp32 model, the folder its tokenizer comes from, and a description of the source.
 
-    With an adapter: rebuild the base as training did (`load_lamda_model` with the recorded LaMDA config and
-    quantization), load the adapter (which refuses a base it does not belong to), then `merge_and_unload`.
+    With an adapter: rebuild the base as training did (`load_adapted`), then `merge_and_unload`.
     """
     source: dict = {"model": str(model_dir) if model_dir else None,
                     "adapter": str(adapter_dir) if adapter_dir else None}
@@ -30,26 +29,36 @@ def load_merged(model_dir: Path | None, adapter_dir: Path | None):
         model = load_reference(Path(model_dir))
         base = Path(model_dir)
     else:
-        adapter_dir = Path(adapter_dir)
-        cfg_path = adapter_dir / "adapter_config.json"
-        if not cfg_path.is_file():
-            raise ModelError(f"{adapter_dir} is not an adapter folder (no adapter_config.json). "
-                             "Fix: pass the folder that `lamda-edge train` saved the adapter to")
-        cfg = json.loads(cfg_path.read_text())
-        base = _resolve_base(model_dir or cfg.get("base_model"), adapter_dir)
-        if "lamda_config" not in cfg:
-            raise ModelError(f"{cfg_path} has no 'lamda_config'. Fix: re-save the adapter with lamda-edge")
-        # rebuild the (4-bit) residual base exactly as training did, then put the trained S, B (and A) on it
-        model = load_lamda_model(str(base), LaMDAConfig.from_dict(cfg["lamda_config"]), quantize=cfg.get("quantize"),
-                                 device="cpu", compute_dtype=torch.float32, progress=False,
-                                 gradient_checkpointing=False, task=cfg.get("task"), num_labels=cfg.get("num_labels"))
-        load_adapter(model, adapter_dir)  # AdapterMismatchError when the base is not the one it was trained on
+        model, base, cfg = load_adapted(model_dir, adapter_dir)
         model = merge_and_unload(model)
         source.update(base_model=str(base), quantize=cfg.get("quantize"), ranks=len(cfg.get("ranks", {})))
     model = model.float().eval()
     source.update(model_type=model.config.model_type, architecture=type(model).__name__,
                   parameters=sum(p.numel() for p in model.parameters()))
     return model, base, source
+
+
+def load_adapted(model_dir: Path | None, adapter_dir: Path):
+    """(the adapter model as training held it, unmerged; its base folder; the adapter config).
+
+    Rebuilds the base as training did (`load_lamda_model` with the recorded LaMDA config and quantization: an NF4
+    base holds the same packed residual codes), then loads the trained S, B (and A) onto it.
+    """
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{adapter_dir} is not an adapter folder (no adapter_config.json). "
+                         "Fix: pass the folder that `lamda-edge train` saved the adapter to")
+    cfg = json.loads(cfg_path.read_text())
+    base = _resolve_base(model_dir or cfg.get("base_model"), adapter_dir)
+    if "lamda_config" not in cfg:
+        raise ModelError(f"{cfg_path} has no 'lamda_config'. Fix: re-save the adapter with lamda-edge")
+    # rebuild the (4-bit) residual base exactly as training did, then put the trained S, B (and A) on it
+    model = load_lamda_model(str(base), LaMDAConfig.from_dict(cfg["lamda_config"]), quantize=cfg.get("quantize"),
+                             device="cpu", compute_dtype=torch.float32, progress=False,
+                             gradient_checkpointing=False, task=cfg.get("task"), num_labels=cfg.get("num_labels"))
+    load_adapter(model, adapter_dir)  # AdapterMismatchError when the base is not the one it was trained on
+    return model.eval(), base, cfg
 
 
 def _resolve_base(base, adapter_dir: Path) -> Path:

@@ -16,26 +16,21 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from lamda_edge.atomic import write_bytes_atomic
 from lamda_edge.errors import ConfigError, ExportValidationError, ModelError
-from lamda_edge.export import genai
+from lamda_edge.export import genai, genai_pack, lowbit
 from lamda_edge.export import graph as onnx_graph
-from lamda_edge.export.graph import onnx_files
+from lamda_edge.export.graph import MODEL_FILE, onnx_size
 from lamda_edge.export.merged import load_merged, load_reference, load_tokenizer, save_merged
-from lamda_edge.export.quantize import quantize_int4
-from lamda_edge.export.validate import validate_decoder, validate_encoder, validate_int4
-from lamda_edge.runtime.decoder import held_out_ids
+from lamda_edge.export.validate import TOLERANCE, validate_decoder, validate_encoder
 
-# Every output passes when max|PyTorch - ONNX Runtime| <= atol + rtol * max|PyTorch|: 1e-4 absolute on the
-# tiny test models; the rtol term lets a deep model's large logits through (SmolLM2-135M, 30 layers: 2.8e-4).
-TOLERANCE = {"fp32": (1e-4, 2e-5), "fp16": (3e-2, 1e-3)}  # (atol, rtol)
 FORMATS = ("onnx", "genai")
 GENAI_PRECISIONS = ("int4", "fp16", "fp32")
 GENAI_PROVIDERS = ("cpu", "cuda")
-MODEL_FILE, INT4_FILE, REPORT_FILE, MERGED_DIR = "model.onnx", "model.int4.onnx", "export-report.json", "merged"
+INT4_FILE, REPORT_FILE, MERGED_DIR = "model.int4.onnx", "export-report.json", "merged"
 HELD_OUT_TEXT = (
     "The river ran low in the late summer, and the children walked along its stones to the old mill. "
     "Their grandmother had told them that the wheel once turned day and night, grinding wheat for the whole "
@@ -53,11 +48,14 @@ class ExportOptions:
     model: Path | None = None  # base transformers folder; None: the one the adapter records
     adapter: Path | None = None  # LaMDA adapter folder; None: export the base model as it is
     dtype: str = "fp32"  # "fp32" | "fp16" (plain ONNX format)
-    int4: bool = False  # also write model.int4.onnx (MatMulNBits)
-    block_size: int = 32  # int4 quantization block along the input dimension
+    int4: bool = False  # also write model.int4.onnx (export/lowbit.py)
+    block_size: int = 32  # MatMulNBits quantization block along the input dimension
+    int4_method: str = "auto"  # "auto" | "nf4" (as trained, MatMulBnb4) | "nbits" | "merged" (export/lowbit.py)
+    int8: bool = False  # also write model.int8.onnx (MatMulNBits bits=8 on the residual base)
     format: str = "onnx"  # "onnx" | "genai"
     precision: str = "int4"  # genai format: "int4" | "fp16" | "fp32"
     execution_provider: str = "cpu"  # genai format: "cpu" | "cuda"
+    genai_builder: bool = False  # genai format: rebuild with onnxruntime-genai's builder (re-quantized) instead
     overwrite: bool = False
     eval_text: Path | None = None  # held-out text for perplexity; None: a built-in paragraph
 
@@ -74,6 +72,15 @@ class ExportOptions:
                             f"got {self.execution_provider!r}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             problems.append(f"`block_size` should be a power of two >= 16, got {self.block_size}")
+        if self.format == "genai" and self.execution_provider != "cpu" and not self.genai_builder:
+            problems.append("--format genai packages the validated CPU graph; for --execution-provider "
+                            f"{self.execution_provider} add --genai-builder")
+        if self.int4 and self.int8:
+            problems.append("--int4 and --int8 write different graphs; choose one (export twice for both)")
+        try:
+            lowbit.resolve_method(self.int4_method, self.adapter, None)
+        except ConfigError as exc:
+            problems.append(str(exc))
         if self.model is None and self.adapter is None:
             problems.append("give `--adapter DIR` (a trained adapter) or `--model DIR` (a model to export as is)")
         if self.eval_text is not None and not Path(self.eval_text).is_file():
@@ -138,20 +145,23 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
     tokenizer = load_tokenizer(merged_dir)
     text = Path(options.eval_text).read_text() if options.eval_text else HELD_OUT_TEXT
 
-    if options.format == "genai":
-        if kind != "decoder":
-            raise ModelError(f"--format genai builds causal LMs only; {type(reference).__name__} is a {kind}. "
-                             "Fix: use the default --format onnx for classifiers")
+    if options.format == "genai" and kind != "decoder":
+        raise ModelError(f"--format genai builds causal LMs only; {type(reference).__name__} is a {kind}. "
+                         "Fix: use the default --format onnx for classifiers")
+    if options.format == "genai" and options.genai_builder:  # the builder's own graph, re-quantized
         genai.build_and_validate(merged_dir, tmp, options.precision, options.execution_provider, reference,
                                  tokenizer, text, report, log)
     else:
+        if options.format == "genai":  # our validated graph, packaged: --precision picks which one
+            options = replace(options, int4=options.int4 or (options.precision == "int4" and not options.int8),
+                              dtype="fp16" if options.precision == "fp16" else options.dtype)
         t = time.perf_counter()
         export_fn = onnx_graph.export_decoder if kind == "decoder" else onnx_graph.export_encoder
         export_fn(reference, tmp / MODEL_FILE)
         if options.dtype == "fp16":
             _to_fp16(tmp / MODEL_FILE)
         timings["export"] = time.perf_counter() - t
-        report["sizes_bytes"] = {MODEL_FILE: _size(tmp, MODEL_FILE)}
+        report["sizes_bytes"] = {MODEL_FILE: onnx_size(tmp, MODEL_FILE)}
         log(f"exported {MODEL_FILE} ({report['sizes_bytes'][MODEL_FILE] / 1e6:.1f} MB) in {timings['export']:.1f}s")
 
         t = time.perf_counter()
@@ -169,18 +179,12 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
         log(f"validated against PyTorch: max |diff| logits {diffs['logits']:.3g}"
             + (f", present keys/values {present:.3g}" if present is not None else ""))
 
-        if options.int4:
-            t = time.perf_counter()
-            ops = quantize_int4(tmp / MODEL_FILE, tmp / INT4_FILE, options.block_size)
-            timings["int4"] = time.perf_counter() - t
-            sizes = report["sizes_bytes"]
-            sizes[INT4_FILE] = _size(tmp, INT4_FILE)
-            ids = held_out_ids(tokenizer, text, reference) if kind == "decoder" else None
-            report["int4"] = validate_int4(reference, tmp / MODEL_FILE, tmp / INT4_FILE, ids)
-            report["int4"].update(block_size=options.block_size, size_ratio=sizes[INT4_FILE] / sizes[MODEL_FILE],
-                                  ops=ops)
-            log(f"int4: {sizes[INT4_FILE] / 1e6:.1f} MB ({report['int4']['size_ratio']:.2f}x of {options.dtype}); "
-                + ", ".join(f"{k} {v:.3f}" for k, v in report["int4"].items() if k.startswith(("ppl", "agree"))))
+        if options.int4 or options.int8:
+            lowbit.build(options, tmp, reference, tokenizer, text, kind, report, log)
+        if options.format == "genai":
+            graph_file = lowbit.INT8_FILE if options.int8 else lowbit.INT4_FILE if options.int4 else MODEL_FILE
+            genai_pack.package_and_validate(tmp, graph_file, merged_dir, reference, tokenizer, text, report, log)
+            report["validation"].update({k: v for k, v in report["genai"].items() if k != "mismatches"})
     _write_json(tmp / REPORT_FILE, report)
 
 
@@ -190,10 +194,6 @@ def _to_fp16(path: Path) -> None:
 
     model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
     onnx.save(model, str(path))
-
-
-def _size(folder: Path, name: str) -> int:
-    return sum(p.stat().st_size for p in onnx_files(folder, name))
 
 
 def _versions() -> dict:

@@ -9,8 +9,10 @@ from lamda_edge.export import graph
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: int | None = 4,
-                  embeddings: bool = True, symmetric: bool = True, keep_tied_head: bool = False) -> dict:
-    """Weight-only 4-bit quantization (ONNX Runtime's MatMulNBits quantizer, blocks along the input).
+                  embeddings: bool = True, symmetric: bool = True, keep_tied_head: bool = False,
+                  bits: int = 4) -> dict:
+    """Weight-only 4-bit (`bits=8`: 8-bit) quantization (ONNX Runtime's MatMulNBits quantizer, blocks along the
+    input).
 
     Every MatMul with a constant weight becomes MatMulNBits; with `embeddings`, the token embedding Gather becomes
     GatherBlockQuantized too (a tied lm_head is exported as a separate transposed copy, so both are quantized,
@@ -26,7 +28,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: in
     ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
     axes = (("MatMul", 0), ("Gather", 1))[:len(ops)]  # quantize along the input dim / the hidden dim
     kw = dict(block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
-              op_types_to_quantize=ops, quant_axes=axes)
+              op_types_to_quantize=ops, quant_axes=axes, bits=bits)
     model = onnx.load(str(src))
     folded = _fold_transposed_weights(model)
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in folded]
@@ -43,7 +45,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: in
         if node.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMul", "Gather"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     if not counts.get("MatMulNBits"):
-        raise ModelError(f"int4 quantization of {src} changed no MatMul (ops after: {counts})")
+        raise ModelError(f"int{bits} quantization of {src} changed no MatMul (ops after: {counts})")
     return counts
 
 

@@ -22,6 +22,13 @@ from lamda_edge.export.graph import (
 from lamda_edge.runtime.decoder import OnnxDecoder, perplexity
 from lamda_edge.runtime.session import session
 
+# Every output passes when max|PyTorch - ONNX Runtime| <= atol + rtol * max|PyTorch|: 1e-4 absolute on the
+# tiny test models; the rtol term lets a deep model's float32 rounding through. Measured against a float64
+# evaluation of the same merged weights (tools/fp32_rounding.py; SmolLM2-135M + an NF4-trained adapter, prefill
+# B=2 T=8, max|logit| 34.1): PyTorch fp32 is 1.35e-3 off float64, ONNX Runtime 4.7e-4, and they differ by 1.8e-3
+# (5.3e-5 of max|logit|): summation order, not a different model. rtol 1e-4 leaves 2x room over that.
+TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (3e-2, 1e-3)}  # (atol, rtol)
+
 
 def compare(case: str, names: list[str], expected: list, sess, feeds: dict, tol: tuple[float, float],
             result: dict) -> list:
