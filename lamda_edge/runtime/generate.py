@@ -80,6 +80,19 @@ class _Generator:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(prompt)["input_ids"])
 
+    def _take(self, token: int, new: list[int], result: GenerationResult, emit, ignore_eos: bool, stop) -> bool:
+        """Append `token` to `new`; True (with `result.stopped_by` set) when generation ends with it, else stream the
+        text so far and return False."""
+        new.append(token)
+        if token in self.eos and not ignore_eos:
+            result.stopped_by = "eos"
+        elif stop is not None and stop(new):
+            result.stopped_by = "stop"
+        else:
+            emit(new)
+            return False
+        return True
+
     def _streamer(self, on_text):
         shown = [""]
 
@@ -123,14 +136,8 @@ class OnnxGenerator(_Generator):
         t = time.perf_counter()
         while len(new) < max_new_tokens:
             token = pick(logits[0, -1], temperature, top_p, rng)
-            new.append(token)
-            if token in self.eos and not ignore_eos:
-                result.stopped_by = "eos"
+            if self._take(token, new, result, emit, ignore_eos, stop):
                 break
-            if stop is not None and stop(new):
-                result.stopped_by = "stop"
-                break
-            emit(new)
             if len(new) == max_new_tokens:
                 break
             logits, past = self.decoder.step(np.array([[token]]), past)  # decode: T=1, past grows by one
@@ -174,14 +181,8 @@ class GenaiGenerator(_Generator):
         while len(new) < max_new_tokens and not gen.is_done():
             gen.generate_next_token()
             token = int(gen.get_next_tokens()[0])
-            new.append(token)
-            if token in self.eos and not ignore_eos:
-                result.stopped_by = "eos"
+            if self._take(token, new, result, emit, ignore_eos, stop):
                 break
-            if stop is not None and stop(new):
-                result.stopped_by = "stop"
-                break
-            emit(new)
         result.decode_s = time.perf_counter() - t
         result.token_ids, result.text = new, emit(new, final=True)
         return result
