@@ -305,8 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMPUTE_COMMANDS = ("train", "export", "generate")  # the commands that run torch / ONNX Runtime on the CPU
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in COMPUTE_COMMANDS:  # before torch loads: OpenMP reads its environment once
+        from lamda_edge.load.device import configure_cpu_threads
+
+        configure_cpu_threads()
     try:
         return args.run(args)
     except LamdaEdgeError as exc:
