@@ -27,36 +27,22 @@ DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfl
 def configure_cpu_threads(environ=None) -> int:
     """Choose torch's CPU threads before torch loads (OpenMP reads its environment once); returns the count.
 
-    - `OMP_NUM_THREADS`, when set, is the user's choice and is kept.
-    - Otherwise: the cores this process may run on (`os.sched_getaffinity`: a container's or `taskset`'s limit,
-      not the machine's count), and fewer when other work keeps the cores busy (1-minute load average over the
-      cores: one thread per core left idle, at least one). A thread that waits at a barrier for a thread the OS
-      has descheduled costs the whole step (tools/bench_threads.py, docs/benchmarks.md "Threads").
-    - `OMP_WAIT_POLICY=PASSIVE` unless set: waiting threads sleep instead of spinning, so busy cores are not
-      stolen from the thread that holds the work.
+    - `OMP_NUM_THREADS`, when set, is the user's choice and is kept; otherwise the cores this process may run on
+      (`os.sched_getaffinity`: a container's or `taskset`'s limit, not the machine's count).
+    - `OMP_WAIT_POLICY=PASSIVE` unless set: a waiting thread sleeps instead of spinning. On a loaded 2-core machine
+      (load average 11) spinning threads made a training step 12.8x slower than 1 thread; passive waits ran at
+      1.01x (tools/bench_threads.py; docs/benchmarks.md, "CPU threads on a loaded machine").
 
     The CLI calls this for commands that compute (train, export, generate); the Python API leaves threads to the
-    caller (`torch.set_num_threads`).
+    caller (`torch.set_num_threads`, or these variables set before importing torch).
     """
     env = os.environ if environ is None else environ
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
         return int(env["OMP_NUM_THREADS"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    threads = threads_for(cores, load)
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     env["OMP_NUM_THREADS"] = str(threads)
     return threads
-
-
-def threads_for(cores: int, load: float) -> int:
-    """Threads for `cores` usable cores under a 1-minute load average `load`: all of them on a machine that is not
-    oversubscribed; when the load exceeds the cores, one fewer per excess unit of load, at least one."""
-    excess = max(0.0, load - cores)
-    return max(1, min(cores, int(cores - excess)))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
