@@ -3,6 +3,7 @@ file and the fix (exit 2), never a traceback.
 
     read_json / read_yaml   missing, not UTF-8, malformed, nested too deeply, not a mapping  -> `error(...)`
     check_safetensors       truncated or corrupt header (safetensors checks that the data covers the file)
+    check_torch_archive     a torch.save file (optimizer, scheduler, RNG state): truncated or failing its checksums
     check_output_folder     an output path that is, or sits under, a file
     os_error                an OSError from the user's environment (disk full, read-only, no permission) -> message
 
@@ -103,6 +104,23 @@ def check_safetensors(path: str | os.PathLike, error: type[LamdaEdgeError] = Mod
     except (SafetensorError, OSError, ValueError) as exc:
         raise error(f"{path} is not a readable safetensors file ({_first_line(exc)}); it may be truncated or "
                     f"corrupt. Fix: {fix}") from exc
+
+
+def check_torch_archive(path: str | os.PathLike, error: type[LamdaEdgeError], fix: str) -> None:
+    """Raise `error` when a `torch.save` file is missing, truncated or corrupt, without unpickling anything: the
+    file is a zip archive with a CRC-32 per member, and `testzip` reads every member against it."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} does not exist (or is not a file). Fix: {fix}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise error(f"{path} is truncated or corrupt ({_first_line(exc)}). Fix: {fix}") from exc
+    if bad is not None:
+        raise error(f"{path} is corrupt (member {bad} fails its checksum). Fix: {fix}")
 
 
 def check_output_folder(path: str | os.PathLike, flag: str = "--output") -> None:

@@ -139,6 +139,13 @@ def truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+def flip(path: Path, at: int = 200, count: int = 64) -> None:
+    """Overwrite `count` bytes at offset `at` (the file keeps its length)."""
+    data = bytearray(path.read_bytes())
+    data[at:at + count] = bytes(255 - b for b in data[at:at + count])
+    path.write_bytes(bytes(data))
+
+
 def copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -178,14 +185,10 @@ def bom_then_bad_line(tmp: Path) -> Path:
     return write(tmp / "bom.jsonl", b"\xef\xbb\xbf" + b'{"text": "fine"}\n{"text": oops}\n')
 
 
-def checkpoint_copy(world: World, tmp: Path) -> Path:
-    """A copy of the trained run folder (for --resume rows)."""
-    return copy(world.run, tmp / "run")
-
-
 PLAN = ["plan", "--device", "cpu"]  # `--device auto` would import torch to look for a GPU
-# Each row: (args with {placeholders}, expected exit code, key phrase, prepare(world, tmp) -> {placeholder: value}).
-# The phrase is looked for in stderr (stdout for exit 0).
+RESUME = ["train", "--output", "{run}", "--resume", "--quiet"]
+# Each row: (args with {placeholders}, expected exit code, key phrase (or a tuple of them), prepare(world, tmp) ->
+# {placeholder: value}). The phrase is looked for in stderr (in stdout and stderr for exit 0).
 ROWS = [
     # ---- the planner answers only what is true (no torch) ----
     pytest.param([*PLAN, "--rank", "0"], 2, "`rank` should be a positive integer", None, id="plan-rank-0"),
@@ -213,8 +216,8 @@ ROWS = [
                  lambda w, t: {"yaml": write(t / "latin1.yaml", "name: caf\xe9\n".encode("latin-1"))},
                  id="plan-non-utf8-profile"),
     pytest.param(["plan", "--device", "{tmp}/missing.yaml"], 2, "does not exist", None, id="plan-missing-profile"),
-    pytest.param(["{profiles}", "devices"], 0, "rtx3060", lambda w, t: {"profiles": broken_profiles(t)},
-                 id="devices-with-a-malformed-shipped-profile"),
+    pytest.param(["{profiles}", "devices"], 0, ("rtx3060", "skipping a malformed profile: "),
+                 lambda w, t: {"profiles": broken_profiles(t)}, id="devices-with-a-malformed-shipped-profile"),
     pytest.param(["{profiles}", "plan", "--device", "cpu", "--model", "smollm2-135m"], 0, "verdict: FITS",
                  lambda w, t: {"profiles": broken_profiles(t)}, id="plan-with-a-malformed-shipped-profile"),
     pytest.param([*PLAN, "--model", "{folder}"], 2, "is not valid JSON",
@@ -260,31 +263,27 @@ ROWS = [
     pytest.param(["{train}", "--model", "{model}"], 2, "config.json is not valid JSON",
                  lambda w, t: {"model": _model_with(w, t, "config.json", '{"model_type": "llama", ')},
                  id="train-corrupt-model-config"),
-    # ---- train --resume: corrupt checkpoint files ----
-    pytest.param(["train", "--output", "{run}", "--resume", "--quiet"], 2,
-                 "trainer_state.json is not valid JSON",
-                 lambda w, t: {"run": _break_checkpoint(w, t, "trainer_state.json")},
-                 id="resume-corrupt-trainer-state"),
-    pytest.param(["train", "--output", "{run}", "--resume", "--quiet"], 2,
-                 "adapter_model.safetensors is not a readable safetensors file",
-                 lambda w, t: {"run": _break_checkpoint(w, t, "adapter_model.safetensors")},
+    # ---- train --resume: a damaged file in every checkpoint (none left to fall back to); the error names it ----
+    pytest.param(RESUME, 2, "{damaged}", lambda w, t: _break_checkpoints(w, t, "trainer_state.json"),
+                 id="resume-truncated-trainer-state"),
+    pytest.param(RESUME, 2, "{damaged}", lambda w, t: _break_checkpoints(w, t, "*adapter*.safetensors"),
                  id="resume-truncated-checkpoint-adapter"),
-    pytest.param(["train", "--output", "{run}", "--resume", "--quiet"], 2, "adapter_config.json is not valid JSON",
-                 lambda w, t: {"run": _break_checkpoint(w, t, "adapter_config.json")},
-                 id="resume-corrupt-checkpoint-adapter-config"),
-    # ---- export ----
-    pytest.param(["export", "--adapter", "{adapter}", "--output", "{tmp}/out"], 2,
-                 "adapter_config.json is not valid JSON",
-                 lambda w, t: {"adapter": _adapter_with(w, t, "adapter_config.json", truncate)},
-                 id="export-corrupt-adapter-config"),
-    pytest.param(["export", "--adapter", "{adapter}", "--output", "{tmp}/out"], 2, "is not UTF-8",
-                 lambda w, t: {"adapter": _adapter_with(w, t, "adapter_config.json",
-                                                        lambda p: p.write_bytes(b'{"format": "\xff"}'))},
+    pytest.param(RESUME, 2, "{damaged}", lambda w, t: _break_checkpoints(w, t, "*adapter*.json"),
+                 id="resume-truncated-checkpoint-adapter-config"),
+    pytest.param(RESUME, 2, "{damaged}", lambda w, t: _break_checkpoints(w, t, "optimizer.pt"),
+                 id="resume-truncated-optimizer"),
+    pytest.param(RESUME, 2, "{damaged}", lambda w, t: _break_checkpoints(w, t, "rng_state.pth", flip),
+                 id="resume-flipped-rng-state"),
+    pytest.param(RESUME, 2, "run_config.yaml is not UTF-8", lambda w, t: _break_run_config(w, t),
+                 id="resume-non-utf8-run-config"),
+    # ---- export: a damaged adapter file; the error names it ----
+    pytest.param(["export", "--adapter", "{adapter}", "--output", "{tmp}/out"], 2, "{damaged}",
+                 lambda w, t: _adapter_with(w, t, ".json", truncate), id="export-truncated-adapter-config"),
+    pytest.param(["export", "--adapter", "{adapter}", "--output", "{tmp}/out"], 2, "{damaged}",
+                 lambda w, t: _adapter_with(w, t, ".json", lambda p: p.write_bytes(b'{"format": "\xff"}')),
                  id="export-non-utf8-adapter-config"),
-    pytest.param(["export", "--adapter", "{adapter}", "--output", "{tmp}/out"], 2,
-                 "adapter_model.safetensors is not a readable safetensors file",
-                 lambda w, t: {"adapter": _adapter_with(w, t, "adapter_model.safetensors", truncate)},
-                 id="export-truncated-adapter"),
+    pytest.param(["export", "--adapter", "{adapter}", "--output", "{tmp}/out"], 2, "{damaged}",
+                 lambda w, t: _adapter_with(w, t, ".safetensors", truncate), id="export-truncated-adapter"),
     pytest.param(["export", "--model", "{model}", "--output", "{tmp}/out"], 2,
                  "model.safetensors is not a readable safetensors file",
                  lambda w, t: {"model": _truncated_model(w, t)}, id="export-truncated-model"),
@@ -314,22 +313,42 @@ def _model_with(world: World, tmp: Path, name: str, text: str) -> Path:
     return model
 
 
-def _adapter_with(world: World, tmp: Path, name: str, damage) -> Path:
+def adapter_files(folder: Path) -> list[Path]:
+    """The adapter's two files in `folder` (its JSON config and its tensors), whatever they are named."""
+    return sorted(p for p in folder.iterdir() if "adapter" in p.name and p.suffix in (".json", ".safetensors"))
+
+
+def _adapter_with(world: World, tmp: Path, suffix: str, damage) -> dict:
+    """A copy of the trained adapter with its `suffix` file damaged."""
     adapter = tmp / "adapter"
     adapter.mkdir()
-    for file in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copy2(world.run / file, adapter / file)
-    damage(adapter / name)
-    return adapter
+    for file in adapter_files(world.run):
+        shutil.copy2(file, adapter / file.name)
+    damaged = next(p for p in adapter_files(adapter) if p.suffix == suffix)
+    damage(damaged)
+    return {"adapter": adapter, "damaged": damaged.name}
 
 
-def _break_checkpoint(world: World, tmp: Path, name: str) -> Path:
-    run = checkpoint_copy(world, tmp)
-    for file in ("adapter_model.safetensors", "adapter_config.json", "metrics.json"):
-        (run / file).unlink(missing_ok=True)  # a run that stopped after its last checkpoint
-    newest = max((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    truncate(newest / name)
+def _stopped_run(world: World, tmp: Path) -> Path:
+    """A copy of the trained run as if it had stopped after its last checkpoint (no final adapter, no metrics)."""
+    run = copy(world.run, tmp / "run")
+    for file in [*adapter_files(run), run / "metrics.json"]:
+        file.unlink()
     return run
+
+
+def _break_checkpoints(world: World, tmp: Path, pattern: str, damage=truncate) -> dict:
+    """A stopped run whose every checkpoint has its `pattern` file damaged."""
+    run = _stopped_run(world, tmp)
+    damaged = [damage(file) or file for file in sorted(run.glob(f"checkpoints/checkpoint-*/{pattern}"))]
+    assert len(damaged) == 2, damaged
+    return {"run": run, "damaged": damaged[-1].name}
+
+
+def _break_run_config(world: World, tmp: Path) -> dict:
+    run = _stopped_run(world, tmp)
+    write(run / "run_config.yaml", (run / "run_config.yaml").read_bytes() + b"# caf\xe9\n")
+    return {"run": run}
 
 
 FIX_WORDS = ("Fix:", "should be", "Did you mean", "Smallest change")  # how a message says what to do instead
@@ -353,7 +372,8 @@ def test_cli_contract(world, worker, tmp_path, args, code, phrase, prepare):
     output = done.stdout + done.stderr
     assert done.returncode == code, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
-    assert phrase in (output if code == 0 else done.stderr), output[-3000:]
+    for words in phrase if isinstance(phrase, tuple) else (phrase,):
+        assert words.format(**values) in (output if code == 0 else done.stderr), output[-3000:]
     if code != 0:  # one clear line: the error, naming what is wrong and what to do (usage errors: the usage)
         lines = [line for line in done.stderr.splitlines() if "error:" in line]
         assert len(lines) == 1, done.stderr[-3000:]

@@ -16,13 +16,14 @@ from pathlib import Path
 from safetensors import SafetensorError
 from torch import nn
 from transformers import Trainer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer import TRAINER_STATE_NAME as TRAINER_STATE
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from lamda_edge.adapters import load_adapter, save_adapter
 from lamda_edge.adapters.io import CONFIG_NAME, WEIGHTS_NAME
 from lamda_edge.errors import TrainingError
-from lamda_edge.files import check_safetensors, read_json, write_failure
+from lamda_edge.files import check_safetensors, check_torch_archive, read_json, write_failure
 from lamda_edge.train import report
 from lamda_edge.train.loss import causal_lm_loss
 from lamda_edge.train.report import effective_trainable
@@ -141,11 +142,15 @@ def _checkpoint_write_error(run_dir: Path, name: str, cause: str) -> TrainingErr
 
 
 def check_checkpoint(folder: Path) -> None:
-    """`TrainingError` naming the file when a checkpoint's adapter or trainer state is truncated or corrupt."""
+    """`TrainingError` naming the file when a file of a checkpoint is missing, truncated or corrupt: the trainer
+    state, the adapter, and the optimizer, scheduler and RNG states (checked as archives, never unpickled here)."""
     fix = f"delete {folder} to resume from the checkpoint before it, or start again with `overwrite=true`"
     read_json(folder / TRAINER_STATE, TrainingError, fix)
     read_json(folder / CONFIG_NAME, TrainingError, fix)
     check_safetensors(folder / WEIGHTS_NAME, TrainingError, fix)
+    for path in [folder / OPTIMIZER_NAME, folder / SCHEDULER_NAME, *sorted(folder.glob("rng_state*.pth"))]:
+        if path.exists():  # what the Trainer would load
+            check_torch_archive(path, TrainingError, fix)
 
 
 def _fsync_dir(path: Path) -> None:
