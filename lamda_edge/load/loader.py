@@ -41,6 +41,7 @@ from lamda_edge.adapters.inject import (
 from lamda_edge.adapters.spectral import singular_values
 from lamda_edge.adapters.state import adapter_state
 from lamda_edge.errors import ConfigError, ModelError, require
+from lamda_edge.files import read_json
 from lamda_edge.load.cache import (
     build_layer,
     cache_key,
@@ -50,7 +51,7 @@ from lamda_edge.load.cache import (
     read_entry,
     write_entry,
 )
-from lamda_edge.load.checkpoint import Checkpoint, key_map
+from lamda_edge.load.checkpoint import MODEL_FIX, Checkpoint, key_map
 from lamda_edge.load.device import PeakMemory, resolve_compute_dtype, resolve_device, resolve_quantize
 from lamda_edge.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS, task_of_architectures
 
@@ -309,6 +310,7 @@ def load_lamda_model(
     compute_dtype = resolve_compute_dtype(compute_dtype, device)
     from transformers import AutoConfig
 
+    read_json(model_dir / "config.json", ModelError, MODEL_FIX)  # truncated or corrupt: name the file
     try:
         hf_config = AutoConfig.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
