@@ -2,7 +2,7 @@
 
     x ──> base_layer (frozen, plain or NF4) ─────────────────────────────────────────────┐
     │                                                                                       + ──> y
-    └──> dropout ──> A (frozen, r x d_in) ──> S (r x r) ──> B (d_out x r, frozen after t_i) ──> * alpha/r
+    └──> dropout ──> A (frozen, r x d_in) ──> S (r x r) ──> * alpha/r ──> B (d_out x r, frozen after t_i)
 
 A is a buffer, so backward never needs `x` for a weight gradient: autograd keeps only the r-dimensional
 activations `A x` (for S's gradient) and `S A x` (for B's, while B trains), plus the dropout mask.
@@ -80,14 +80,16 @@ class LaMDALinear(nn.Module):
         out = self.base_layer(x)  # (..., d_out)
         if self.merged:
             return out
-        h = x.to(self.lamda_A.dtype)  # (..., d_in)
+        # No full-size copies: the small factors are cast to x's dtype, not the (..., d_in) activations, and the
+        # scaling multiplies the r-dimensional u, not a (..., d_out) product.
+        A = self.lamda_A if self.lamda_A.dtype == x.dtype else self.lamda_A.to(x.dtype)
         if self.training and self.dropout > 0:
-            z = _DropoutProject.apply(h, self.lamda_A, self.dropout)  # (..., r); saves a bool mask only
+            z = _DropoutProject.apply(x, A, self.dropout)  # (..., r); saves a bool mask only
         else:
-            z = F.linear(h, self.lamda_A)  # (..., r): A is a buffer, so `h` is not saved for backward
-        u = F.linear(z, self.lamda_S)  # (..., r)
-        delta = F.linear(u, self.lamda_B)  # (..., d_out)
-        return out + (delta * self.scaling).to(out.dtype)
+            z = F.linear(x, A)  # (..., r): A is a buffer, so `x` is not saved for backward
+        u = F.linear(z.to(self.lamda_S.dtype), self.lamda_S) * self.scaling  # (..., r), the middle in float32
+        B = self.lamda_B if self.lamda_B.dtype == out.dtype else self.lamda_B.to(out.dtype)
+        return out + F.linear(u.to(out.dtype), B)  # (..., d_out)
 
     # ---- merge ---------------------------------------------------------------------------------------------------
 

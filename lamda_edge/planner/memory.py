@@ -24,7 +24,8 @@ per token, counted op by op (tests/test_planner_memory.py checks it against the 
     SDPA output + log-sum-exp (fp32)                                    n_h d * e + n_h * 4 B
     with a padding mask: k, v repeated to n_h heads, SDPA's float mask  2 (n_h - n_kv) d * e + T * e
     gated MLP: gate (for SiLU), up and SiLU(gate) (for the product)     3I * e
-    LaMDA, each adapted linear: A x (for S's grad), S A x (for B's)     sum_i r_i (1 + [B trains]) * 4 B
+    LaMDA, each adapted linear: A x in fp32 (for S's grad), s S A x     sum_i r_i (4 + [B trains] e) B
+      in the compute dtype (for B's)
     frozen base weights (plain or NF4) save nothing that scales with N: their inputs are not kept.
 """
 
@@ -169,7 +170,7 @@ def saved_per_token(shape, setup: TrainSetup, ranks: list[int]) -> float:
     h, d, nh, nkv, inter = shape.hidden_size, shape.head_dim, shape.num_attention_heads, shape.num_key_value_heads, (
         shape.intermediate_size
     )
-    adapter = sum(ranks) * (2 if setup.b_trainable else 1) * 4  # A x and S A x per adapted linear, fp32
+    adapter = sum(ranks) * (4 + (e if setup.b_trainable else 0))  # A x (fp32) and s S A x (e) per adapted linear
     if shape.architecture == "decoder":
         norms = 2 * h * 4 + 2 * 4  # fp32 norm inputs + rsqrt
         # with a padding mask transformers cannot use SDPA's GQA: repeat_kv copies k and v to n_h heads
@@ -249,11 +250,11 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     recompute = saved_layer - (N * h * 4 if e == 4 else 0)
     top_stored = N * h * e if setup.gradient_checkpointing else saved_layer
     below = stored - top_stored  # blocks under the top one
-    # gradient transients at the MLP's input-gradient step: the block output's grad (N*h*e) and its scaled
-    # adapter copy (N*h*e); down_proj's input grad from the adapter path (fp32, N*I*4, plus its cast back to e),
-    # from the frozen base (N*I*e) and their sum (N*I*e) -- the same count holds for d(act), d(up), d(gate)
+    # gradient transients at the MLP's input-gradient step: the block output's grad (N*h*e); down_proj's input
+    # grad from the frozen base (N*I*e) and from the adapter path (N*I*e: A is cast to e, not x to fp32), which
+    # autograd adds into the first in place -- the same count holds for d(act), d(up), d(gate)
     # (an NF4 weight's dequantized copy lives only during its own matmul, before this sum: not added here)
-    grad_transient = 2 * N * h * e + N * inter * (4 + 2 * e + (e if e != 4 else 0))
+    grad_transient = N * h * e + 2 * N * inter * e
     grads = trainable * 4  # parameter gradients (fp32, S and B)
     phases = {
         # forward through the top block: without checkpointing its saved set plus the MLP product and down_proj's
