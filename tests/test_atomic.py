@@ -31,3 +31,18 @@ def test_a_failing_writer_keeps_the_old_file(tmp_path):
         write_atomic(target, broken)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["adapter_config.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=["022", "077", "002"])
+def test_files_follow_the_umask(tmp_path, umask):
+    """As `open()` and the Trainer's files do (mkstemp's 0600 made adapter files unreadable to the group)."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        write_bytes_atomic(tmp_path / "metrics.json", b"{}")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask == plain.stat().st_mode & 0o777

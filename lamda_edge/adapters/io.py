@@ -1,7 +1,11 @@
-"""Adapter files: `adapter_model.safetensors` (A, S, B, B's frozen-column count, modules_to_save) and
-`adapter_config.json` (the LaMDAConfig, per-layer ranks, and a fingerprint of the base model).
+"""Adapter files: `lamda_adapter.safetensors` (A, S, B, B's frozen-column count, modules_to_save) and
+`lamda_adapter.json` (the LaMDAConfig, per-layer ranks, a fingerprint of the base model, and the sha256 of the
+tensor file).
 
-Loading onto a base whose architecture, shapes or targeted weights differ fails with `AdapterMismatchError`.
+The names are our own: PEFT's `adapter_config.json` / `adapter_model.safetensors` made PEFT and transformers take
+the folder for a PEFT adapter (whose schema it is not). Folders written with those names still load.
+Loading onto a base whose architecture, shapes or targeted weights differ fails with `AdapterMismatchError`; a
+tensor file whose bytes differ from the recorded sha256 fails with `CorruptFileError` naming the file.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from lamda_edge.adapters.config import LaMDAConfig
 from lamda_edge.adapters.inject import apply_lamda, lamda_layers, matches_module
 from lamda_edge.adapters.state import STATE_ATTR, AdapterState, adapter_state
 from lamda_edge.atomic import write_atomic
-from lamda_edge.errors import AdapterMismatchError, ModelError
+from lamda_edge.errors import AdapterMismatchError, CorruptFileError, ModelError
+from lamda_edge.integrity import check_hash, sha256_file
 from lamda_edge.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, task_of_architectures
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "lamda_adapter.json"
+WEIGHTS_NAME = "lamda_adapter.safetensors"
+LEGACY_NAMES = ("adapter_config.json", "adapter_model.safetensors")  # before issue 18: PEFT's names, read only
 FORMAT = "lamda-edge-adapter"
 FORMAT_VERSION = 1
 LAYER_TENSORS = ("lamda_A", "lamda_S", "lamda_B", "lamda_B_frozen")
@@ -38,6 +44,14 @@ def model_fingerprint(model: nn.Module) -> dict:
         "shapes": {name: [layer.out_features, layer.in_features] for name, layer in lamda_layers(model)},
         "weights": dict(state.fingerprint) if state is not None else {},
     }
+
+
+def fingerprint_id(fingerprint: dict) -> str:
+    """A short portable identity of a base model: the hash of its fingerprint (architecture, shapes, weight hashes),
+    the same wherever the folder lies."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _saved_modules(model: nn.Module, config: LaMDAConfig) -> dict[str, torch.Tensor]:
@@ -66,7 +80,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
     Args:
         model: a model with LaMDA layers (from `apply_lamda` or `load_lamda_model`).
         path: output folder.
-        metadata: extra JSON fields, e.g. {"base_model": "/path/to/base", "quantize": "nf4"}.
+        metadata: extra JSON fields, e.g. {"base_model": "/path/to/base", "base_name": "my-base",
+            "quantize": "nf4"}. The config also records `base_id` (`fingerprint_id`) and `weights_sha256`.
     """
     layers = lamda_layers(model)
     if not layers:
@@ -77,6 +92,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    fingerprint = model_fingerprint(model)
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -85,22 +101,75 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
         "lamda_config": config.to_dict(),
         "ranks": {name: layer.rank for name, layer in layers},
         "modules_to_save": list(config.modules_to_save),
-        "fingerprint": model_fingerprint(model),
+        "fingerprint": fingerprint,
+        "base_id": fingerprint_id(fingerprint),
     }
-    write_atomic(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+
+    def write_weights(tmp: str) -> None:
+        save_file(tensors, tmp, metadata={"format": FORMAT})
+        info["weights_sha256"] = sha256_file(tmp)
+
+    write_atomic(out / WEIGHTS_NAME, write_weights)
     write_atomic(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
+    for legacy in LEGACY_NAMES:  # a re-save over an old folder: one adapter, under our names only
+        (out / legacy).unlink(missing_ok=True)
     return out
 
 
+def adapter_files(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(config file, tensor file) of the adapter folder `path`: our names, else the legacy (PEFT-like) ones."""
+    folder = Path(path)
+    if not (folder / CONFIG_NAME).is_file() and (folder / LEGACY_NAMES[0]).is_file():
+        return folder / LEGACY_NAMES[0], folder / LEGACY_NAMES[1]
+    return folder / CONFIG_NAME, folder / WEIGHTS_NAME
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """True when `path` holds an adapter config under our name or the legacy one."""
+    return adapter_files(path)[0].is_file()
+
+
 def read_adapter_config(path: str | os.PathLike) -> dict:
-    """The JSON config of an adapter folder (raises `ModelError` when it is not one)."""
-    file = Path(path) / CONFIG_NAME
+    """The JSON config of an adapter folder (raises `ModelError` when it is not one, `CorruptFileError` when it
+    cannot be parsed)."""
+    file, _ = adapter_files(path)
     if not file.is_file():
-        raise ModelError(f"{path} is not a lamda-edge adapter folder: {CONFIG_NAME} is missing")
-    info = json.loads(file.read_text())
-    if info.get("format") != FORMAT:
-        raise ModelError(f"{file} is not a lamda-edge adapter config (format={info.get('format')!r})")
+        raise ModelError(f"{path} is not a lamda-edge adapter folder: {CONFIG_NAME} is missing. Fix: pass the "
+                         "folder that `lamda-edge train` saved the adapter to")
+    try:
+        info = json.loads(file.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptFileError(f"{file} is damaged: not valid JSON ({exc}). Fix: use an intact copy of the "
+                               "adapter, or train it again") from exc
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise ModelError(f"{file} is not a lamda-edge adapter config (format={found!r})")
     return info
+
+
+def verify_adapter(path: str | os.PathLike) -> dict:
+    """Read the adapter config of `path` and check its tensor file against the recorded sha256; returns the config.
+
+    An adapter saved before hashes were recorded has nothing to check against and passes.
+    """
+    info = read_adapter_config(path)
+    _, weights = adapter_files(path)
+    expected = info.get("weights_sha256")
+    if expected is not None:
+        check_hash(weights, expected, "use an intact copy of the adapter (or a checkpoint's), or train it again")
+    elif not weights.is_file():
+        raise CorruptFileError(f"{weights} is missing. Fix: use an intact copy of the adapter, or train it again")
+    return info
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptFileError(f"{file} is damaged: not a readable safetensors file ({exc}). Fix: use an intact "
+                               "copy of the adapter, or train it again") from exc
 
 
 def check_fingerprint(model: nn.Module, saved: dict, where: str) -> None:
@@ -128,10 +197,12 @@ def check_fingerprint(model: nn.Module, saved: dict, where: str) -> None:
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
     """Load the adapter in folder `path` onto `model` (applying LaMDA first if the model has none).
 
+    The tensor file is checked against the sha256 the config records first (`verify_adapter`).
+
     Returns:
         The adapter's JSON config.
     """
-    info = read_adapter_config(path)
+    info = verify_adapter(path)
     config = LaMDAConfig.from_dict(info["lamda_config"])
     if not lamda_layers(model):
         apply_lamda(model, config)
@@ -140,7 +211,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
         diff = [n for n in set(ranks) | set(info["ranks"]) if ranks.get(n) != info["ranks"].get(n)][:5]
         raise AdapterMismatchError(f"the adapter in {path} has other layers or ranks than the model (e.g. {diff})")
     check_fingerprint(model, info["fingerprint"], str(path))
-    tensors = load_file(str(Path(path) / WEIGHTS_NAME))
+    tensors = _load_tensors(adapter_files(path)[1])
     modules = dict(model.named_modules())
     missing, wrong_shape = [], []
     for name, layer in lamda_layers(model):

@@ -6,8 +6,11 @@
                       OUT/model.int4.onnx <── MatMulNBits (--int4)                 │    onnxruntime-genai builder)
                       OUT/export-report.json <── PyTorch vs ONNX Runtime, every output, every case
 
-Everything is built in a temporary folder next to the output and renamed at the end: a failure leaves nothing
-half-written. A validation failure still writes its report, beside the output as `<output>.export-report.json`.
+Everything is built in a temporary folder next to the output (`.<name>.tmp-<pid>`) and renamed at the end: a
+failure leaves nothing half-written, and the next export to the same output removes what a killed one left. An
+output that is, contains or sits inside the adapter folder or the base model folder, or that is or contains the
+current directory, is refused before anything is written (`--overwrite` would delete it). A validation failure
+still writes its report, beside the output as `<output>.export-report.json`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from lamda_edge.atomic import write_bytes_atomic
+from lamda_edge.atomic import stale_leftovers, write_bytes_atomic
 from lamda_edge.errors import ConfigError, ExportValidationError, ModelError
 from lamda_edge.export import genai, genai_pack, lowbit
 from lamda_edge.export import graph as onnx_graph
@@ -98,9 +101,11 @@ def export(options: ExportOptions, log=print) -> dict:
         ExportValidationError: ONNX Runtime disagrees with PyTorch; the report is written beside the output.
     """
     out = Path(options.output)
+    check_output_location(options)
     if out.exists() and not options.overwrite:
         raise ConfigError(f"output folder {out} already exists. Fix: pass --overwrite, or choose another --output")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out, log)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -124,6 +129,46 @@ def export(options: ExportOptions, log=print) -> dict:
     else:
         os.replace(tmp, out)
     return report
+
+
+def check_output_location(options: ExportOptions) -> None:
+    """Refuse an output folder that is, contains or sits inside the adapter or base model folder, or that is or
+    contains the current directory: `--overwrite` would delete a run, a model or the user's work."""
+    from lamda_edge.adapters.io import is_adapter_folder, read_adapter_config
+
+    out = Path(options.output).expanduser().resolve()
+    protected = []
+    if options.adapter is not None:
+        protected.append(("the adapter folder", Path(options.adapter), True))
+        if options.model is None and is_adapter_folder(options.adapter):
+            base = read_adapter_config(options.adapter).get("base_model")
+            if base:
+                protected.append(("the adapter's base model folder", Path(base), True))
+    if options.model is not None:
+        protected.append(("the model folder", Path(options.model), True))
+    protected.append(("the current directory", Path.cwd(), False))
+    for what, folder, inside_too in protected:
+        folder_r = folder.expanduser().resolve()
+        relation = ("is" if out == folder_r else "contains" if out in folder_r.parents
+                    else "is inside" if inside_too and folder_r in out.parents else None)
+        if relation:
+            raise ConfigError(f"--output {str(options.output)!r} {relation} {what} ({folder}); exporting there "
+                              f"would {'delete' if relation != 'is inside' else 'write into'} it. Fix: choose an "
+                              f"output folder of its own, e.g. --output {folder_r.parent / (folder_r.name + '-onnx')}")
+
+
+def _remove_leftovers(out: Path, log) -> None:
+    """Remove what an export killed while building `out` left beside it; an old output it had moved aside but not
+    yet replaced comes back when `out` is missing."""
+    for trash in stale_leftovers(out.parent, f".{out.name}.old-"):
+        if out.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(trash, out)
+            log(f"restored {out} from {trash.name}, left by a killed export")
+    for tmp in stale_leftovers(out.parent, f".{out.name}.tmp-"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"removed {tmp}, left by a killed export")
 
 
 def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:

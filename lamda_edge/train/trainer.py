@@ -1,9 +1,14 @@
 """The Trainer side of a run: `LossModel` (forward returns the chunked loss) and `LaMDATrainer` (adapter-only,
 atomic checkpoints; stops on a non-finite loss).
 
-Checkpoints hold only the adapter (safetensors), the optimizer, the LR scheduler, the RNG states and the Trainer
-state; each is written into a staging folder that is renamed into place, so a killed run never leaves a
-half-written checkpoint.
+Checkpoints hold only the adapter (safetensors), the optimizer, the LR scheduler, the RNG states, the Trainer state
+and a manifest of their sha256; each is written into a staging folder that is renamed into place, so a killed run
+never leaves a half-written checkpoint.
+
+A checkpoint is good once the loss on its weights is finite: the newest one stays pending (kept, with the one
+before it protected from rotation) until the next step's loss confirms it. When that loss is NaN or inf, the update
+that diverged is the one the pending checkpoint holds, so it is removed and the run stops; the last good checkpoint
+holds finite weights from before that update. A checkpoint whose adapter tensors are not finite is never written.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from lamda_edge.adapters import load_adapter, save_adapter
 from lamda_edge.errors import TrainingError
+from lamda_edge.integrity import write_manifest
 from lamda_edge.train import report
 from lamda_edge.train.loss import causal_lm_loss
 from lamda_edge.train.report import effective_trainable
@@ -48,9 +55,11 @@ class LossModel(nn.Module):
 class LaMDATrainer(Trainer):
     """Trainer that checkpoints only the adapter, atomically, and stops on a non-finite loss."""
 
-    def __init__(self, *args, adapter_metadata: dict | None = None, **kwargs):
+    def __init__(self, *args, adapter_metadata: dict | None = None, on_good_checkpoint=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.adapter_metadata = adapter_metadata or {}
+        self.on_good_checkpoint = on_good_checkpoint  # called once a checkpoint is confirmed good (ReplacedRun.drop)
+        self.pending_checkpoint: Path | None = None  # the newest checkpoint, until the next loss confirms it
 
     @property
     def lm(self) -> nn.Module:
@@ -62,16 +71,35 @@ class LaMDATrainer(Trainer):
         loss = result[0] if return_outputs else result
         value = float(loss.detach())
         if not math.isfinite(value):
-            last = latest_checkpoint(Path(self.args.output_dir))
-            raise TrainingError(
-                f"the {'training' if model.training else 'eval'} loss became {value} at optimizer step "
-                f"{self.state.global_step + 1}; the run stopped. The last good checkpoint is kept: "
-                f"{last if last else 'none yet'}. Fix: lower `lr` (now {self.args.learning_rate:g}), use "
-                "`precision=fp32`, or check the data, and start again with `overwrite=true`"
-            )
+            self._stop_on_nonfinite(value, "training" if model.training else "eval")
+        if model.training and self.pending_checkpoint is not None:
+            self._confirm_checkpoint()
         if model.training:
             self.model.step_loss += value / max(1, self.accelerator.num_processes)
         return result
+
+    def _stop_on_nonfinite(self, value: float, kind: str) -> None:
+        """Remove the pending checkpoint (its weights gave this loss) and raise `TrainingError`."""
+        removed = self.pending_checkpoint
+        if removed is not None and self.args.should_save:
+            shutil.rmtree(removed, ignore_errors=True)
+        self.pending_checkpoint = None
+        last = latest_checkpoint(Path(self.args.output_dir))
+        raise TrainingError(
+            f"the {kind} loss became {value} at optimizer step {self.state.global_step + 1}; the run stopped. "
+            + (f"{removed.name} was removed (the loss on its weights is {value}). " if removed else "")
+            + f"The last good checkpoint is kept: {last if last else 'none yet'}. Fix: lower `lr` (now "
+            f"{self.args.learning_rate:g}), use `precision=fp32`, or check the data, and start again with "
+            "`overwrite=true`"
+        )
+
+    def _confirm_checkpoint(self) -> None:
+        """The pending checkpoint's weights gave a finite loss: it is good; rotate to the configured limit."""
+        self.pending_checkpoint = None
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=self.args.save_total_limit)
+        if self.on_good_checkpoint is not None:
+            self.on_good_checkpoint()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs:
@@ -89,11 +117,15 @@ class LaMDATrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_adapter(self.lm, resume_from_checkpoint)
 
+    def _load_best_model(self) -> None:  # `load_best_model_at_end`: our adapter files, not PEFT's
+        load_adapter(self.lm, self.state.best_model_checkpoint)
+
     def _get_output_dir(self, trial) -> str:
         staging = getattr(self, "_staging_dir", None)
         return str(staging) if staging is not None else super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
+        _check_finite(self.lm, self.state.global_step, Path(super()._get_output_dir(trial)))
         run_dir = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
         staging = run_dir / f".staging-{self.state.global_step}"
@@ -108,13 +140,27 @@ class LaMDATrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = run_dir / name
+            write_manifest(staging / name)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging / name, final)
             shutil.rmtree(staging, ignore_errors=True)
             _fsync_dir(run_dir)
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit)
+            limit = self.args.save_total_limit  # + 1: the last good one outlives the pending one
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit + 1 if limit else limit)
+        self.pending_checkpoint = run_dir / name
         self.accelerator.wait_for_everyone()
+
+
+def _check_finite(lm: nn.Module, step: int, run_dir: Path) -> None:
+    """Raise `TrainingError` when an adapter tensor holds NaN or inf: such weights are never a checkpoint."""
+    for name, param in lm.named_parameters():
+        if param.requires_grad and not torch.isfinite(param.detach()).all():
+            last = latest_checkpoint(run_dir)
+            raise TrainingError(
+                f"{name} holds NaN or inf after optimizer step {step}; it was not saved and the run stopped. The last "
+                f"good checkpoint is kept: {last if last else 'none yet'}. Fix: lower `lr`, use `precision=fp32`, or "
+                "check the data, and start again with `overwrite=true`")
 
 
 def _fsync_dir(path: Path) -> None:
