@@ -102,10 +102,10 @@ def export(options: ExportOptions, log=print) -> dict:
     """
     out = Path(options.output)
     check_output_location(options)
+    _remove_leftovers(out, log)
     if out.exists() and not options.overwrite:
         raise ConfigError(f"output folder {out} already exists. Fix: pass --overwrite, or choose another --output")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out, log)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

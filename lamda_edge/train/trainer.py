@@ -5,10 +5,13 @@ Checkpoints hold only the adapter (safetensors), the optimizer, the LR scheduler
 and a manifest of their sha256; each is written into a staging folder that is renamed into place, so a killed run
 never leaves a half-written checkpoint.
 
-A checkpoint is good once the loss on its weights is finite: the newest one stays pending (kept, with the one
-before it protected from rotation) until the next step's loss confirms it. When that loss is NaN or inf, the update
-that diverged is the one the pending checkpoint holds, so it is removed and the run stops; the last good checkpoint
-holds finite weights from before that update. A checkpoint whose adapter tensors are not finite is never written.
+A checkpoint is good when its weights are sane (no trainable tensor's norm grew over `GROWTH_LIMIT` times its
+norm at the run's start, plus one per element) and a later training loss is finite and at most `DIVERGED_FACTOR`
+times the run's lowest. Until then it stays unconfirmed, and rotation keeps `save_total_limit` confirmed ones
+besides. When the loss becomes NaN or inf, the unconfirmed checkpoints hold the updates that diverged (with lr=1e9
+one step gives weights around 1e9 whose loss, behind RMSNorm, still looks normal, and the NaN comes a step later),
+so they are removed and the run stops: the last good checkpoint holds finite, sane weights from before the
+divergence. A checkpoint whose adapter tensors are not finite is never written.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from lamda_edge.integrity import write_manifest
 from lamda_edge.train import report
 from lamda_edge.train.loss import causal_lm_loss
 from lamda_edge.train.report import effective_trainable
+
+DIVERGED_FACTOR = 10.0  # a loss this many times the run's lowest does not confirm a checkpoint
+GROWTH_LIMIT = 100.0  # a tensor whose norm grew this many times (plus one per element) is not a sane checkpoint
 
 
 class LossModel(nn.Module):
@@ -59,7 +65,9 @@ class LaMDATrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.adapter_metadata = adapter_metadata or {}
         self.on_good_checkpoint = on_good_checkpoint  # called once a checkpoint is confirmed good (ReplacedRun.drop)
-        self.pending_checkpoint: Path | None = None  # the newest checkpoint, until the next loss confirms it
+        self.unconfirmed: list[tuple[Path, bool]] = []  # (checkpoint, weights sane) no sane loss followed yet
+        self.lowest_loss: float | None = None
+        self.start_norms: dict[str, float] | None = None  # trainable tensor -> norm, at the run's (or resume's) start
 
     @property
     def lm(self) -> nn.Module:
@@ -70,36 +78,58 @@ class LaMDATrainer(Trainer):
                                       num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
         value = float(loss.detach())
+        if self.start_norms is None:
+            self.start_norms = self._norms()
         if not math.isfinite(value):
             self._stop_on_nonfinite(value, "training" if model.training else "eval")
-        if model.training and self.pending_checkpoint is not None:
-            self._confirm_checkpoint()
+        if model.training:
+            self._judge_checkpoints(value)
         if model.training:
             self.model.step_loss += value / max(1, self.accelerator.num_processes)
         return result
 
     def _stop_on_nonfinite(self, value: float, kind: str) -> None:
-        """Remove the pending checkpoint (its weights gave this loss) and raise `TrainingError`."""
-        removed = self.pending_checkpoint
-        if removed is not None and self.args.should_save:
-            shutil.rmtree(removed, ignore_errors=True)
-        self.pending_checkpoint = None
+        """Remove the unconfirmed checkpoints (they hold the diverging updates) and raise `TrainingError`."""
+        removed = [folder for folder, _ in self.unconfirmed]
+        self.unconfirmed = []
+        if self.args.should_save:
+            for folder in removed:
+                shutil.rmtree(folder, ignore_errors=True)
         last = latest_checkpoint(Path(self.args.output_dir))
+        names = ", ".join(folder.name for folder in removed)
         raise TrainingError(
             f"the {kind} loss became {value} at optimizer step {self.state.global_step + 1}; the run stopped. "
-            + (f"{removed.name} was removed (the loss on its weights is {value}). " if removed else "")
+            + (f"Removed {names}: they hold the diverging updates (weights grown over {GROWTH_LIMIT:g}x, or a loss "
+               f"after them of {value} or over {DIVERGED_FACTOR:g}x the run's lowest). " if removed else "")
             + f"The last good checkpoint is kept: {last if last else 'none yet'}. Fix: lower `lr` (now "
             f"{self.args.learning_rate:g}), use `precision=fp32`, or check the data, and start again with "
             "`overwrite=true`"
         )
 
-    def _confirm_checkpoint(self) -> None:
-        """The pending checkpoint's weights gave a finite loss: it is good; rotate to the configured limit."""
-        self.pending_checkpoint = None
+    def _judge_checkpoints(self, loss: float) -> None:
+        """A finite training loss within `DIVERGED_FACTOR` of the run's lowest confirms the checkpoints before it."""
+        sane = self.lowest_loss is None or loss <= DIVERGED_FACTOR * self.lowest_loss
+        self.lowest_loss = loss if self.lowest_loss is None else min(self.lowest_loss, loss)
+        confirmed = [folder for folder, weights_sane in self.unconfirmed if weights_sane] if sane else []
+        if not confirmed:
+            return
+        self.unconfirmed = [(folder, ok) for folder, ok in self.unconfirmed if folder not in confirmed]
         if self.args.should_save:
             rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=self.args.save_total_limit)
         if self.on_good_checkpoint is not None:
             self.on_good_checkpoint()
+
+    def _norms(self) -> dict[str, float]:
+        return {name: float(p.detach().float().norm()) for name, p in self.lm.named_parameters() if p.requires_grad}
+
+    def _grown(self) -> str | None:
+        """The first trainable tensor whose norm grew past `GROWTH_LIMIT` times its start (plus one per element)."""
+        for name, param in self.lm.named_parameters():
+            start = (self.start_norms or {}).get(name)
+            if param.requires_grad and start is not None:
+                if float(param.detach().float().norm()) > GROWTH_LIMIT * start + math.sqrt(param.numel()):
+                    return name
+        return None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs:
@@ -138,6 +168,7 @@ class LaMDATrainer(Trainer):
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()
+        self.unconfirmed.append((run_dir / name, self._grown() is None))
         if self.args.should_save:
             final = run_dir / name
             write_manifest(staging / name)
@@ -146,9 +177,10 @@ class LaMDATrainer(Trainer):
             os.replace(staging / name, final)
             shutil.rmtree(staging, ignore_errors=True)
             _fsync_dir(run_dir)
-            limit = self.args.save_total_limit  # + 1: the last good one outlives the pending one
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit + 1 if limit else limit)
-        self.pending_checkpoint = run_dir / name
+            # the unconfirmed checkpoints come on top of the limit: the confirmed ones outlive them
+            limit = self.args.save_total_limit
+            rotate_checkpoints(output_dir=str(run_dir),
+                               save_total_limit=limit + len(self.unconfirmed) if limit else limit)
         self.accelerator.wait_for_everyone()
 
 
