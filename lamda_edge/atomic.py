@@ -20,9 +20,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 & ~umask
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 & ~umask
+    mode = os.fstat(fd).st_mode & 0o777
+    os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # writers that replace the file (safetensors) would leave their own mode
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -244,10 +244,13 @@ def _add_export(sub) -> None:
 def _run_export(args) -> int:
     from pathlib import Path
 
-    from lamda_edge.export.pipeline import ExportOptions, export
+    from lamda_edge.export.location import check_output_location
 
     output = Path(args.output)
     model, adapter = (Path(p) if p else None for p in (args.model, args.adapter))
+    check_output_location(output, adapter, model)  # before torch loads: a refusal is instant
+    from lamda_edge.export.pipeline import ExportOptions, export
+
     export(ExportOptions(output=output, model=model, adapter=adapter, dtype=args.dtype,
                          int4=args.int4, int4_method=args.int4_method, int8=args.int8,
                          block_size=args.block_size, format=args.format, precision=args.precision,

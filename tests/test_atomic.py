@@ -41,8 +41,15 @@ def test_files_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
         write_bytes_atomic(tmp_path / "metrics.json", b"{}")
+
+        def replace_file(tmp):  # as safetensors' writer does: a new file, with a mode of its own
+            os.unlink(tmp)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))
+
+        write_atomic(tmp_path / "adapter.safetensors", replace_file)
         plain = tmp_path / "plain.txt"
         plain.write_text("x")
     finally:
         os.umask(old)
-    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask == plain.stat().st_mode & 0o777
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["metrics.json", "adapter.safetensors", "plain.txt"], 0o666 & ~umask)

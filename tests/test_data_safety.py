@@ -87,7 +87,11 @@ def world(tmp_path_factory, tiny_run) -> World:
 
 
 def _victim_run(w: World, name: str) -> dict:
-    return {"victim": w.copy(w.run_dir, name)}
+    """A copy of the shared run, its run config naming the copy as its output (as if it had been trained there)."""
+    victim = w.copy(w.run_dir, name)
+    config = victim / "run_config.yaml"
+    config.write_text(config.read_text().replace(f"output: {w.run_dir}\n", f"output: {victim}\n"))
+    return {"victim": victim}
 
 
 def _victim_model(w: World, name: str) -> dict:
@@ -245,7 +249,7 @@ INTERRUPT_AT = textwrap.dedent("""
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == int(sys.argv[1]):
                 open(sys.argv[2], "w").write("ready")
-                time.sleep(5)
+                time.sleep(3)
 
     real = t.train
     t.train = lambda config, resume=False, callbacks=None, progress=True: real(config, resume, [Marker()], progress)

@@ -1,9 +1,7 @@
-"""Adapter files: `lamda_adapter.safetensors` (A, S, B, B's frozen-column count, modules_to_save) and
+"""Adapter save and load: `lamda_adapter.safetensors` (A, S, B, B's frozen-column count, modules_to_save) and
 `lamda_adapter.json` (the LaMDAConfig, per-layer ranks, a fingerprint of the base model, and the sha256 of the
-tensor file).
+tensor file); the names and the torch-free readers are in `files.py`.
 
-The names are our own: PEFT's `adapter_config.json` / `adapter_model.safetensors` made PEFT and transformers take
-the folder for a PEFT adapter (whose schema it is not). Folders written with those names still load.
 Loading onto a base whose architecture, shapes or targeted weights differ fails with `AdapterMismatchError`; a
 tensor file whose bytes differ from the recorded sha256 fails with `CorruptFileError` naming the file.
 """
@@ -19,18 +17,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lamda_edge.adapters.config import LaMDAConfig
+from lamda_edge.adapters.files import (  # noqa: F401  (re-exported: the file names and readers live there)
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    LEGACY_NAMES,
+    WEIGHTS_NAME,
+    adapter_files,
+    is_adapter_folder,
+    read_adapter_config,
+    verify_adapter,
+)
 from lamda_edge.adapters.inject import apply_lamda, lamda_layers, matches_module
 from lamda_edge.adapters.state import STATE_ATTR, AdapterState, adapter_state
 from lamda_edge.atomic import write_atomic
 from lamda_edge.errors import AdapterMismatchError, CorruptFileError, ModelError
-from lamda_edge.integrity import check_hash, sha256_file
+from lamda_edge.integrity import sha256_file
 from lamda_edge.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, task_of_architectures
 
-CONFIG_NAME = "lamda_adapter.json"
-WEIGHTS_NAME = "lamda_adapter.safetensors"
-LEGACY_NAMES = ("adapter_config.json", "adapter_model.safetensors")  # before issue 18: PEFT's names, read only
-FORMAT = "lamda-edge-adapter"
-FORMAT_VERSION = 1
 LAYER_TENSORS = ("lamda_A", "lamda_S", "lamda_B", "lamda_B_frozen")
 
 
@@ -114,52 +118,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
     for legacy in LEGACY_NAMES:  # a re-save over an old folder: one adapter, under our names only
         (out / legacy).unlink(missing_ok=True)
     return out
-
-
-def adapter_files(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(config file, tensor file) of the adapter folder `path`: our names, else the legacy (PEFT-like) ones."""
-    folder = Path(path)
-    if not (folder / CONFIG_NAME).is_file() and (folder / LEGACY_NAMES[0]).is_file():
-        return folder / LEGACY_NAMES[0], folder / LEGACY_NAMES[1]
-    return folder / CONFIG_NAME, folder / WEIGHTS_NAME
-
-
-def is_adapter_folder(path: str | os.PathLike) -> bool:
-    """True when `path` holds an adapter config under our name or the legacy one."""
-    return adapter_files(path)[0].is_file()
-
-
-def read_adapter_config(path: str | os.PathLike) -> dict:
-    """The JSON config of an adapter folder (raises `ModelError` when it is not one, `CorruptFileError` when it
-    cannot be parsed)."""
-    file, _ = adapter_files(path)
-    if not file.is_file():
-        raise ModelError(f"{path} is not a lamda-edge adapter folder: {CONFIG_NAME} is missing. Fix: pass the "
-                         "folder that `lamda-edge train` saved the adapter to")
-    try:
-        info = json.loads(file.read_text())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptFileError(f"{file} is damaged: not valid JSON ({exc}). Fix: use an intact copy of the "
-                               "adapter, or train it again") from exc
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        found = info.get("format") if isinstance(info, dict) else type(info).__name__
-        raise ModelError(f"{file} is not a lamda-edge adapter config (format={found!r})")
-    return info
-
-
-def verify_adapter(path: str | os.PathLike) -> dict:
-    """Read the adapter config of `path` and check its tensor file against the recorded sha256; returns the config.
-
-    An adapter saved before hashes were recorded has nothing to check against and passes.
-    """
-    info = read_adapter_config(path)
-    _, weights = adapter_files(path)
-    expected = info.get("weights_sha256")
-    if expected is not None:
-        check_hash(weights, expected, "use an intact copy of the adapter (or a checkpoint's), or train it again")
-    elif not weights.is_file():
-        raise CorruptFileError(f"{weights} is missing. Fix: use an intact copy of the adapter, or train it again")
-    return info
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import transformers
 
 from lamda_edge.adapters import load_adapter, merge_and_unload
 from lamda_edge.adapters.config import LaMDAConfig
-from lamda_edge.adapters.io import verify_adapter
+from lamda_edge.adapters.files import verify_adapter
 from lamda_edge.demo import default_model
 from lamda_edge.errors import ConfigError, ModelError
 from lamda_edge.load.loader import load_lamda_model

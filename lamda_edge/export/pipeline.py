@@ -27,6 +27,7 @@ from lamda_edge.errors import ConfigError, ExportValidationError, ModelError
 from lamda_edge.export import genai, genai_pack, lowbit
 from lamda_edge.export import graph as onnx_graph
 from lamda_edge.export.graph import MODEL_FILE, onnx_size
+from lamda_edge.export.location import check_output_location
 from lamda_edge.export.merged import load_merged, load_reference, load_tokenizer, save_merged
 from lamda_edge.export.validate import TOLERANCE, validate_decoder, validate_encoder
 
@@ -101,7 +102,7 @@ def export(options: ExportOptions, log=print) -> dict:
         ExportValidationError: ONNX Runtime disagrees with PyTorch; the report is written beside the output.
     """
     out = Path(options.output)
-    check_output_location(options)
+    check_output_location(options.output, options.adapter, options.model)
     _remove_leftovers(out, log)
     if out.exists() and not options.overwrite:
         raise ConfigError(f"output folder {out} already exists. Fix: pass --overwrite, or choose another --output")
@@ -129,32 +130,6 @@ def export(options: ExportOptions, log=print) -> dict:
     else:
         os.replace(tmp, out)
     return report
-
-
-def check_output_location(options: ExportOptions) -> None:
-    """Refuse an output folder that is, contains or sits inside the adapter or base model folder, or that is or
-    contains the current directory: `--overwrite` would delete a run, a model or the user's work."""
-    from lamda_edge.adapters.io import is_adapter_folder, read_adapter_config
-
-    out = Path(options.output).expanduser().resolve()
-    protected = []
-    if options.adapter is not None:
-        protected.append(("the adapter folder", Path(options.adapter), True))
-        if options.model is None and is_adapter_folder(options.adapter):
-            base = read_adapter_config(options.adapter).get("base_model")
-            if base:
-                protected.append(("the adapter's base model folder", Path(base), True))
-    if options.model is not None:
-        protected.append(("the model folder", Path(options.model), True))
-    protected.append(("the current directory", Path.cwd(), False))
-    for what, folder, inside_too in protected:
-        folder_r = folder.expanduser().resolve()
-        relation = ("is" if out == folder_r else "contains" if out in folder_r.parents
-                    else "is inside" if inside_too and folder_r in out.parents else None)
-        if relation:
-            raise ConfigError(f"--output {str(options.output)!r} {relation} {what} ({folder}); exporting there "
-                              f"would {'delete' if relation != 'is inside' else 'write into'} it. Fix: choose an "
-                              f"output folder of its own, e.g. --output {folder_r.parent / (folder_r.name + '-onnx')}")
 
 
 def _remove_leftovers(out: Path, log) -> None:

@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lamda_edge.adapters.io import CONFIG_NAME, LEGACY_NAMES, WEIGHTS_NAME, verify_adapter
+from lamda_edge.adapters.files import CONFIG_NAME, LEGACY_NAMES, WEIGHTS_NAME, verify_adapter
 from lamda_edge.atomic import stale_leftovers
 from lamda_edge.errors import ConfigError, LamdaEdgeError, TrainingError
 from lamda_edge.integrity import manifest_problem
