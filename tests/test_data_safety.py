@@ -144,9 +144,19 @@ def _old_checkpoints_damaged_pickle(w: World, name: str) -> dict:
     return values
 
 
-SETUPS = {"run": _victim_run, "model": _victim_model, "cwd": _cwd, "damaged-adapter": _damaged_adapter,
-          "damaged-checkpoint": _damaged_newest_checkpoint, "damaged-optimizer": _damaged_newest_optimizer,
-          "all-damaged": _all_checkpoints_damaged, "old-damaged": _old_checkpoints_damaged_pickle}
+def _moved_base(w: World, name: str) -> dict:
+    """A copy of the run whose recorded base folder no longer exists (another machine, a cleaned cache)."""
+    values = _victim_run(w, name)
+    config = values["victim"] / "lamda_adapter.json"
+    info = json.loads(config.read_text())
+    config.write_text(json.dumps({**info, "base_model": str(w.root / "gone" / "model")}, indent=2))
+    return {**values, "out": w.root / "rows" / f"{name}-out" / "onnx"}
+
+
+SETUPS = {"run": _victim_run, "moved-base": _moved_base, "model": _victim_model, "cwd": _cwd,
+          "damaged-adapter": _damaged_adapter, "damaged-checkpoint": _damaged_newest_checkpoint,
+          "damaged-optimizer": _damaged_newest_optimizer, "all-damaged": _all_checkpoints_damaged,
+          "old-damaged": _old_checkpoints_damaged_pickle}
 
 TRAIN_OVER = ["train", "--model", "{model}", "--data", "{data}", "--output", "{victim}", *TRAIN, "overwrite=true"]
 RESUME = ["train", "--output", "{victim}", "--resume", "--quiet"]
@@ -187,6 +197,9 @@ ROWS = [
     # adapter integrity (data loss 3) and stale export folders (data loss 6)
     pytest.param("damaged-adapter", ["export", "--adapter", "{victim}", "--output", "{out}"], 2,
                  "lamda_adapter.safetensors is damaged", True, id="export-damaged-adapter"),
+    # the base is recorded by folder, name and fingerprint id; a folder that moved asks for --model (issue 18, 3)
+    pytest.param("moved-base", ["export", "--adapter", "{victim}", "--output", "{out}"], 2,
+                 "is not a folder on this machine", True, id="export-recorded-base-moved"),
     # a damaged checkpoint on --resume: the newest intact one, saying so
     pytest.param("damaged-checkpoint", RESUME, 0, "resuming from the newest intact checkpoint, checkpoint-2", False,
                  id="resume-damaged-adapter-in-newest-checkpoint"),

@@ -19,6 +19,10 @@ renamed into place, so a killed run never leaves a half-written checkpoint. On r
 is loaded before the optimizer is built: a wholly frozen B comes back with requires_grad=False (its
 `lamda_B_frozen` buffer), the optimizer's groups match the saved state, and `LaMDACallback`
 re-snapshots the frozen columns, so a resumed run ends bitwise equal to an uninterrupted one on CPU.
+
+The output folder is never emptied before the new run can train (`run_folder.py`): an old run is moved aside when
+training starts and comes back if the new run fails before its first good checkpoint; `--resume` skips a damaged
+checkpoint. Ctrl-C checkpoints the step in progress and prints the command that resumes it.
 """
 
 from __future__ import annotations
