@@ -17,8 +17,6 @@ from lamda_edge.errors import ConfigError, ModelError
 from lamda_edge.load.loader import load_lamda_model
 from lamda_edge.tasks import SEQUENCE_CLASSIFICATION, task_of_architectures
 
-DEFAULT_NAMES = (default_model.MODEL_NAME, "default", "smollm2-135m")  # names --model takes for the default model
-
 
 def load_merged(model_dir: Path | None, adapter_dir: Path | None):
     """The merged fp32 model, the folder its tokenizer comes from, and a description of the source.
@@ -70,7 +68,7 @@ def resolve_base(model: Path | str | None, cfg: dict, adapter_dir: Path) -> Path
             continue
         if Path(candidate).is_dir():
             return Path(candidate)
-        if str(candidate).lower() in DEFAULT_NAMES:
+        if str(candidate).lower() in default_model.NAMES:
             return default_model.default_model_path()
     if model is not None:
         raise ModelError(f"--model {str(model)!r} is not a folder. Fix: pass the base transformers folder the "

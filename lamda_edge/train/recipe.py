@@ -223,7 +223,8 @@ class TrainRecipe:
     def plan(self) -> None:
         """The model folder (default: the demo model), its tokenizer, and what the planner picks (`_plan`)."""
         config = self.config
-        if config.model is None:
+        named = config.model is not None and config.model.lower() in default_model.NAMES
+        if config.model is None or (named and not Path(config.model).expanduser().is_dir()):
             self.model_path = default_model_path(progress=self.progress)
         else:
             self.model_path = Path(config.model).expanduser()
