@@ -233,12 +233,13 @@ def test_row(world, request, setup, command, code, phrase, protect):
 def test_a_good_checkpoint_survives_a_diverging_run(world):
     """warmup_steps=1, lr=1e9: step 1 changes nothing (lr 0), step 2 throws S and B to about 1e9 (a loss that
     still looks normal behind RMSNorm), the loss is NaN at step 4. The kept checkpoint is checkpoint-1, with finite,
-    sane weights from before the update that diverged (it used to keep weights around 1e9)."""
+    sane weights from before the update that diverged (it used to keep weights around 1e9), although
+    save_total_limit=1: unconfirmed checkpoints come on top of the limit."""
     from safetensors.torch import load_file
 
     out = world.root / "rows" / "diverging"
     done = world.cli(["train", "--model", str(world.model), "--data", str(world.data), "--output", str(out),
-                      *TRAIN, "--max-steps", "8", "save_steps=1", "lr=1e9", "warmup_steps=1"])
+                      *TRAIN, "--max-steps", "8", "save_steps=1", "save_total_limit=1", "lr=1e9", "warmup_steps=1"])
     output = done.stdout + done.stderr
     assert done.returncode == 2 and "loss became nan" in output and "Traceback" not in output, output[-3000:]
     assert "Removed checkpoint-2, checkpoint-3" in output, output[-3000:]

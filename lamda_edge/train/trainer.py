@@ -34,6 +34,7 @@ from lamda_edge.train.loss import causal_lm_loss
 from lamda_edge.train.report import effective_trainable
 
 DIVERGED_FACTOR = 10.0  # a loss this many times the run's lowest does not confirm a checkpoint
+LOSS_FLOOR = 0.1  # ... with the lowest taken as at least this (a memorized batch near 0 is no yardstick)
 GROWTH_LIMIT = 100.0  # a tensor whose norm grew this many times (plus one per element) is not a sane checkpoint
 
 
@@ -84,7 +85,6 @@ class LaMDATrainer(Trainer):
             self._stop_on_nonfinite(value, "training" if model.training else "eval")
         if model.training:
             self._judge_checkpoints(value)
-        if model.training:
             self.model.step_loss += value / max(1, self.accelerator.num_processes)
         return result
 
@@ -108,14 +108,16 @@ class LaMDATrainer(Trainer):
 
     def _judge_checkpoints(self, loss: float) -> None:
         """A finite training loss within `DIVERGED_FACTOR` of the run's lowest confirms the checkpoints before it."""
-        sane = self.lowest_loss is None or loss <= DIVERGED_FACTOR * self.lowest_loss
+        sane = self.lowest_loss is None or loss <= DIVERGED_FACTOR * max(self.lowest_loss, LOSS_FLOOR)
         self.lowest_loss = loss if self.lowest_loss is None else min(self.lowest_loss, loss)
         confirmed = [folder for folder, weights_sane in self.unconfirmed if weights_sane] if sane else []
         if not confirmed:
             return
         self.unconfirmed = [(folder, ok) for folder, ok in self.unconfirmed if folder not in confirmed]
+        limit = self.args.save_total_limit
         if self.args.should_save:
-            rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=self.args.save_total_limit)
+            rotate_checkpoints(output_dir=self.args.output_dir,
+                               save_total_limit=limit + len(self.unconfirmed) if limit else limit)
         if self.on_good_checkpoint is not None:
             self.on_good_checkpoint()
 
