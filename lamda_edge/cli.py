@@ -233,10 +233,12 @@ def _add_export(sub) -> None:
         "lamda-edge export --adapter runs/demo --output runs/demo-onnx --int4",
         "lamda-edge export --adapter runs/demo --output runs/demo-genai --format genai --precision int4",
         "lamda-edge export --model base-folder --output base-onnx"])
-    p.add_argument("--model", help="base transformers folder (default: the one the adapter records); "
-                   "without --adapter, this model is exported as it is")
+    p.add_argument("--model", help="base transformers folder, or smollm2-135m-instruct for the default model "
+                   "(default: the base the adapter records, by folder, else by name); without --adapter, this model "
+                   "is exported as it is")
     p.add_argument("--adapter", help="LaMDA adapter folder saved by `lamda-edge train`")
-    p.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite; never the "
+                   "adapter or model folder, inside them, or around the current directory)")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX weight type (--format onnx)")
     p.add_argument("--int4", action="store_true", help="also write model.int4.onnx: the adapter unmerged on its "
                    "4-bit residual base (see --int4-method)")
@@ -265,10 +267,13 @@ def _add_export(sub) -> None:
 def _run_export(args) -> int:
     from pathlib import Path
 
-    from lamda_edge.export.pipeline import ExportOptions, export
+    from lamda_edge.export.location import check_output_location
 
     output = Path(args.output)
     model, adapter = (Path(p) if p else None for p in (args.model, args.adapter))
+    check_output_location(output, adapter, model)  # before torch loads: a refusal is instant
+    from lamda_edge.export.pipeline import ExportOptions, export
+
     export(ExportOptions(output=output, model=model, adapter=adapter, dtype=args.dtype,
                          int4=args.int4, int4_method=args.int4_method, int8=args.int8,
                          block_size=args.block_size, format=args.format, precision=args.precision,

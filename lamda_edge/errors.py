@@ -25,6 +25,10 @@ class AdapterMismatchError(LamdaEdgeError):
     """An adapter file does not belong to the base model it is being loaded onto."""
 
 
+class CorruptFileError(LamdaEdgeError):
+    """A file we wrote no longer holds what we wrote (its content hash differs, or it cannot be parsed)."""
+
+
 class DataError(LamdaEdgeError, ValueError):
     """A dataset file is missing, malformed or empty; the message names the file and line."""
 

@@ -81,9 +81,9 @@ def test_a_head_with_other_classes_is_refused(tiny, tmp_path):
 
 
 def test_not_an_adapter_folder(tiny, tmp_path):
-    with pytest.raises(ModelError, match="adapter_config.json"):
+    with pytest.raises(ModelError, match="lamda_adapter.json"):
         load_adapter(tiny.model("llama"), tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"format": "peft"}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"format": "peft"}))  # a PEFT adapter
     with pytest.raises(ModelError, match="not a lamda-edge adapter"):
         load_adapter(tiny.model("llama"), tmp_path)
 
@@ -91,3 +91,44 @@ def test_not_an_adapter_folder(tiny, tmp_path):
 def test_saving_a_model_without_adapters(tiny, tmp_path):
     with pytest.raises(ModelError, match="apply_lamda"):
         save_adapter(tiny.model("llama"), tmp_path)
+
+
+def test_damaged_tensor_file_is_refused_naming_it(tiny, tmp_path):
+    """64 flipped bytes inside the tensor data: the recorded sha256 catches it (issue 12: it loaded silently)."""
+    from lamda_edge.adapters.io import WEIGHTS_NAME
+    from lamda_edge.errors import CorruptFileError
+
+    save_adapter(_trained(tiny), tmp_path)
+    weights = tmp_path / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=f"{WEIGHTS_NAME} is damaged"):
+        load_adapter(tiny.model("llama"), tmp_path)
+
+
+def test_legacy_file_names_still_load(tiny, tmp_path, ids):
+    """Adapters saved before issue 18 (PEFT's file names, no hash) load as before."""
+    from lamda_edge.adapters.io import CONFIG_NAME, LEGACY_NAMES, WEIGHTS_NAME
+
+    model = _trained(tiny)
+    save_adapter(model, tmp_path)
+    info = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del info["weights_sha256"], info["base_id"]
+    (tmp_path / LEGACY_NAMES[0]).write_text(json.dumps(info))
+    (tmp_path / WEIGHTS_NAME).rename(tmp_path / LEGACY_NAMES[1])
+    (tmp_path / CONFIG_NAME).unlink()
+    fresh = tiny.model("llama")
+    load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(tiny.output(fresh, ids), tiny.output(model, ids), atol=0, rtol=0)
+
+
+def test_a_model_folder_holding_our_adapter_still_loads_as_a_model(tiny, tmp_path):
+    """Our own file names: transformers no longer takes the folder for a PEFT adapter (issue 18, item 3)."""
+    from transformers import AutoModelForCausalLM
+
+    tiny.model("llama").save_pretrained(tmp_path)
+    save_adapter(_trained(tiny), tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)).__name__ == "LlamaForCausalLM"

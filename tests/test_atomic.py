@@ -31,3 +31,25 @@ def test_a_failing_writer_keeps_the_old_file(tmp_path):
         write_atomic(target, broken)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["adapter_config.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=["022", "077", "002"])
+def test_files_follow_the_umask(tmp_path, umask):
+    """As `open()` and the Trainer's files do (mkstemp's 0600 made adapter files unreadable to the group)."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        write_bytes_atomic(tmp_path / "metrics.json", b"{}")
+
+        def replace_file(tmp):  # as safetensors' writer does: a new file, with a mode of its own
+            os.unlink(tmp)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))
+
+        write_atomic(tmp_path / "adapter.safetensors", replace_file)
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["metrics.json", "adapter.safetensors", "plain.txt"], 0o666 & ~umask)

@@ -192,7 +192,7 @@ def test_classifier_adapter_on_a_bare_encoder_exports_its_head(tiny, tol, run_ex
             layer.lamda_S.add_(0.5 * torch.randn(layer.lamda_S.shape, generator=g))
         adapted.classifier.weight.add_(torch.randn(adapted.classifier.weight.shape, generator=g))
     save_adapter(adapted, tmp_path / "adapter", metadata={"base_model": str(tmp_path / "bare"), "quantize": None})
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["num_labels"] == 3
+    assert json.loads((tmp_path / "adapter" / "lamda_adapter.json").read_text())["num_labels"] == 3
 
     report = run_export(tmp_path / "out", adapter=tmp_path / "adapter", int4=True)
     assert report["ok"] and report["kind"] == "encoder"

@@ -176,7 +176,7 @@ def test_int4_graph_matches_the_nf4_model_independently(nf4_run):
     from lamda_edge.runtime.session import session
 
     root, _ = nf4_run
-    cfg = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    cfg = json.loads((root / "adapter" / "lamda_adapter.json").read_text())
     model = load_lamda_model(root / "base", LaMDAConfig.from_dict(cfg["lamda_config"]), quantize="nf4",
                              device="cpu", compute_dtype=torch.float32, cache_dir=False, progress=False).eval()
     load_adapter(model, root / "adapter")

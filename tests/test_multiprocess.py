@@ -69,8 +69,8 @@ def test_accelerate_launch_two_cpu_processes(tiny_run, tmp_path):
             meta = handle.metadata()
         assert meta == {"steps": "4", "world": "2"}  # both ranks ran all 4 optimizer steps in a world of 2
         ranks.append({k.removeprefix("lm."): v for k, v in load_file(str(path)).items()})
-    saved = load_file(str(out / "adapter_model.safetensors"))
-    checkpoint = load_file(str(out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"))
+    saved = load_file(str(out / "lamda_adapter.safetensors"))
+    checkpoint = load_file(str(out / "checkpoints" / "checkpoint-4" / "lamda_adapter.safetensors"))
     assert ranks[0].keys() <= saved.keys()
     for key, value in ranks[0].items():
         assert torch.equal(value, ranks[1][key]), f"ranks disagree on {key}: gradients were not synchronized"

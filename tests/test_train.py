@@ -60,7 +60,7 @@ def run_cli(args: list[str], env_extra: dict | None = None, timeout: int = 300) 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "adapter_model.safetensors"))
+    return load_file(str(folder / "lamda_adapter.safetensors"))
 
 
 def train_args(model_dir: Path, data_file: Path, out: Path) -> list[str]:
@@ -94,7 +94,7 @@ def test_sigkill_and_resume_is_bitwise_exact(tiny_run, tmp_path, model_dir, data
     assert proc.returncode == -signal.SIGKILL
     checkpoints = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    assert not (killed / "adapter_model.safetensors").exists()
+    assert not (killed / "lamda_adapter.safetensors").exists()
     # a second copy resumes from step 4, where B is only partly frozen (still in the optimizer)
     partial = tmp_path / "partial"
     shutil.copytree(killed, partial)
@@ -137,7 +137,7 @@ def test_output_folder_holds_adapter_config_metrics_plot(tmp_path, model_dir, da
 
     out = tmp_path / "run"
     result = train(tiny_config(model_dir, data_file, out), progress=False)
-    info = json.loads((out / "adapter_config.json").read_text())
+    info = json.loads((out / "lamda_adapter.json").read_text())
     assert info["base_model"] == str(model_dir.resolve()) and info["quantize"] is None
     assert info["trained_steps"] == 6
     saved = load_run_config(out / "run_config.yaml")
@@ -168,25 +168,25 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, model_dir, data
     from lamda_edge.errors import TrainingError
     from lamda_edge.train.recipe import train
 
-    class Poison(TrainerCallback):  # after step 2 (checkpointed), one S becomes NaN: step 3's loss is NaN
-        def __init__(self):
+    class Poison(TrainerCallback):  # after step 3 (checkpoint-2 was confirmed by step 3's finite loss), one S
+        def __init__(self):  # becomes NaN: step 4's loss is NaN, before step 4 is checkpointed
             self.model = None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.model = model
 
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 2:
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
                 with torch.no_grad():
                     lamda_layers(self.model)[0][1].lamda_S.fill_(float("nan"))
 
     out = tmp_path / "run"
-    with pytest.raises(TrainingError, match=r"loss became nan at optimizer step 3.*checkpoint-2"):
+    with pytest.raises(TrainingError, match=r"loss became nan at optimizer step 4.*checkpoint-2"):
         train(tiny_config(model_dir, data_file, out), callbacks=[Poison()], progress=False)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
     saved = adapter_tensors(out / "checkpoints" / "checkpoint-2")
     assert all(torch.isfinite(t.float()).all() for t in saved.values())
-    assert not (out / "adapter_model.safetensors").exists()
+    assert not (out / "lamda_adapter.safetensors").exists()
 
 
 def test_existing_run_and_missing_checkpoint_are_refused(tmp_path, model_dir, data_file):

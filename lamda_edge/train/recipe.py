@@ -19,13 +19,18 @@ renamed into place, so a killed run never leaves a half-written checkpoint. On r
 is loaded before the optimizer is built: a wholly frozen B comes back with requires_grad=False (its
 `lamda_B_frozen` buffer), the optimizer's groups match the saved state, and `LaMDACallback`
 re-snapshots the frozen columns, so a resumed run ends bitwise equal to an uninterrupted one on CPU.
+
+The output folder is never emptied before the new run can train (`run_folder.py`): an old run is moved aside when
+training starts and comes back if the new run fails before its first good checkpoint; `--resume` skips a damaged
+checkpoint. Ctrl-C checkpoints the step in progress and prints the command that resumes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import shutil
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +43,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_callback import ProgressCallback as HFProgress
 
 from lamda_edge.adapters import save_adapter
+from lamda_edge.demo import default_model
 from lamda_edge.demo import task as demo
 from lamda_edge.demo.default_model import default_model_path
 from lamda_edge.errors import ConfigError, ModelError, ProfileError
@@ -48,7 +54,7 @@ from lamda_edge.load.loader import load_lamda_model
 from lamda_edge.planner import get_device, get_model
 from lamda_edge.planner.search import plan as plan_run
 from lamda_edge.train import report
-from lamda_edge.train.callbacks import LaMDACallback, ProgressCallback
+from lamda_edge.train.callbacks import InterruptCallback, LaMDACallback, ProgressCallback
 from lamda_edge.train.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DEMO_STEPS,
@@ -58,10 +64,14 @@ from lamda_edge.train.config import (
 )
 from lamda_edge.train.data import PaddingCollator, load_data
 from lamda_edge.train.report import effective_trainable, lamda_layer_list
-from lamda_edge.train.trainer import LaMDATrainer, LossModel, check_checkpoint, latest_checkpoint
-
-CHECKPOINTS = "checkpoints"
-DEMO_BEFORE = "demo_before.json"
+from lamda_edge.train.run_folder import (
+    CHECKPOINTS,
+    DEMO_BEFORE,
+    check_output_outside_model,
+    checkpoint_read_error,
+    prepare_output,
+)
+from lamda_edge.train.trainer import LaMDATrainer, LossModel
 
 
 @dataclass
@@ -83,9 +93,13 @@ def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.
 
 
 def _adapter_metadata(lm, model_path: Path, quantize: str | None) -> dict:
-    """What the saved adapter records about its base: the loader's facts, the model folder, the quantization."""
-    metadata = {**(lm.lamda_state.base or {}), "base_model": str(Path(model_path).resolve()), "quantize": quantize}
-    return metadata
+    """What the saved adapter records about its base: the loader's facts, the model folder and a portable name
+    (the default model's catalogue name, else the folder's name), the quantization. `save_adapter` adds the
+    base's content identity (`base_id`)."""
+    model_path = Path(model_path).resolve()
+    default = (default_model.cache_root() / default_model.MODEL_NAME).resolve()
+    name = default_model.MODEL_NAME if model_path == default else model_path.name  # how `--model` finds it again
+    return {**(lm.lamda_state.base or {}), "base_model": str(model_path), "base_name": name, "quantize": quantize}
 
 
 def _plan(config: RunConfig, model_path: Path, quantize: str | None) -> tuple[int, int, int, bool, str]:
@@ -123,26 +137,6 @@ def _load_tokenizer(model_path: Path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _prepare_output(config: RunConfig, out: Path, resume: bool) -> Path | None:
-    """Check the output folder; returns the checkpoint to resume from (None for a fresh run)."""
-    ckpt_dir = out / CHECKPOINTS
-    last = latest_checkpoint(ckpt_dir)
-    if resume:
-        if last is None:
-            raise ConfigError(f"nothing to resume: {ckpt_dir} holds no checkpoint. Fix: run without --resume")
-        if _is_main():  # half-written checkpoints of a killed run
-            for leftover in ckpt_dir.glob(".staging-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-        check_checkpoint(last)
-        return last
-    if (last is not None or (out / report.METRICS_NAME).exists()) and not config.overwrite:
-        raise ConfigError(f"{out} already holds a run. Fix: --resume to continue it, `overwrite=true` to start "
-                          "over, or another --output")
-    if ckpt_dir.exists() and _is_main():
-        shutil.rmtree(ckpt_dir)
-    return None
 
 
 def _is_main() -> bool:
@@ -228,7 +222,9 @@ class TrainRecipe:
         self.resume = resume
         self.out = config.output_dir()
         check_output_folder(self.out)
-        self.last_checkpoint = _prepare_output(config, self.out, resume)
+        # nothing is deleted here: an old run in `out` is moved aside only when training starts (`run`)
+        self.last_checkpoint, self.replaced = prepare_output(self.out, resume, config.overwrite, _is_main())
+        self._deferred: list | None = [] if self.replaced else None  # writes held back until the old run moves aside
         self.device = resolve_run_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.quantize = resolve_quantize(config.quantize, self.device)
@@ -236,7 +232,8 @@ class TrainRecipe:
     def plan(self) -> None:
         """The model folder (default: the demo model), its tokenizer, and what the planner picks (`_plan`)."""
         config = self.config
-        if config.model is None:
+        named = config.model is not None and config.model.lower() in default_model.NAMES
+        if config.model is None or (named and not Path(config.model).expanduser().is_dir()):
             self.model_path = default_model_path(progress=self.progress)
         else:
             self.model_path = Path(config.model).expanduser()
@@ -244,6 +241,7 @@ class TrainRecipe:
                 raise ModelError(f"`model`={config.model!r} is not a transformers model folder (no config.json). "
                                  "Fix: pass a local folder, or leave `model` unset for the default model")
             read_json(self.model_path / "config.json", ModelError, MODEL_FIX)  # corrupt: name it, before the tokenizer
+        check_output_outside_model(self.out, self.model_path)
         self.tokenizer = _load_tokenizer(self.model_path)
         self.rank, self.batch_size, grad_accum, checkpointing, self.planned_by = _plan(config, self.model_path,
                                                                                        self.quantize)
@@ -271,8 +269,7 @@ class TrainRecipe:
         # built before the long model load: TrainingArguments checks the `training_args` pass-through values
         self.training_args = _training_args(config, self.out / CHECKPOINTS, self.device, self.precision,
                                             self.batch_size, self.max_steps, self.eval_set is not None)
-        if _is_main():
-            report.write_run_config(self.out / report.RUN_CONFIG_NAME, resolved.to_dict())
+        self._write(lambda: report.write_run_config(self.out / report.RUN_CONFIG_NAME, resolved.to_dict()))
         if self.progress and _is_main():
             print(f"lamda-edge: {self.model_path.name} ({self.quantize or 'full-precision'} base, {self.precision}) "
                   f"on {self.device.type}: rank {self.rank}, batch {self.batch_size} x {config.grad_accum} "
@@ -287,12 +284,23 @@ class TrainRecipe:
         self.lm = load_model(self.model_path, config, self.lamda_config, self.device, self.precision)
         self.metadata = _adapter_metadata(self.lm, self.model_path, self.quantize)
         self.demo_before = (_demo_before(self.demo_task, self.lm, self.tokenizer, self.out, self.resume, self.progress,
-                                         config.demo_generate) if self.demo_task else None)
+                                         config.demo_generate, self._write) if self.demo_task else None)
+
+    def _write(self, write) -> None:
+        """Write into the output folder now (main process only), or, while an old run still sits there, once it
+        has been moved aside."""
+        if not _is_main():
+            return
+        if self._deferred is not None:
+            self._deferred.append(write)
+        else:
+            write()
 
     def setup_trainer(self, callbacks: list | None = None) -> None:
         """`LaMDATrainer` over `LossModel(lm)` with B freezing, the progress bar and `callbacks`."""
         config = self.config
         self.progress_callback = ProgressCallback(enabled=self.progress)
+        self.interrupt = InterruptCallback()
         report.reset_peak_memory(self.device)
         self.trainer = LaMDATrainer(
             model=LossModel(self.lm, config.chunk_rows),
@@ -301,17 +309,46 @@ class TrainRecipe:
             train_dataset=self.train_set,
             eval_dataset=self.eval_set,
             callbacks=[LaMDACallback(self.lm, freeze_steps=self.freeze_b_steps), self.progress_callback,
-                       *(callbacks or [])],
+                       self.interrupt, *(callbacks or [])],
             adapter_metadata=self.metadata,
+            on_good_checkpoint=self.replaced.drop if self.replaced is not None else None,
         )
         self.trainer.remove_callback(HFProgress)
         self.trainer.remove_callback(PrinterCallback)
 
     def run(self) -> None:
-        """Train (from the newest checkpoint when resuming); records the trainable count before and the time."""
+        """Train (from the newest checkpoint when resuming); records the trainable count before and the time.
+
+        An old run in the output folder moves aside now and comes back when this run fails before its first good
+        checkpoint (`ReplacedRun`). Ctrl-C finishes the step in progress, saves it as a checkpoint, prints the
+        command that resumes it and raises KeyboardInterrupt.
+        """
         self.trainable_start = effective_trainable(self.lm)
-        self.trainer.train(resume_from_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+        if self.replaced is not None:
+            self.replaced.move_aside()
+        for write in self._deferred or []:
+            write()
+        self._deferred = None
+        try:
+            with self.interrupt.installed() if _world_size() == 1 else contextlib.nullcontext():
+                self.trainer.train(resume_from_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+        except BaseException as exc:
+            if self.replaced is not None:
+                self.replaced.restore()  # a no-op once a good checkpoint dropped it
+            damaged = self.last_checkpoint and checkpoint_read_error(self.last_checkpoint, exc)
+            if damaged:
+                raise damaged from None
+            raise
+        if self.replaced is not None:
+            self.replaced.drop()
         self.seconds = time.perf_counter() - self.start
+        state = self.trainer.state
+        if self.interrupt.requested and state.global_step < state.max_steps:
+            command = shlex.join(["lamda-edge", "train", "--output", str(self.out), "--resume"])
+            print(f"lamda-edge: stopped at step {state.global_step} of {state.max_steps}; checkpoint saved in "
+                  f"{self.out / CHECKPOINTS / f'checkpoint-{state.global_step}'}. Continue with:\n  {command}",
+                  file=sys.stderr)
+            raise KeyboardInterrupt
 
     def finish(self) -> TrainResult:
         """The metrics; on the main process, the adapter, metrics.json, the loss plot and the printed summary."""
@@ -396,7 +433,8 @@ def _demo_metrics(task, lm, tokenizer, progress: bool, when: str, n_generate: in
     return result.to_dict()
 
 
-def _demo_before(task, lm, tokenizer, out: Path, resume: bool, progress: bool, n_generate: int | None) -> dict:
+def _demo_before(task, lm, tokenizer, out: Path, resume: bool, progress: bool, n_generate: int | None,
+                 write) -> dict:
     """The demo metrics of the untrained adapter (measured once; a resumed run reads them back)."""
     import json
 
@@ -404,6 +442,5 @@ def _demo_before(task, lm, tokenizer, out: Path, resume: bool, progress: bool, n
     if resume and path.is_file():
         return json.loads(path.read_text())
     before = _demo_metrics(task, lm, tokenizer, progress, "before", n_generate)
-    if _is_main():
-        report.write_json(path, before)
+    write(lambda: report.write_json(path, before))
     return before

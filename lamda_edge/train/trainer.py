@@ -1,9 +1,17 @@
 """The Trainer side of a run: `LossModel` (forward returns the chunked loss) and `LaMDATrainer` (adapter-only,
 atomic checkpoints; stops on a non-finite loss).
 
-Checkpoints hold only the adapter (safetensors), the optimizer, the LR scheduler, the RNG states and the Trainer
-state; each is written into a staging folder that is renamed into place, so a killed run never leaves a
-half-written checkpoint.
+Checkpoints hold only the adapter (safetensors), the optimizer, the LR scheduler, the RNG states, the Trainer state
+and a manifest of their sha256; each is written into a staging folder that is renamed into place, so a killed run
+never leaves a half-written checkpoint.
+
+A checkpoint is good when its weights are sane (no trainable tensor's norm grew over `GROWTH_LIMIT` times its
+norm at the run's start, plus one per element) and a later training loss is finite and at most `DIVERGED_FACTOR`
+times the run's lowest. Until then it stays unconfirmed, and rotation keeps `save_total_limit` confirmed ones
+besides. When the loss becomes NaN or inf, the unconfirmed checkpoints hold the updates that diverged (with lr=1e9
+one step gives weights around 1e9 whose loss, behind RMSNorm, still looks normal, and the NaN comes a step later),
+so they are removed and the run stops: the last good checkpoint holds finite, sane weights from before the
+divergence. A checkpoint whose adapter tensors are not finite is never written.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers import Trainer
@@ -21,12 +30,17 @@ from transformers.trainer import TRAINER_STATE_NAME as TRAINER_STATE
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from lamda_edge.adapters import load_adapter, save_adapter
-from lamda_edge.adapters.io import CONFIG_NAME, WEIGHTS_NAME
+from lamda_edge.adapters.files import adapter_files
 from lamda_edge.errors import TrainingError
 from lamda_edge.files import check_safetensors, check_torch_archive, read_json, write_failure
+from lamda_edge.integrity import write_manifest
 from lamda_edge.train import report
 from lamda_edge.train.loss import causal_lm_loss
 from lamda_edge.train.report import effective_trainable
+
+DIVERGED_FACTOR = 10.0  # a loss this many times the run's lowest does not confirm a checkpoint
+LOSS_FLOOR = 0.1  # ... with the lowest taken as at least this (a memorized batch near 0 is no yardstick)
+GROWTH_LIMIT = 100.0  # a tensor whose norm grew this many times (plus one per element) is not a sane checkpoint
 
 
 class LossModel(nn.Module):
@@ -53,9 +67,13 @@ class LossModel(nn.Module):
 class LaMDATrainer(Trainer):
     """Trainer that checkpoints only the adapter, atomically, and stops on a non-finite loss."""
 
-    def __init__(self, *args, adapter_metadata: dict | None = None, **kwargs):
+    def __init__(self, *args, adapter_metadata: dict | None = None, on_good_checkpoint=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.adapter_metadata = adapter_metadata or {}
+        self.on_good_checkpoint = on_good_checkpoint  # called once a checkpoint is confirmed good (ReplacedRun.drop)
+        self.unconfirmed: list[tuple[Path, bool]] = []  # (checkpoint, weights sane) no sane loss followed yet
+        self.lowest_loss: float | None = None
+        self.start_norms: dict[str, float] | None = None  # trainable tensor -> norm, at the run's (or resume's) start
 
     @property
     def lm(self) -> nn.Module:
@@ -66,17 +84,59 @@ class LaMDATrainer(Trainer):
                                       num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
         value = float(loss.detach())
+        if self.start_norms is None:
+            self.start_norms = self._norms()
         if not math.isfinite(value):
-            last = latest_checkpoint(Path(self.args.output_dir))
-            raise TrainingError(
-                f"the {'training' if model.training else 'eval'} loss became {value} at optimizer step "
-                f"{self.state.global_step + 1}; the run stopped. The last good checkpoint is kept: "
-                f"{last if last else 'none yet'}. Fix: lower `lr` (now {self.args.learning_rate:g}), use "
-                "`precision=fp32`, or check the data, and start again with `overwrite=true`"
-            )
+            self._stop_on_nonfinite(value, "training" if model.training else "eval")
         if model.training:
+            self._judge_checkpoints(value)
             self.model.step_loss += value / max(1, self.accelerator.num_processes)
         return result
+
+    def _stop_on_nonfinite(self, value: float, kind: str) -> None:
+        """Remove the unconfirmed checkpoints (they hold the diverging updates) and raise `TrainingError`."""
+        removed = [folder for folder, _ in self.unconfirmed]
+        self.unconfirmed = []
+        if self.args.should_save:
+            for folder in removed:
+                shutil.rmtree(folder, ignore_errors=True)
+        last = latest_checkpoint(Path(self.args.output_dir))
+        names = ", ".join(folder.name for folder in removed)
+        raise TrainingError(
+            f"the {kind} loss became {value} at optimizer step {self.state.global_step + 1}; the run stopped. "
+            + (f"Removed {names}: they hold the diverging updates (weights grown over {GROWTH_LIMIT:g}x, or a loss "
+               f"after them of {value} or over {DIVERGED_FACTOR:g}x the run's lowest). " if removed else "")
+            + f"The last good checkpoint is kept: {last if last else 'none yet'}. Fix: lower `lr` (now "
+            f"{self.args.learning_rate:g}), use `precision=fp32`, or check the data, and start again with "
+            "`overwrite=true`"
+        )
+
+    def _judge_checkpoints(self, loss: float) -> None:
+        """A finite training loss within `DIVERGED_FACTOR` of the run's lowest confirms the checkpoints before it."""
+        sane = self.lowest_loss is None or loss <= DIVERGED_FACTOR * max(self.lowest_loss, LOSS_FLOOR)
+        self.lowest_loss = loss if self.lowest_loss is None else min(self.lowest_loss, loss)
+        confirmed = [folder for folder, weights_sane in self.unconfirmed if weights_sane] if sane else []
+        if not confirmed:
+            return
+        self.unconfirmed = [(folder, ok) for folder, ok in self.unconfirmed if folder not in confirmed]
+        limit = self.args.save_total_limit
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=self.args.output_dir,
+                               save_total_limit=limit + len(self.unconfirmed) if limit else limit)
+        if self.on_good_checkpoint is not None:
+            self.on_good_checkpoint()
+
+    def _norms(self) -> dict[str, float]:
+        return {name: float(p.detach().float().norm()) for name, p in self.lm.named_parameters() if p.requires_grad}
+
+    def _grown(self) -> str | None:
+        """The first trainable tensor whose norm grew past `GROWTH_LIMIT` times its start (plus one per element)."""
+        for name, param in self.lm.named_parameters():
+            start = (self.start_norms or {}).get(name)
+            if param.requires_grad and start is not None:
+                if float(param.detach().float().norm()) > GROWTH_LIMIT * start + math.sqrt(param.numel()):
+                    return name
+        return None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs:
@@ -94,11 +154,15 @@ class LaMDATrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_adapter(self.lm, resume_from_checkpoint)
 
+    def _load_best_model(self) -> None:  # `load_best_model_at_end`: our adapter files, not PEFT's
+        load_adapter(self.lm, self.state.best_model_checkpoint)
+
     def _get_output_dir(self, trial) -> str:
         staging = getattr(self, "_staging_dir", None)
         return str(staging) if staging is not None else super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
+        _check_finite(self.lm, self.state.global_step, Path(super()._get_output_dir(trial)))
         run_dir = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
         staging = run_dir / f".staging-{self.state.global_step}"
@@ -117,14 +181,19 @@ class LaMDATrainer(Trainer):
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()
+        self.unconfirmed.append((run_dir / name, self._grown() is None))
         if self.args.should_save:
             final = run_dir / name
+            write_manifest(staging / name)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging / name, final)
             shutil.rmtree(staging, ignore_errors=True)
             _fsync_dir(run_dir)
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit)
+            # the unconfirmed checkpoints come on top of the limit: the confirmed ones outlive them
+            limit = self.args.save_total_limit
+            rotate_checkpoints(output_dir=str(run_dir),
+                               save_total_limit=limit + len(self.unconfirmed) if limit else limit)
         self.accelerator.wait_for_everyone()
 
 
@@ -146,11 +215,23 @@ def check_checkpoint(folder: Path) -> None:
     state, the adapter, and the optimizer, scheduler and RNG states (checked as archives, never unpickled here)."""
     fix = f"delete {folder} to resume from the checkpoint before it, or start again with `overwrite=true`"
     read_json(folder / TRAINER_STATE, TrainingError, fix)
-    read_json(folder / CONFIG_NAME, TrainingError, fix)
-    check_safetensors(folder / WEIGHTS_NAME, TrainingError, fix)
+    config_file, weights_file = adapter_files(folder)
+    read_json(config_file, TrainingError, fix)
+    check_safetensors(weights_file, TrainingError, fix)
     for path in [folder / OPTIMIZER_NAME, folder / SCHEDULER_NAME, *sorted(folder.glob("rng_state*.pth"))]:
         if path.exists():  # what the Trainer would load
             check_torch_archive(path, TrainingError, fix)
+
+
+def _check_finite(lm: nn.Module, step: int, run_dir: Path) -> None:
+    """Raise `TrainingError` when an adapter tensor holds NaN or inf: such weights are never a checkpoint."""
+    for name, param in lm.named_parameters():
+        if param.requires_grad and not torch.isfinite(param.detach()).all():
+            last = latest_checkpoint(run_dir)
+            raise TrainingError(
+                f"{name} holds NaN or inf after optimizer step {step}; it was not saved and the run stopped. The last "
+                f"good checkpoint is kept: {last if last else 'none yet'}. Fix: lower `lr`, use `precision=fp32`, or "
+                "check the data, and start again with `overwrite=true`")
 
 
 def _fsync_dir(path: Path) -> None:
