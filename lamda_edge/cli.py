@@ -98,8 +98,8 @@ def _add_plan(sub) -> None:
                    "batch_size x grad_accum, quantize, gradient_checkpointing, chunk_rows); the flags below that a "
                    "run config also holds are then given as key=value")
     d = PLAN_DEFAULTS
-    p.add_argument("--device", help=f"device profile name or alias (`lamda-edge devices`), or auto "
-                   f"(default: {d['device']})")
+    p.add_argument("--device", help=f"device profile name or alias (`lamda-edge devices`), a profile YAML file, or "
+                   f"auto (default: {d['device']})")
     p.add_argument("--model", help=f"catalogue name, or a local folder / config.json (default: {d['model']})")
     p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default: {d['seq_len']})")
     p.add_argument("--rank", type=int, help="pin the LaMDA(++) base rank (default: choose)")
