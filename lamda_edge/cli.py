@@ -350,7 +350,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lamda_edge.files import is_user_os_error, os_error
+    from lamda_edge.files import OS_ERRORS, is_user_os_error, os_error, write_failure
 
     args = parse_args(build_parser(), argv)
     if args.command in COMPUTE_COMMANDS:  # before torch loads: OpenMP reads its environment once
@@ -372,6 +372,14 @@ def main(argv: list[str] | None = None) -> int:
         if not is_user_os_error(exc):
             raise
         print(f"lamda-edge {args.command}: error: {os_error(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # safetensors' and torch's own error types for a failed write (the OS's words inside)
+        cause = write_failure(exc)
+        if cause is None:
+            raise
+        fix = next((fix for known, fix in OS_ERRORS.values() if known == cause), "check the output folder")
+        print(f"lamda-edge {args.command}: error: a file could not be written: {cause} ({exc}). Fix: {fix}",
+              file=sys.stderr)
         return 2
 
 
