@@ -98,8 +98,8 @@ def _add_plan(sub) -> None:
                    "batch_size x grad_accum, quantize, gradient_checkpointing, chunk_rows); the flags below that a "
                    "run config also holds are then given as key=value")
     d = PLAN_DEFAULTS
-    p.add_argument("--device", help=f"device profile name or alias (`lamda-edge devices`), or auto "
-                   f"(default: {d['device']})")
+    p.add_argument("--device", help=f"device profile name or alias (`lamda-edge devices`), a profile YAML file, or "
+                   f"auto (default: {d['device']})")
     p.add_argument("--model", help=f"catalogue name, or a local folder / config.json (default: {d['model']})")
     p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default: {d['seq_len']})")
     p.add_argument("--rank", type=int, help="pin the LaMDA(++) base rank (default: choose)")
@@ -355,7 +355,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lamda_edge.files import is_user_os_error, os_error
+    from lamda_edge.files import OS_ERRORS, is_user_os_error, os_error, write_failure
 
     args = parse_args(build_parser(), argv)
     if args.command in COMPUTE_COMMANDS:  # before torch loads: OpenMP reads its environment once
@@ -377,6 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         if not is_user_os_error(exc):
             raise
         print(f"lamda-edge {args.command}: error: {os_error(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # safetensors' and torch's own error types for a failed write (the OS's words inside)
+        cause = write_failure(exc)
+        if cause is None:
+            raise
+        fix = next((fix for known, fix in OS_ERRORS.values() if known == cause), "check the output folder")
+        print(f"lamda-edge {args.command}: error: a file could not be written: {cause} ({exc}). Fix: {fix}",
+              file=sys.stderr)
         return 2
 
 

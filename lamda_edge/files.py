@@ -136,17 +136,27 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--output") -> None
             return
 
 
-def write_failure(exc: BaseException) -> str | None:
+def write_failure(exc: BaseException, folder: str | os.PathLike | None = None) -> str | None:
     """What went wrong when writing a file failed for a reason of the user's environment (the disk is full, ...),
-    else None. torch.save and safetensors report a failed write as RuntimeError / SafetensorError, with the OS's
-    words inside."""
+    else None. torch.save and safetensors report a failed write as RuntimeError / SafetensorError: safetensors with
+    the OS's words inside, torch.save often without ("basic_ios::clear: iostream error", "unexpected pos"). For
+    those, a caller that knows `exc` came from writing into `folder` passes it: a nearly full disk there is the
+    cause; otherwise it is not the environment's doing (None)."""
     if isinstance(exc, OSError):
         return OS_ERRORS[exc.errno][0] if exc.errno in OS_ERRORS else None
     text = str(exc)
     for code, (cause, _) in OS_ERRORS.items():
-        if os.strerror(code) in text or f"code: {code}," in text:
+        if os.strerror(code) in text or f"os error {code})" in text:
             return cause
-    return "a write failed" if "write" in text.lower() else None
+    if folder is None:
+        return None
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    return OS_ERRORS[errno.ENOSPC][0] if free < 16 * 2**20 else None
 
 
 def os_error(exc: OSError, doing: str = "") -> str:

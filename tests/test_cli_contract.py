@@ -411,13 +411,16 @@ def _tmpfs_bytes(folder: Path) -> int:
 
 
 @pytest.mark.skipif(not _tmpfs_works(), reason="needs `unshare -rm` and a tmpfs mount (user namespaces)")
-def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(world, tmp_path):
-    """A real full disk: the run's output on a private tmpfs with room for one checkpoint and a half (the same run as
-    the fixture's, so the sizes are known). Exit 2 with one line; checkpoint-1 stays whole."""
+@pytest.mark.parametrize("left", [pytest.param(1, id="a-page-left"), pytest.param(2, id="half-a-checkpoint-left")])
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(world, tmp_path, left):
+    """A real full disk: the run's output on a private tmpfs with room for one checkpoint and a page or half of
+    another (the same run as the fixture's, so the sizes are known): the second checkpoint fails in a different
+    writer (safetensors, torch.save, json). Exit 2 with one line; checkpoint-1 stays whole."""
     from lamda_edge.train.trainer import check_checkpoint
 
     first = world.run / "checkpoints" / "checkpoint-1"
-    size = 4096 * 8 + _tmpfs_bytes(first) * 3 // 2  # run_config.yaml and folders, then 1.5 checkpoints
+    one = _tmpfs_bytes(first)
+    size = 4096 * 8 + one + (4096 if left == 1 else one // 2)  # run_config.yaml and folders, then the room
     mount, kept = tmp_path / "disk", tmp_path / "kept"
     mount.mkdir()
     script = ('mount -t tmpfs -o size="$1" none "$2" || exit 99; shift 2; "$@"; rc=$?; '

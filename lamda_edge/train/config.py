@@ -86,8 +86,8 @@ class RunConfig:
                                    "--eval-data")
     eval_fraction: float = _field(0.1, "fraction of `data` held out for eval loss/perplexity when no eval_data")
     output: str | None = _field(None, "output folder (adapter, run config, metrics, plot, checkpoints/)", "--output")
-    device: str = _field("auto", "'auto', 'cpu', 'cuda', or a device profile name (e.g. t4; see `lamda-edge devices`)",
-                         "--device")
+    device: str = _field("auto", "'auto', 'cpu', 'cuda', a device profile name (e.g. t4; see `lamda-edge devices`) "
+                                 "or a profile YAML file", "--device")
     quantize: str = _field("auto", "'nf4' (4-bit residual base via bitsandbytes), 'none' (base in the compute "
                                    "dtype) or 'auto' (nf4 on CUDA, none on CPU: bitsandbytes' CPU path is slow)",
                            "--quantize")

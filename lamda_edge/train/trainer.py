@@ -173,8 +173,8 @@ class LaMDATrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
         except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, quota, read-only, ...
+            cause = write_failure(exc, run_dir)  # before the partial checkpoint's space is freed
             shutil.rmtree(staging, ignore_errors=True)
-            cause = write_failure(exc)
             if cause is None:
                 raise
             raise _checkpoint_write_error(run_dir, name, cause) from exc
