@@ -98,7 +98,7 @@ def build_and_validate(merged_dir: Path, out: Path, precision: str, execution_pr
         state = "equal to" if not result["mismatches"] else "DIFFERS from"
         result["check"] = f"onnxruntime-genai's builder graph, {state} PyTorch (logits within {FP32_LOGIT_TOL:g})"
     else:  # re-quantized by the builder: never called equal, held to the quality floor
-        result["mismatches"] += requantized_problems(f"{gen.onnx_file} (genai builder, {precision})", agreement,
+        result["mismatches"] += requantized_problems(f"{gen.onnx_file} (genai builder, {precision})",
                                                      result["ppl_pytorch"], result["ppl_genai"])
         result["check"] = (f"re-quantized by onnxruntime-genai's builder ({precision}), not equal to PyTorch by "
                            f"design: {words}")

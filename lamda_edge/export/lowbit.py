@@ -114,7 +114,7 @@ def _verdict(result: dict, key: str, parity: dict | None) -> tuple[str, list[str
     """(what the low-bit graph is, in words; the quality-floor problems): never 'equal' for a re-quantized graph."""
     agreement = result.get(f"greedy_agreement_{key}", result.get(f"agreement_{key}"))
     ppl = (result.get("ppl_pytorch"), result.get(f"ppl_{key}"))
-    problems = requantized_problems(result["file"], agreement, *ppl)
+    problems = requantized_problems(result["file"], *ppl)
     words = quality_words(agreement, *ppl)
     if parity is not None:
         state = "equal to" if not parity["mismatches"] else "DIFFERS from"

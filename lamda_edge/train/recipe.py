@@ -171,7 +171,9 @@ def _training_args(config: RunConfig, ckpt_dir: Path, device: torch.device, prec
         logging_steps=config.logging_steps,
         logging_nan_inf_filter=False,
         eval_strategy="steps" if has_eval else "no",
-        eval_on_start=has_eval and eval_on_start,  # the summary's eval loss starts from before training
+        # the summary's eval loss starts from before training (the demo task measures its held-out answer loss
+        # before training itself, on the same problems: no second pass)
+        eval_on_start=has_eval and eval_on_start,
         eval_steps=config.eval_steps or every,
         save_strategy="steps",
         save_steps=config.save_steps or every,
@@ -282,7 +284,8 @@ class TrainRecipe:
         config = self.config
         self.progress_callback = ProgressCallback(enabled=self.progress)
         args = _training_args(config, self.out / CHECKPOINTS, self.device, self.precision, self.batch_size,
-                              self.max_steps, self.eval_set is not None, eval_on_start=self.last_checkpoint is None)
+                              self.max_steps, self.eval_set is not None,
+                              eval_on_start=self.last_checkpoint is None and self.demo_task is None)
         report.reset_peak_memory(self.device)
         self.trainer = LaMDATrainer(
             model=LossModel(self.lm, config.chunk_rows),
