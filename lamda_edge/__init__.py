@@ -33,8 +33,9 @@ _LAZY = {
 __getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
 
-def load_lamda_model(model_path, config, quantize="nf4", device=None, **kwargs):
-    """Load a local transformers folder with a frozen (NF4) base and LaMDA adapters; see `lamda_edge.load.loader`."""
+def load_lamda_model(model_path, config, quantize="auto", device=None, **kwargs):
+    """Load a local transformers folder with a frozen base (NF4 on CUDA, full precision on a CPU by default) and
+    LaMDA adapters; see `lamda_edge.load.loader`."""
     from lamda_edge.load.loader import load_lamda_model as _load
 
     return _load(model_path, config, quantize=quantize, device=device, **kwargs)

@@ -11,6 +11,7 @@ Exit codes: 0 ok, 2 bad input, 3 does not fit.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from lamda_edge.errors import LamdaEdgeError
@@ -49,12 +50,21 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, arguments=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._arguments = arguments
+        self._json = False
 
     def parse_known_args(self, args=None, namespace=None):
         if self._arguments is not None:
             add, self._arguments = self._arguments, None
             add(self)
+        argv = sys.argv[1:] if args is None else list(args)
+        self._json = "--json" in argv and (self.prog.endswith(" plan") or "plan" in argv)
         return super().parse_known_args(args, namespace)
+
+    def error(self, message):
+        """A usage error: exit 2 as argparse does; with `--json` (plan), also one JSON object on stdout."""
+        if self._json:
+            print(_json_error(f"{self.prog}: error: {message}", 2))
+        super().error(message)
 
 
 def _subcommand(sub, name: str, help: str, run, examples: list[str], **kwargs) -> argparse.ArgumentParser:
@@ -137,12 +147,17 @@ def _run_plan(args) -> int:
     from lamda_edge.planner.report import format_plan
     from lamda_edge.planner.search import plan
 
-    device, model, request = _plan_request(args)
-    result = plan(device, model, **request, dataset_tokens=args.dataset_tokens)
-    if args.measure:
-        from lamda_edge.planner.measure import measure_plan
+    try:
+        device, model, request = _plan_request(args)
+        result = plan(device, model, **request, dataset_tokens=args.dataset_tokens)
+        if args.measure:
+            from lamda_edge.planner.measure import measure_plan
 
-        result.measured = measure_plan(result, steps=args.measure_steps)
+            result.measured = measure_plan(result, steps=args.measure_steps)
+    except LamdaEdgeError as exc:  # scripts read stdout: --json answers with an object on every exit
+        if args.json:
+            print(_json_error(str(exc), exc.exit_code, getattr(exc, "details", None)))
+        raise
     print(json.dumps(result.to_json(), indent=2) if args.json else format_plan(result))
     return 0 if result.fits else 3
 
@@ -159,6 +174,14 @@ def _plan_flags(args) -> tuple[dict, list[str]]:
     if args.chunk_rows == 0:  # 0 = full logits: the run config's null
         flags["chunk_rows"], overrides = None, overrides + ["chunk_rows=null"]
     return flags, overrides
+
+
+def _json_error(message: str, exit_code: int, details: dict | None = None) -> str:
+    """`plan --json`'s object when there is no plan: `fits` false, the error, the exit code, and for exit 3 what
+    was tried and the smallest change that fits (`smallest_change`, `changes`)."""
+    import json
+
+    return json.dumps({"fits": False, "error": message, "exit_code": exit_code, **(details or {})}, indent=2)
 
 
 def _plan_request(args):
@@ -328,8 +351,13 @@ def _run_generate(args) -> int:
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens should be positive, got {args.max_new_tokens}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ConfigError(f"--temperature should be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ConfigError(f"--temperature should be a finite number >= 0 (0 = greedy), got {args.temperature}. "
+                          "Fix: e.g. --temperature 0.7")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p should be in (0, 1], got {args.top_p}. Fix: e.g. --top-p 0.9")
+    if not args.prompt.strip():
+        raise ConfigError("--prompt is empty. Fix: give the text to answer, e.g. --prompt 'What is 12 * 7?'")
     system = args.system
     if args.task == "gsm" and system is None:
         from lamda_edge.demo.task import SYSTEM_PROMPT
@@ -360,8 +388,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMPUTE_COMMANDS = ("train", "export", "generate")  # the commands that run torch / ONNX Runtime on the CPU
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse like `parse_args`, but `key=value` overrides may stand on both sides of the flags (`train a=1 --lr 1
+    b=2`): argparse gives the positional list only the first run of them, the rest come back unrecognized."""
+    args, rest = parser.parse_known_args(argv)
+    pairs = [item for item in rest if "=" in item and not item.startswith("-")]
+    if pairs and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *pairs]
+        rest = [item for item in rest if item not in pairs]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from lamda_edge.files import is_user_os_error, os_error
+
+    args = parse_args(build_parser(), argv)
+    if args.command in COMPUTE_COMMANDS:  # before torch loads: OpenMP reads its environment once
+        from lamda_edge.load.device import configure_cpu_threads
+
+        configure_cpu_threads()
     try:
         return args.run(args)
     except LamdaEdgeError as exc:
@@ -373,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         sys.stderr.close()
         return 0
+    except OSError as exc:  # the last resort for the user's environment (disk full, permissions): name the file
+        if not is_user_os_error(exc):
+            raise
+        print(f"lamda-edge {args.command}: error: {os_error(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,9 +34,17 @@ class ProfileError(LamdaEdgeError):
 
 
 class DoesNotFitError(LamdaEdgeError):
-    """The planned configuration does not fit the device's memory."""
+    """The planned configuration does not fit the device's memory.
+
+    `details` holds what was tried (device, model, seq_len, rank, batch_size, peak and budget bytes) and
+    `changes`, the smallest changes that would fit (best first), for `plan --json`.
+    """
 
     exit_code = 3
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
 
 
 class ExportValidationError(LamdaEdgeError):

@@ -25,7 +25,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*kernels.*")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# pytest-xdist runs one worker per core (pyproject's addopts): each worker then gets its share of the cores, so the
+# workers' BLAS threads do not fight over them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 VOCAB = 128
 

@@ -134,3 +134,16 @@ def test_bad_freeze_steps(adapted, steps):
 def test_scheduler_needs_lamda_layers(tiny):
     with pytest.raises(ConfigError, match="apply_lamda"):
         PMBScheduler(tiny.model("llama"), 3)
+
+
+def test_t_i_comes_from_the_config_when_not_given(tiny):
+    """t_i is given once: the config's freeze_b_steps, else its share of total_steps; a contradiction is an error."""
+    fixed = apply_lamda(tiny.model("llama"), LaMDAConfig(rank=2, freeze_b_steps=5))
+    assert PMBScheduler(fixed).freeze_steps == 5
+    assert PMBScheduler(fixed, 5).freeze_steps == 5
+    with pytest.raises(ConfigError, match="give t_i once"):
+        PMBScheduler(fixed, 3)
+    share = apply_lamda(tiny.model("llama"), LaMDAConfig(rank=2))
+    assert PMBScheduler(share, total_steps=100).freeze_steps == LaMDAConfig().resolved_freeze_b_steps(100)
+    with pytest.raises(ConfigError, match="total_steps"):
+        PMBScheduler(share)

@@ -169,7 +169,7 @@ def _lamda_model(tiny, base: str, vocab: int, tmp_path):
 
     model.save_pretrained(str(tmp_path / "tiny"))
     return load_lamda_model(tmp_path / "tiny", LaMDAConfig(rank=4), quantize="nf4", device="cpu", cache_dir=False,
-                            progress=False).train()  # gradient checkpointing is on (train mode)
+                            progress=False, gradient_checkpointing=True).train()
 
 
 def test_chunked_loss_gives_the_adapter_gradients_of_the_plain_loss_on_nf4(tiny, tol, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,6 +245,27 @@ def test_cache_hit_then_invalidated_by_config_and_by_weights(tiny, tmp_path):
     assert _load(folder, tmp_path, quantize="nf4", cache_dir=cache).lamda_state.prepare_report["cache"] == "hit"
 
 
+def test_cache_ignores_t_i_and_prunes_the_least_recently_used(tiny, tmp_path, monkeypatch, capsys):
+    """t_i and dropout do not change what is prepared (one entry); past the size cap the oldest-used entry goes."""
+    folder = _save(_tied_llama(tiny, 0), tmp_path / "model")
+    cache = tmp_path / "cache"
+    first = _load(folder, tmp_path, quantize=None, cache_dir=cache, config=LaMDAConfig(rank=4, alpha=8.0))
+    assert f"caching prepared layers in {cache}" in capsys.readouterr().err  # said once, when the cache is made
+    config = LaMDAConfig(rank=4, alpha=8.0, freeze_b_steps=7, dropout=0.1)
+    assert _load(folder, tmp_path, quantize=None, cache_dir=cache, config=config).lamda_state.prepare_report[
+        "cache"] == "hit"
+    entry = Path(first.lamda_state.prepare_report["cache_path"])
+    size = sum(f.stat().st_size for f in entry.iterdir())
+    monkeypatch.setenv("LAMDA_EDGE_CACHE_MAX_GB", str(2.5 * size / 1e9))  # room for two entries, not three
+    rank2 = _load(folder, tmp_path, quantize=None, cache_dir=cache, config=LaMDAConfig(rank=2, alpha=8.0))
+    _load(folder, tmp_path, quantize=None, cache_dir=cache, config=LaMDAConfig(rank=4, alpha=8.0))  # a hit: used
+    rank3 = _load(folder, tmp_path, quantize=None, cache_dir=cache, config=LaMDAConfig(rank=3, alpha=8.0))
+    assert "caching prepared layers" not in capsys.readouterr().err
+    left = {p.name for p in cache.iterdir() if not p.name.startswith(".")}
+    assert left == {entry.name, Path(rank3.lamda_state.prepare_report["cache_path"]).name}
+    assert Path(rank2.lamda_state.prepare_report["cache_path"]).name not in left
+
+
 def _garbage_file(entry):
     (entry / "prepared.safetensors").write_bytes(b"not safetensors")
 
@@ -327,8 +349,16 @@ def test_encoder_folder_gets_a_new_classification_head(tiny, tmp_path):
     torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight, encoder.embeddings.word_embeddings.weight)
 
 
+def test_api_defaults_are_the_clis_auto_on_a_cpu(folders, tmp_path):
+    """quantize="auto" and gradient_checkpointing=None by default: on a CPU a full-precision base, no recompute."""
+    model = _load(folders("llama-tied"), tmp_path, cache_dir=False)
+    assert model.lamda_state.prepare_report["quantize"] is None
+    assert not any(is_linear4bit(m.base_layer) for _, m in lamda_layers(model))
+    assert not model.is_activation_checkpointing
+
+
 def test_gradient_checkpointing_is_on_and_adapters_get_gradients(folders, tmp_path):
-    model = _load(folders("llama-tied"), tmp_path, quantize="nf4", cache_dir=False)
+    model = _load(folders("llama-tied"), tmp_path, quantize="nf4", cache_dir=False, gradient_checkpointing=True)
     assert model.is_activation_checkpointing
     model.train()
     ids = _ids()

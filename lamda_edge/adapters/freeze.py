@@ -13,6 +13,7 @@ import math
 from torch import nn
 
 from lamda_edge.adapters.inject import lamda_layers
+from lamda_edge.adapters.state import STATE_ATTR
 from lamda_edge.errors import ConfigError
 
 
@@ -29,16 +30,38 @@ def wholly_frozen_step(rank: int, freeze_steps: int) -> int:
     return min(freeze_steps, freeze_steps * (rank - 1) // rank + 1)
 
 
+def _resolve_t_i(model: nn.Module, freeze_steps: int | None, total_steps: int | None) -> int:
+    """The scheduler's t_i: the argument, the config's `freeze_b_steps`, or the config's share of `total_steps`."""
+    state = getattr(model, STATE_ATTR, None)
+    configured = state.config.freeze_b_steps if state is not None else None
+    if freeze_steps is not None:
+        if configured is not None and configured != freeze_steps:
+            raise ConfigError(f"PMBScheduler got freeze_steps={freeze_steps}, but the model's LaMDAConfig sets "
+                              f"freeze_b_steps={configured}. Fix: give t_i once (in the config, or here)")
+        return freeze_steps
+    if configured is not None:
+        return configured
+    if state is not None and total_steps is not None:
+        return state.config.resolved_freeze_b_steps(total_steps)
+    raise ConfigError("PMBScheduler needs t_i: the model's LaMDAConfig has freeze_b_steps=None (a share of the run) "
+                      "and no total_steps was given. Fix: PMBScheduler(model, total_steps=N), or set "
+                      "LaMDAConfig(freeze_b_steps=...)")
+
+
 class PMBScheduler:
     """Drives the PMB schedule: PMB is the paper's name for B (d_out x r), the second Projection Matrix (A, the
     first, is PMA). Call `.step(optimizer)` after each optimizer step."""
 
-    def __init__(self, model: nn.Module, freeze_steps: int):
-        if not isinstance(freeze_steps, int) or freeze_steps < 1:
-            raise ConfigError(f"`freeze_b_steps` should be a positive integer, got {freeze_steps!r}")
+    def __init__(self, model: nn.Module, freeze_steps: int | None = None, total_steps: int | None = None):
+        """t_i is `freeze_steps`, else the model's `LaMDAConfig.freeze_b_steps`, else its fraction of
+        `total_steps` (`LaMDAConfig.resolved_freeze_b_steps`). A `freeze_steps` that contradicts a t_i set in the
+        config is an error: t_i is given once."""
         self.layers = [layer for _, layer in lamda_layers(model)]
         if not self.layers:
             raise ConfigError("PMBScheduler needs a model with LaMDA layers; call apply_lamda first")
+        freeze_steps = _resolve_t_i(model, freeze_steps, total_steps)
+        if not isinstance(freeze_steps, int) or freeze_steps < 1:
+            raise ConfigError(f"`freeze_b_steps` should be a positive integer, got {freeze_steps!r}")
         self.freeze_steps = freeze_steps
         self.steps_done = 0
 

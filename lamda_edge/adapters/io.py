@@ -19,6 +19,7 @@ from lamda_edge.adapters.inject import apply_lamda, lamda_layers, matches_module
 from lamda_edge.adapters.state import STATE_ATTR, AdapterState, adapter_state
 from lamda_edge.atomic import write_atomic
 from lamda_edge.errors import AdapterMismatchError, ModelError
+from lamda_edge.files import check_safetensors, read_json
 from lamda_edge.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, task_of_architectures
 
 CONFIG_NAME = "adapter_config.json"
@@ -26,6 +27,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "lamda-edge-adapter"
 FORMAT_VERSION = 1
 LAYER_TENSORS = ("lamda_A", "lamda_S", "lamda_B", "lamda_B_frozen")
+ADAPTER_FIX = "restore the adapter folder (copy it again, or train again)"
 
 
 def model_fingerprint(model: nn.Module) -> dict:
@@ -97,9 +99,13 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise ModelError(f"{path} is not a lamda-edge adapter folder: {CONFIG_NAME} is missing")
-    info = json.loads(file.read_text())
+    info = read_json(file, ModelError, ADAPTER_FIX)
     if info.get("format") != FORMAT:
         raise ModelError(f"{file} is not a lamda-edge adapter config (format={info.get('format')!r})")
+    broken = [key for key in ("lamda_config", "ranks", "fingerprint") if not isinstance(info.get(key), dict)]
+    if broken:
+        raise ModelError(f"{file} lacks {', '.join(f'`{key}`' for key in broken)} (or holds no mapping there). "
+                         f"Fix: {ADAPTER_FIX}")
     return info
 
 
@@ -140,6 +146,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
         diff = [n for n in set(ranks) | set(info["ranks"]) if ranks.get(n) != info["ranks"].get(n)][:5]
         raise AdapterMismatchError(f"the adapter in {path} has other layers or ranks than the model (e.g. {diff})")
     check_fingerprint(model, info["fingerprint"], str(path))
+    check_safetensors(Path(path) / WEIGHTS_NAME, ModelError, ADAPTER_FIX)
     tensors = load_file(str(Path(path) / WEIGHTS_NAME))
     modules = dict(model.named_modules())
     missing, wrong_shape = [], []

@@ -4,7 +4,6 @@ transformers folder (safetensors, config, tokenizer) that loads back with `from_
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,9 +11,12 @@ import transformers
 
 from lamda_edge.adapters import load_adapter, merge_and_unload
 from lamda_edge.adapters.config import LaMDAConfig
+from lamda_edge.adapters.io import read_adapter_config
 from lamda_edge.demo import default_model
 from lamda_edge.errors import ConfigError, ModelError
 from lamda_edge.export.portable import make_portable
+from lamda_edge.files import read_json
+from lamda_edge.load.checkpoint import MODEL_FIX, check_model_weights
 from lamda_edge.load.loader import load_lamda_model
 from lamda_edge.tasks import SEQUENCE_CLASSIFICATION, task_of_architectures
 
@@ -50,10 +52,8 @@ def load_adapted(model_dir: Path | None, adapter_dir: Path):
     if not cfg_path.is_file():
         raise ModelError(f"{adapter_dir} is not an adapter folder (no adapter_config.json). "
                          "Fix: pass the folder that `lamda-edge train` saved the adapter to")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_adapter_config(adapter_dir)  # ModelError naming the file when it is corrupt or incomplete
     base = _resolve_base(model_dir or cfg.get("base_model"), adapter_dir)
-    if "lamda_config" not in cfg:
-        raise ModelError(f"{cfg_path} has no 'lamda_config'. Fix: re-save the adapter with lamda-edge")
     # rebuild the (4-bit) residual base exactly as training did, then put the trained S, B (and A) on it
     model = load_lamda_model(str(base), LaMDAConfig.from_dict(cfg["lamda_config"]), quantize=cfg.get("quantize"),
                              device="cpu", compute_dtype=torch.float32, progress=False,
@@ -75,10 +75,12 @@ def _resolve_base(base, adapter_dir: Path) -> Path:
 
 def load_reference(folder: Path):
     """Load a transformers folder in fp32 with the head its config names (causal LM or sequence classifier)."""
+    read_json(Path(folder) / "config.json", ModelError, MODEL_FIX)  # missing, truncated or corrupt: name it
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read a transformers config from {folder}: {exc}") from exc
+    check_model_weights(Path(folder))
     archs = getattr(config, "architectures", None) or []
     auto = (transformers.AutoModelForSequenceClassification
             if task_of_architectures(archs) == SEQUENCE_CLASSIFICATION else transformers.AutoModelForCausalLM)

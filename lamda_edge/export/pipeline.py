@@ -29,6 +29,7 @@ from lamda_edge.export.merged import load_merged, load_reference, load_tokenizer
 from lamda_edge.export.portable import copy_loader_files
 from lamda_edge.export.summary import with_summary_first
 from lamda_edge.export.validate import TOLERANCE, validate_decoder, validate_encoder
+from lamda_edge.files import check_output_folder, read_text
 from lamda_edge.progress import bar
 
 FORMATS = ("onnx", "genai")
@@ -89,6 +90,10 @@ class ExportOptions:
             problems.append("give `--adapter DIR` (a trained adapter) or `--model DIR` (a model to export as is)")
         if self.eval_text is not None and not Path(self.eval_text).is_file():
             problems.append(f"`eval_text` {self.eval_text} is not a file")
+        try:
+            check_output_folder(self.output)
+        except ConfigError as exc:
+            problems.append(str(exc))
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -167,7 +172,7 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
     kind = onnx_graph.model_kind(reference)
     report["kind"] = kind
     tokenizer = load_tokenizer(merged_dir)
-    text = Path(options.eval_text).read_text() if options.eval_text else HELD_OUT_TEXT
+    text = read_text(options.eval_text, ConfigError, "pass a UTF-8 text file") if options.eval_text else HELD_OUT_TEXT
 
     if options.format == "genai" and kind != "decoder":
         raise ModelError(f"--format genai builds causal LMs only; {type(reference).__name__} is a {kind}. "

@@ -11,7 +11,10 @@ An entry is a folder `<cache_dir>/<key>/` with `prepared.safetensors` (per targe
 packed NF4 + its quant state or the residual in the compute dtype; the bias; lamda_A, lamda_S, lamda_B) and
 `prepared.json` (ranks, fingerprints, the preparation report). It is written to a temporary folder and renamed,
 so a reader never sees half an entry. Weights that are not targeted are not cached: they stream from the
-original files on every load. Entries made from older weights of the same model folder are removed on write.
+original files on every load. Entries made from older weights of the same model folder are removed on write, and
+the least recently used entries go when the cache grows past `max_cache_bytes()` (default 10 GB,
+`$LAMDA_EDGE_CACHE_MAX_GB`). Training-time settings (t_i, dropout) are not in the key: they do not change what
+is prepared.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -41,6 +45,8 @@ FULL_HASH_MAX_BYTES = 8 << 20  # files up to this size are hashed whole
 SAMPLE_BLOCKS = 16
 SAMPLE_BLOCK_BYTES = 64 << 10
 LAYER_KEYS = ("lamda_A", "lamda_S", "lamda_B")
+NOT_IN_KEY = ("freeze_b_steps", "dropout")  # LaMDAConfig fields that change training, not the prepared layers
+DEFAULT_MAX_GB = 10.0
 
 
 def default_cache_dir() -> Path:
@@ -90,7 +96,7 @@ def cache_key(
     everything = {
         "format": CACHE_FORMAT,
         "weights": weights_id,
-        "lamda_config": lamda_config_dict,
+        "lamda_config": {k: v for k, v in lamda_config_dict.items() if k not in NOT_IN_KEY},
         "quantize": quantize,
         "compute_dtype": str(compute_dtype),
         "task": task,
@@ -125,6 +131,9 @@ def write_entry(root: Path, key: str, tensors: dict[str, torch.Tensor], info: di
     """
     entry = root / key
     try:
+        if not root.exists():
+            print(f"lamda-edge: caching prepared layers in {root} (at most {max_cache_bytes() / 1e9:.0f} GB; "
+                  "LAMDA_EDGE_CACHE moves it, LAMDA_EDGE_CACHE_MAX_GB caps it)", file=sys.stderr)
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
         try:
@@ -142,7 +151,39 @@ def write_entry(root: Path, key: str, tensors: dict[str, torch.Tensor], info: di
         logger.warning("could not write the prepared-model cache to %s (%s); the next load prepares again", entry, exc)
         return None
     _prune(root, key, info)
+    _prune_least_recently_used(root, keep=key, max_bytes=max_cache_bytes())
     return entry
+
+
+def max_cache_bytes() -> float:
+    """The cache's size cap: `$LAMDA_EDGE_CACHE_MAX_GB` (in GB), else `DEFAULT_MAX_GB`."""
+    value = os.environ.get("LAMDA_EDGE_CACHE_MAX_GB")
+    try:
+        return float(value) * 1e9 if value else DEFAULT_MAX_GB * 1e9
+    except ValueError:
+        logger.warning("ignoring LAMDA_EDGE_CACHE_MAX_GB=%r (not a number); using %s GB", value, DEFAULT_MAX_GB)
+        return DEFAULT_MAX_GB * 1e9
+
+
+def _entry_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def _prune_least_recently_used(root: Path, keep: str, max_bytes: float) -> None:
+    """Remove the least recently used entries (by their info file's mtime, touched on every hit) until the cache
+    fits in `max_bytes`; the entry just written (`keep`) always stays."""
+    entries = [e for e in root.iterdir() if not e.name.startswith(".") and (e / INFO_NAME).is_file()]
+    entries.sort(key=lambda e: (e / INFO_NAME).stat().st_mtime_ns)  # oldest use first
+    total = sum(_entry_bytes(e) for e in entries)
+    for entry in entries:
+        if total <= max_bytes:
+            break
+        if entry.name == keep:
+            continue
+        total -= _entry_bytes(entry)
+        logger.info("removing the least recently used prepared-model cache %s (cache over %.1f GB)", entry,
+                    max_bytes / 1e9)
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _prune(root: Path, key: str, info: dict) -> None:
@@ -197,6 +238,10 @@ def read_entry(root: Path, key: str) -> CacheEntry | None:
         return None
     if opened.info.get("format") != CACHE_FORMAT:
         return None
+    try:
+        os.utime(entry / INFO_NAME)  # marks the use for least-recently-used pruning
+    except OSError:
+        pass
     return opened
 
 

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from lamda_edge.errors import ModelError
+from lamda_edge.files import check_safetensors, read_json
 
+MODEL_FIX = "restore the model folder (copy or convert it again)"
 # Renames of old checkpoints that transformers applies on load (its "legacy" conversion mapping).
 LEGACY_SUFFIXES = ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias"))
 
@@ -19,25 +21,16 @@ class Checkpoint:
     """The safetensors files of a model folder (single file or sharded with an index), read one tensor at a time."""
 
     def __init__(self, model_dir: Path):
-        import json
-
         from safetensors import safe_open
 
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            files = sorted({model_dir / f for f in weight_map.values()})
-        else:
-            files = sorted(model_dir.glob("*.safetensors"))
+        files = weight_files(model_dir)
         if not files:
             found = sorted(p.name for p in model_dir.iterdir())[:10]
             raise ModelError(
                 f"{model_dir} holds no safetensors weights (files: {found}); lamda-edge never loads pickled "
                 "weights. Fix: load it once with transformers and save_pretrained(safe_serialization=True)"
             )
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ModelError(f"the weights index of {model_dir} names missing shards: {missing[:3]}")
+        check_model_weights(model_dir, files)
         self.files = files
         self._handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in files}
         self.where = {key: f for f, h in self._handles.items() for key in h.keys()}
@@ -48,6 +41,27 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model folder: the shards its index names, else every *.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index, ModelError, MODEL_FIX).get("weight_map", {})
+        if not isinstance(weight_map, dict):
+            raise ModelError(f"{index}: `weight_map` should map tensor names to files. Fix: {MODEL_FIX}")
+        return sorted({model_dir / str(f) for f in weight_map.values()})
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def check_model_weights(model_dir: Path, files: list[Path] | None = None) -> None:
+    """`ModelError` naming the file when a weights file is missing, truncated or has a corrupt header."""
+    files = weight_files(model_dir) if files is None else files
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ModelError(f"the weights index of {model_dir} names missing shards: {missing[:3]}. Fix: {MODEL_FIX}")
+    for file in files:
+        check_safetensors(file, ModelError, MODEL_FIX)
 
 
 def key_map(model: nn.Module, checkpoint_keys) -> tuple[dict[str, str], list[str]]:

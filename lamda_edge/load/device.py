@@ -11,6 +11,7 @@ base (`resolve_quantize`) without loading torch.
 
 from __future__ import annotations
 
+import os
 import resource
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,27 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
                "fp16": "float16", "float16": "float16"}
+
+
+def configure_cpu_threads(environ=None) -> int:
+    """Choose torch's CPU threads before torch loads (OpenMP reads its environment once); returns the count.
+
+    - `OMP_NUM_THREADS`, when set, is the user's choice and is kept; otherwise the cores this process may run on
+      (`os.sched_getaffinity`: a container's or `taskset`'s limit, not the machine's count).
+    - `OMP_WAIT_POLICY=PASSIVE` unless set: a waiting thread sleeps instead of spinning. On a loaded 2-core machine
+      (load average 11) spinning threads made a training step 12.8x slower than 1 thread; passive waits ran at
+      1.01x (tools/bench_threads.py; docs/benchmarks.md, "CPU threads on a loaded machine").
+
+    The CLI calls this for commands that compute (train, export, generate); the Python API leaves threads to the
+    caller (`torch.set_num_threads`, or these variables set before importing torch).
+    """
+    env = os.environ if environ is None else environ
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env["OMP_NUM_THREADS"] = str(threads)
+    return threads
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -41,6 +41,7 @@ from lamda_edge.adapters.inject import (
 from lamda_edge.adapters.spectral import singular_values
 from lamda_edge.adapters.state import adapter_state
 from lamda_edge.errors import ConfigError, ModelError, require
+from lamda_edge.files import read_json
 from lamda_edge.load.cache import (
     build_layer,
     cache_key,
@@ -50,8 +51,8 @@ from lamda_edge.load.cache import (
     read_entry,
     write_entry,
 )
-from lamda_edge.load.checkpoint import Checkpoint, key_map
-from lamda_edge.load.device import PeakMemory, resolve_compute_dtype, resolve_device
+from lamda_edge.load.checkpoint import MODEL_FIX, Checkpoint, key_map
+from lamda_edge.load.device import PeakMemory, resolve_compute_dtype, resolve_device, resolve_quantize
 from lamda_edge.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS, task_of_architectures
 
 logger = logging.getLogger(__name__)
@@ -258,21 +259,23 @@ def _prepare_layers(model, targets, checkpoint, keys, config, quantize, compute_
 def load_lamda_model(
     model_path: str | os.PathLike,
     config: LaMDAConfig,
-    quantize: str | None = "nf4",
+    quantize: str | None = "auto",
     device: str | torch.device | None = None,
     compute_dtype: torch.dtype | str | None = None,
     cache_dir: str | os.PathLike | None | bool = None,
     progress: bool = True,
     task: str | None = None,
     num_labels: int | None = None,
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing: bool | None = None,
 ) -> nn.Module:
     """Load a local transformers folder with a frozen base (NF4 or plain) and LaMDA adapters from its full weights.
 
     Args:
         model_path: a folder with config.json and safetensors weights (single file or sharded).
         config: the LaMDA configuration (targets, rank, init, LaMDA++ allocation).
-        quantize: "nf4" (bitsandbytes 4-bit base holding the spectral residual) or None (residual in compute dtype).
+        quantize: "nf4" (bitsandbytes 4-bit base holding the spectral residual), None or "none" (residual in the
+            compute dtype), or "auto" (the default, as the CLI's `quantize: auto`): NF4 on CUDA, full precision on
+            a CPU, where bitsandbytes dequantizes every 4-bit weight at every call.
         device: where the model goes (default: CUDA if available, else CPU). SVDs run there when it is a GPU.
         compute_dtype: dtype of embeddings, norms, heads and the 4-bit matmuls (default: bf16 on GPUs that have
             it, fp16 on older GPUs, fp32 on CPU).
@@ -281,7 +284,8 @@ def load_lamda_model(
         progress: show progress bars.
         task: "causal-lm" or "sequence-classification"; None = from the config's architectures.
         num_labels: number of classes for a sequence-classification head (default: the config's).
-        gradient_checkpointing: enable transformers' non-reentrant gradient checkpointing.
+        gradient_checkpointing: enable transformers' non-reentrant gradient checkpointing; None (the default): on
+            for an accelerator, off on a CPU. (`lamda-edge train` decides it by plan: off when the batch fits.)
 
     Returns:
         The model (eval mode): base frozen, `lamda_S`, `lamda_B` and `modules_to_save` trainable, and
@@ -296,15 +300,17 @@ def load_lamda_model(
     model_dir = Path(model_path).expanduser()
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{model_path} is not a transformers model folder (no config.json); pass a local folder")
+    device = resolve_device(device)
+    quantize = resolve_quantize(quantize, device)
     check_quantize(quantize)
     if not isinstance(config, LaMDAConfig):
         raise ConfigError(f"`config` should be a LaMDAConfig, got {type(config).__name__}")
     if quantize == "nf4":
         require("bitsandbytes", package="bitsandbytes")
-    device = resolve_device(device)
     compute_dtype = resolve_compute_dtype(compute_dtype, device)
     from transformers import AutoConfig
 
+    read_json(model_dir / "config.json", ModelError, MODEL_FIX)  # truncated or corrupt: name the file
     try:
         hf_config = AutoConfig.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
@@ -347,6 +353,8 @@ def load_lamda_model(
     _load_generation_config(model, model_dir)
     finish_injection(model, config, fingerprints, reports)
     disable_cpu_repack(model)
+    if gradient_checkpointing is None:  # auto: memory is what an accelerator lacks; on a CPU recompute costs time
+        gradient_checkpointing = device.type != "cpu"
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.eval()

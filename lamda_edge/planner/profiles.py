@@ -7,12 +7,13 @@ A device's numbers live only in its YAML; a model's shape only in its JSON (or a
 from __future__ import annotations
 
 import difflib
-import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lamda_edge.errors import ProfileError
+from lamda_edge.errors import LamdaEdgeError, ProfileError
+from lamda_edge.files import read_json, read_yaml
 from lamda_edge.planner.memory import Linear
 
 GIB = 1024**3
@@ -33,6 +34,18 @@ MODEL_FIELDS = {
     "vocab_size": (int,), "tie_word_embeddings": (bool,),
 }
 ARCHITECTURES = ("decoder", "encoder", "encoder-decoder")
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+               "vocab_size", "num_key_value_heads")
+PROFILE_SUFFIXES = (".yaml", ".yml")
+logger = logging.getLogger(__name__)
+_reported: set[str] = set()  # malformed shipped profiles already reported (once per process)
+
+
+def _skip_malformed(path: Path, exc: LamdaEdgeError) -> None:
+    """One malformed shipped profile must not break the others: report it once, and go on without it."""
+    if str(path) not in _reported:
+        _reported.add(str(path))
+        logger.warning("lamda-edge: skipping a malformed profile: %s", exc)
 
 
 def profiles_root() -> Path:
@@ -111,12 +124,7 @@ def _memory(value, path: Path, key: str, host_value: int) -> int:
 
 
 def _load_device(path: Path) -> DeviceProfile:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path, ProfileError, "fix or remove this device profile")
     _check_fields(data, DEVICE_FIELDS, path, OPTIONAL_DEVICE_FIELDS)
     host_total = host_avail = 0
     if "auto" in (data["total_memory_gib"], data["usable_memory_gib"]):
@@ -155,12 +163,17 @@ def device_files() -> list[Path]:
 
 
 def load_devices() -> dict[str, DeviceProfile]:
-    """Every device profile by name (each file validated)."""
+    """Every valid device profile by name; a malformed file is reported once (a warning) and left out."""
     out = {}
     for path in device_files():
-        dev = _load_device(path)
-        if dev.name != path.stem:
-            raise ProfileError(f"{path}: field `name` ({dev.name!r}) should match the file name ({path.stem!r})")
+        try:
+            dev = _load_device(path)
+            if dev.name != path.stem:
+                raise ProfileError(f"{path}: field `name` ({dev.name!r}) should match the file name "
+                                   f"({path.stem!r})")
+        except ProfileError as exc:
+            _skip_malformed(path, exc)
+            continue
         out[dev.name] = dev
     return out
 
@@ -170,6 +183,9 @@ def _auto_device() -> DeviceProfile:
     import torch
 
     devices = load_devices()
+    if "cpu" not in devices:
+        raise ProfileError(f"the host CPU's profile ({profiles_root() / 'devices' / 'cpu.yaml'}) is missing or "
+                           "malformed. Fix: restore it (reinstall lamda-edge), or pass --device NAME")
     if not torch.cuda.is_available():
         return devices["cpu"]
     free, total = torch.cuda.mem_get_info()
@@ -178,7 +194,7 @@ def _auto_device() -> DeviceProfile:
     name = props.name.lower()
     match = next((d for d in devices.values() if d.kind != "cpu" and d.compute_capability == cc
                   and abs(d.total_bytes - total) < 2 * GIB), None)
-    base = match or devices["rtx3060"]
+    base = match or devices.get("rtx3060") or devices["cpu"]
     from dataclasses import replace
 
     return replace(base, name=f"auto:{name.replace(' ', '-')}", description=f"{props.name} (read with torch.cuda)",
@@ -187,10 +203,17 @@ def _auto_device() -> DeviceProfile:
 
 
 def get_device(name: str) -> DeviceProfile:
-    """A device by name or alias (case-insensitive), or `auto`; unknown names raise `ProfileError` listing all."""
+    """A device by name or alias (case-insensitive), `auto`, or the path of a device profile YAML file; unknown
+    names raise `ProfileError` listing all."""
     key = name.strip().lower()
     if key == "auto":
         return _auto_device()
+    if key.endswith(PROFILE_SUFFIXES) or os.sep in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ProfileError(f"device profile file {path} does not exist. Fix: pass an existing YAML file "
+                               "(profiles/devices/*.yaml show the fields), or a name from `lamda-edge devices`")
+        return _load_device(path)
     devices = load_devices()
     for dev in devices.values():
         if key == dev.name or key in (a.lower() for a in dev.aliases):
@@ -291,17 +314,21 @@ def _shape_from_json(data: dict, path: Path) -> ModelShape:
         raise ProfileError(
             f"{path}: field `architecture` should be one of {ARCHITECTURES}, got {data['architecture']!r}"
         )
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
-                "vocab_size", "num_key_value_heads"):
-        if data[key] < 1:
-            raise ProfileError(f"{path}: field `{key}` should be positive, got {data[key]!r}")
-    if data["num_attention_heads"] % data["num_key_value_heads"]:
-        raise ProfileError(f"{path}: field `num_key_value_heads` ({data['num_key_value_heads']}) should divide "
-                           f"num_attention_heads ({data['num_attention_heads']})")
+    _check_sizes(data, path)
     if data.get("mlp", "gated") not in ("gated", "plain"):
         raise ProfileError(f"{path}: field `mlp` should be 'gated' or 'plain', got {data['mlp']!r}")
     keys = {f for f in ModelShape.__dataclass_fields__ if f in data}
     return ModelShape(**{k: data[k] for k in keys})
+
+
+def _check_sizes(sizes: dict, where) -> None:
+    """The architecture sizes must be positive, and the key/value heads must divide the attention heads."""
+    for key in SIZE_FIELDS:
+        if sizes[key] < 1:
+            raise ProfileError(f"{where}: field `{key}` should be positive, got {sizes[key]!r}. Fix: correct it")
+    if sizes["num_attention_heads"] % sizes["num_key_value_heads"]:
+        raise ProfileError(f"{where}: field `num_key_value_heads` ({sizes['num_key_value_heads']}) should divide "
+                           f"num_attention_heads ({sizes['num_attention_heads']}). Fix: correct it")
 
 
 def shape_from_hf_config(cfg: dict, name: str, path: str | None = None) -> ModelShape:
@@ -309,7 +336,9 @@ def shape_from_hf_config(cfg: dict, name: str, path: str | None = None) -> Model
     try:
         h = int(cfg["hidden_size"])
         nh = int(cfg["num_attention_heads"])
-        return ModelShape(
+        if nh < 1:
+            raise ValueError(f"`num_attention_heads` should be positive, got {nh}")
+        shape = ModelShape(
             name=name, architecture="decoder", hidden_size=h, intermediate_size=int(cfg["intermediate_size"]),
             num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=nh,
             num_key_value_heads=int(cfg.get("num_key_value_heads") or nh),
@@ -319,20 +348,24 @@ def shape_from_hf_config(cfg: dict, name: str, path: str | None = None) -> Model
             attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
             source=f"config.json at {path}" if path else "transformers config", local_path=path,
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProfileError(f"{path or name}: config.json lacks a decoder field the planner needs: {exc}") from exc
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ProfileError(f"{path or name}: config.json lacks a decoder field the planner needs, or holds an "
+                           f"invalid one: {exc}. Fix: correct config.json") from exc
+    _check_sizes({key: getattr(shape, key) for key in SIZE_FIELDS}, f"config.json at {path or name}")
+    return shape
 
 
 def load_models() -> dict[str, ModelShape]:
     out = {}
     for path in model_files():
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"{path}: not valid JSON: {exc}") from exc
-        shape = _shape_from_json(data, path)
-        if shape.name != path.stem:
-            raise ProfileError(f"{path}: field `name` ({shape.name!r}) should match the file name ({path.stem!r})")
+            shape = _shape_from_json(read_json(path, ProfileError, "fix or remove this model profile"), path)
+            if shape.name != path.stem:
+                raise ProfileError(f"{path}: field `name` ({shape.name!r}) should match the file name "
+                                   f"({path.stem!r})")
+        except ProfileError as exc:
+            _skip_malformed(path, exc)
+            continue
         out[shape.name] = shape
     return out
 
@@ -343,10 +376,7 @@ def get_model(name_or_path: str) -> ModelShape:
     if p.is_dir() and (p / "config.json").is_file():
         p = p / "config.json"
     if p.is_file():
-        try:
-            cfg = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"{p}: not valid JSON: {exc}") from exc
+        cfg = read_json(p, ProfileError, "pass a transformers config.json")
         return shape_from_hf_config(cfg, p.parent.name, str(p.parent))
     models = load_models()
     key = name_or_path.strip().lower()

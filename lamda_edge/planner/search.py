@@ -146,23 +146,24 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
         dataset_tokens: tokens in one epoch, for the time estimate.
         compute_dtype: "fp32", "bf16" or "fp16"; None = the device's default (`DeviceProfile.compute_dtype`).
     """
-    if target_batch < 1:
-        raise ConfigError(f"`target_batch` should be a positive integer, got {target_batch!r}")
-    base = TrainSetup(batch_size=batch_size or 1, seq_len=seq_len, rank=rank or RANKS[0], quantize=quantize,
+    _check_request(model, rank=rank, batch_size=batch_size, target_batch=target_batch,
+                   dataset_tokens=dataset_tokens)
+    ranks = [rank] if rank is not None else [r for r in RANKS if r <= max_rank(model)] or [max_rank(model)]
+    base = TrainSetup(batch_size=batch_size or 1, seq_len=seq_len, rank=ranks[0], quantize=quantize,
                       compute_dtype=compute_dtype or device.compute_dtype, chunk_rows=chunk_rows,
                       gradient_checkpointing=True if gradient_checkpointing is None else gradient_checkpointing)
     cap = min(max(target_batch, 1), MAX_BATCH)
     chosen = None
-    for r in ([rank] if rank else list(RANKS)):
+    for r in ranks:
         setup = replace(base, rank=r)
         b = batch_size or _largest_batch(device, model, setup, cap)
         if b and _try(device, model, replace(setup, batch_size=b))[1] <= device.usable_bytes:
             chosen = replace(setup, batch_size=b)
             break
     if chosen is None:
-        setup = replace(base, rank=rank or RANKS[-1], batch_size=batch_size or 1)
+        setup = replace(base, rank=ranks[-1], batch_size=batch_size or 1)
         est, peak = _try(device, model, setup)
-        raise DoesNotFitError(_does_not_fit_message(device, model, setup, peak))
+        raise _does_not_fit(device, model, setup, peak)
     if gradient_checkpointing is None:
         off = replace(chosen, gradient_checkpointing=False)
         if _try(device, model, off)[1] <= device.usable_bytes:
@@ -177,8 +178,30 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
                 speed=speed_estimate(device, model, chosen, est, dataset_tokens))
 
 
-def _does_not_fit_message(device: DeviceProfile, model: ModelShape, setup: TrainSetup, peak: int) -> str:
-    """What would fit instead: a shorter seq_len, a smaller catalogue model, another device."""
+def max_rank(model: ModelShape) -> int:
+    """The largest rank every adapted linear of `model` allows: the smallest of their smaller dimensions."""
+    return min(min(lin.d_in, lin.d_out) for lin in model.block_linears())
+
+
+def _check_request(model: ModelShape, **values) -> None:
+    """Pinned values must be positive integers (leaving one out is how to ask the planner to choose), and a pinned
+    rank must fit every adapted linear (the loader refuses a larger one)."""
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            flag = name.replace("_", "-")
+            choose = f", or leave --{flag} out to let the planner choose" if name in ("rank", "batch_size") else ""
+            raise ConfigError(f"`{name}` should be a positive integer, got {value!r}. Fix: pass --{flag} >= 1"
+                              f"{choose}")
+    rank, largest = values.get("rank"), max_rank(model)
+    if rank is not None and rank > largest:
+        narrow = min(model.block_linears(), key=lambda lin: min(lin.d_in, lin.d_out))
+        raise ConfigError(f"`rank` {rank} is larger than {model.name}'s {narrow.name} allows (weight "
+                          f"{narrow.d_out} x {narrow.d_in}, so at most {largest}). Fix: pass --rank {largest} or "
+                          "less, or leave it out to let the planner choose")
+
+
+def _does_not_fit(device: DeviceProfile, model: ModelShape, setup: TrainSetup, peak: int) -> DoesNotFitError:
+    """The error, with what would fit instead (a shorter seq_len, a smaller catalogue model, another device)."""
     fixes = []
     seq = setup.seq_len
     while seq > 16:
@@ -201,6 +224,10 @@ def _does_not_fit_message(device: DeviceProfile, model: ModelShape, setup: Train
     if setup.quantize is None:
         fixes.insert(0, "quantize the base to NF4 (drop --no-quantize)")
     what = "; or ".join(fixes) if fixes else "no smaller change in the catalogue fits"
-    return (f"{model.name} at seq_len {setup.seq_len}, batch {setup.batch_size}, rank {setup.rank} needs "
-            f"{peak / GIB:.2f} GiB on {device.name}, which has {device.usable_bytes / GIB:.2f} GiB usable. "
-            f"Smallest change that fits: {what}")
+    message = (f"{model.name} at seq_len {setup.seq_len}, batch {setup.batch_size}, rank {setup.rank} needs "
+               f"{peak / GIB:.2f} GiB on {device.name}, which has {device.usable_bytes / GIB:.2f} GiB usable. "
+               f"Smallest change that fits: {what}")
+    details = {"device": device.name, "model": model.name, "seq_len": setup.seq_len, "rank": setup.rank,
+               "batch_size": setup.batch_size, "budget_bytes": device.usable_bytes, "peak_bytes": peak,
+               "smallest_change": fixes[0] if fixes else None, "changes": fixes}
+    return DoesNotFitError(message, details)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lamda_edge.errors import ConfigError, ModelError, require
+from lamda_edge.files import read_json
 from lamda_edge.runtime.decoder import OnnxDecoder
 from lamda_edge.runtime.session import session
 
@@ -41,7 +42,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)  # the new tokens only
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    stopped_by: str = "max_new_tokens"  # or "eos", or "stop" (the caller's `stop` predicate)
+    stopped_by: str = "max_new_tokens"  # or "eos", "stop" (the caller's `stop` predicate), "context" (the model's)
 
     @property
     def tokens_per_s(self) -> float:
@@ -127,6 +128,7 @@ class OnnxGenerator(_Generator):
         super().__init__(folder, tokenizer_dir)
         self.onnx_file = name
         self.decoder = OnnxDecoder(session(folder / name, threads))
+        self.context = _context_length(tokenizer_dir, folder)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, chat: bool = True, on_text=None, prompt_ids: list[int] | None = None,
@@ -137,17 +139,21 @@ class OnnxGenerator(_Generator):
         token when it returns True (`stopped_by` "stop") or a reason (`stopped_by` that string).
         """
         ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, chat)
+        _check_prompt(ids, self.context)
+        limit = min(max_new_tokens, self.context - len(ids))  # the model has no positions beyond its context
         rng, emit, new = np.random.default_rng(seed), self._streamer(on_text), []
         result = GenerationResult(text="", prompt_tokens=len(ids))
+        if limit < max_new_tokens:
+            result.stopped_by = "context"
         t = time.perf_counter()
         logits, past = self.decoder.step(np.array([ids]), self.decoder.empty_past(1))  # prefill
         result.prefill_s = time.perf_counter() - t
         t = time.perf_counter()
-        while len(new) < max_new_tokens:
+        while len(new) < limit:
             token = pick(logits[0, -1], temperature, top_p, rng)
             if self._take(token, new, result, emit, ignore_eos, stop):
                 break
-            if len(new) == max_new_tokens:
+            if len(new) == limit:
                 break
             logits, past = self.decoder.step(np.array([[token]]), past)  # decode: T=1, past grows by one
         result.decode_s = time.perf_counter() - t
@@ -161,18 +167,20 @@ class GenaiGenerator(_Generator):
     def __init__(self, folder: Path, threads: int | None = None):
         self.og = require("onnxruntime_genai", "genai", package="onnxruntime-genai")
         super().__init__(folder, folder)
-        self.onnx_file = json.loads((folder / GENAI_CONFIG).read_text())["model"]["decoder"]["filename"]
+        genai_config = read_json(folder / GENAI_CONFIG, ModelError, "export the model again")
+        self.onnx_file = genai_config["model"]["decoder"]["filename"]
         config = self.og.Config(str(folder))
         if threads:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         self.model = self.og.Model(config)
-        self.context = json.loads((folder / GENAI_CONFIG).read_text())["model"].get("context_length", 4096)
+        self.context = genai_config["model"].get("context_length", 4096)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, chat: bool = True, on_text=None, prompt_ids: list[int] | None = None,
                  ignore_eos: bool = False, stop=None):
         """Same contract as `OnnxGenerator.generate`."""
         ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, chat)
+        _check_prompt(ids, self.context)
         emit, new = self._streamer(on_text), []
         result = GenerationResult(text="", prompt_tokens=len(ids))
         params = self.og.GeneratorParams(self.model)
@@ -248,12 +256,33 @@ def load_generator(folder, onnx_file: str | None = None, threads: int | None = N
     return OnnxGenerator(folder, onnx_file, threads)
 
 
+def _check_prompt(ids: list[int], context: int) -> None:
+    if not ids:
+        raise ConfigError("the prompt is empty (no tokens). Fix: give a prompt, or keep the chat template on")
+    if len(ids) >= context:
+        raise ConfigError(f"the prompt has {len(ids)} tokens, but the model's context is {context} positions, which "
+                          "leaves none to generate. Fix: shorten the prompt")
+
+
+def _context_length(*folders: Path) -> int:
+    """The model's positions (`max_position_embeddings`, GPT-2's `n_positions`) from the first config.json found;
+    a very large number when none says (the graph then bounds nothing, and only --max-new-tokens stops)."""
+    for folder in folders:
+        path = folder / "config.json"
+        if path.is_file():
+            config = read_json(path, ModelError, "export the model again")
+            for key in ("max_position_embeddings", "n_positions"):
+                if isinstance(config.get(key), int) and config[key] > 0:
+                    return config[key]
+    return 2**31 - 1
+
+
 def _eos_ids(folder: Path, tokenizer) -> set[int]:
     ids = set()
     for name in ("generation_config.json", "config.json", "genai_config.json"):
         path = folder / name
         if path.is_file():
-            data = json.loads(path.read_text())
+            data = read_json(path, ModelError, "export the model again")
             value = data.get("eos_token_id", data.get("model", {}).get("eos_token_id"))
             ids.update(value if isinstance(value, list) else [value] if value is not None else [])
     if tokenizer.eos_token_id is not None:

@@ -12,7 +12,6 @@ import time
 from torch import nn
 from transformers import TrainerCallback
 
-from lamda_edge.adapters.config import DEFAULT_FREEZE_B_FRACTION
 from lamda_edge.adapters.freeze import PMBScheduler
 from lamda_edge.train.report import effective_trainable, lamda_layer_list
 
@@ -20,20 +19,18 @@ from lamda_edge.train.report import effective_trainable, lamda_layer_list
 class LaMDACallback(TrainerCallback):
     """A `transformers.TrainerCallback` that runs a `PMBScheduler` after every optimizer step.
 
-    With `freeze_steps=None`, t_i is `fraction` (DEFAULT_FREEZE_B_FRACTION, 30%) of the run's optimizer steps
-    (`state.max_steps`), fixed at train begin.
+    With `freeze_steps=None`, t_i is the model's `LaMDAConfig.freeze_b_steps`, or its share of the run's optimizer
+    steps (`state.max_steps`), fixed at train begin (`PMBScheduler`).
     """
 
-    def __init__(self, model: nn.Module, freeze_steps: int | None = None, fraction: float = DEFAULT_FREEZE_B_FRACTION):
+    def __init__(self, model: nn.Module, freeze_steps: int | None = None):
         self.model = model
         self.freeze_steps = freeze_steps
-        self.fraction = fraction
         self.scheduler: PMBScheduler | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.scheduler is None:
-            steps = self.freeze_steps or max(1, round(self.fraction * state.max_steps))
-            self.scheduler = PMBScheduler(self.model, steps)
+            self.scheduler = PMBScheduler(self.model, self.freeze_steps, total_steps=state.max_steps)
             self.scheduler.steps_done = state.global_step
             if state.global_step:
                 self.scheduler.load_state_dict(self.scheduler.state_dict(), kwargs.get("optimizer"))

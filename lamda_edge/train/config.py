@@ -275,14 +275,66 @@ def _check_training_args(values: dict) -> list[str]:
     from transformers import TrainingArguments
 
     valid = [f.name for f in dataclasses.fields(TrainingArguments)]
+    hints = _type_hints(TrainingArguments)
     problems = []
-    for key in values:
+    for key, value in values.items():
         if key in _OWNED_TRAINING_ARGS:
             owner = _OWNED_TRAINING_ARGS[key]
             problems.append(f"`training_args.{key}` is set by the run config itself: use `{owner}`")
         elif key not in valid:
             problems.append(f"unknown TrainingArguments field `training_args.{key}`.{closest_key(key, valid)}")
+        elif key in hints and not _has_type(value, hints[key]):
+            problems.append(f"`training_args.{key}` should be {_type_name(hints[key])}, got {value!r}")
     return problems
+
+
+def _type_hints(cls) -> dict:
+    import typing
+
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation this Python cannot evaluate: check names only
+        return {}
+
+
+def _has_type(value, annotation) -> bool:
+    """Whether a YAML value can stand for a TrainingArguments field of this annotation (ints count as floats, a
+    string as an enum's value; annotations this does not know accept anything: TrainingArguments checks those)."""
+    import enum
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return isinstance(value, annotation) or any(value == member.value for member in annotation)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(annotation) -> str:
+    import typing
+
+    args = typing.get_args(annotation)
+    if args and typing.get_origin(annotation) not in (list, tuple, dict):
+        return " or ".join(_type_name(arg) for arg in args)
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 # ---- the one table: fields, their help, their flags ------------------------------------------------------------
@@ -356,19 +408,17 @@ def check_keys(values: dict[str, Any], where: str) -> None:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a run config YAML file into a dict (not validated yet)."""
-    import yaml
+    from lamda_edge import files
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist. Fix: pass an existing YAML file to --config")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    values = files.read_yaml(path, ConfigError, "pass a UTF-8 YAML run config (see examples/*.yaml)")
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{path} should hold a mapping of run config keys, got {type(values).__name__}")
+        raise ConfigError(f"{path} should hold a mapping of run config keys, got {type(values).__name__}. "
+                          "Fix: write one `key: value` per line (see examples/*.yaml)")
     return values
 
 
@@ -390,8 +440,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {pair!r} should look like key=value (e.g. max_steps=200)")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {pair!r}: the value is not valid YAML ({exc})") from exc
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise ConfigError(f"override {pair!r}: the value is not valid YAML ({exc}). Fix: quote it, "
+                              f"e.g. {key}='\"...\"'") from exc
         if "." in key:
             outer, _, inner = key.partition(".")
             if outer not in DOTTED:

@@ -117,7 +117,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         )
     if suffix in TEXT_SUFFIXES:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not valid UTF-8 text ({exc}). Fix: re-save the file as UTF-8") from exc
         return [(1, {"text": text})] if text.strip() else []
@@ -125,7 +125,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a byte-order mark is not JSON
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path} line {line_no}: not valid UTF-8 ({exc}). Fix: re-save as UTF-8") from exc
             if not line.strip():
@@ -137,6 +137,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
                     f"{path} line {line_no}: malformed JSON ({exc.msg} at column {exc.colno}). "
                     "Fix: each line must be one complete JSON object"
                 ) from exc
+            except RecursionError as exc:
+                raise DataError(f"{path} line {line_no}: JSON nested too deeply to read. Fix: each line must be "
+                                f"one flat object ({ACCEPTED_SHAPES})") from exc
             _check_record(record, path, line_no)
             records.append((line_no, record))
     return records
@@ -328,6 +331,7 @@ def build_dataset(
     _check_options(seq_len, on_overflow)
     pack = True if pack is None else pack
     stats = DataStats()
+    longest = 0  # tokens of the longest example, for the hints
     examples: list[tuple[list[int], list[int]]] = []
     docs: list[list[int]] = []
     for line_no, record in records:
@@ -343,11 +347,13 @@ def build_dataset(
             continue
         else:
             ids, labels = tokenize_text(tokenizer, record["text"])
+        longest = max(longest, len(ids))
         if len(ids) > seq_len:
             if on_overflow == "error":
                 raise DataError(
-                    f"{source} line {line_no}: {len(ids)} tokens, longer than seq_len={seq_len}. "
-                    "Fix: raise seq_len, shorten the example, or use on_overflow='truncate'"
+                    f"{source} line {line_no}: {len(ids)} tokens, longer than seq_len={seq_len}. Fix: raise "
+                    f"seq_len to {len(ids)} (if the model's context allows it), shorten this example, or set "
+                    "on_overflow=truncate to cut it"
                 )
             ids, labels = ids[:seq_len], labels[:seq_len]
             stats.truncated += 1
@@ -367,6 +373,11 @@ def build_dataset(
             DataWarning,
             stacklevel=2,
         )
+    if not examples and stats.truncated:
+        raise DataError(
+            f"{source}: no examples to train on: in all {stats.dropped} of them the prompt fills seq_len={seq_len} "
+            f"tokens, so no completion token is left to learn (the longest example has {longest} tokens). Fix: "
+            "raise seq_len (if the model's context allows it) or shorten the prompts")
     if not examples:
         raise DataError(f"{source}: no examples to train on. Fix: add records ({ACCEPTED_SHAPES})")
     stats.examples = len(examples)

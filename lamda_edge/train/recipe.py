@@ -41,6 +41,8 @@ from lamda_edge.adapters import save_adapter
 from lamda_edge.demo import task as demo
 from lamda_edge.demo.default_model import default_model_path
 from lamda_edge.errors import ConfigError, ModelError, ProfileError
+from lamda_edge.files import check_output_folder, read_json
+from lamda_edge.load.checkpoint import MODEL_FIX
 from lamda_edge.load.device import resolve_compute_dtype, resolve_precision, resolve_quantize
 from lamda_edge.load.loader import load_lamda_model
 from lamda_edge.planner import get_device, get_model
@@ -56,7 +58,7 @@ from lamda_edge.train.config import (
 )
 from lamda_edge.train.data import PaddingCollator, load_data
 from lamda_edge.train.report import effective_trainable, lamda_layer_list
-from lamda_edge.train.trainer import LaMDATrainer, LossModel, latest_checkpoint
+from lamda_edge.train.trainer import LaMDATrainer, LossModel, check_checkpoint, latest_checkpoint
 
 CHECKPOINTS = "checkpoints"
 DEMO_BEFORE = "demo_before.json"
@@ -134,6 +136,7 @@ def _prepare_output(config: RunConfig, out: Path, resume: bool) -> Path | None:
         if _is_main():  # half-written checkpoints of a killed run
             for leftover in ckpt_dir.glob(".staging-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
+        check_checkpoint(last)
         return last
     if (last is not None or (out / report.METRICS_NAME).exists()) and not config.overwrite:
         raise ConfigError(f"{out} already holds a run. Fix: --resume to continue it, `overwrite=true` to start "
@@ -157,7 +160,7 @@ def _training_args(config: RunConfig, ckpt_dir: Path, device: torch.device, prec
     extra = dict(config.training_args)
     if _world_size() > 1:
         extra.setdefault("ddp_find_unused_parameters", True)  # B leaves training mid-run
-    return TrainingArguments(
+    args = dict(
         output_dir=str(ckpt_dir),
         max_steps=max_steps,
         per_device_train_batch_size=batch_size,
@@ -188,8 +191,14 @@ def _training_args(config: RunConfig, ckpt_dir: Path, device: torch.device, prec
         include_num_input_tokens_seen="non_padding",
         prediction_loss_only=True,
         dataloader_num_workers=0,
-        **extra,
     )
+    try:
+        return TrainingArguments(**args, **extra)
+    except (TypeError, ValueError) as exc:  # a `training_args` value that TrainingArguments itself refuses
+        if not config.training_args:
+            raise
+        raise ConfigError(f"`training_args` {config.training_args}: transformers.TrainingArguments refuses them "
+                          f"({exc}). Fix: correct or remove them") from exc
 
 
 def _max_steps(config: RunConfig, n_train: int, batch_size: int, demo: bool) -> int:
@@ -222,6 +231,7 @@ class TrainRecipe:
         self.progress = progress
         self.resume = resume
         self.out = config.output_dir()
+        check_output_folder(self.out)
         self.last_checkpoint = _prepare_output(config, self.out, resume)
         self.device = resolve_run_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
@@ -237,6 +247,7 @@ class TrainRecipe:
             if not (self.model_path / "config.json").is_file():
                 raise ModelError(f"`model`={config.model!r} is not a transformers model folder (no config.json). "
                                  "Fix: pass a local folder, or leave `model` unset for the default model")
+            read_json(self.model_path / "config.json", ModelError, MODEL_FIX)  # corrupt: name it, before the tokenizer
         self.tokenizer = _load_tokenizer(self.model_path)
         self.rank, self.batch_size, grad_accum, checkpointing, self.planned_by = _plan(
             config, self.model_path, self.quantize, self.precision)
@@ -261,6 +272,10 @@ class TrainRecipe:
         resolved = config.replace(lamda={**self.lamda_config.to_dict(), "freeze_b_steps": self.freeze_b_steps},
                                   batch_size=self.batch_size, max_steps=self.max_steps, precision=self.precision,
                                   quantize=self.quantize or "none")  # as run, for --resume
+        # built before the long model load: TrainingArguments checks the `training_args` pass-through values
+        self.training_args = _training_args(config, self.out / CHECKPOINTS, self.device, self.precision,
+                                            self.batch_size, self.max_steps, self.eval_set is not None,
+                                            eval_on_start=self.last_checkpoint is None and self.demo_task is None)
         if _is_main():
             report.write_run_config(self.out / report.RUN_CONFIG_NAME, resolved.to_dict())
         if self.progress and _is_main():
@@ -283,13 +298,10 @@ class TrainRecipe:
         """`LaMDATrainer` over `LossModel(lm)` with B freezing, the progress bar and `callbacks`."""
         config = self.config
         self.progress_callback = ProgressCallback(enabled=self.progress)
-        args = _training_args(config, self.out / CHECKPOINTS, self.device, self.precision, self.batch_size,
-                              self.max_steps, self.eval_set is not None,
-                              eval_on_start=self.last_checkpoint is None and self.demo_task is None)
         report.reset_peak_memory(self.device)
         self.trainer = LaMDATrainer(
             model=LossModel(self.lm, config.chunk_rows),
-            args=args,
+            args=self.training_args,
             data_collator=PaddingCollator.for_tokenizer(self.tokenizer),
             train_dataset=self.train_set,
             eval_dataset=self.eval_set,

@@ -13,12 +13,17 @@ import os
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import nn
 from transformers import Trainer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.trainer import TRAINER_STATE_NAME as TRAINER_STATE
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from lamda_edge.adapters import load_adapter, save_adapter
+from lamda_edge.adapters.io import CONFIG_NAME, WEIGHTS_NAME
 from lamda_edge.errors import TrainingError
+from lamda_edge.files import check_safetensors, check_torch_archive, read_json, write_failure
 from lamda_edge.train import report
 from lamda_edge.train.loss import causal_lm_loss
 from lamda_edge.train.report import effective_trainable
@@ -103,6 +108,12 @@ class LaMDATrainer(Trainer):
         self._staging_dir = staging
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, quota, read-only, ...
+            shutil.rmtree(staging, ignore_errors=True)
+            cause = write_failure(exc)
+            if cause is None:
+                raise
+            raise _checkpoint_write_error(run_dir, name, cause) from exc
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()
@@ -115,6 +126,31 @@ class LaMDATrainer(Trainer):
             _fsync_dir(run_dir)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
+
+
+def _checkpoint_write_error(run_dir: Path, name: str, cause: str) -> TrainingError:
+    """The one line for a checkpoint that could not be written: the cause, the checkpoint kept, the fix."""
+    last = latest_checkpoint(run_dir)
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return TrainingError(
+        f"could not write {run_dir / name} ({cause}; {free}); the run stopped. The previous checkpoint is intact: "
+        f"{last if last else 'none yet'}. Fix: free disk space in {run_dir} (or raise the file size limit), then "
+        "run again with --resume")
+
+
+def check_checkpoint(folder: Path) -> None:
+    """`TrainingError` naming the file when a file of a checkpoint is missing, truncated or corrupt: the trainer
+    state, the adapter, and the optimizer, scheduler and RNG states (checked as archives, never unpickled here)."""
+    fix = f"delete {folder} to resume from the checkpoint before it, or start again with `overwrite=true`"
+    read_json(folder / TRAINER_STATE, TrainingError, fix)
+    read_json(folder / CONFIG_NAME, TrainingError, fix)
+    check_safetensors(folder / WEIGHTS_NAME, TrainingError, fix)
+    for path in [folder / OPTIMIZER_NAME, folder / SCHEDULER_NAME, *sorted(folder.glob("rng_state*.pth"))]:
+        if path.exists():  # what the Trainer would load
+            check_torch_archive(path, TrainingError, fix)
 
 
 def _fsync_dir(path: Path) -> None:
