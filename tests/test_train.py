@@ -149,7 +149,7 @@ def test_output_folder_holds_adapter_config_metrics_plot(tmp_path, model_dir, da
     layers = 7 * 2  # q, k, v, o, gate, up, down in 2 layers
     assert params["end"] == layers * 4 * 4  # only S (r x r) trains after t_i
     assert params["start"] > params["end"]
-    assert [e["step"] for e in metrics["eval"]] == [3, 6]
+    assert [e["step"] for e in metrics["eval"]] == [0, 3, 6]  # 0: before training (the summary starts there)
     assert all(e["eval_perplexity"] == pytest.approx(math.exp(e["eval_loss"])) for e in metrics["eval"])
     assert metrics["peak_memory_bytes"] > 0 and metrics["tokens_per_second"] > 0
     logged = [e["trainable_params"] for e in metrics["log_history"] if "trainable_params" in e]

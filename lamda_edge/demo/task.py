@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from lamda_edge.errors import DataError, ModelError, require
+from lamda_edge.progress import bar
 from lamda_edge.train.data import IGNORE_INDEX, PaddingCollator, TokenDataset, tokenize_messages
 from lamda_edge.train.loss import causal_lm_loss
 
@@ -156,6 +157,18 @@ def in_format(answer_text: str, stopped: bool) -> bool:
     return stopped and answer_text.count("####") == 1 and bool(FORMAT_RE.search(answer_text.strip()))
 
 
+def _count_steps(progress):
+    """A `StoppingCriteria` that never stops: it moves `progress` one step per generated token."""
+    from transformers import StoppingCriteria
+
+    class CountSteps(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            progress.update(1)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return CountSteps()
+
+
 def _past_final_answer(tokenizer, tail_tokens: int = 24):
     """A `StoppingCriteria` that ends a row once text follows its ``#### <number>`` line.
 
@@ -180,9 +193,13 @@ def _past_final_answer(tokenizer, tail_tokens: int = 24):
 
 @torch.no_grad()
 def generate_answers(
-    model, tokenizer, problems: list[dict[str, Any]], max_new_tokens: int = 112, batch_size: int = 16
+    model, tokenizer, problems: list[dict[str, Any]], max_new_tokens: int = 112, batch_size: int = 16,
+    progress: bool = False,
 ) -> list[tuple[str, bool]]:
-    """Greedy answers to `problems` (left-padded batches); each is ``(text, stopped at end-of-turn)``."""
+    """Greedy answers to `problems` (left-padded batches); each is ``(text, stopped at end-of-turn)``.
+
+    `progress`: a bar over decode steps (at most `max_new_tokens` per batch; a batch that stops early jumps ahead).
+    """
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -194,31 +211,37 @@ def generate_answers(
     model.eval()
     tokenizer.padding_side = "left"
     results = []
+    steps = bar(math.ceil(len(prompts) / batch_size) * max_new_tokens, "answering held-out problems", progress,
+                unit="token")
     try:
         for start in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                 eos_token_id=eos, stopping_criteria=[_past_final_answer(tokenizer)])
+                                 eos_token_id=eos,
+                                 stopping_criteria=[_past_final_answer(tokenizer), _count_steps(steps)])
+            steps.update((start // batch_size + 1) * max_new_tokens - steps.n)  # the batch is done
             # out: (B, T_prompt + T_new)
             new = out[:, enc["input_ids"].shape[1] :]  # (B, T_new)
             for row in new:
                 stopped = bool((row == eos).any())
                 results.append((tokenizer.decode(row, skip_special_tokens=True), stopped))
     finally:
+        steps.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return results
 
 
 @torch.no_grad()
-def answer_loss(model, dataset: TokenDataset, pad_token_id: int, batch_size: int = 8) -> float:
+def answer_loss(model, dataset: TokenDataset, pad_token_id: int, batch_size: int = 8, progress: bool = False) -> float:
     """Mean cross-entropy (nats per token) of the reference answers, teacher-forced, on the held-out set."""
     device = next(model.parameters()).device
     collate = PaddingCollator(pad_token_id)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    batches = bar(math.ceil(len(dataset) / batch_size), "held-out answer loss", progress, unit="batch")
     try:
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
@@ -230,7 +253,9 @@ def answer_loss(model, dataset: TokenDataset, pad_token_id: int, batch_size: int
                 mean = causal_lm_loss(model, batch, chunk_rows=None)
             total += float(mean) * n
             count += n
+            batches.update(1)
     finally:
+        batches.close()
         model.train(was_training)
     return total / max(count, 1)
 
@@ -267,6 +292,7 @@ def evaluate(
     max_new_tokens: int = 112,
     batch_size: int = 16,
     n_samples: int = 3,
+    progress: bool = False,
 ) -> DemoMetrics:
     """Measure the built-in task's metrics on the held-out problems.
 
@@ -279,19 +305,21 @@ def evaluate(
         max_new_tokens: generation budget per answer (worked answers are at most `max_answer_tokens`).
         batch_size: problems per generate call.
         n_samples: how many (question, answer) pairs to keep for display.
+        progress: show bars (with an ETA) for the answers and the loss on stderr.
 
     Returns:
         `DemoMetrics`: exact-match accuracy, format rate, answer loss and perplexity, timings.
     """
     problems = task.eval_problems[: n_generate or len(task.eval_problems)]
     start = time.perf_counter()
-    answers = generate_answers(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    answers = generate_answers(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               progress=progress)
     generate_seconds = time.perf_counter() - start
     correct = [is_correct(text, p, task.scorer) for (text, _), p in zip(answers, problems)]
     formatted = [in_format(text, stopped) for text, stopped in answers]
     start = time.perf_counter()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loss = answer_loss(model, task.eval, pad)
+    loss = answer_loss(model, task.eval, pad, progress=progress)
     loss_seconds = time.perf_counter() - start
     samples = [
         {"question": p["question"], "reference": p["answer"], "answer": text, "correct": ok}

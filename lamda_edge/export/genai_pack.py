@@ -2,7 +2,7 @@
 
     OUT/model.onnx | model.int4.onnx | model.int8.onnx   (the graph the export validated)
     OUT/genai_config.json   names that graph and its optimum input/output names (past_key_values.%d.key, ...)
-    OUT/tokenizer files     copied from OUT/merged
+    OUT/config.json, tokenizer files   copied from OUT/merged
 
 `onnxruntime_genai.Model(OUT)` loads it; its greedy tokens are checked against `lamda-edge generate`'s loop over the
 same graph (OnnxGenerator), and its perplexity against the plain session's. The builder route (the merged folder
@@ -12,7 +12,6 @@ re-exported and re-quantized by onnxruntime-genai's model builder) stays availab
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -21,13 +20,12 @@ import numpy as np
 from lamda_edge.errors import ExportValidationError, require
 from lamda_edge.export.genai import torch_greedy
 from lamda_edge.export.graph import kv_geometry
+from lamda_edge.export.portable import copy_loader_files
 from lamda_edge.runtime.decoder import held_out_ids, perplexity
 from lamda_edge.runtime.generate import GenaiGenerator, OnnxGenerator
 
 GREEDY_PROMPT = "What is twelve times seven?"
 GREEDY_TOKENS = 16
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json", "vocab.json", "merges.txt")
 
 
 def write_config(out: Path, onnx_file: str, config, generation: dict | None = None) -> dict:
@@ -80,9 +78,7 @@ def package_and_validate(out: Path, onnx_file: str, merged_dir: Path, reference,
 
     require("onnxruntime_genai", "genai", package="onnxruntime-genai")
     t = time.perf_counter()
-    for name in TOKENIZER_FILES:
-        if (merged_dir / name).is_file():
-            shutil.copy2(merged_dir / name, out / name)
+    copy_loader_files(merged_dir, out)
     generation = {}
     if (merged_dir / "generation_config.json").is_file():
         generation = json.loads((merged_dir / "generation_config.json").read_text())

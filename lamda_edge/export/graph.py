@@ -15,7 +15,9 @@ weight-only quantizer.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 from pathlib import Path
 
 import torch
@@ -27,6 +29,8 @@ DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ENCODER_TYPES = ("bert", "roberta")
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: bigger models keep their weights in model.onnx.data
 OPSET = 18
+# "torchvision is not installed. Skipping torchvision::nms" (four times per export): the op registry's, not ours
+QUIET_LOGGERS = ("torch.onnx._internal.exporter._registration",)
 MODEL_FILE = "model.onnx"  # the fp32 (or fp16) graph of an export folder
 
 
@@ -153,13 +157,12 @@ def encoder_example(model: nn.Module, names: list[str], batch: int, seq: int, se
 
 def _export(module, args, path: Path, inputs, outputs, dynamic_shapes) -> None:
     require("onnxscript", "onnx")
-    import contextlib
     import io
     import warnings
 
     module.eval()
     chatter = io.StringIO()  # the exporter prints its progress and warns about axis names: keep the CLI quiet
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter), _quiet(*QUIET_LOGGERS):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(module, args, None, input_names=inputs, output_names=outputs,
@@ -171,6 +174,20 @@ def _export(module, args, path: Path, inputs, outputs, dynamic_shapes) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     _strip_debug_metadata(path)
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """Raise the named loggers to ERROR for the duration (what they warn about is not the user's concern)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _strip_debug_metadata(path: Path) -> None:

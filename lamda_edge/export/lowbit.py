@@ -25,7 +25,14 @@ from lamda_edge.export import nf4
 from lamda_edge.export.graph import MODEL_FILE, EncoderLogits, encoder_example, encoder_io_names, onnx_size
 from lamda_edge.export.merged import load_adapted
 from lamda_edge.export.quantize import quantize_int4
-from lamda_edge.export.validate import TOLERANCE, _feeds, validate_decoder, validate_encoder
+from lamda_edge.export.validate import (
+    TOLERANCE,
+    _feeds,
+    quality_words,
+    requantized_problems,
+    validate_decoder,
+    validate_encoder,
+)
 from lamda_edge.runtime.decoder import OnnxDecoder, held_out_ids, perplexity
 from lamda_edge.runtime.session import session
 
@@ -89,16 +96,30 @@ def build(options, tmp: Path, reference, tokenizer, text: str, kind: str, report
     result.update(quality(pytorch, tmp / MODEL_FILE, tmp / out_name, ids, tokenizer, kind, suffix=key))
     if parity is not None:
         result["parity"] = parity
+    result["check"], result["mismatches"] = _verdict(result, key, parity)
     report[key] = result
     report["graphs"] = {MODEL_FILE: {"size_bytes": sizes[MODEL_FILE], **result.pop("fp32_graph")},
                         out_name: {"size_bytes": sizes[out_name], **result.pop("lowbit_graph")}}
     log(f"{key} ({method}): {sizes[out_name] / 1e6:.1f} MB ({result['size_ratio']:.2f}x of {options.dtype}); "
         + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k.startswith(("ppl", "agree", "greedy_agree"))))
-    if parity is not None and parity["mismatches"]:
+    problems = result["mismatches"] + (parity["mismatches"] if parity is not None else [])
+    if problems:
         report["ok"] = False
-        raise ExportValidationError(f"the {key} graph disagrees with {parity['against']} in "
-                                    f"{len(parity['mismatches'])} check(s):\n  " + "\n  ".join(parity["mismatches"])
-                                    + f"\nreport: {options.output}.export-report.json")
+        against = parity["against"] if parity is not None and parity["mismatches"] else "PyTorch"
+        raise ExportValidationError(f"the {key} graph disagrees with {against} in {len(problems)} check(s):\n  "
+                                    + "\n  ".join(problems) + f"\nreport: {options.output}.export-report.json")
+
+
+def _verdict(result: dict, key: str, parity: dict | None) -> tuple[str, list[str]]:
+    """(what the low-bit graph is, in words; the quality-floor problems): never 'equal' for a re-quantized graph."""
+    agreement = result.get(f"greedy_agreement_{key}", result.get(f"agreement_{key}"))
+    ppl = (result.get("ppl_pytorch"), result.get(f"ppl_{key}"))
+    problems = requantized_problems(result["file"], *ppl)
+    words = quality_words(agreement, *ppl)
+    if parity is not None:
+        state = "equal to" if not parity["mismatches"] else "DIFFERS from"
+        return f"{state} {parity['against']} (fp32 tolerance); vs the fp32 model: {words}", problems
+    return f"re-quantized ({result['method']}), not equal to PyTorch by design: {words}", problems
 
 
 def quality(pytorch, fp_path: Path, q_path: Path, held_out, tokenizer, kind: str, suffix: str = "int4") -> dict:

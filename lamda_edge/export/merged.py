@@ -14,6 +14,7 @@ from lamda_edge.adapters.config import LaMDAConfig
 from lamda_edge.adapters.files import verify_adapter
 from lamda_edge.demo import default_model
 from lamda_edge.errors import ConfigError, ModelError
+from lamda_edge.export.portable import make_portable
 from lamda_edge.files import read_json
 from lamda_edge.load.checkpoint import MODEL_FIX, check_model_weights
 from lamda_edge.load.loader import load_lamda_model
@@ -94,7 +95,8 @@ def load_reference(folder: Path):
 
 
 def save_merged(model, tokenizer_dir: Path, folder: Path) -> None:
-    """Write the merged model as a plain transformers folder (safetensors, config, tokenizer, generation config)."""
+    """Write the merged model as a plain transformers folder (safetensors, config, tokenizer, generation config)
+    that transformers 4.4x+ and 5.x read the same way (`portable.make_portable`)."""
     for attr in ("quantization_config",):  # a 4-bit load may leave it in the config; the merged model is fp32
         if hasattr(model.config, attr):
             delattr(model.config, attr)
@@ -103,6 +105,7 @@ def save_merged(model, tokenizer_dir: Path, folder: Path) -> None:
         transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the tokenizer of {tokenizer_dir}: {exc}. The merged folder needs it") from exc
+    make_portable(folder)
 
 
 def load_tokenizer(folder: Path):

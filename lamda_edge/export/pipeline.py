@@ -5,6 +5,7 @@
                       OUT/model.onnx  <── torch.onnx.export(dynamo=True) <─────────┤   (or --format genai:
                       OUT/model.int4.onnx <── MatMulNBits (--int4)                 │    onnxruntime-genai builder)
                       OUT/export-report.json <── PyTorch vs ONNX Runtime, every output, every case
+                      OUT/config.json, tokenizer files <── copied from merged/ (optimum loads OUT as it is)
 
 Everything is built in a temporary folder next to the output (`.<name>.tmp-<pid>`) and renamed at the end: a
 failure leaves nothing half-written, and the next export to the same output removes what a killed one left. An
@@ -29,8 +30,11 @@ from lamda_edge.export import graph as onnx_graph
 from lamda_edge.export.graph import MODEL_FILE, onnx_size
 from lamda_edge.export.location import check_output_location
 from lamda_edge.export.merged import load_merged, load_reference, load_tokenizer, save_merged
+from lamda_edge.export.portable import copy_loader_files
+from lamda_edge.export.summary import with_summary_first
 from lamda_edge.export.validate import TOLERANCE, validate_decoder, validate_encoder
 from lamda_edge.files import check_output_folder, read_text
+from lamda_edge.progress import bar
 
 FORMATS = ("onnx", "genai")
 GENAI_PRECISIONS = ("int4", "fp16", "fp32")
@@ -98,8 +102,12 @@ class ExportOptions:
             raise ConfigError("; ".join(problems))
 
 
-def export(options: ExportOptions, log=print) -> dict:
-    """Merge, export, validate (and quantize); return the report that was written to `export-report.json`.
+def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
+    """Merge, export, validate (and quantize); return the report that was written to `export-report.json`: its
+    `summary` (export/summary.py) first, then the details.
+
+    `log` gets one line at the end of each phase; with `progress`, a bar over the phases (elapsed, ETA) on stderr
+    carries them.
 
     Raises:
         ConfigError: the output folder exists without `overwrite`, or an option is invalid.
@@ -117,16 +125,24 @@ def export(options: ExportOptions, log=print) -> dict:
     tmp.mkdir()
     report = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
               "timings_s": {}, "versions": _versions()}
+    phases = bar(_phase_count(options), "export", progress, unit="phase", leave=True)
+
+    def log_phase(line: str) -> None:
+        (phases.write if progress else log)(line)
+        phases.update(1)
+
     try:
-        _build(options, tmp, report, log)
+        _build(options, tmp, report, log_phase)
     except ExportValidationError:
         failed = out.parent / f"{out.name}.{REPORT_FILE}"
-        _write_json(failed, report)
+        _write_json(failed, with_summary_first(report))
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        phases.close()
     if out.exists():
         trash = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, trash)
@@ -134,7 +150,15 @@ def export(options: ExportOptions, log=print) -> dict:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out)
-    return report
+    return with_summary_first(report)
+
+
+def _phase_count(options: ExportOptions) -> int:
+    """The phases that end with a log line: merge, export, validate (or the genai build), low-bit, genai package."""
+    if options.format == "genai" and options.genai_builder:
+        return 3
+    return 3 + bool(options.int4 or options.int8 or options.format == "genai" and options.precision == "int4") + (
+        options.format == "genai")
 
 
 def _remove_leftovers(out: Path, log) -> None:
@@ -177,6 +201,7 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
         genai.build_and_validate(merged_dir, tmp, options.precision, options.execution_provider, reference,
                                  tokenizer, text, report, log)
     else:
+        copy_loader_files(merged_dir, tmp)  # beside the graphs: optimum's ORTModelForCausalLM loads the folder as is
         if options.format == "genai":  # our validated graph, packaged: --precision picks which one
             options = replace(options, int4=options.int4 or (options.precision == "int4" and not options.int8),
                               dtype="fp16" if options.precision == "fp16" else options.dtype)
@@ -210,7 +235,7 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
             graph_file = lowbit.INT8_FILE if options.int8 else lowbit.INT4_FILE if options.int4 else MODEL_FILE
             genai_pack.package_and_validate(tmp, graph_file, merged_dir, reference, tokenizer, text, report, log)
             report["validation"].update({k: v for k, v in report["genai"].items() if k != "mismatches"})
-    _write_json(tmp / REPORT_FILE, report)
+    _write_json(tmp / REPORT_FILE, with_summary_first(report))
 
 
 def _to_fp16(path: Path) -> None:

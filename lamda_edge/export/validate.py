@@ -28,6 +28,28 @@ from lamda_edge.runtime.session import session
 # B=2 T=8, max|logit| 34.1): PyTorch fp32 is 1.35e-3 off float64, ONNX Runtime 4.7e-4, and they differ by 1.8e-3
 # (5.3e-5 of max|logit|): summation order, not a different model. rtol 1e-4 leaves 2x room over that.
 TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (3e-2, 1e-3)}  # (atol, rtol)
+# A low-bit graph (int4/int8 of merged weights or of the residual, the genai builder's int4/fp16) cannot equal PyTorch;
+# it is labelled re-quantized with its measured greedy-token agreement, and it must still be the same model, or the
+# export fails: held-out perplexity at most REQUANTIZED_MAX_PPL_RATIO x PyTorch's. SmolLM2-135M merged int4 costs
+# 34.0 -> 45.3 (1.33x, docs/benchmarks.md); a graph of other weights is far off. (Greedy agreement is no floor: on
+# the tiny test models, whose logits are nearly flat, a correct int4 graph agrees on 17% of the tokens.)
+REQUANTIZED_MAX_PPL_RATIO = 1.5
+
+
+def requantized_problems(graph: str, ppl_reference: float | None, ppl_graph: float | None) -> list[str]:
+    """What makes a low-bit `graph` another model than PyTorch's (empty: it passed the quality floor)."""
+    if ppl_reference is None or ppl_graph <= REQUANTIZED_MAX_PPL_RATIO * ppl_reference:
+        return []
+    return [f"{graph}: held-out perplexity {ppl_graph:.3f} > {REQUANTIZED_MAX_PPL_RATIO:g} x PyTorch's "
+            f"{ppl_reference:.3f}"]
+
+
+def quality_words(agreement: float, ppl_reference: float | None = None, ppl_graph: float | None = None) -> str:
+    """'greedy tokens 88% of PyTorch's, perplexity 45.300 vs 34.000' for a summary line."""
+    text = f"greedy tokens {agreement:.0%} of PyTorch's"
+    if ppl_reference is not None:
+        text += f", perplexity {ppl_graph:.3f} vs {ppl_reference:.3f}"
+    return text
 
 
 def compare(case: str, names: list[str], expected: list, sess, feeds: dict, tol: tuple[float, float],

@@ -90,10 +90,11 @@ class DeviceProfile:
 
     @property
     def compute_dtype(self) -> str:
-        """The dtype training computes in by default: fp32 on a CPU (as `lamda-edge train` does), else bf16 where
-        the GPU has it, else fp16 (T4)."""
+        """The dtype training computes in by default, as `lamda-edge train`'s `precision=auto` picks it
+        (load/device.py `resolve_precision`): bf16 where the device multiplies it natively (`bf16`: a GPU that has
+        it, a CPU with AVX512-BF16 or AMX), else fp16 on a GPU (T4) and fp32 on a CPU."""
         if self.kind == "cpu":
-            return "fp32"
+            return "bf16" if self.bf16 else "fp32"
         return "bf16" if self.bf16 else "fp16"
 
 

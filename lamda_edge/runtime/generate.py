@@ -7,11 +7,16 @@
 Two folder formats: the plain export of `lamda_edge.export` (model.onnx / model.int4.onnx with optimum's
 names, tokenizer in merged/), and an onnxruntime-genai folder (told apart by genai_config.json), whose own runtime does
 the loop. Token choice: greedy at temperature 0, else temperature + top-p (nucleus) sampling.
+
+Generation stops at the end-of-turn token (EOS), at `max_new_tokens`, or when a `stop` predicate says so: the CLI
+gives `answer_line_stop` (`--task gsm`: the trained `#### N` answer line is complete) and `repetition_stop` (a
+guard against a loop: the same run of tokens three times in a row); neither changes which token is picked.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +29,8 @@ from lamda_edge.runtime.decoder import OnnxDecoder
 from lamda_edge.runtime.session import session
 
 MODEL_FILE, INT4_FILE, GENAI_CONFIG = "model.onnx", "model.int4.onnx", "genai_config.json"
+ANSWER_LINE_RE = re.compile(r"####\s*-?[\d,]*\.?\d+[ \t]*\n")  # the built-in task's final answer line, complete
+REPEATS, REPEAT_SPAN = 3, (2, 48)  # a run of 2..48 tokens seen 3 times in a row at the end is a loop
 
 
 @dataclass
@@ -73,11 +80,13 @@ class _Generator:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
         self.eos = _eos_ids(tokenizer_dir, self.tokenizer)
 
-    def encode(self, prompt: str, chat: bool = True) -> list[int]:
-        """Prompt ids; wrapped in the chat template as one user turn when the tokenizer has one and `chat`."""
+    def encode(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
+        """Prompt ids; wrapped in the chat template as one user turn (after a `system` turn, if given) when the
+        tokenizer has one and `chat`."""
         if chat and getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(prompt)["input_ids"])
 
@@ -87,8 +96,8 @@ class _Generator:
         new.append(token)
         if token in self.eos and not ignore_eos:
             result.stopped_by = "eos"
-        elif stop is not None and stop(new):
-            result.stopped_by = "stop"
+        elif stop is not None and (reason := stop(new)):
+            result.stopped_by = reason if isinstance(reason, str) else "stop"
         else:
             emit(new)
             return False
@@ -126,8 +135,8 @@ class OnnxGenerator(_Generator):
                  ignore_eos: bool = False, stop=None):
         """Generate up to `max_new_tokens` after `prompt` (or `prompt_ids`); `on_text(str)` gets each new piece.
 
-        `ignore_eos` runs all `max_new_tokens` steps (for benchmarks); `stop(new_ids) -> bool` ends generation
-        after a token (`stopped_by` "stop").
+        `ignore_eos` runs all `max_new_tokens` steps (for benchmarks); `stop(new_ids)` ends generation after a
+        token when it returns True (`stopped_by` "stop") or a reason (`stopped_by` that string).
         """
         ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, chat)
         _check_prompt(ids, self.context)
@@ -206,6 +215,35 @@ class GenaiGenerator(_Generator):
             gen.append_tokens(np.array([token], dtype=np.int32))
             rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))  # (V,)
         return np.stack(rows)
+
+
+def repetition_stop(new: list[int]) -> str | None:
+    """'repetition' when the new tokens end in the same run of tokens REPEATS times in a row (a greedy loop)."""
+    for span in range(REPEAT_SPAN[0], min(REPEAT_SPAN[1], len(new) // REPEATS) + 1):
+        tail = new[-span:]
+        if all(new[-span * (i + 1):len(new) - span * i] == tail for i in range(1, REPEATS)):
+            return "repetition"
+    return None
+
+
+def answer_line_stop(tokenizer):
+    """A stop predicate: 'answer' once the new text holds a complete `#### N` line (the built-in task's format)."""
+
+    def stop(new: list[int]) -> str | None:
+        text = tokenizer.decode(new[-64:], skip_special_tokens=True)
+        return "answer" if ANSWER_LINE_RE.search(text) else None
+
+    return stop
+
+
+def any_stop(*stops):
+    """A stop predicate that asks each of `stops` (None entries skipped) and returns the first reason."""
+    stops = [s for s in stops if s is not None]
+
+    def stop(new: list[int]):
+        return next((reason for reason in (s(new) for s in stops) if reason), None)
+
+    return stop
 
 
 def load_generator(folder, onnx_file: str | None = None, threads: int | None = None):

@@ -58,6 +58,9 @@ class ProgressCallback(TrainerCallback):
         self.start = 0.0
         self.tokens0 = 0
         self.trainable = None
+        self.trainable_start = None  # at the start of training (before any column of B froze)
+        self.b_frozen_step = None  # the optimizer step after which B was wholly frozen
+        self.eval_bar = None
 
     def _write(self, text: str) -> None:
         if self.bar is not None:
@@ -70,6 +73,10 @@ class ProgressCallback(TrainerCallback):
 
         self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
         self.trainable = effective_trainable(kwargs["model"].lm)
+        if self.trainable_start is None:
+            lm = kwargs["model"].lm
+            self.trainable_start = self.trainable + sum(layer.out_features * layer.frozen_b_columns
+                                                        for _, layer in lamda_layer_list(lm))
         if self.enabled and state.is_world_process_zero:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr)
@@ -82,18 +89,38 @@ class ProgressCallback(TrainerCallback):
         self.last_loss, model.step_loss = model.step_loss, 0.0
         count = effective_trainable(model.lm)
         b_trains = any(layer.lamda_B.requires_grad for _, layer in lamda_layer_list(model.lm))
-        if count != self.trainable and not b_trains and state.is_world_process_zero:
-            self._write(f"step {state.global_step}: B wholly frozen, only S trains; trainable parameters "
-                        f"{self.trainable:,} -> {count:,}")
+        if count != self.trainable and not b_trains:
+            self.b_frozen_step = state.global_step
+            if state.is_world_process_zero:
+                self._write(f"step {state.global_step}: B wholly frozen, only S trains; trainable parameters "
+                            f"{self.trainable_start:,} at the start -> {count:,}")
         self.trainable = count
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
             self.bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{self.tokens_per_second(state):,.0f}",
                                  refresh=False)
 
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        """An evaluation's own bar (with ETA) below the training bar, which would otherwise sit still."""
+        if not (self.enabled and state.is_world_process_zero):
+            return
+        if self.eval_bar is None:
+            from tqdm.auto import tqdm
+
+            total = len(eval_dataloader) if eval_dataloader is not None else None
+            self.eval_bar = tqdm(total=total, desc="eval", unit="batch", leave=False, dynamic_ncols=True,
+                                 file=sys.stderr)
+        self.eval_bar.update(1)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "eval_loss" in logs and state.is_world_process_zero:
-            self._write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}, "
+            when = "before training" if state.global_step == 0 else f"step {state.global_step}"
+            self._write(f"{when}: eval loss {logs['eval_loss']:.4f}, "
                         f"perplexity {logs.get('eval_perplexity', float('nan')):.2f}")
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -243,15 +243,18 @@ class RunConfig:
         (`auto`, `cuda`) the auto-detected device."""
         return "auto" if self.device == "cuda" else self.device
 
-    def plan_arguments(self, quantize: str | None) -> dict[str, Any]:
-        """The arguments of `planner.search.plan` for this run (what `train` asks, what `plan --config` shows).
+    def plan_arguments(self, quantize: str | None, precision: str | None = None) -> dict[str, Any]:
+        """The arguments of `planner.search.plan` for this run (what `train` asks, what `plan` shows).
 
         The target effective batch is `batch_size * grad_accum` (batch default DEFAULT_BATCH_SIZE); `quantize` is the
-        base the run loads ('nf4' or None), which depends on the device.
+        base the run loads ('nf4' or None), which depends on the device; `precision` is the compute dtype the run
+        uses (`train` passes the one it resolved), else this config's `precision` ('auto': the device profile's).
         """
+        precision = precision or self.precision
         return dict(seq_len=self.seq_len, rank=self.rank, batch_size=self.batch_size,
                     target_batch=(self.batch_size or DEFAULT_BATCH_SIZE) * self.grad_accum, quantize=quantize,
-                    gradient_checkpointing=self.gradient_checkpointing, chunk_rows=self.chunk_rows)
+                    gradient_checkpointing=self.gradient_checkpointing, chunk_rows=self.chunk_rows,
+                    compute_dtype=None if precision == "auto" else precision)
 
 
 def _as_float(value):

@@ -102,7 +102,8 @@ def _adapter_metadata(lm, model_path: Path, quantize: str | None) -> dict:
     return {**(lm.lamda_state.base or {}), "base_model": str(model_path), "base_name": name, "quantize": quantize}
 
 
-def _plan(config: RunConfig, model_path: Path, quantize: str | None) -> tuple[int, int, int, bool, str]:
+def _plan(config: RunConfig, model_path: Path, quantize: str | None,
+          precision: str | None = None) -> tuple[int, int, int, bool, str]:
     """(rank, batch_size, grad_accum, gradient_checkpointing, source): pinned values, else the planner's choice.
 
     The planner (`lamda_edge.planner.search.plan`) gets the device profile (`device` when it names one, else the
@@ -122,7 +123,7 @@ def _plan(config: RunConfig, model_path: Path, quantize: str | None) -> tuple[in
         return (rank or DEFAULT_RANK, batch or DEFAULT_BATCH_SIZE, config.grad_accum,
                 True if checkpointing is None else checkpointing, "defaults")
     profile = get_device(config.planner_device())
-    result = plan_run(profile, shape, **config.plan_arguments(quantize))
+    result = plan_run(profile, shape, **config.plan_arguments(quantize, precision))
     setup = result.setup
     accum = config.grad_accum if batch is not None else result.grad_accum
     return setup.rank, setup.batch_size, accum, setup.gradient_checkpointing, f"planner, {profile.name}"
@@ -148,7 +149,7 @@ def _world_size() -> int:
 
 
 def _training_args(config: RunConfig, ckpt_dir: Path, device: torch.device, precision: str, batch_size: int,
-                   max_steps: int, has_eval: bool) -> TrainingArguments:
+                   max_steps: int, has_eval: bool, eval_on_start: bool = False) -> TrainingArguments:
     every = max(1, max_steps // 4)
     extra = dict(config.training_args)
     if _world_size() > 1:
@@ -167,6 +168,9 @@ def _training_args(config: RunConfig, ckpt_dir: Path, device: torch.device, prec
         logging_steps=config.logging_steps,
         logging_nan_inf_filter=False,
         eval_strategy="steps" if has_eval else "no",
+        # the summary's eval loss starts from before training (the demo task measures its held-out answer loss
+        # before training itself, on the same problems: no second pass)
+        eval_on_start=has_eval and eval_on_start,
         eval_steps=config.eval_steps or every,
         save_strategy="steps",
         save_steps=config.save_steps or every,
@@ -243,8 +247,8 @@ class TrainRecipe:
             read_json(self.model_path / "config.json", ModelError, MODEL_FIX)  # corrupt: name it, before the tokenizer
         check_output_outside_model(self.out, self.model_path)
         self.tokenizer = _load_tokenizer(self.model_path)
-        self.rank, self.batch_size, grad_accum, checkpointing, self.planned_by = _plan(config, self.model_path,
-                                                                                       self.quantize)
+        self.rank, self.batch_size, grad_accum, checkpointing, self.planned_by = _plan(
+            config, self.model_path, self.quantize, self.precision)
         self.config = config.replace(grad_accum=grad_accum, gradient_checkpointing=checkpointing)
 
     def setup_data(self) -> None:
@@ -268,13 +272,14 @@ class TrainRecipe:
                                   quantize=self.quantize or "none")  # as run, for --resume
         # built before the long model load: TrainingArguments checks the `training_args` pass-through values
         self.training_args = _training_args(config, self.out / CHECKPOINTS, self.device, self.precision,
-                                            self.batch_size, self.max_steps, self.eval_set is not None)
+                                            self.batch_size, self.max_steps, self.eval_set is not None,
+                                            eval_on_start=self.last_checkpoint is None and self.demo_task is None)
         self._write(lambda: report.write_run_config(self.out / report.RUN_CONFIG_NAME, resolved.to_dict()))
         if self.progress and _is_main():
             print(f"lamda-edge: {self.model_path.name} ({self.quantize or 'full-precision'} base, {self.precision}) "
                   f"on {self.device.type}: rank {self.rank}, batch {self.batch_size} x {config.grad_accum} "
                   f"({self.planned_by}), checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
-                  f"{self.max_steps} steps, B frozen after {self.freeze_b_steps}; output {self.out}"
+                  f"{self.max_steps} steps, {_freeze_note(self.lamda_config, self.freeze_b_steps)}; output {self.out}"
                   + (f"; resuming from {self.last_checkpoint}" if self.last_checkpoint else ""), file=sys.stderr)
 
     def setup_model(self) -> None:
@@ -371,7 +376,8 @@ class TrainRecipe:
             "tokens_seen": int(state.num_input_tokens_seen),
             "tokens_per_second": self.progress_callback.tokens_per_second(state),
             "trainable_params": {"start": s_total + b_total + other, "end": trainable_end,
-                                 "at_run_start": self.trainable_start, "freeze_b_steps": self.freeze_b_steps},
+                                 "at_run_start": self.trainable_start, "freeze_b_steps": self.freeze_b_steps,
+                                 "b_frozen_step": self.progress_callback.b_frozen_step},
             "rank": self.rank,
             "batch_size": self.batch_size,
             "planned_by": self.planned_by,
@@ -397,6 +403,15 @@ class TrainRecipe:
                 if self.demo_task is not None:
                     print(demo.before_after(self.demo_before, metrics["demo"]["metrics_after"]))
         return TrainResult(self.out, metrics)
+
+
+def _freeze_note(lamda_config, freeze_b_steps: int) -> str:
+    """When B is wholly frozen, as the run's own line will say it: its columns freeze one by one up to t_i."""
+    from lamda_edge.adapters.freeze import wholly_frozen_step
+
+    if lamda_config.rank_allocation == "uniform":
+        return f"B frozen by step {wholly_frozen_step(lamda_config.rank, freeze_b_steps)} (t_i={freeze_b_steps})"
+    return f"B frozen by step t_i={freeze_b_steps} at the latest (LaMDA++ ranks differ per layer)"
 
 
 def train(config: RunConfig, resume: bool = False, callbacks: list | None = None,
@@ -427,7 +442,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
 
 
 def _demo_metrics(task, lm, tokenizer, progress: bool, when: str, n_generate: int | None) -> dict:
-    result = demo.evaluate(lm, tokenizer, task, n_generate=n_generate)
+    result = demo.evaluate(lm, tokenizer, task, n_generate=n_generate, progress=progress and _is_main())
     if progress and _is_main():
         print(f"demo task {when} training: {result.line()}", file=sys.stderr)
     return result.to_dict()

@@ -114,11 +114,17 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append(f"train loss {metrics['train_loss_first']:.4f} -> {metrics['train_loss_last']:.4f}")
     if metrics.get("eval"):
         first, last = metrics["eval"][0], metrics["eval"][-1]
-        lines.append(f"eval loss {first['eval_loss']:.4f} -> {last['eval_loss']:.4f} "
+
+        def when(entry: dict) -> str:
+            return "before training" if entry["step"] == 0 else f"at step {entry['step']}"
+
+        lines.append(f"eval loss {first['eval_loss']:.4f} {when(first)} -> {last['eval_loss']:.4f} {when(last)} "
                      f"(perplexity {first['eval_perplexity']:.2f} -> {last['eval_perplexity']:.2f})")
     if params:
-        lines.append(f"trainable parameters: {params['start']:,} before t_i={params['freeze_b_steps']}, "
-                     f"{params['end']:,} after (only S trains once B is frozen)")
+        frozen = params.get("b_frozen_step")
+        end = (f"{params['end']:,} from step {frozen} on (B wholly frozen, only S trains; t_i="
+               f"{params['freeze_b_steps']})" if frozen else f"{params['end']:,} at the end")
+        lines.append(f"trainable parameters: {params['start']:,} at the start, {end}")
     lines.append(f"peak memory: {_mib(metrics['peak_memory_bytes'])} ({metrics['peak_memory_kind']})")
     lines.append(f"output: {metrics['output']} (adapter, {RUN_CONFIG_NAME}, {METRICS_NAME}, {PLOT_NAME})")
     return lines

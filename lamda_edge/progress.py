@@ -1,0 +1,42 @@
+"""Progress bars with an ETA for the long phases (conversion, evaluation, export, validation), on stderr.
+
+`bar(total, desc, enabled)` is a tqdm bar, or a silent stand-in with the same `update` / `set_postfix_str` /
+`write` / `close` when progress is off, so that callers never branch on it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+class _Silent:
+    """A bar that shows nothing."""
+
+    n = 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        print(text)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def bar(total: int | None, desc: str, enabled: bool = True, unit: str = "it", leave: bool = False):
+    """A tqdm bar on stderr over `total` steps (elapsed, rate and ETA), or a silent one when not `enabled`."""
+    if not enabled:
+        return _Silent()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, file=sys.stderr)
