@@ -165,6 +165,7 @@ def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, thre
     else:
         trained = bq.run_one(task, "lamda", seed, s, cache, adapter_dir=folder / "adapter", quantize=quantize)
         result.update(rank=trained["rank"], trainable_end=trained["trainable_end"], adapter=_metric_fields(trained))
+        _progress(name, "adapter", result["adapter"], t0)
         options = ExportOptions(output=folder / "onnx", adapter=folder / "adapter", int4=True, block_size=block_size,
                                 int4_method="merged")
     t = time.perf_counter()
@@ -176,6 +177,7 @@ def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, thre
 
     merged = load_reference(folder / "onnx" / "merged")
     result["merged"] = _metric_fields(bq.evaluate(task, merged, tok, test, s))
+    _progress(name, "merged", result["merged"], t0)
     del merged
     graphs = [("fp32", "model.onnx"), ("int4", "model.int4.onnx")]
     if seed is not None:
@@ -191,8 +193,14 @@ def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, thre
             graphs.append((backend, file))
     for backend, file in graphs:
         result[backend] = _metric_fields(evaluate_onnx(task, folder / "onnx" / file, tok, test, s, threads))
+        _progress(name, backend, result[backend], t0)
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _progress(run: str, backend: str, metrics: dict, t0: float) -> None:
+    """One stderr line per measured backend, so a long run shows (and a killed one keeps) what it has measured."""
+    print(f"[{run}] {backend}: {json.dumps(metrics)} at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
 
 def _metric_fields(measured: dict) -> dict:
