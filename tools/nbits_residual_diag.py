@@ -10,7 +10,8 @@ symmetric, blocks along the input), so the weights' effect is separated from the
     one layer / one projection kind at a time: only those residuals int4, the rest exact
 
 Usage:
-    PYTHONPATH=. .venv/bin/python tools/nbits_residual_diag.py --adapter RUN --threads 1 [--onnx model.int4-nbits.onnx]
+    PYTHONPATH=. .venv/bin/python tools/nbits_residual_diag.py --adapter RUN --threads 1 --per-layer
+    PYTHONPATH=. .venv/bin/python tools/nbits_residual_diag.py --quantize nf4 --threads 1   # untrained, principal init
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bc  # noqa: E402
 import bench_quality as bq  # noqa: E402
 
 
@@ -88,7 +90,9 @@ class Split(nn.Module):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--adapter", required=True, help="an adapter folder (trained on an NF4 or a float base)")
+    p.add_argument("--adapter", default=None, help="an adapter folder (trained on an NF4 or a float base); "
+                   "without it, SmolLM2's adapter as initialized (rank 8, principal, untrained) on --quantize's base")
+    p.add_argument("--quantize", choices=["nf4", "none"], default="nf4", help="the base without --adapter")
     p.add_argument("--blocks", type=int, default=8, help="moby test blocks of 128 tokens")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
@@ -102,7 +106,12 @@ def main(argv=None) -> int:
     from lamda_edge.adapters.inject import lamda_layers
     from lamda_edge.export.merged import load_adapted
 
-    model, base, cfg = load_adapted(None, Path(a.adapter))
+    if a.adapter:
+        model, base, cfg = load_adapted(None, Path(a.adapter))
+    else:
+        base, quantize = bq.task_model_dir("moby"), None if a.quantize == "none" else a.quantize
+        model = bc.build("lamda", base, 8, 2e-4, checkpointing=False, total_steps=0, lamda_quantize=quantize).model
+        cfg = {"quantize": quantize}
     tok = AutoTokenizer.from_pretrained(str(base))
     _, held = bq.moby_text(Path(a.cache))
     test = bq.blocks(tok, held, 128)[: a.blocks]
