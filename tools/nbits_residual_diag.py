@@ -7,6 +7,7 @@ symmetric, blocks along the input), so the weights' effect is separated from the
     reference       the adapter as trained (NF4 residual dequantized exactly + LaMDA path)
     residual int4   every residual re-quantized to int4 (what `--int4-method nbits` holds), LaMDA path exact
     merged int4     every merged weight W_res + s B S A quantized to int4 (the adapted layers of `merged`)
+    residual int4, block-mean error removed: the same with each block's mean error subtracted (is it the offset?)
     one layer / one projection kind at a time: only those residuals int4, the rest exact
 
 Usage:
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, default=8, help="moby test blocks of 128 tokens")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--block-mean", action="store_true", help="also the residual int4 without its block-mean error")
     p.add_argument("--per-layer", action="store_true", help="also one decoder layer / one projection kind at a time")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "lamda-edge" / "bench-data"))
     p.add_argument("--out", default=None, help="append the results as JSON lines")
@@ -129,6 +131,10 @@ def main(argv=None) -> int:
     def rel(q, w):
         return float((q - w).norm() / w.norm())
 
+    def without_block_mean(q, w):  # q - (the mean of q - w over each block of a row)
+        err = (q - w).reshape(w.shape[0], -1, a.block_size)  # (d_out, k_blocks, block)
+        return w + (err - err.mean(-1, keepdim=True)).reshape(w.shape)
+
     def ppl(label: str, quantized: set, merged: bool = False) -> dict:
         for n, s in splits.items():
             if n in quantized:
@@ -147,11 +153,13 @@ def main(argv=None) -> int:
         return row
 
     # weight error of each layer: residual int4 vs merged int4, relative to the merged weight the layer computes
-    errs = [{"layer": n, "residual_int4": rel(q_res[n] + s.low, s.weight),
-             "merged_int4": rel(q_merged[n], s.weight)} for n, s in splits.items()]
+    errs = [{"layer": n, "residual_int4": rel(q_res[n] + s.low, s.weight), "merged_int4": rel(q_merged[n], s.weight),
+             "residual_err_mean_over_sd": float((q_res[n] - s.residual).mean() / (q_res[n] - s.residual).std()),
+             "merged_err_mean_over_sd": float((q_merged[n] - s.weight).mean() / (q_merged[n] - s.weight).std())}
+            for n, s in splits.items()]
     worst = sorted(errs, key=lambda e: e["residual_int4"] / e["merged_int4"])[-5:]
-    print(json.dumps({"mean_rel_err": {k: float(np.mean([e[k] for e in errs])) for k in ("residual_int4",
-                      "merged_int4")}, "worst_residual_vs_merged": worst}), flush=True)
+    print(json.dumps({"mean_over_layers": {k: float(np.mean([e[k] for e in errs])) for k in errs[0] if k != "layer"},
+                      "worst_residual_vs_merged": worst}), flush=True)
 
     every = set(splits)
     ppl("reference", set())
@@ -164,6 +172,9 @@ def main(argv=None) -> int:
         layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in splits if ".layers." in n})
         for i in layers:
             ppl(f"residual int4: layer {i} only", {n for n in splits if f".layers.{i}." in n})
+    if a.block_mean:
+        q_res = {n: without_block_mean(q, splits[n].residual) for n, q in q_res.items()}
+        ppl("residual int4, block-mean error removed (all)", every)
     return 0
 
 
