@@ -39,3 +39,18 @@ def test_report_pools_seeds_and_keeps_the_last_record_of_a_rerun(tmp_path, capsy
     lora_row = next(line for line in table.splitlines() if line.startswith("| lora |"))
     assert "| 0 | 77.000 | - |" in lora_row  # one seed: no spread
     assert capsys.readouterr().out.strip() == table.strip()
+
+
+def test_exported_table_names_the_base_an_adapter_trained_on():
+    """bench_exported's rows say which base the adapter trained on: lamda (float32) or lamda-nf4 (--quantize nf4)."""
+    import bench_exported as be
+
+    def row(quantize):
+        metrics = {b: {"value": 0.5, "format_rate": 0.25, "answer_loss": 1.0} for b in be.BACKENDS}
+        sizes = {f"{b}_bytes": 1e6 for b in ("fp32", "int4", *be.VARIANT_FILES)}
+        return {"task": "gsm", "seed": 0, "model": "lamda", "metric": "exact_match", "quantize": quantize,
+                "fp32_max_abs_diff": 1e-4, "block_size": 32, **metrics, **sizes}
+
+    lines = be.table([row(None), row("nf4")]).splitlines()
+    assert [line.split(" | ")[1] for line in lines if line.startswith("| gsm |")] == ["lamda", "lamda-nf4"]
+    assert [line.split(" | ")[0] for line in lines if line.startswith("| lamda")] == ["| lamda", "| lamda-nf4"]

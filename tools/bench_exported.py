@@ -12,10 +12,13 @@ For each task (spam, moby, gsm; see tools/bench_quality.py) and seed:
             int4-nbits  the same with the residual as MatMulNBits int4;  int8: MatMulNBits bits=8
 
 `--base` also exports the untrained base model of moby and gsm the same way (what int4 costs without training;
-spam's base has no trained head, so it is skipped there).
+spam's base has no trained head, so it is skipped there). `--quantize nf4` trains LaMDA on an NF4 base (the
+spectral residual in bitsandbytes NF4, as `lamda-edge train --quantize nf4` does) instead of bench_quality's
+float32 base: "adapter" is then the PyTorch NF4 model, and int4-nf4 computes exactly that model.
 
 Usage:
     .venv/bin/python tools/bench_exported.py --tasks spam moby gsm --seeds 0 --threads 1 --out exported.jsonl
+    .venv/bin/python tools/bench_exported.py --tasks gsm spam moby --seeds 0 --threads 1 --quantize nf4 --out nf4.jsonl
     .venv/bin/python tools/bench_exported.py --quick --tasks spam      # smoke test (a minute or two)
 
 Through ONNX Runtime, classification and perplexity call the graph like the PyTorch model; GSM answers come from
@@ -138,8 +141,9 @@ def evaluate_onnx(task: str, path: Path, tok, test, s: dict, threads: int | None
 
 
 def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, threads: int | None,
-             block_size: int = 32) -> dict:
-    """Train (seed given) or take the base model (seed None), export, and measure every backend."""
+             block_size: int = 32, quantize: str | None = None) -> dict:
+    """Train (seed given; on an NF4 base with `quantize="nf4"`) or take the base model (seed None), export, and
+    measure every backend."""
     from transformers import AutoTokenizer
 
     from lamda_edge.export import ExportOptions, export
@@ -147,18 +151,21 @@ def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, thre
 
     t0 = time.perf_counter()
     name = (f"{task}-base" if seed is None else f"{task}-s{seed}") + f"-b{block_size}"
+    if quantize:
+        name += f"-{quantize}"
     folder = work / name
     shutil.rmtree(folder, ignore_errors=True)
     model_dir = bq.task_model_dir(task)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     _, test = bq.task_data(task, tok, s, cache, random.Random(0))
     result: dict = {"task": task, "seed": seed, "model": "base" if seed is None else "lamda", "steps": s["steps"],
-                    "metric": METRICS[task], "block_size": block_size}
+                    "metric": METRICS[task], "block_size": block_size, "quantize": quantize}
     if seed is None:
         options = ExportOptions(output=folder / "onnx", model=model_dir, int4=True, block_size=block_size)
     else:
-        trained = bq.run_one(task, "lamda", seed, s, cache, adapter_dir=folder / "adapter")
+        trained = bq.run_one(task, "lamda", seed, s, cache, adapter_dir=folder / "adapter", quantize=quantize)
         result.update(rank=trained["rank"], trainable_end=trained["trainable_end"], adapter=_metric_fields(trained))
+        _progress(name, "adapter", result["adapter"], t0)
         options = ExportOptions(output=folder / "onnx", adapter=folder / "adapter", int4=True, block_size=block_size,
                                 int4_method="merged")
     t = time.perf_counter()
@@ -170,6 +177,7 @@ def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, thre
 
     merged = load_reference(folder / "onnx" / "merged")
     result["merged"] = _metric_fields(bq.evaluate(task, merged, tok, test, s))
+    _progress(name, "merged", result["merged"], t0)
     del merged
     graphs = [("fp32", "model.onnx"), ("int4", "model.int4.onnx")]
     if seed is not None:
@@ -185,8 +193,14 @@ def run_task(task: str, seed: int | None, s: dict, cache: Path, work: Path, thre
             graphs.append((backend, file))
     for backend, file in graphs:
         result[backend] = _metric_fields(evaluate_onnx(task, folder / "onnx" / file, tok, test, s, threads))
+        _progress(name, backend, result[backend], t0)
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _progress(run: str, backend: str, metrics: dict, t0: float) -> None:
+    """One stderr line per measured backend, so a long run shows (and a killed one keeps) what it has measured."""
+    print(f"[{run}] {backend}: {json.dumps(metrics)} at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
 
 def _metric_fields(measured: dict) -> dict:
@@ -200,6 +214,11 @@ def _fmt(metric: str, value: float) -> str:
     return f"{value:.1%}" if metric in ("accuracy", "exact_match") else f"{value:.2f}"
 
 
+def _model(r: dict) -> str:
+    """The model column: base, lamda (float32 base) or lamda-nf4 (trained on an NF4 base)."""
+    return r["model"] + (f"-{r['quantize']}" if r.get("quantize") else "")
+
+
 def table(results: list[dict]) -> str:
     lines = ["| task | model | seed | metric | " + " | ".join(BACKENDS) + " | fp32 max abs logit diff | int4 block | "
              "int4 MB (x fp32) | int4-nf4 / int4-nbits / int8 MB |",
@@ -209,7 +228,7 @@ def table(results: list[dict]) -> str:
             continue
         metric = r["metric"]
         cells = [_fmt(metric, r[b]["value"]) if b in r else "-" for b in BACKENDS]
-        lines.append(f"| {r['task']} | {r['model']} | {'-' if r['seed'] is None else r['seed']} | {metric} | "
+        lines.append(f"| {r['task']} | {_model(r)} | {'-' if r['seed'] is None else r['seed']} | {metric} | "
                      + " | ".join(cells) + f" | {r['fp32_max_abs_diff']:.2g} | {r.get('block_size', 32)} | "
                      f"{r['int4_bytes'] / 1e6:.1f} "
                      f"({r['int4_bytes'] / r['fp32_bytes']:.2f}) | "
@@ -221,7 +240,7 @@ def table(results: list[dict]) -> str:
                   + " |", "|---|---:|---:|" + "---|" * len(BACKENDS)]
         for r in gsm:
             cells = [f"{r[b]['format_rate']:.0%} / {r[b]['answer_loss']:.3f}" if b in r else "-" for b in BACKENDS]
-            lines.append(f"| {r['model']} | {'-' if r['seed'] is None else r['seed']} | {r.get('block_size', 32)} | "
+            lines.append(f"| {_model(r)} | {'-' if r['seed'] is None else r['seed']} | {r.get('block_size', 32)} | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -235,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", action="store_true", help="also export and measure the untrained base (moby, gsm)")
     p.add_argument("--work", default=None, help="folder for adapters and exports (default: a temp folder)")
     p.add_argument("--block-size", type=int, default=32, help="int4 quantization block (the export's --block-size)")
+    p.add_argument("--quantize", choices=["none", "nf4"], default="none",
+                   help="the base LaMDA trains on: none (float32, bench_quality's setting) or nf4")
     bc.add_record_arguments(p)
     a = p.parse_args(argv)
     if a.report:
@@ -245,14 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if a.quick else "full"
     print(json.dumps({"machine": bc.machine_info(), "mode": mode, "work": str(work)}), flush=True)
     jobs = [dict(task=t, seed=sd) for t in a.tasks for sd in a.seeds]
-    if a.base:
+    if a.base and a.quantize == "none":  # the untrained base is the same whatever the adapter trains on
         jobs += [dict(task=t, seed=None) for t in a.tasks if t != "spam"]
 
     def one(task, seed):
         s = dict(bq.SETTINGS[task][mode])
         if not a.quick and task in TASK_STEPS:
             s["steps"] = TASK_STEPS[task]
-        return run_task(task, seed, s, Path(a.cache), work, a.threads or None, a.block_size)
+        return run_task(task, seed, s, Path(a.cache), work, a.threads or None, a.block_size,
+                        None if a.quantize == "none" else a.quantize)
 
     return bc.run_jobs(jobs, one, mode, a.out, a.markdown, table)
 

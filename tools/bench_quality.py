@@ -220,10 +220,12 @@ def evaluate(task: str, model, tok, test, s: dict) -> dict:
 
 
 def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str = "principal",
-            freeze_fraction: float = 0.3, adapter_dir: Path | None = None) -> dict:
+            freeze_fraction: float = 0.3, adapter_dir: Path | None = None, quantize: str | None = None) -> dict:
     """Train `method` on `task` with settings `s` and seed `seed`, then measure it on the test split.
 
     `adapter_dir`: for the LaMDA methods, also save the trained adapter there (for `lamda-edge export`).
+    `quantize`: the LaMDA methods' base, None (float32, this benchmark's setting) or "nf4" (the spectral residual
+    in bitsandbytes NF4, as `lamda-edge train --quantize nf4` holds it).
     """
     from transformers import AutoTokenizer
 
@@ -237,7 +239,7 @@ def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str =
     built = bc.build(
         "lora" if method == "base" and is_cls else method, model_dir, rank, lr, checkpointing=False,
         task="sequence-classification" if is_cls else "causal-lm", num_labels=2 if is_cls else None,
-        total_steps=s["steps"], freeze_fraction=freeze_fraction, init=init, seed=seed, lamda_quantize=None)
+        total_steps=s["steps"], freeze_fraction=freeze_fraction, init=init, seed=seed, lamda_quantize=quantize)
     model = built.model
     if method == "base" and is_cls:  # a linear probe: only the new head trains
         for name, p in model.named_parameters():
@@ -265,7 +267,7 @@ def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str =
     if adapter_dir is not None and method in bc.LAMDA_METHODS:
         from lamda_edge import save_adapter
 
-        save_adapter(model, adapter_dir, metadata={"base_model": str(model_dir), "quantize": None})
+        save_adapter(model, adapter_dir, metadata={"base_model": str(model_dir), "quantize": quantize})
     result["seconds"] = time.perf_counter() - t0
     del built, model
     gc.collect()
