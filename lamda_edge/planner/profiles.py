@@ -162,20 +162,26 @@ def device_files() -> list[Path]:
     return sorted((profiles_root() / "devices").glob("*.yaml"))
 
 
-def load_devices() -> dict[str, DeviceProfile]:
-    """Every valid device profile by name; a malformed file is reported once (a warning) and left out."""
+def _load_named(files, load) -> dict:
+    """`load(path)` of every file by its `name`, which must match the file name; a malformed file is reported once
+    (a warning) and left out, so one bad profile does not break the others."""
     out = {}
-    for path in device_files():
+    for path in files:
         try:
-            dev = _load_device(path)
-            if dev.name != path.stem:
-                raise ProfileError(f"{path}: field `name` ({dev.name!r}) should match the file name "
+            profile = load(path)
+            if profile.name != path.stem:
+                raise ProfileError(f"{path}: field `name` ({profile.name!r}) should match the file name "
                                    f"({path.stem!r})")
         except ProfileError as exc:
             _skip_malformed(path, exc)
             continue
-        out[dev.name] = dev
+        out[profile.name] = profile
     return out
+
+
+def load_devices() -> dict[str, DeviceProfile]:
+    """Every valid device profile by name; a malformed file is reported once (a warning) and left out."""
+    return _load_named(device_files(), _load_device)
 
 
 def _auto_device() -> DeviceProfile:
@@ -356,18 +362,10 @@ def shape_from_hf_config(cfg: dict, name: str, path: str | None = None) -> Model
 
 
 def load_models() -> dict[str, ModelShape]:
-    out = {}
-    for path in model_files():
-        try:
-            shape = _shape_from_json(read_json(path, ProfileError, "fix or remove this model profile"), path)
-            if shape.name != path.stem:
-                raise ProfileError(f"{path}: field `name` ({shape.name!r}) should match the file name "
-                                   f"({path.stem!r})")
-        except ProfileError as exc:
-            _skip_malformed(path, exc)
-            continue
-        out[shape.name] = shape
-    return out
+    """Every valid model profile by name; a malformed file is reported once (a warning) and left out."""
+    return _load_named(model_files(),
+                       lambda path: _shape_from_json(read_json(path, ProfileError, "fix or remove this model profile"),
+                                                     path))
 
 
 def get_model(name_or_path: str) -> ModelShape:
