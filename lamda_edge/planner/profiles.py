@@ -49,16 +49,14 @@ def _skip_malformed(path: Path, exc: LamdaEdgeError) -> None:
 
 
 def profiles_root() -> Path:
-    """The folder holding devices/ and models/: the installed package data, else the checkout's profiles/."""
-    try:
-        from importlib.resources import files
+    """The folder holding devices/ and models/: the checkout's profiles/ beside this package when there is one (so a
+    second checkout on PYTHONPATH reads its own profiles), else the installed package data."""
+    checkout = Path(__file__).resolve().parents[2] / "profiles"
+    if (checkout / "devices").is_dir():
+        return checkout
+    from importlib.resources import files
 
-        root = Path(str(files("lamda_edge.profiles")))
-        if (root / "devices").is_dir():
-            return root
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parents[2] / "profiles"
+    return Path(str(files("lamda_edge.profiles")))
 
 
 # ---- devices -----------------------------------------------------------------------------------------------------
