@@ -29,3 +29,26 @@ def test_a_compute_command_sets_them_before_torch_loads(tmp_path):
                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     policy, threads, rc = out.stdout.split()
     assert policy == "PASSIVE" and int(threads) >= 1 and rc == "2", out.stderr
+
+
+def test_onnx_runtime_threads_sleep_under_a_passive_wait_policy(tmp_path, monkeypatch):
+    """ONNX Runtime's pool spins between ops unless told not to: sessions follow OMP_WAIT_POLICY=PASSIVE."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from lamda_edge.runtime.session import session, spinning_allowed
+
+    assert not spinning_allowed({"OMP_WAIT_POLICY": "passive"})
+    assert spinning_allowed({"OMP_WAIT_POLICY": "ACTIVE"}) and spinning_allowed({})
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(graph), tmp_path / "relu.onnx")
+    for policy, spins in (("PASSIVE", "0"), ("ACTIVE", None)):
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+        entries = session(tmp_path / "relu.onnx").get_session_options().get_session_config_entry
+        try:
+            found = entries("session.intra_op.allow_spinning")
+        except Exception:  # onnxruntime raises when the entry was never set
+            found = None
+        assert found == spins, policy

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lamda_edge.errors import require
 
 
+def spinning_allowed(environ=None) -> bool:
+    """Whether ONNX Runtime's idle threads may spin-wait: not under `OMP_WAIT_POLICY=PASSIVE`.
+
+    ONNX Runtime keeps its own thread pool, which spins between ops by default, the trap OpenMP's spin-wait set for
+    torch on a loaded machine. The CLI sets `OMP_WAIT_POLICY=PASSIVE` unless the user chose a policy
+    (`configure_cpu_threads`); sessions follow the same choice (docs/benchmarks.md, "CPU threads on a loaded
+    machine", measures both).
+    """
+    env = os.environ if environ is None else environ
+    return env.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
+
+
 def session(path: Path, threads: int | None = None):
-    """An ONNX Runtime CPU session for `path`."""
+    """An ONNX Runtime CPU session for `path`; its threads sleep between ops where `spinning_allowed` says so."""
     ort = require("onnxruntime", "onnx")
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning_allowed():
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
