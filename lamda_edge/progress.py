@@ -1,12 +1,14 @@
 """Progress bars with an ETA for the long phases (conversion, evaluation, export, validation), on stderr.
 
 `bar(total, desc, enabled)` is a tqdm bar, or a silent stand-in with the same `update` / `set_postfix_str` /
-`write` / `close` when progress is off, so that callers never branch on it.
+`set_description_str` / `write` / `close` when progress is off, so that callers never branch on it.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+from contextlib import contextmanager
 
 
 class _Silent:
@@ -18,6 +20,9 @@ class _Silent:
         self.n += n
 
     def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        pass
+
+    def set_description_str(self, text: str = "", refresh: bool = True) -> None:
         pass
 
     def close(self) -> None:
@@ -40,3 +45,25 @@ def bar(total: int | None, desc: str, enabled: bool = True, unit: str = "it", le
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, file=sys.stderr)
+
+
+@contextmanager
+def ticking(progress_bar, every: float = 1.0):
+    """Refresh `progress_bar` every `every` seconds while the block runs, so that its elapsed time keeps moving
+    through a long phase that has no steps of its own to count (a silent bar is left alone)."""
+    if isinstance(progress_bar, _Silent):
+        yield progress_bar
+        return
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(every):
+            progress_bar.refresh()
+
+    thread = threading.Thread(target=tick, name="progress-tick", daemon=True)
+    thread.start()
+    try:
+        yield progress_bar
+    finally:
+        stop.set()
+        thread.join()

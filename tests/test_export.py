@@ -216,7 +216,7 @@ def test_existing_output_is_refused_without_overwrite(run_export, tmp_path, llam
     from lamda_edge.cli import main
     from lamda_edge.export import pipeline as export_mod
 
-    def fake_build(options, tmp, report, log):  # the folder handling only; the real build is tested above
+    def fake_build(options, tmp, report, log, stage=None):  # the folder handling only; the real build is tested above
         (tmp / "model.onnx").write_text("new")
         (tmp / "export-report.json").write_text("{}")
 
@@ -297,3 +297,16 @@ def test_int4_can_keep_the_tied_head_in_float_and_use_zero_points(tiny, run_expo
     zero_points = [n for n in onnx.load(str(tmp_path / "kept.onnx")).graph.node
                    if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]]
     assert zero_points  # asymmetric blocks carry a zero point input
+
+
+def test_the_export_bar_names_each_phase_as_it_starts(tmp_path, llama_dir, capsys):
+    """A long export is never silent: the bar's line says which phase runs (merge, export, validate, int4 steps)."""
+    from lamda_edge.export.pipeline import ExportOptions, export
+
+    _trained_adapter(llama_dir, tmp_path / "adapter")
+    export(ExportOptions(output=tmp_path / "out", adapter=tmp_path / "adapter", int4=True, int4_method="merged"),
+           progress=True)
+    shown = capsys.readouterr().err
+    for phase in ("merging the adapter", "exporting model.onnx", "validating against PyTorch",
+                  "int4: writing model.int4.onnx", "int4: perplexity and greedy agreement"):
+        assert f"export: {phase}" in shown, phase

@@ -60,14 +60,17 @@ def resolve_method(method: str, adapter, quantize: str | None) -> str:
     return method
 
 
-def build(options, tmp: Path, reference, tokenizer, text: str, kind: str, report: dict, log) -> None:
-    """Write model.int4.onnx or model.int8.onnx into `tmp` and fill report["int4"] / report["int8"]."""
+def build(options, tmp: Path, reference, tokenizer, text: str, kind: str, report: dict, log,
+          stage=lambda name: None) -> None:
+    """Write model.int4.onnx or model.int8.onnx into `tmp` and fill report["int4"] / report["int8"]; `stage(name)`
+    names each step as it starts (the progress bar shows it)."""
     timings, sizes = report["timings_s"], report["sizes_bytes"]
     quantize = (report.get("source") or {}).get("quantize")
     bits, out_name = (8, INT8_FILE) if options.int8 else (4, INT4_FILE)
     key = "int8" if options.int8 else "int4"
     method = "nbits8" if options.int8 else resolve_method(options.int4_method, options.adapter, quantize)
     ids = held_out_ids(tokenizer, text, reference) if kind == "decoder" else None
+    stage(f"{key}: writing {out_name} ({method})")
     t = time.perf_counter()
     if options.adapter is None or method == "merged":
         pytorch, built = reference, None
@@ -82,6 +85,7 @@ def build(options, tmp: Path, reference, tokenizer, text: str, kind: str, report
         ops = built["ops"]
         parity = None
         if scheme == "nf4":  # the graph must compute what the NF4 model computes, to float rounding
+            stage(f"{key}: checking {out_name} against the NF4 model")
             as_trained = nf4.nf4_reference(copy.deepcopy(pytorch))
             check = validate_decoder if kind == "decoder" else validate_encoder
             parity = check(as_trained, tmp / out_name, TOLERANCE["fp32"])
@@ -93,6 +97,7 @@ def build(options, tmp: Path, reference, tokenizer, text: str, kind: str, report
     block = built["block_size"] if built else options.block_size
     result = {"method": method, "file": out_name, "ops": ops, "block_size": block,
               "size_ratio": sizes[out_name] / sizes[MODEL_FILE]}
+    stage(f"{key}: perplexity and greedy agreement of both graphs")
     result.update(quality(pytorch, tmp / MODEL_FILE, tmp / out_name, ids, tokenizer, kind, suffix=key))
     if parity is not None:
         result["parity"] = parity

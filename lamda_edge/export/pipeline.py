@@ -34,7 +34,7 @@ from lamda_edge.export.portable import copy_loader_files
 from lamda_edge.export.summary import with_summary_first
 from lamda_edge.export.validate import TOLERANCE, validate_decoder, validate_encoder
 from lamda_edge.files import check_output_folder, read_text
-from lamda_edge.progress import bar
+from lamda_edge.progress import bar, ticking
 
 FORMATS = ("onnx", "genai")
 GENAI_PRECISIONS = ("int4", "fp16", "fp32")
@@ -107,7 +107,7 @@ def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
     `summary` (export/summary.py) first, then the details.
 
     `log` gets one line at the end of each phase; with `progress`, a bar over the phases (elapsed, ETA) on stderr
-    carries them.
+    carries them, names the phase in progress and keeps its clock moving through the long ones.
 
     Raises:
         ConfigError: the output folder exists without `overwrite`, or an option is invalid.
@@ -131,8 +131,12 @@ def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
         (phases.write if progress else log)(line)
         phases.update(1)
 
+    def stage(name: str) -> None:
+        phases.set_description_str(f"export: {name}")
+
     try:
-        _build(options, tmp, report, log_phase)
+        with ticking(phases):
+            _build(options, tmp, report, log_phase, stage)
     except ExportValidationError:
         failed = out.parent / f"{out.name}.{REPORT_FILE}"
         _write_json(failed, with_summary_first(report))
@@ -175,8 +179,10 @@ def _remove_leftovers(out: Path, log) -> None:
         log(f"removed {tmp}, left by a killed export")
 
 
-def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
+def _build(options: ExportOptions, tmp: Path, report: dict, log, stage=lambda name: None) -> None:
+    """The phases of `export`: each ends with one `log` line; `stage(name)` names the one starting."""
     timings = report["timings_s"]
+    stage("merging the adapter into the weights" if options.adapter else "loading the model")
     t = time.perf_counter()
     merged, tokenizer_dir, source = load_merged(options.model, options.adapter)
     report["source"] = source
@@ -198,6 +204,7 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
         raise ModelError(f"--format genai builds causal LMs only; {type(reference).__name__} is a {kind}. "
                          "Fix: use the default --format onnx for classifiers")
     if options.format == "genai" and options.genai_builder:  # the builder's own graph, re-quantized
+        stage("building and validating the ONNX Runtime GenAI model")
         genai.build_and_validate(merged_dir, tmp, options.precision, options.execution_provider, reference,
                                  tokenizer, text, report, log)
     else:
@@ -205,6 +212,7 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
         if options.format == "genai":  # our validated graph, packaged: --precision picks which one
             options = replace(options, int4=options.int4 or (options.precision == "int4" and not options.int8),
                               dtype="fp16" if options.precision == "fp16" else options.dtype)
+        stage(f"exporting {MODEL_FILE}")
         t = time.perf_counter()
         export_fn = onnx_graph.export_decoder if kind == "decoder" else onnx_graph.export_encoder
         export_fn(reference, tmp / MODEL_FILE)
@@ -214,6 +222,7 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
         report["sizes_bytes"] = {MODEL_FILE: onnx_size(tmp, MODEL_FILE)}
         log(f"exported {MODEL_FILE} ({report['sizes_bytes'][MODEL_FILE] / 1e6:.1f} MB) in {timings['export']:.1f}s")
 
+        stage("validating against PyTorch")
         t = time.perf_counter()
         validate = validate_decoder if kind == "decoder" else validate_encoder
         report["validation"] = validate(reference, tmp / MODEL_FILE, TOLERANCE[options.dtype])
@@ -230,8 +239,9 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log) -> None:
             + (f", present keys/values {present:.3g}" if present is not None else ""))
 
         if options.int4 or options.int8:
-            lowbit.build(options, tmp, reference, tokenizer, text, kind, report, log)
+            lowbit.build(options, tmp, reference, tokenizer, text, kind, report, log, stage)
         if options.format == "genai":
+            stage("packaging for ONNX Runtime GenAI")
             graph_file = lowbit.INT8_FILE if options.int8 else lowbit.INT4_FILE if options.int4 else MODEL_FILE
             genai_pack.package_and_validate(tmp, graph_file, merged_dir, reference, tokenizer, text, report, log)
             report["validation"].update({k: v for k, v in report["genai"].items() if k != "mismatches"})

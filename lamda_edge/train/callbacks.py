@@ -61,6 +61,8 @@ class ProgressCallback(TrainerCallback):
         self.trainable_start = None  # at the start of training (before any column of B froze)
         self.b_frozen_step = None  # the optimizer step after which B was wholly frozen
         self.eval_bar = None
+        self.eval_started = None  # perf_counter() when the running evaluation began
+        self.eval_seconds = 0.0  # time spent evaluating since on_train_begin: not training, so not in tokens/s
 
     def _write(self, text: str) -> None:
         if self.bar is not None:
@@ -72,6 +74,7 @@ class ProgressCallback(TrainerCallback):
         from tqdm.auto import tqdm
 
         self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+        self.eval_seconds = 0.0
         self.trainable = effective_trainable(kwargs["model"].lm)
         if self.trainable_start is None:
             lm = kwargs["model"].lm
@@ -82,7 +85,7 @@ class ProgressCallback(TrainerCallback):
                             dynamic_ncols=True, file=sys.stderr)
 
     def tokens_per_second(self, state) -> float:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        elapsed = max(time.perf_counter() - self.start - self.eval_seconds, 1e-9)
         return (state.num_input_tokens_seen - self.tokens0) / elapsed
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -107,15 +110,23 @@ class ProgressCallback(TrainerCallback):
         if self.eval_bar is None:
             from tqdm.auto import tqdm
 
+            self.eval_started = time.perf_counter()
+
             total = len(eval_dataloader) if eval_dataloader is not None else None
             self.eval_bar = tqdm(total=total, desc="eval", unit="batch", leave=False, dynamic_ncols=True,
                                  file=sys.stderr)
         self.eval_bar.update(1)
 
     def on_evaluate(self, args, state, control, **kwargs):
+        """Close the evaluation's bar; the time it took leaves the training bar's rate and ETA and tokens/s."""
         if self.eval_bar is not None:
             self.eval_bar.close()
             self.eval_bar = None
+        if self.eval_started is not None:
+            self.eval_seconds += time.perf_counter() - self.eval_started
+            self.eval_started = None
+            if self.bar is not None:
+                self.bar.unpause()  # tqdm: restart the clock from the last print, so the pause is not "elapsed"
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "eval_loss" in logs and state.is_world_process_zero:
