@@ -38,13 +38,20 @@ class _Silent:
         self.close()
 
 
-def bar(total: int | None, desc: str, enabled: bool = True, unit: str = "it", leave: bool = False):
-    """A tqdm bar on stderr over `total` steps (elapsed, rate and ETA), or a silent one when not `enabled`."""
+def bar(total: int | None, desc: str, enabled: bool = True, unit: str = "it", leave: bool = False,
+        eta: bool = True):
+    """A tqdm bar on stderr over `total` steps (elapsed, rate and ETA), or a silent one when not `enabled`.
+
+    `eta=False` shows the count and the elapsed time only: for steps of very unequal length (an export's phases,
+    seconds to many minutes), where a rate-based ETA would be wrong.
+    """
     if not enabled:
         return _Silent()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, file=sys.stderr)
+    layout = None if eta else "{desc}: {n_fmt}/{total_fmt} " + unit + "s [{elapsed}]"
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, file=sys.stderr,
+                bar_format=layout)
 
 
 @contextmanager

@@ -233,3 +233,37 @@ def test_a_single_chunk_is_not_checkpointed_and_has_the_same_step_peak(tiny, tmp
     monkeypatch.setattr(loss_mod, "_chunk_loss_sum", lambda *a: checkpoint(real, *a, use_reentrant=False))
     checkpointed_chunk = _step_peak(model, batch, chunk_rows=256)
     assert plain_chunk <= checkpointed_chunk, (plain_chunk, checkpointed_chunk)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(tiny, tol, arch):
+    """`packing: true`: one padding-free row with restarting position_ids = the padded batch, loss and grads."""
+    from lamda_edge import LaMDAConfig, apply_lamda
+    from lamda_edge.train.data import PackingCollator, PaddingCollator
+
+    model = tiny.model(arch)
+    apply_lamda(model, LaMDAConfig(rank=4, alpha=8.0))
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    features = []
+    for n in (5, 12, 9):  # unequal lengths: the padded batch carries padding, the packed row none
+        ids = torch.randint(3, model.config.vocab_size, (n,), generator=g)
+        labels = ids.clone()
+        labels[: n // 3] = IGNORE_INDEX  # a prompt without loss
+        features.append({"input_ids": ids, "labels": labels})
+    padded = PaddingCollator(pad_token_id=0)(features)
+    packed = PackingCollator()(features)
+    assert packed["input_ids"].shape == (1, 26) and "attention_mask" not in packed
+    assert packed["position_ids"][0].tolist() == list(range(5)) + list(range(12)) + list(range(9))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(batch):
+        items = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # what the Trainer passes
+        loss = causal_lm_loss(model, batch, chunk_rows=7, num_items_in_batch=items)
+        return loss, torch.autograd.grad(loss, trainable)
+
+    want, want_grads = loss_and_grads(padded)
+    got, got_grads = loss_and_grads(packed)
+    torch.testing.assert_close(got, want, atol=tol.fp32, rtol=0)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=tol.fp32, rtol=1e-5)

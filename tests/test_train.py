@@ -337,3 +337,21 @@ def test_recipe_setup_model_and_trainer(tmp_path, model_dir, data_file):
     assert LaMDACallback in kinds and ProgressCallback in kinds
     assert trainer.state.global_step == 0 and not list((tmp_path / "run").rglob("checkpoint-*"))  # not trained
 
+
+
+def test_packed_batches_train_as_the_padded_ones(tmp_path, model_dir, data_file):
+    """`packing: true` through the Trainer: the same losses, eval losses and adapter as padded batches (fp32)."""
+    from lamda_edge.train.recipe import train
+
+    runs = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing-{packing}"
+        result = train(tiny_config(model_dir, data_file, out, packing=packing, precision="fp32"), progress=False)
+        runs[packing] = (result.metrics, adapter_tensors(out))
+    (padded, padded_adapter), (packed, packed_adapter) = runs[False], runs[True]
+    losses = [[e["loss"] for e in m["log_history"] if "loss" in e] for m in (padded, packed)]
+    assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    evals = [[e["eval_loss"] for e in m["eval"]] for m in (padded, packed)]
+    assert evals[1] == pytest.approx(evals[0], rel=1e-4)
+    for name, tensor in padded_adapter.items():
+        torch.testing.assert_close(packed_adapter[name], tensor, atol=1e-4, rtol=1e-3)

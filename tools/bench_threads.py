@@ -1,10 +1,15 @@
-"""How the CPU thread setting changes a training step's time, on a quiet or a loaded machine (issue 13, item 3).
+"""How the CPU thread setting changes a training step's time, or an ONNX decode step's (`--graph`), on a quiet or
+a loaded machine (issue 13, item 3).
 
-Each configuration runs in its own process (OpenMP reads its environment once, at load), the configurations take
-turns (A B C A B C ...), and the report gives the median step time with its spread and the load average.
+Each configuration runs in its own process (OpenMP and ONNX Runtime read the wait policy once, at load), the
+configurations take turns (A B C A B C ...), and the report gives the median step time with its spread and the
+load average.
 
     PYTHONPATH=. .venv/bin/python tools/bench_threads.py --steps 4 --repeats 2
-    PYTHONPATH=. .venv/bin/python tools/bench_threads.py --child threads=2,wait=ACTIVE   # one configuration
+    PYTHONPATH=. .venv/bin/python tools/bench_threads.py --graph runs/demo-onnx/model.onnx --steps 33 --repeats 2
+
+With `--graph`, a step is one greedy decode token with the KV cache (lamda_edge.runtime's session, which spins
+between ops unless OMP_WAIT_POLICY=PASSIVE), after a 32-token prompt; the first token is dropped.
 
 The step is the default job's: the default model (SmolLM2-135M) with LaMDA rank 16 on a bf16 base under bf16
 autocast, batch 4 x 256 tokens, AdamW on S and B, no checkpointing.
@@ -54,13 +59,31 @@ def child(threads: int, steps: int, batch: int, seq: int) -> dict:
     return {"step_s": times}
 
 
-def run_config(name: str, cfg: dict, steps: int, batch: int, seq: int) -> list[float]:
+def decode_child(graph: str, threads: int, steps: int) -> dict:
+    """Decode `steps` greedy tokens with the KV cache after a 32-token prompt; returns each token's seconds."""
+    import numpy as np
+
+    from lamda_edge.runtime.decoder import OnnxDecoder
+    from lamda_edge.runtime.session import session
+
+    decoder = OnnxDecoder(session(graph, threads=threads))
+    ids = np.random.default_rng(0).integers(0, 1000, (1, 32))  # (1, T)
+    past, times = decoder.empty_past(1), []
+    for _ in range(steps):
+        start = time.perf_counter()
+        logits, past = decoder.step(ids, past)
+        ids = logits[:, -1:].argmax(-1)  # (1, 1)
+        times.append(time.perf_counter() - start)
+    return {"step_s": times}
+
+
+def run_config(name: str, cfg: dict, steps: int, batch: int, seq: int, graph: str | None = None) -> list[float]:
     env = dict(os.environ, OMP_NUM_THREADS=cfg["threads"])
     env.pop("OMP_WAIT_POLICY", None)
     if cfg["wait"]:
         env["OMP_WAIT_POLICY"] = cfg["wait"]
     cmd = [sys.executable, __file__, "--child", cfg["threads"], "--steps", str(steps), "--batch", str(batch),
-           "--seq", str(seq)]
+           "--seq", str(seq)] + (["--graph", graph] if graph else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     times = json.loads(out.stdout.strip().splitlines()[-1])["step_s"][1:]  # the first step warms up
     print(f"{name}: {' '.join(f'{t:.2f}' for t in times)} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr,
@@ -74,15 +97,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="turns of every configuration")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--graph", help="an exported decoder graph (model.onnx): time ONNX Runtime decode steps instead")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(int(args.child), args.steps, args.batch, args.seq)))
+        result = (decode_child(args.graph, int(args.child), args.steps) if args.graph else
+                  child(int(args.child), args.steps, args.batch, args.seq))
+        print(json.dumps(result))
         return
     loads, results = [os.getloadavg()], {name: [] for name in CONFIGS}
     for _ in range(args.repeats):
         for name, cfg in CONFIGS.items():
-            results[name] += run_config(name, cfg, args.steps, args.batch, args.seq)
+            results[name] += run_config(name, cfg, args.steps, args.batch, args.seq, args.graph)
             loads.append(os.getloadavg())
     print("| configuration | step s (median) | min - max | steps | x 1 thread |\n|---|---:|---|---:|---:|")
     one = statistics.median(results["1 thread"])

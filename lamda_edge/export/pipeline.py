@@ -106,8 +106,9 @@ def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
     """Merge, export, validate (and quantize); return the report that was written to `export-report.json`: its
     `summary` (export/summary.py) first, then the details.
 
-    `log` gets one line at the end of each phase; with `progress`, a bar over the phases (elapsed, ETA) on stderr
-    carries them, names the phase in progress and keeps its clock moving through the long ones.
+    `log` gets one line at the end of each phase; with `progress`, a bar over the phases on stderr carries them,
+    names the phase in progress and keeps its elapsed time moving through the long ones (no ETA: the phases take
+    from seconds to many minutes, so a rate over them would mislead).
 
     Raises:
         ConfigError: the output folder exists without `overwrite`, or an option is invalid.
@@ -125,7 +126,7 @@ def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
     tmp.mkdir()
     report = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
               "timings_s": {}, "versions": _versions()}
-    phases = bar(_phase_count(options), "export", progress, unit="phase", leave=True)
+    phases = bar(_phase_count(options), "export", progress, unit="phase", leave=True, eta=False)
 
     def log_phase(line: str) -> None:
         (phases.write if progress else log)(line)

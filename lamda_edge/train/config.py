@@ -115,6 +115,8 @@ class RunConfig:
         "decides: on, unless the batch fits without it")
     chunk_rows: int | None = _field(DEFAULT_CHUNK_ROWS, "rows per chunk of the chunked lm_head + loss; null = the "
                                                         "model's own loss")
+    packing: bool = _field(False, "concatenate each batch's examples into one row without padding (position_ids "
+                                  "restart per example; same loss as padded batches)")
     eval_steps: int | None = _field(None, "evaluate every N optimizer steps; default: 4 times per run")
     save_steps: int | None = _field(None, "checkpoint every N optimizer steps; default: 4 times per run")
     save_total_limit: int = _field(2, "checkpoints kept (the oldest are deleted)")
@@ -180,6 +182,7 @@ class RunConfig:
         need(isinstance(self.weight_decay, float) and self.weight_decay >= 0,
              f"`weight_decay` should be >= 0, got {self.weight_decay!r}")
         need(isinstance(self.overwrite, bool), f"`overwrite` should be true or false, got {self.overwrite!r}")
+        need(isinstance(self.packing, bool), f"`packing` should be true or false, got {self.packing!r}")
         need(self.gradient_checkpointing is None or isinstance(self.gradient_checkpointing, bool),
              f"`gradient_checkpointing` should be true, false or null, got {self.gradient_checkpointing!r}")
         if not isinstance(self.training_args, dict):

@@ -12,6 +12,7 @@ Accepted files (local only; nothing is ever fetched from a hub):
 
     file --read--> records --split (seeded)--> tokenize --pack text / truncate--> TokenDataset
     TokenDataset --PaddingCollator--> {"input_ids", "attention_mask", "labels"}  (B, T), T = max len rounded up to 8
+    TokenDataset --PackingCollator--> {"input_ids", "position_ids", "labels"}    (1, sum of the B lengths), no padding
 
 Labels are -100 wherever no loss is taken (prompt, non-assistant turns, padding). Plain-text
 records are packed into `seq_len` blocks with EOS between documents; the other shapes are one
@@ -515,3 +516,33 @@ class PaddingCollator:
             attention_mask[i, :n] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long)
         labels[attention_mask == 0] = IGNORE_INDEX
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PackingCollator:
+    """Concatenate a batch's examples into one padding-free row (`packing: true` in the run config).
+
+    Returns ``input_ids`` (1, N), ``position_ids`` (1, N) restarting at 0 for each example, and ``labels`` (1, N)
+    with -100 on each example's first token (no example predicts the next one's start). There is no attention
+    mask: transformers 5 reads the restarts in `position_ids` and attends only within each example (a
+    block-diagonal causal mask, or flash-attention's variable-length kernel on CUDA). The loss equals the padded
+    batch's: the same tokens predict the same labels, summed over the same count.
+    """
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise DataError("cannot collate an empty batch")
+        ids, positions, labels = [], [], []
+        for feature in features:
+            row = torch.as_tensor(feature["input_ids"], dtype=torch.long)  # (T_i,)
+            row_labels = feature.get("labels")
+            row_labels = row.clone() if row_labels is None else torch.as_tensor(row_labels, dtype=torch.long)
+            mask = feature.get("attention_mask")
+            if mask is not None:
+                keep = torch.as_tensor(mask, dtype=torch.bool)
+                row, row_labels = row[keep], row_labels[keep]
+            row_labels[:1] = IGNORE_INDEX  # the previous example's last token must not learn to predict this one
+            ids.append(row)
+            labels.append(row_labels)
+            positions.append(torch.arange(len(row), dtype=torch.long))
+        return {"input_ids": torch.cat(ids)[None], "position_ids": torch.cat(positions)[None],
+                "labels": torch.cat(labels)[None]}

@@ -62,7 +62,7 @@ from lamda_edge.train.config import (
     RunConfig,
     resolve_run_device,
 )
-from lamda_edge.train.data import PaddingCollator, load_data
+from lamda_edge.train.data import PackingCollator, PaddingCollator, load_data
 from lamda_edge.train.report import effective_trainable, lamda_layer_list
 from lamda_edge.train.run_folder import (
     CHECKPOINTS,
@@ -310,7 +310,7 @@ class TrainRecipe:
         self.trainer = LaMDATrainer(
             model=LossModel(self.lm, config.chunk_rows),
             args=self.training_args,
-            data_collator=PaddingCollator.for_tokenizer(self.tokenizer),
+            data_collator=PackingCollator() if config.packing else PaddingCollator.for_tokenizer(self.tokenizer),
             train_dataset=self.train_set,
             eval_dataset=self.eval_set,
             callbacks=[LaMDACallback(self.lm, freeze_steps=self.freeze_b_steps), self.progress_callback,

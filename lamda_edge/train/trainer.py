@@ -59,8 +59,10 @@ class LossModel(nn.Module):
         self.chunk_rows = chunk_rows
         self.step_loss = 0.0
 
-    def forward(self, input_ids, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, num_items_in_batch=None,
+                **kwargs):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                 "labels": labels}
         return {"loss": causal_lm_loss(self.lm, batch, self.chunk_rows, num_items_in_batch)}
 
 
