@@ -75,3 +75,19 @@ def test_bench_exported_quick_spam(tmp_path):
     # the merged PyTorch model and the fp32 graph classify the test split as the adapter model does
     assert row["adapter"]["value"] == row["merged"]["value"] == row["fp32"]["value"]
     assert 0.0 <= row["int4"]["value"] <= 1.0 and row["int4_bytes"] < 0.3 * row["fp32_bytes"]
+
+
+@pytest.mark.slow
+def test_bench_train_speed_quick(tmp_path):
+    """lamda-edge's loop (padded and packed) and the Trainer + PEFT LoRA script each train and report a rate."""
+    out = tmp_path / "speed.json"
+    proc = _run([str(TOOLS / "bench_train_speed.py"), "--quick", "--out", str(out)], timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"lamda", "lamda-packed", "peft-lora"}
+    tokens = {}
+    for method, runs in results.items():
+        (run,) = runs
+        assert len(run["step_s"]) == 2 and run["tokens_per_s"] > 0 and run["peak_rss_bytes"] > 0
+        tokens[method] = run["tokens"]
+    assert tokens["lamda"] == tokens["lamda-packed"] == tokens["peft-lora"]  # the same real tokens, padding aside
