@@ -96,7 +96,8 @@ def _run_devices(args) -> int:
 # rest): `plan` shows what `train` would do with the same inputs. flag -> run config key:
 PLAN_RUN_FLAGS = {"device": "device", "model": "model", "seq_len": "seq_len", "rank": "lamda.rank", "batch_size":
                   "batch_size", "target_batch": "grad_accum", "quantize": "quantize", "no_quantize": "quantize",
-                  "checkpointing": "gradient_checkpointing", "chunk_rows": "chunk_rows", "precision": "precision"}
+                  "checkpointing": "gradient_checkpointing", "chunk_rows": "chunk_rows", "precision": "precision",
+                  "activation_offload": "activation_offload"}
 DEFAULT_PLAN_MODEL = "smollm2-135m"  # the catalogue shape of `train`'s default model
 
 
@@ -107,6 +108,8 @@ def _add_plan(sub) -> None:
         "lamda-edge plan  (what `lamda-edge train` would do here)",
         "lamda-edge plan --device rtx3060 --model llama-3.1-8b --seq-len 1024",
         "lamda-edge plan --device orin-nano --model qwen2.5-0.5b --json",
+        "lamda-edge plan --model llama-3.1-8b --max-seq-len --activation-offload  (frontier over the GPU profiles)",
+        "lamda-edge plan --device rtx3060 --device rtx4090 --model llama-3.1-8b --max-seq-len",
         "lamda-edge plan --device cpu --model smollm2-135m --json --measure",
         "lamda-edge plan --config examples/rtx3060-llama3-8b.yaml model=llama-3.1-8b  (what `train` would plan)"],
         description="Plan a training run: the flags are `train`'s settings with `train`'s defaults, so `plan` with "
@@ -117,7 +120,8 @@ def _add_plan(sub) -> None:
                    "batch_size x grad_accum, quantize, gradient_checkpointing, chunk_rows); the flags below that a "
                    "run config also holds are then given as key=value")
     run = RunConfig()
-    p.add_argument("--device", help=f"{field_help('device')}, or a profile YAML file (default: {run.device})")
+    p.add_argument("--device", action="append", help=f"{field_help('device')}, or a profile YAML file (default: "
+                   f"{run.device}); with --max-seq-len it may be given several times")
     p.add_argument("--model", help=f"catalogue name (`profiles/models`), or a local folder / config.json "
                    f"(default: {DEFAULT_PLAN_MODEL}, `train`'s default model)")
     p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default: {run.seq_len}, as `train`)")
@@ -129,6 +133,11 @@ def _add_plan(sub) -> None:
     p.add_argument("--no-quantize", action="store_true", default=None, help="the same as --quantize none")
     p.add_argument("--checkpointing", choices=("auto", "on", "off"),
                    help="gradient checkpointing (default auto: off when the same batch fits without it)")
+    p.add_argument("--activation-offload", action="store_true", default=None,
+                   help=field_help("activation_offload"))
+    p.add_argument("--max-seq-len", action="store_true",
+                   help="print the longest seq_len that fits at batch 1 (the long-context frontier) with the other "
+                   "options, for each --device, or for every GPU profile when no --device is given")
     p.add_argument("--chunk-rows", type=int, help=f"rows per chunk of the loss; 0 = full logits "
                    f"(default: {run.chunk_rows})")
     p.add_argument("--dataset-tokens", type=int, default=10_000_000, help="tokens per epoch, for the time estimate")
@@ -148,6 +157,13 @@ def _run_plan(args) -> int:
     from lamda_edge.planner.search import plan
 
     try:
+        if args.max_seq_len:
+            return _run_frontier(args)
+        if args.device and len(args.device) > 1:
+            from lamda_edge.errors import ConfigError
+
+            raise ConfigError(f"--device is given {len(args.device)} times; only --max-seq-len compares devices. "
+                              "Fix: give one --device, or add --max-seq-len")
         device, model, request = _plan_request(args)
         result = plan(device, model, **request, dataset_tokens=args.dataset_tokens)
         if args.measure:
@@ -162,9 +178,49 @@ def _run_plan(args) -> int:
     return 0 if result.fits else 3
 
 
+def _run_frontier(args) -> int:
+    """`plan --max-seq-len`: the longest context at batch 1 on each device (the frontier table, or --json)."""
+    import json
+    from argparse import Namespace
+
+    from lamda_edge.planner.profiles import load_devices
+    from lamda_edge.planner.report import format_frontier
+    from lamda_edge.planner.search import max_seq_len
+
+    if args.measure:
+        from lamda_edge.errors import ConfigError
+
+        raise ConfigError("--max-seq-len with --measure: the frontier is arithmetic. Fix: plan one --seq-len with "
+                          "--measure")
+    names = args.device or [d.name for d in sorted(load_devices().values(), key=lambda d: d.usable_bytes)
+                            if d.kind == "cuda"]
+    rows = []
+    for name in names:
+        device, model, request = _plan_request(Namespace(**{**vars(args), "device": [name]}))
+        longest = max_seq_len(device, model, rank=request["rank"] or 16, quantize=request["quantize"],
+                              gradient_checkpointing=request["gradient_checkpointing"] is not False,
+                              chunk_rows=request["chunk_rows"], compute_dtype=request["compute_dtype"],
+                              activation_offload=request["activation_offload"])
+        rows.append({"device": device.name, "total_bytes": device.total_bytes, "usable_bytes": device.usable_bytes,
+                     "max_seq_len": longest})
+    options = {"model": model.name, "batch_size": 1, "rank": min(request["rank"] or 16, _max_rank(model)),
+               "quantize": request["quantize"],
+               "gradient_checkpointing": request["gradient_checkpointing"] is not False,
+               "activation_offload": bool(request["activation_offload"]), "chunk_rows": request["chunk_rows"]}
+    print(json.dumps({**options, "frontier": rows}, indent=2) if args.json else format_frontier(options, rows))
+    return 0 if all(r["max_seq_len"] for r in rows) else 3
+
+
+def _max_rank(model) -> int:
+    from lamda_edge.planner.search import max_rank
+
+    return max_rank(model)
+
+
 def _plan_flags(args) -> tuple[dict, list[str]]:
     """The run config settings the plan flags give (as flags of `train` would), and key=value overrides."""
-    flags = {"device": args.device, "model": args.model, "seq_len": args.seq_len, "batch_size": args.batch_size,
+    flags = {"device": args.device[-1] if args.device else None, "model": args.model, "seq_len": args.seq_len,
+             "batch_size": args.batch_size, "activation_offload": args.activation_offload,
              "quantize": "none" if args.no_quantize else args.quantize, "precision": args.precision,
              "chunk_rows": args.chunk_rows,
              "gradient_checkpointing": {None: None, "auto": None, "on": True, "off": False}[args.checkpointing]}
@@ -238,7 +294,10 @@ def _train_arguments(p) -> None:
                    help="run config overrides, e.g. max_steps=200 lamda.rank=16")
     p.add_argument("--config", metavar="FILE.yaml", help="run config YAML file")
     for flag, key, kind, text in cli_flags():
-        p.add_argument(flag, dest=key, type=kind, default=None, help=text)
+        if kind is bool:  # a switch: given = true, absent = the config's value
+            p.add_argument(flag, dest=key, action="store_true", default=None, help=text)
+        else:
+            p.add_argument(flag, dest=key, type=kind, default=None, help=text)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output from its newest checkpoint (exactly, as if never stopped)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")

@@ -28,7 +28,7 @@ def test_device_profile_fields(path: Path):
     assert 0 < dev.usable_bytes <= dev.total_bytes
     assert 0 <= dev.fragmentation_margin < 0.5
     assert dev.peak_tflops > 0 and dev.memory_bandwidth_gbs > 0
-    numeric = ("total_memory_gib", "usable_memory_gib", "runtime_overhead_mib", "fragmentation_margin",
+    numeric = ("total_memory_gib", "reserve_gib", "runtime_overhead_mib", "fragmentation_margin",
                "memory_bandwidth_gbs", "peak_tflops")
     for key in numeric:  # every number has a source line
         assert dev.sources.get(key), f"{path}: no source for {key}"
@@ -101,7 +101,12 @@ def test_local_config_json(tmp_path):
         pytest.param({"fragmentation_margin": 2.0}, "fragmentation_margin", id="margin-out-of-range"),
         pytest.param({"peak_tflop": 1.0}, "did you mean `peak_tflops`", id="typo-field"),
         pytest.param({"bf16": "yes"}, "field `bf16` should be bool", id="wrong-type"),
-        pytest.param({"usable_memory_gib": 99.0}, "exceeds total", id="usable-above-total"),
+        pytest.param({"reserve_gib": 99.0}, "leaves nothing of total_memory_gib", id="reserve-above-total"),
+        pytest.param({"reserve_gib": -0.1}, "`reserve_gib` should be a number of GiB >= 0", id="negative-reserve"),
+        pytest.param({"total_memory_gib": 0}, "`total_memory_gib` should be a positive", id="zero-total"),
+        pytest.param({"usable_memory_gib": 11.6}, "no longer read: usable memory is total_memory_gib - reserve_gib",
+                     id="old-usable-field"),
+        pytest.param({"sources": {"total_memory_gib": "x"}}, "no line for `reserve_gib`", id="reserve-unsourced"),
     ],
 )
 def test_malformed_device_profile_names_file_and_field(tmp_path, edit, message):
@@ -114,3 +119,45 @@ def test_malformed_device_profile_names_file_and_field(tmp_path, edit, message):
     with pytest.raises(ProfileError, match=message) as info:
         profiles._load_device(path)
     assert str(path) in str(info.value)
+
+
+# The budget of every GPU profile: usable = the CUDA total PyTorch reports - the display/OS reserve (GiB).
+BUDGETS = {
+    "rtx3060": (11.75, 0.4), "rtx3060-8gb": (7.75, 0.4), "rtx4060": (7.75, 0.4), "t4": (14.75, 0.0),
+    "rtx4090": (23.65, 0.5), "rtx-a6000": (47.54, 0.4), "h100-80gb": (79.11, 0.0),
+    "jetson-orin-nano": (7.4, 1.4), "jetson-orin-nx-16gb": (15.3, 1.8), "jetson-agx-orin-32gb": (30.5, 2.5),
+    "jetson-agx-orin-64gb": (61.4, 3.4),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(p.stem, id=p.stem) for p in DEVICE_FILES])
+def test_budget_arithmetic_of_every_profile(name):
+    """usable = total - reserve, to the byte; desktop GeForce cards keep a display reserve, headless datacenter
+    cards none; each number has its source line. The host CPU's is psutil's: total - what others hold."""
+    import yaml
+
+    dev = get_device(name)
+    assert dev.usable_bytes == dev.total_bytes - dev.reserve_bytes
+    data = yaml.safe_load(Path(dev.path).read_text())
+    assert "usable_memory_gib" not in data
+    assert dev.sources.get("total_memory_gib") and dev.sources.get("reserve_gib")
+    if name == "cpu":
+        assert data["total_memory_gib"] == data["reserve_gib"] == "auto"
+        return
+    total, reserve = BUDGETS[name]
+    assert (data["total_memory_gib"], data["reserve_gib"]) == (total, reserve)
+    assert dev.total_bytes == int(total * GIB) and dev.reserve_bytes == int(reserve * GIB)
+    assert abs(dev.usable_bytes / GIB - (total - reserve)) < 1e-6
+    if dev.kind == "cuda":  # the CUDA total, below the box label (a "12 GB" card reports 11.75 GiB)
+        assert "PyTorch reports" in dev.sources["total_memory_gib"] or "torch" in dev.sources["total_memory_gib"]
+
+
+def test_every_budget_profile_is_tested():
+    assert set(BUDGETS) | {"cpu"} == {p.stem for p in DEVICE_FILES}
+
+
+def test_the_frontier_devices_cover_8_to_80_gb():
+    classes = sorted({round(d.total_bytes / GIB / 8) * 8 for d in profiles.load_devices().values()
+                      if d.kind == "cuda"})
+    assert {8, 16, 24, 48, 80} <= set(classes) and any(11 < d.total_bytes / GIB < 12.5
+                                                     for d in profiles.load_devices().values())

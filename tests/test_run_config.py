@@ -162,7 +162,7 @@ def test_one_table_of_flags():
         "--output": ("output", str), "--device": ("device", str), "--quantize": ("quantize", str),
         "--precision": ("precision", str), "--rank": ("rank", int), "--seq-len": ("seq_len", int),
         "--batch-size": ("batch_size", int), "--grad-accum": ("grad_accum", int), "--max-steps": ("max_steps", int),
-        "--lr": ("lr", float), "--seed": ("seed", int),
+        "--lr": ("lr", float), "--seed": ("seed", int), "--activation-offload": ("activation_offload", bool),
     }  # the flags of `lamda-edge train` (a user contract)
     adapter_help = {f.name: f.metadata["help"] for f in dataclasses.fields(LaMDAConfig)}
     assert field_help("rank").startswith(adapter_help["rank"]) and "planner" in field_help("rank")

@@ -14,6 +14,7 @@ backward, AdamW step); switch it to the step of `lamda_edge.train.recipe` (LaMDA
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from lamda_edge.load.loader import enable_gradient_checkpointing, load_lamda_mod
 from lamda_edge.planner.live_tensors import LiveTensorCounter
 from lamda_edge.planner.memory import TrainSetup
 from lamda_edge.train.loss import causal_lm_loss
+from lamda_edge.train.offload import ActivationOffload
 
 
 def llama_config(shape):
@@ -84,8 +86,9 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
     return model
 
 
-def _train_step(model, batch, optimizer, chunk_rows) -> float:
-    loss = causal_lm_loss(model, batch, chunk_rows=chunk_rows)
+def _train_step(model, batch, optimizer, chunk_rows, offload=None) -> float:
+    with offload if offload is not None else contextlib.nullcontext():  # train/offload.py, as LossModel runs it
+        loss = causal_lm_loss(model, batch, chunk_rows=chunk_rows)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -115,29 +118,35 @@ def measure(shape, setup: TrainSetup, steps: int = 2, device: str | None = None,
         mask[0, -1] = 0
         batch["attention_mask"] = mask
         batch["labels"] = batch["labels"].masked_fill(mask == 0, -100)
-    _train_step(model, batch, optimizer, setup.chunk_rows)  # warm-up: creates the optimizer state
+    offload = ActivationOffload() if setup.activation_offload else None
+    _train_step(model, batch, optimizer, setup.chunk_rows, offload)  # warm-up: creates the optimizer state
     steps = max(1, steps - 1)
+    if offload is not None:
+        offload.reset()
     t0 = time.perf_counter()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         for _ in range(steps):
-            _train_step(model, batch, optimizer, setup.chunk_rows)
+            _train_step(model, batch, optimizer, setup.chunk_rows, offload)
         torch.cuda.synchronize()
         peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
     else:
         counter = LiveTensorCounter().register(model, optimizer, batch)
         with counter:
             for _ in range(steps):
-                _train_step(model, batch, optimizer, setup.chunk_rows)
+                _train_step(model, batch, optimizer, setup.chunk_rows, offload)
         peak, how = counter.peak_bytes, "LiveTensorCounter (live storages)"
-    return {
+    out = {
         "measured_tensor_peak_bytes": int(peak),
         "measured_by": how,
         "steps": steps,
         "seconds_per_step": (time.perf_counter() - t0) / steps,
         "device": device,
     }
+    if offload is not None:
+        out["measured_host_offload_bytes"] = offload.peak_host_bytes  # the offloaded activations' host peak
+    return out
 
 
 def measure_plan(plan, steps: int = 2) -> dict:

@@ -72,6 +72,7 @@ class TrainSetup:
     b_trainable: bool = True  # before t_i; False after B froze (only S trains)
     padding_mask: bool = True  # batches padded to the longest row carry an attention mask (see saved_per_token)
     lamda_dtype: str = "fp32"  # A, S, B are kept in float32
+    activation_offload: bool = False  # what autograd saves outside checkpointed blocks waits in host memory
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "rank"):
@@ -101,6 +102,7 @@ class Estimate:
     phases: dict[str, int]  # every phase's total
     resident: dict[str, int] = field(default_factory=dict)
     trainable_params: int = 0
+    host_offload_bytes: int = 0  # activation offload: saved activations held in host memory at the peak
 
 
 # ---- resident: weights, adapters, optimizer state --------------------------------------------------------------
@@ -221,7 +223,12 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
         stored_blocks = L * N * h * e
     else:
         stored_blocks = L * saved_layer
-    stored = stored_blocks + final_norm + shared
+    # activation offload (train/offload.py around the forward): what autograd saves outside the checkpointed
+    # blocks -- each block's input (the checkpoint saves it), the final norm's fp32 input, and without checkpointing
+    # every saved tensor -- goes to host memory; the device keeps the shared RoPE tables and mask (kwargs of the
+    # checkpoint, not saved tensors), and in backward gets one block's saved set back at a time (top_stored below)
+    host = stored_blocks + final_norm if setup.activation_offload else 0
+    stored = stored_blocks + final_norm + shared - host
     # NF4 base: each matmul dequantizes its weight to the compute dtype first (transient d_out*d_in*e)
     dequant = max(lin.d_in * lin.d_out for lin in linears) * e if setup.quantize == "nf4" else 0
     mlp_mid = N * inter * e  # the gated product / activation being built
@@ -244,12 +251,15 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     # its logits' gradients are freed
     chunks = math.ceil(rows_all / rows) if shifted_copy else 1
     loss_bwd = shifted_copy + 3 * logits_fp32 + (N * h * e if chunks > 1 else 0)
+    if setup.activation_offload and shifted_copy:  # each chunk's input was offloaded: one comes back at a time
+        host += shifted_copy
+        loss_bwd += rows * h * e - shifted_copy
     # ---- backward through the top block ----
     # under checkpointing the block's saved set is rebuilt; its fp32 norm input is the stored input itself
     # when e == 4, so only the rest is new
     recompute = saved_layer - (N * h * 4 if e == 4 else 0)
     top_stored = N * h * e if setup.gradient_checkpointing else saved_layer
-    below = stored - top_stored  # blocks under the top one
+    below = stored - (0 if setup.activation_offload else top_stored)  # blocks under the top one (offload: on host)
     # gradient transients at the MLP's input-gradient step: the block output's grad (N*h*e); down_proj's input
     # grad from the frozen base (N*I*e) and from the adapter path (N*I*e: A is cast to e, not x to fp32), which
     # autograd adds into the first in place -- the same count holds for d(act), d(up), d(gate)
@@ -283,6 +293,7 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
         phases={k: int(v + res_total) for k, v in phases.items()},
         resident=resident,
         trainable_params=trainable,
+        host_offload_bytes=int(host),
     )
 
 

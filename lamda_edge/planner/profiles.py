@@ -21,13 +21,14 @@ MIB = 1024**2
 
 DEVICE_FIELDS = {  # field -> allowed types
     "name": (str,), "aliases": (list,), "description": (str,), "kind": (str,),
-    "total_memory_gib": (int, float, str), "usable_memory_gib": (int, float, str),
+    "total_memory_gib": (int, float, str), "reserve_gib": (int, float, str),
     "runtime_overhead_mib": (int, float), "fragmentation_margin": (int, float), "unified_memory": (bool,),
     "bf16": (bool,), "compute_capability": (str, type(None)), "memory_bandwidth_gbs": (int, float),
     "peak_tflops": (int, float), "expandable_segments": (bool,), "cpu_offload": (bool,),
     "paged_optimizer": (bool,), "sources": (dict,),
 }
 OPTIONAL_DEVICE_FIELDS = {"fp32_tflops": (int, float)}
+SOURCED_FIELDS = ("total_memory_gib", "reserve_gib")  # the budget's two numbers: each needs its source line
 MODEL_FIELDS = {
     "name": (str,), "architecture": (str,), "hidden_size": (int,), "intermediate_size": (int,),
     "num_hidden_layers": (int,), "num_attention_heads": (int,), "num_key_value_heads": (int,), "head_dim": (int,),
@@ -71,7 +72,8 @@ class DeviceProfile:
     description: str
     kind: str
     total_bytes: int
-    usable_bytes: int
+    usable_bytes: int  # total_bytes - reserve_bytes: the planner's budget
+    reserve_bytes: int
     runtime_overhead_bytes: int
     fragmentation_margin: float
     unified_memory: bool
@@ -113,27 +115,52 @@ def _check_fields(data: dict, fields: dict, path: Path, optional: dict | None = 
             raise ProfileError(f"{path}: unknown field `{key}`{hint}")
 
 
-def _memory(value, path: Path, key: str, host_value: int) -> int:
+def _memory(value, path: Path, key: str, host_value: int, zero_ok: bool = False) -> int:
     if value == "auto":
         return host_value
-    if isinstance(value, str) or value <= 0:
-        raise ProfileError(f"{path}: field `{key}` should be a positive number of GiB or 'auto', got {value!r}")
+    if isinstance(value, str) or value < 0 or (value == 0 and not zero_ok):
+        kind = "a number of GiB >= 0" if zero_ok else "a positive number of GiB"
+        raise ProfileError(f"{path}: field `{key}` should be {kind} or 'auto', got {value!r}")
     return int(value * GIB)
 
 
-def _load_device(path: Path) -> DeviceProfile:
-    data = read_yaml(path, ProfileError, "fix or remove this device profile")
-    _check_fields(data, DEVICE_FIELDS, path, OPTIONAL_DEVICE_FIELDS)
+def memory_budget(data: dict, path: Path) -> tuple[int, int]:
+    """(total, reserve) in bytes from a profile's `total_memory_gib` and `reserve_gib`; usable = total - reserve.
+
+    `total_memory_gib` is the CUDA total PyTorch reports (not the box label); `reserve_gib` what a display or the
+    OS holds of it (0 on a headless datacenter card). 'auto' (the host CPU): psutil's total, and what other
+    processes hold (total - available). Each must have its line in `sources`.
+    """
+    if "usable_memory_gib" in data:
+        raise ProfileError(f"{path}: field `usable_memory_gib` is no longer read: usable memory is "
+                           "total_memory_gib - reserve_gib. Fix: replace it with `reserve_gib` (what a display or the "
+                           "OS holds of the total; 0 on a headless card) and its line in `sources`")
+    auto = "auto" in (data.get("total_memory_gib"), data.get("reserve_gib"))
     host_total = host_avail = 0
-    if "auto" in (data["total_memory_gib"], data["usable_memory_gib"]):
+    if auto:
         import psutil
 
         vm = psutil.virtual_memory()
         host_total, host_avail = vm.total, vm.available
     total = _memory(data["total_memory_gib"], path, "total_memory_gib", host_total)
-    usable = _memory(data["usable_memory_gib"], path, "usable_memory_gib", host_avail)
-    if usable > total:
-        raise ProfileError(f"{path}: field `usable_memory_gib` ({usable / GIB:.2f}) exceeds total ({total / GIB:.2f})")
+    reserve = _memory(data["reserve_gib"], path, "reserve_gib", host_total - host_avail, zero_ok=True)
+    if reserve >= total:
+        raise ProfileError(f"{path}: field `reserve_gib` ({reserve / GIB:.2f}) leaves nothing of total_memory_gib "
+                           f"({total / GIB:.2f}). Fix: give the reserve in GiB, below the total")
+    sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
+    missing = [key for key in SOURCED_FIELDS if not sources.get(key)]
+    if missing:
+        raise ProfileError(f"{path}: `sources` has no line for {', '.join(f'`{k}`' for k in missing)}. Fix: say "
+                           "where each number comes from (e.g. the total PyTorch reports, a desktop's reserve)")
+    return total, reserve
+
+
+def _load_device(path: Path) -> DeviceProfile:
+    data = read_yaml(path, ProfileError, "fix or remove this device profile")
+    if isinstance(data, dict) and "usable_memory_gib" in data:
+        memory_budget(data, path)  # the clear error for the old field, before "unknown field"
+    _check_fields(data, DEVICE_FIELDS, path, OPTIONAL_DEVICE_FIELDS)
+    total, reserve = memory_budget(data, path)
     margin = data["fragmentation_margin"]
     if not 0 <= margin < 1:
         raise ProfileError(f"{path}: field `fragmentation_margin` should be in [0, 1), got {margin!r}")
@@ -146,7 +173,7 @@ def _load_device(path: Path) -> DeviceProfile:
         raise ProfileError(f"{path}: field `expandable_segments` must be false on Jetson (it fails on Tegra)")
     return DeviceProfile(
         name=data["name"], aliases=tuple(str(a) for a in data["aliases"]), description=data["description"],
-        kind=data["kind"], total_bytes=total, usable_bytes=usable,
+        kind=data["kind"], total_bytes=total, usable_bytes=total - reserve, reserve_bytes=reserve,
         runtime_overhead_bytes=int(data["runtime_overhead_mib"] * MIB), fragmentation_margin=float(margin),
         unified_memory=data["unified_memory"], bf16=data["bf16"], compute_capability=data["compute_capability"],
         memory_bandwidth_gbs=float(data["memory_bandwidth_gbs"]), peak_tflops=float(data["peak_tflops"]),
@@ -202,7 +229,7 @@ def _auto_device() -> DeviceProfile:
     from dataclasses import replace
 
     return replace(base, name=f"auto:{name.replace(' ', '-')}", description=f"{props.name} (read with torch.cuda)",
-                   total_bytes=total, usable_bytes=free, compute_capability=cc,
+                   total_bytes=total, usable_bytes=free, reserve_bytes=total - free, compute_capability=cc,
                    bf16=torch.cuda.is_bf16_supported(), path="torch.cuda.mem_get_info")
 
 
@@ -233,7 +260,8 @@ def describe_devices() -> list[str]:
     for dev in load_devices().values():
         aliases = f" (aka {', '.join(dev.aliases)})" if dev.aliases else ""
         lines.append(
-            f"{dev.name:<22} {dev.usable_bytes / GIB:6.1f} GiB usable of {dev.total_bytes / GIB:5.1f}"
+            f"{dev.name:<22} {dev.usable_bytes / GIB:6.2f} GiB usable = {dev.total_bytes / GIB:5.2f} total"
+            f" - {dev.reserve_bytes / GIB:4.2f} reserve"
             f"{'  unified' if dev.unified_memory else '         '}  {'bf16' if dev.bf16 else 'fp16'}"
             f"  {dev.peak_tflops:g} TFLOP/s  {dev.memory_bandwidth_gbs:g} GB/s  {dev.description}{aliases}"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lamda_edge.planner.profiles import GIB, MIB
+from lamda_edge.planner.search import headroom_margin
 
 
 def _fmt(n: float) -> str:
@@ -17,7 +18,8 @@ def format_plan(plan) -> str:
         f"  rank {s.rank}  batch_size {s.batch_size}  grad_accum {plan.grad_accum} (effective "
         f"{s.batch_size * plan.grad_accum})  seq_len {s.seq_len}  base {s.quantize or 'unquantized'}  "
         f"compute {s.compute_dtype}  checkpointing {'on' if s.gradient_checkpointing else 'off'}  "
-        f"loss {'chunked ' + str(s.chunk_rows) + ' rows' if s.chunk_rows else 'full logits'}",
+        f"loss {'chunked ' + str(s.chunk_rows) + ' rows' if s.chunk_rows else 'full logits'}"
+        + ("  activation offload on" if s.activation_offload else ""),
         "",
         f"  memory at the peak (phase: {plan.estimate.peak_phase})",
     ]
@@ -30,10 +32,18 @@ def format_plan(plan) -> str:
         f"    {'+ runtime overhead':<24}{_fmt(d.runtime_overhead_bytes)}",
         f"    {'= peak':<24}{_fmt(plan.peak_bytes)}",
         f"    {'budget (usable)':<24}{_fmt(plan.budget_bytes)}",
-        f"    {'headroom':<24}{_fmt(plan.budget_bytes - plan.peak_bytes)}",
-        "",
-        f"  verdict: {'FITS' if plan.fits else 'DOES NOT FIT'}",
+        f"    {'headroom':<24}{_fmt(plan.budget_bytes - plan.peak_bytes)}  ({plan.headroom_verdict}: "
+        f"tight below {_fmt(headroom_margin(d)).strip()})",
     ]
+    if s.activation_offload:
+        lines.append(f"    {'host (offloaded)':<24}{_fmt(plan.estimate.host_offload_bytes)}  (pinned host memory, "
+                     "not in the budget)")
+    lines += ["", f"  verdict: {'FITS' if plan.fits else 'DOES NOT FIT'}"
+              + (f", {plan.headroom_verdict}" if plan.fits else "")]
+    if plan.safer_choice:
+        c = plan.safer_choice
+        lines.append(f"  safer choice: {c['change']} -> headroom {_fmt(c['headroom_bytes']).strip()} "
+                     f"({c['headroom_verdict']})")
     sp = plan.speed
     if sp:
         lines.append(f"  speed (estimate, not measured): ~{sp['tokens_per_second']:,.0f} tokens/s, "
@@ -47,4 +57,23 @@ def format_plan(plan) -> str:
     if d.kind == "jetson":
         lines.append("  jetson: unified memory shared with the CPU; no CPU offload, no paged optimizer, "
                      "PYTORCH_CUDA_ALLOC_CONF without expandable_segments")
+    return "\n".join(lines)
+
+
+def format_frontier(options: dict, rows: list[dict]) -> str:
+    """`plan --max-seq-len`: the longest context at batch 1 per device, as the frontier tables people compare."""
+    ckpt = "on" if options["gradient_checkpointing"] else "off"
+    lines = [
+        f"longest context at batch 1: {options['model']}, rank {options['rank']}, base "
+        f"{options['quantize'] or 'unquantized'}, checkpointing {ckpt}, "
+        f"activation offload {'on' if options['activation_offload'] else 'off'}, loss "
+        f"{'chunked ' + str(options['chunk_rows']) + ' rows' if options['chunk_rows'] else 'full logits'}",
+        "",
+        f"  {'device':<22}{'total':>10}{'usable':>10}{'max seq_len':>14}",
+    ]
+    for r in rows:
+        longest = f"{r['max_seq_len']:,}" if r["max_seq_len"] else "does not fit"
+        lines.append(f"  {r['device']:<22}{r['total_bytes'] / GIB:>6.2f} GiB{r['usable_bytes'] / GIB:>6.2f} GiB"
+                     f"{longest:>14}")
+    lines += ["", "  predicted by the memory model (not measured on a GPU); one sequence per step, no padding"]
     return "\n".join(lines)

@@ -7,8 +7,14 @@
 Rank: the LaMDA++ base rank `r0` (the budget `sum r_l^2 <= L r0^2` that energy allocation distributes); the
 first of 16, 8, 4 that fits (adapter memory is small, so this rarely binds). Batch size: the largest that fits,
 up to the target effective batch. Gradient checkpointing: off when the same batch fits without it (4N instead of
-6N FLOP per token), else on. Accumulation: ceil(target / batch). Nothing fits: `DoesNotFitError` (exit 3)
-with the smallest changes that would fit. Every estimate is closed-form, so a 70B shape plans in milliseconds.
+6N FLOP per token), else on; always on with activation offload (what it offloads is the checkpointed inputs).
+Accumulation: ceil(target / batch). Nothing fits: `DoesNotFitError` (exit 3) with the smallest changes that would
+fit. Every estimate is closed-form, so a 70B shape plans in milliseconds.
+
+Headroom: a plan that fits by less than max(3% of usable, 256 MiB) is "tight" (the estimate's own error, a
+driver update or a longer batch can tip it over); the search prefers comfortable choices (a smaller batch, then
+checkpointing on) and takes a tight one only when nothing comfortable fits, naming the next safer choice beside it.
+`max_seq_len` binary-searches the longest context that fits at batch 1 (the long-context frontier).
 """
 
 from __future__ import annotations
@@ -18,11 +24,28 @@ from dataclasses import dataclass, field, replace
 
 from lamda_edge.errors import ConfigError, DoesNotFitError
 from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS, Estimate, TrainSetup, estimate
-from lamda_edge.planner.profiles import GIB, DeviceProfile, ModelShape, load_devices, load_models
+from lamda_edge.planner.profiles import GIB, MIB, DeviceProfile, ModelShape, load_devices, load_models
 
 RANKS = (16, 8, 4)
 MAX_BATCH = 64
 MFU = {"cuda": 0.35, "jetson": 0.30, "cpu": 0.50}  # assumed fraction of peak FLOP/s a LoRA-style step reaches
+HEADROOM_FRACTION = 0.03  # a plan with less headroom than this share of usable memory ...
+HEADROOM_FLOOR = 256 * MIB  # ... or than this, whichever is larger, is "tight"
+MAX_SEQ_LEN = 1 << 22  # the frontier search's upper end (4M tokens)
+
+
+def headroom_margin(device: DeviceProfile) -> int:
+    """The headroom below which a plan is "tight": max(3% of usable memory, 256 MiB)."""
+    return max(int(HEADROOM_FRACTION * device.usable_bytes), HEADROOM_FLOOR)
+
+
+def headroom_verdict(device: DeviceProfile, peak: int) -> str:
+    """"comfortable" when the plan leaves at least `headroom_margin`, "tight" when it fits by less, else
+    "does not fit"."""
+    headroom = device.usable_bytes - peak
+    if headroom < 0:
+        return "does not fit"
+    return "comfortable" if headroom >= headroom_margin(device) else "tight"
 
 
 @dataclass
@@ -39,10 +62,15 @@ class Plan:
     peak_bytes: int
     speed: dict = field(default_factory=dict)
     measured: dict = field(default_factory=dict)
+    safer_choice: dict | None = None  # when tight: the next safer choice and its headroom
 
     @property
     def fits(self) -> bool:
         return self.peak_bytes <= self.budget_bytes
+
+    @property
+    def headroom_verdict(self) -> str:
+        return headroom_verdict(self.device, self.peak_bytes)
 
     def to_json(self) -> dict:
         """The `plan --json` object of DESIGN.md."""
@@ -58,6 +86,7 @@ class Plan:
             "seq_len": s.seq_len,
             "quantize": s.quantize,
             "gradient_checkpointing": s.gradient_checkpointing,
+            "activation_offload": s.activation_offload,
             "chunk_rows": s.chunk_rows,
             "compute_dtype": s.compute_dtype,
             "budget_bytes": self.budget_bytes,
@@ -67,6 +96,10 @@ class Plan:
             "runtime_overhead_bytes": self.device.runtime_overhead_bytes,
             "fragmentation_margin": self.device.fragmentation_margin,
             "headroom_bytes": self.budget_bytes - self.peak_bytes,
+            "headroom_margin_bytes": headroom_margin(self.device),
+            "headroom_verdict": self.headroom_verdict,
+            "safer_choice": self.safer_choice,
+            "host_offload_bytes": self.estimate.host_offload_bytes,
             "trainable_params": self.estimate.trainable_params,
             "breakdown": dict(self.estimate.breakdown),
             "estimate": dict(self.speed),
@@ -111,26 +144,45 @@ def speed_estimate(device: DeviceProfile, model: ModelShape, setup: TrainSetup, 
 
 
 def _try(device, model, setup) -> tuple[Estimate, int]:
-    est = estimate(model, setup)
+    est = estimate(model, _unpadded_single(setup))
     return est, peak_bytes(device, est)
 
 
-def _largest_batch(device, model, setup: TrainSetup, cap: int) -> int:
-    """Largest batch in [1, cap] that fits (peak is monotone in batch), 0 if none."""
+def _unpadded_single(setup: TrainSetup) -> TrainSetup:
+    """A batch of one sequence has nothing to pad: its attention mask is all ones, which transformers drops for
+    SDPA (no (T, T) mask, GQA without repeat_kv). Only batches of two or more carry the padding mask."""
+    return replace(setup, padding_mask=False) if setup.padding_mask and setup.batch_size == 1 else setup
+
+
+def _largest_batch(device, model, setup: TrainSetup, cap: int, limit: int) -> int:
+    """Largest batch in [1, cap] whose peak is at most `limit` bytes (peak is monotone in batch), 0 if none."""
     lo, hi = 0, cap
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _try(device, model, replace(setup, batch_size=mid))[1] <= device.usable_bytes:
+        if _try(device, model, replace(setup, batch_size=mid))[1] <= limit:
             lo = mid
         else:
             hi = mid - 1
     return lo
 
 
+def _choose(device, model, base: TrainSetup, ranks: list[int], batch_size: int | None, cap: int,
+            limit: int) -> TrainSetup | None:
+    """The first rank (largest first) with a batch whose peak is at most `limit`: the pinned batch, else the
+    largest up to `cap`; None if none."""
+    for r in ranks:
+        setup = replace(base, rank=r)
+        b = batch_size or _largest_batch(device, model, setup, cap, limit)
+        if b and _try(device, model, replace(setup, batch_size=b))[1] <= limit:
+            return replace(setup, batch_size=b)
+    return None
+
+
 def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int | None = None,
          batch_size: int | None = None, target_batch: int = 16, quantize: str | None = "nf4",
          gradient_checkpointing: bool | None = None, chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
-         dataset_tokens: int = 10_000_000, compute_dtype: str | None = None) -> Plan:
+         dataset_tokens: int = 10_000_000, compute_dtype: str | None = None,
+         activation_offload: bool = False) -> Plan:
     """Pick what was not pinned so the step fits `device`; raise `DoesNotFitError` (exit 3) if nothing does.
 
     Args:
@@ -145,37 +197,105 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
         chunk_rows: rows per chunk of the chunked loss, None for the full-logits loss.
         dataset_tokens: tokens in one epoch, for the time estimate.
         compute_dtype: "fp32", "bf16" or "fp16"; None = the device's default (`DeviceProfile.compute_dtype`).
+        activation_offload: saved activations wait in host memory (train/offload.py); refused on unified memory.
     """
+    check_offload(device, activation_offload)
     _check_request(model, rank=rank, batch_size=batch_size, target_batch=target_batch,
                    dataset_tokens=dataset_tokens)
     ranks = [rank] if rank is not None else [r for r in RANKS if r <= max_rank(model)] or [max_rank(model)]
     base = TrainSetup(batch_size=batch_size or 1, seq_len=seq_len, rank=ranks[0], quantize=quantize,
                       compute_dtype=compute_dtype or device.compute_dtype, chunk_rows=chunk_rows,
-                      gradient_checkpointing=True if gradient_checkpointing is None else gradient_checkpointing)
+                      gradient_checkpointing=True if gradient_checkpointing is None else gradient_checkpointing,
+                      activation_offload=activation_offload)
     cap = min(max(target_batch, 1), MAX_BATCH)
-    chosen = None
-    for r in ranks:
-        setup = replace(base, rank=r)
-        b = batch_size or _largest_batch(device, model, setup, cap)
-        if b and _try(device, model, replace(setup, batch_size=b))[1] <= device.usable_bytes:
-            chosen = replace(setup, batch_size=b)
-            break
+    comfortable = device.usable_bytes - headroom_margin(device)
+    # comfortable first; a tight plan only when nothing comfortable fits
+    chosen = _choose(device, model, base, ranks, batch_size, cap, comfortable)
+    if chosen is None:
+        chosen = _choose(device, model, base, ranks, batch_size, cap, device.usable_bytes)
     if chosen is None:
         setup = replace(base, rank=ranks[-1], batch_size=batch_size or 1)
         est, peak = _try(device, model, setup)
         raise _does_not_fit(device, model, setup, peak)
-    if gradient_checkpointing is None:
+    if gradient_checkpointing is None and not activation_offload:  # offload moves the checkpointed inputs: keep it
         off = replace(chosen, gradient_checkpointing=False)
-        if _try(device, model, off)[1] <= device.usable_bytes:
+        limit = device.usable_bytes if _try(device, model, chosen)[1] > comfortable else comfortable
+        if _try(device, model, off)[1] <= limit:
             chosen = off
     if batch_size is None and target_batch % chosen.batch_size:  # reach the target exactly: a divisor of it
         fitting = chosen.batch_size
         chosen = replace(chosen, batch_size=max(b for b in range(1, fitting + 1) if target_batch % b == 0))
+    chosen = _unpadded_single(chosen)
     est, peak = _try(device, model, chosen)
     accum = math.ceil(target_batch / chosen.batch_size)
     return Plan(device=device, model=model, setup=chosen, estimate=est, grad_accum=accum, target_batch=target_batch,
                 budget_bytes=device.usable_bytes, peak_bytes=peak,
-                speed=speed_estimate(device, model, chosen, est, dataset_tokens))
+                speed=speed_estimate(device, model, chosen, est, dataset_tokens),
+                safer_choice=safer_choice(device, model, chosen, target_batch))
+
+
+def safer_choice(device: DeviceProfile, model: ModelShape, setup: TrainSetup, target_batch: int) -> dict | None:
+    """For a tight plan, the next safer choice: half the batch (twice the accumulation), else checkpointing on,
+    else activation offload (discrete GPUs), else half the seq_len; None when the plan is comfortable.
+
+    Returns:
+        {"change", "batch_size", "grad_accum", "gradient_checkpointing", "activation_offload", "seq_len",
+        "peak_bytes", "headroom_bytes", "headroom_verdict"} for the first change that gains headroom.
+    """
+    if headroom_verdict(device, _try(device, model, setup)[1]) == "comfortable":
+        return None
+    steps = []
+    if setup.batch_size > 1:
+        b = setup.batch_size // 2
+        steps.append((f"--batch-size {b} (grad_accum {math.ceil(target_batch / b)})", replace(setup, batch_size=b)))
+    if not setup.gradient_checkpointing:
+        steps.append(("--checkpointing on", replace(setup, gradient_checkpointing=True)))
+    if not setup.activation_offload and not device.unified_memory:
+        steps.append(("--activation-offload", replace(setup, activation_offload=True)))
+    if setup.seq_len > 16:
+        steps.append((f"--seq-len {setup.seq_len // 2}", replace(setup, seq_len=setup.seq_len // 2)))
+    current = _try(device, model, setup)[1]
+    for change, safer in steps:
+        peak = _try(device, model, safer)[1]
+        if peak < current:
+            return {"change": change, "batch_size": safer.batch_size,
+                    "grad_accum": math.ceil(target_batch / safer.batch_size),
+                    "gradient_checkpointing": safer.gradient_checkpointing,
+                    "activation_offload": safer.activation_offload, "seq_len": safer.seq_len, "peak_bytes": peak,
+                    "headroom_bytes": device.usable_bytes - peak, "headroom_verdict": headroom_verdict(device, peak)}
+    return None
+
+
+def check_offload(device: DeviceProfile, activation_offload: bool) -> None:
+    """Activation offload moves saved activations from device to host memory; on unified memory (Jetson, the host
+    CPU) both are the same memory, so it frees nothing: refused (`ConfigError`, exit 2)."""
+    if activation_offload and device.unified_memory:
+        raise ConfigError(f"`activation_offload` on {device.name}: its memory is unified (CPU and GPU share one "
+                          "pool), so moving saved activations to host memory frees nothing and only adds copies. "
+                          "Fix: leave activation_offload off (use gradient checkpointing, a shorter seq_len or a "
+                          "smaller batch), or plan for a discrete GPU profile")
+
+
+def max_seq_len(device: DeviceProfile, model: ModelShape, rank: int = 16, quantize: str | None = "nf4",
+                gradient_checkpointing: bool = True, chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
+                compute_dtype: str | None = None, activation_offload: bool = False, padding_mask: bool = False,
+                upper: int = MAX_SEQ_LEN) -> int:
+    """The longest seq_len that fits `device` at batch 1 (binary search; the peak grows with seq_len), 0 if
+    none. The rank is capped by the model's narrowest linear; without padding, as a long-context run packs its
+    sequences (`padding_mask=False`: no (T, T) mask)."""
+    check_offload(device, activation_offload)
+    setup = TrainSetup(batch_size=1, seq_len=1, rank=min(rank, max_rank(model)), quantize=quantize,
+                       gradient_checkpointing=gradient_checkpointing, chunk_rows=chunk_rows,
+                       compute_dtype=compute_dtype or device.compute_dtype, activation_offload=activation_offload,
+                       padding_mask=padding_mask)
+    lo, hi = 0, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _try(device, model, replace(setup, seq_len=mid))[1] <= device.usable_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def max_rank(model: ModelShape) -> int:

@@ -113,6 +113,10 @@ class RunConfig:
     gradient_checkpointing: bool | None = _field(
         None, "recompute each layer's activations in backward (less memory, ~1.5x compute); null = the planner "
         "decides: on, unless the batch fits without it")
+    activation_offload: bool = _field(
+        False, "keep what autograd saves for backward (each checkpointed layer's input) in pinned host memory "
+        "instead of on the GPU: longer contexts for some PCIe traffic; discrete GPUs only (refused on unified "
+        "memory: Jetson, CPU)", "--activation-offload")
     chunk_rows: int | None = _field(DEFAULT_CHUNK_ROWS, "rows per chunk of the chunked lm_head + loss; null = the "
                                                         "model's own loss")
     packing: bool = _field(False, "concatenate each batch's examples into one row without padding (position_ids "
@@ -181,8 +185,9 @@ class RunConfig:
                  f"`{name}` should be a positive number, got {value!r}")
         need(isinstance(self.weight_decay, float) and self.weight_decay >= 0,
              f"`weight_decay` should be >= 0, got {self.weight_decay!r}")
-        need(isinstance(self.overwrite, bool), f"`overwrite` should be true or false, got {self.overwrite!r}")
-        need(isinstance(self.packing, bool), f"`packing` should be true or false, got {self.packing!r}")
+        for name in ("overwrite", "activation_offload", "packing"):
+            need(isinstance(getattr(self, name), bool), f"`{name}` should be true or false, got "
+                 f"{getattr(self, name)!r}")
         need(self.gradient_checkpointing is None or isinstance(self.gradient_checkpointing, bool),
              f"`gradient_checkpointing` should be true, false or null, got {self.gradient_checkpointing!r}")
         if not isinstance(self.training_args, dict):
@@ -257,7 +262,8 @@ class RunConfig:
         return dict(seq_len=self.seq_len, rank=self.rank, batch_size=self.batch_size,
                     target_batch=(self.batch_size or DEFAULT_BATCH_SIZE) * self.grad_accum, quantize=quantize,
                     gradient_checkpointing=self.gradient_checkpointing, chunk_rows=self.chunk_rows,
-                    compute_dtype=None if precision == "auto" else precision)
+                    compute_dtype=None if precision == "auto" else precision,
+                    activation_offload=self.activation_offload)
 
 
 def _as_float(value):
@@ -375,8 +381,9 @@ def cli_flags() -> list[tuple[str, str, type, str]]:
 
 
 def _flag_type(annotation) -> type:
-    """The argparse type of a field: its annotation's first type (`int | None` -> int); str unless int or float."""
-    return {"int": int, "float": float}.get(str(annotation).split("|")[0].strip(), str)
+    """The argparse type of a field: its annotation's first type (`int | None` -> int); str unless int, float or
+    bool (a bool flag is a switch: given = true)."""
+    return {"int": int, "float": float, "bool": bool}.get(str(annotation).split("|")[0].strip(), str)
 
 
 # ---- reading: YAML, flags, key=value ---------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from lamda_edge.load.checkpoint import MODEL_FIX
 from lamda_edge.load.device import resolve_compute_dtype, resolve_precision, resolve_quantize
 from lamda_edge.load.loader import load_lamda_model
 from lamda_edge.planner import get_device, get_model
+from lamda_edge.planner.search import check_offload
 from lamda_edge.planner.search import plan as plan_run
 from lamda_edge.train import report
 from lamda_edge.train.callbacks import InterruptCallback, LaMDACallback, ProgressCallback
@@ -230,6 +231,8 @@ class TrainRecipe:
         self.last_checkpoint, self.replaced = prepare_output(self.out, resume, config.overwrite, _is_main())
         self._deferred: list | None = [] if self.replaced else None  # writes held back until the old run moves aside
         self.device = resolve_run_device(config.device)
+        if config.activation_offload:  # refused on unified memory (Jetson, CPU) before anything loads
+            check_offload(get_device("cpu" if self.device.type == "cpu" else config.planner_device()), True)
         self.precision = resolve_precision(config.precision, self.device)
         self.quantize = resolve_quantize(config.quantize, self.device)
 
@@ -308,7 +311,7 @@ class TrainRecipe:
         self.interrupt = InterruptCallback()
         report.reset_peak_memory(self.device)
         self.trainer = LaMDATrainer(
-            model=LossModel(self.lm, config.chunk_rows),
+            model=LossModel(self.lm, config.chunk_rows, config.activation_offload),
             args=self.training_args,
             data_collator=PackingCollator() if config.packing else PaddingCollator.for_tokenizer(self.tokenizer),
             train_dataset=self.train_set,

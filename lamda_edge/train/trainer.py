@@ -36,6 +36,7 @@ from lamda_edge.files import check_safetensors, check_torch_archive, read_json, 
 from lamda_edge.integrity import write_manifest
 from lamda_edge.train import report
 from lamda_edge.train.loss import causal_lm_loss
+from lamda_edge.train.offload import ActivationOffload
 from lamda_edge.train.report import effective_trainable
 
 DIVERGED_FACTOR = 10.0  # a loss this many times the run's lowest does not confirm a checkpoint
@@ -53,17 +54,21 @@ class LossModel(nn.Module):
     accepts_loss_kwargs = True  # the loss is normalized by the Trainer's num_items_in_batch
     loss_type = "ForCausalLM"  # labels are shifted inside: the Trainer counts items over labels[:, 1:]
 
-    def __init__(self, lm: nn.Module, chunk_rows: int | None):
+    def __init__(self, lm: nn.Module, chunk_rows: int | None, activation_offload: bool = False):
         super().__init__()
         self.lm = lm
         self.chunk_rows = chunk_rows
         self.step_loss = 0.0
+        self.offload = ActivationOffload() if activation_offload else None  # train/offload.py
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, num_items_in_batch=None,
                 **kwargs):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                  "labels": labels}
-        return {"loss": causal_lm_loss(self.lm, batch, self.chunk_rows, num_items_in_batch)}
+        if self.offload is None:
+            return {"loss": causal_lm_loss(self.lm, batch, self.chunk_rows, num_items_in_batch)}
+        with self.offload:  # what the forward saves for backward waits in host memory
+            return {"loss": causal_lm_loss(self.lm, batch, self.chunk_rows, num_items_in_batch)}
 
 
 class LaMDATrainer(Trainer):
