@@ -25,8 +25,8 @@ from torch import nn
 
 from lamda_edge.errors import ModelError, require
 
-DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-ENCODER_TYPES = ("bert", "roberta")
+DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+ENCODER_TYPES = ("bert", "roberta", "deberta-v2")
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: bigger models keep their weights in model.onnx.data
 OPSET = 18
 # "torchvision is not installed. Skipping torchvision::nms" (four times per export): the op registry's, not ours
@@ -84,7 +84,9 @@ class DecoderWithCache(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        # full layers only: a sliding-window layer's past keeps every token, the window lives in the attention mask
+        # (a cropped past would change shape with its length; the graph's past grows by T at every call)
+        cache = DynamicCache()
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)  # (B, H_kv, P, D) each
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
