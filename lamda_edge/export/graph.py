@@ -42,6 +42,12 @@ def model_kind(model: nn.Module) -> str:
         return "decoder"
     if model_type in ENCODER_TYPES and arch.endswith("ForSequenceClassification"):
         return "encoder"
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"cannot export the encoder-decoder {arch} (model_type={model_type!r}) to ONNX yet: lamda-edge trains it "
+            "(task=seq2seq) and merges it (the merged folder loads with transformers), but builds no encoder/decoder "
+            f"graphs. Exported families: causal LMs of types {', '.join(DECODER_TYPES)} and sequence classifiers of "
+            f"types {', '.join(ENCODER_TYPES)}.")
     raise ModelError(
         f"cannot export {arch} (model_type={model_type!r}) to ONNX. Supported: causal LMs of types "
         f"{', '.join(DECODER_TYPES)} and sequence classifiers of types {', '.join(ENCODER_TYPES)}. "
