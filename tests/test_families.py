@@ -175,3 +175,29 @@ def test_deberta_export_parity_and_classify(folders, tol, tmp_path, run_export, 
     assert [line["label"] for line in lines] == [LABELS["names"][i] for i in want.argmax(-1).tolist()]
     for line, row in zip(lines, want):
         assert line["probability"] == pytest.approx(float(row.max()), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "model, exportable",
+    [pytest.param("gemma-2-2b", True, id="gemma-2-2b"), pytest.param("phi-3-mini", True, id="phi-3-mini"),
+     pytest.param("deberta-v3-base", True, id="deberta-v3-base"), pytest.param("bart-large", False, id="bart-large")],
+)
+def test_plan_says_whether_a_planned_model_exports(model, exportable, capsys):
+    from lamda_edge.cli import main
+
+    assert main(["plan", "--device", "rtx3060", "--model", model, "--seq-len", "256", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["exportable"] is exportable
+    assert (plan["export_note"] is None) is exportable
+    if not exportable:
+        assert "seq2seq" in plan["export_note"] and "deberta-v2" in plan["export_note"]
+
+
+@pytest.mark.parametrize("arch, architecture", [pytest.param("deberta-v2", "encoder", id="deberta-v2"),
+                                                pytest.param("bart", "encoder-decoder", id="bart")])
+def test_planner_reads_local_encoder_and_encoder_decoder_folders(arch, architecture, tiny, tmp_path):
+    from lamda_edge.planner import get_model
+
+    tiny.save(tmp_path, arch, hidden=32)
+    shape = get_model(str(tmp_path))
+    assert (shape.architecture, shape.model_type, shape.hidden_size) == (architecture, arch, 32)

@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from lamda_edge.errors import ModelError, require
+from lamda_edge.families import DECODER_TYPES, ENCODER_TYPES
 
-DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
-ENCODER_TYPES = ("bert", "roberta", "deberta-v2")
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: bigger models keep their weights in model.onnx.data
 OPSET = 18
 # "torchvision is not installed. Skipping torchvision::nms" (four times per export): the op registry's, not ours
