@@ -1,6 +1,6 @@
 """`lamda-edge`: the command line, a thin layer over the library.
 
-    plan ──> load (4-bit base) ──> adapt (LaMDA) ──> train ──> merge ──> export (ONNX) ──> generate
+    plan ──> load (4-bit base) ──> adapt (LaMDA) ──> train ──> merge ──> export (ONNX) ──> generate / classify
 
 Each subcommand has an `_add_<name>` (`_subcommand`: its help and examples, then its arguments) and a `_run_<name>`
 (one or two calls into the library). `train`'s flags come from the run config's one table (`cli_flags`), added when
@@ -441,18 +441,52 @@ def _run_generate(args) -> int:
     return 0
 
 
+# ---- classify ------------------------------------------------------------------------------------------------------
+
+
+def _add_classify(sub) -> None:
+    p = _subcommand(sub, "classify", "classify text with an exported ONNX classifier", _run_classify, [
+        "lamda-edge classify --model runs/sst-onnx --text 'a great film'",
+        "lamda-edge classify --model runs/mnli-onnx --text 'A man plays.' --text-pair 'Someone plays.' --json"],
+        description="Run an exported sequence classifier with ONNX Runtime: one line per text with the class name "
+        "(the config's id2label, from the training labels) and its probability.")
+    p.add_argument("--model", required=True, help="folder written by `lamda-edge export` for a classifier")
+    p.add_argument("--text", required=True, action="append", help="a text to classify (repeat for several)")
+    p.add_argument("--text-pair", action="append", help="the second segment of a pair task (one per --text)")
+    p.add_argument("--onnx-file", help="which graph (default: model.onnx)")
+    p.add_argument("--json", action="store_true", help="one JSON object per text instead of the table")
+
+
+def _run_classify(args) -> int:
+    import json
+    from dataclasses import asdict
+
+    from lamda_edge.errors import ConfigError
+    from lamda_edge.runtime.classify import OnnxClassifier
+
+    if any(not text.strip() for text in args.text):
+        raise ConfigError("--text is empty. Fix: give the text to classify, e.g. --text 'a great film'")
+    classifier = OnnxClassifier(args.model, onnx_file=args.onnx_file)
+    for text, prediction in zip(args.text, classifier.classify(args.text, args.text_pair)):
+        if args.json:
+            print(json.dumps({"text": text, **asdict(prediction)}))
+        else:
+            print(f"{prediction.label}\t{prediction.probability:.3f}\t{text}")
+    return 0
+
+
 # ---- main ----------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lamda-edge", description=USER_HELP, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_devices, _add_plan, _add_train, _add_export, _add_generate):
+    for add in (_add_devices, _add_plan, _add_train, _add_export, _add_generate, _add_classify):
         add(sub)
     return parser
 
 
-COMPUTE_COMMANDS = ("train", "export", "generate")  # the commands that run torch / ONNX Runtime on the CPU
+COMPUTE_COMMANDS = ("train", "export", "generate", "classify")  # the commands that run torch / ONNX Runtime on the CPU
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

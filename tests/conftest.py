@@ -73,7 +73,13 @@ ARCHS = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
     "bert": ("BertConfig", "BertForSequenceClassification"),
     "bert-encoder": ("BertConfig", "BertModel"),  # a bare encoder, no head (MiniLM's case)
+    "deberta-v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification"),  # v3's layout: relative attention
+    "deberta-v2-encoder": ("DebertaV2Config", "DebertaV2Model"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "bart": ("BartConfig", "BartForConditionalGeneration"),
 }
+DECODERS_WITH_KV_HEADS = ("llama", "qwen2", "gemma2", "phi3")
 
 
 def chatml_tokenizer(corpus: list[str], vocab_size: int = 300):
@@ -109,11 +115,23 @@ def tiny_config(arch: str, vocab: int = VOCAB, hidden: int = 64, intermediate: i
         if intermediate is not None:
             shape["n_inner"] = intermediate
         return config_cls(**shape, **extra)
+    if arch == "bart":
+        shape = dict(vocab_size=vocab, d_model=hidden, encoder_layers=layers, decoder_layers=layers,
+                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=intermediate or 2 * hidden,
+                     decoder_ffn_dim=intermediate or 2 * hidden, max_position_embeddings=positions)
+        return config_cls(**{**shape, **extra})
     shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
                  num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=positions)
-    if arch in ("llama", "qwen2"):
+    if arch in DECODERS_WITH_KV_HEADS:
         shape["num_key_value_heads"] = 2
-    elif arch == "bert":
+    if arch == "phi3":  # its default pad id (32000) lies outside a tiny vocabulary
+        shape["pad_token_id"] = 0
+    if arch == "gemma2":  # every other layer slides over a window shorter than the tests' sequences
+        shape.update(head_dim=hidden // 4, sliding_window=4, query_pre_attn_scalar=hidden // 4)
+    if arch.startswith("deberta-v2"):  # DeBERTa-v3's attention: relative positions, content<->position terms
+        shape.update(relative_attention=True, pos_att_type=["p2c", "c2p"], position_biased_input=False,
+                     max_relative_positions=-1, position_buckets=8, norm_rel_ebd="layer_norm", share_att_key=True)
+    if arch in ("bert", "deberta-v2"):
         shape["num_labels"] = 3
     return config_cls(**{**shape, **extra})
 
@@ -172,8 +190,11 @@ class TinyModels:
         if arch == "gpt2":
             return {"vocab": len(tokenizer)}
         fields = {"vocab": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
-        if arch in ("llama", "qwen2"):
+        if arch in DECODERS_WITH_KV_HEADS:
             fields.update(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        if arch == "bart":  # the decoder starts from EOS, as BART's own checkpoints do
+            eos = tokenizer.eos_token_id
+            fields.update(eos_token_id=eos, bos_token_id=eos, decoder_start_token_id=eos, forced_eos_token_id=eos)
         return fields
 
     def save(self, folder, arch: str = "llama", seed: int = 0, tokenizer=None, tie: bool = False, **shape):

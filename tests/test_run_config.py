@@ -158,7 +158,7 @@ def test_a_saved_run_config_loads_in_either_form(tmp_path, text):
 def test_one_table_of_flags():
     flags = {flag: (key, kind) for flag, key, kind, _ in cli_flags()}
     assert flags == {
-        "--model": ("model", str), "--data": ("data", str), "--eval-data": ("eval_data", str),
+        "--model": ("model", str), "--task": ("task", str), "--data": ("data", str), "--eval-data": ("eval_data", str),
         "--output": ("output", str), "--device": ("device", str), "--quantize": ("quantize", str),
         "--precision": ("precision", str), "--rank": ("rank", int), "--seq-len": ("seq_len", int),
         "--batch-size": ("batch_size", int), "--grad-accum": ("grad_accum", int), "--max-steps": ("max_steps", int),

@@ -53,6 +53,7 @@ def find_targets(model: nn.Module, config: LaMDAConfig) -> list[tuple[str, nn.Mo
         chosen = [
             (n, m) for n, m in linear
             if m is not head and n.split(".")[-1] not in HEAD_NAMES
+            and n.split(".")[0] not in HEAD_NAMES  # inside a top-level head (DeBERTa's `pooler.dense`)
             and not matches_module(n, config.modules_to_save, include_children=True)
         ]
     else:

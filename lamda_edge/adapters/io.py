@@ -33,7 +33,7 @@ from lamda_edge.adapters.state import STATE_ATTR, AdapterState, adapter_state
 from lamda_edge.atomic import write_atomic
 from lamda_edge.errors import AdapterMismatchError, CorruptFileError, ModelError
 from lamda_edge.integrity import sha256_file
-from lamda_edge.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, task_of_architectures
+from lamda_edge.tasks import CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFICATION, task_of_architectures
 
 LAYER_TENSORS = ("lamda_A", "lamda_S", "lamda_B", "lamda_B_frozen")
 
@@ -75,6 +75,8 @@ def _task_of(model: nn.Module) -> dict:
     """
     if task_of_architectures([type(model).__name__]) == SEQUENCE_CLASSIFICATION:
         return {"task": SEQUENCE_CLASSIFICATION, "num_labels": int(model.config.num_labels)}
+    if getattr(model.config, "is_encoder_decoder", False):
+        return {"task": SEQ2SEQ}
     return {"task": CAUSAL_LM}
 
 

@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from lamda_edge.errors import ModelError, require
+from lamda_edge.families import DECODER_TYPES, ENCODER_TYPES
 
-DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-ENCODER_TYPES = ("bert", "roberta")
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: bigger models keep their weights in model.onnx.data
 OPSET = 18
 # "torchvision is not installed. Skipping torchvision::nms" (four times per export): the op registry's, not ours
@@ -42,6 +41,12 @@ def model_kind(model: nn.Module) -> str:
         return "decoder"
     if model_type in ENCODER_TYPES and arch.endswith("ForSequenceClassification"):
         return "encoder"
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"cannot export the encoder-decoder {arch} (model_type={model_type!r}) to ONNX yet: lamda-edge trains it "
+            "(task=seq2seq) and merges it (the merged folder loads with transformers), but builds no encoder/decoder "
+            f"graphs. Exported families: causal LMs of types {', '.join(DECODER_TYPES)} and sequence classifiers of "
+            f"types {', '.join(ENCODER_TYPES)}.")
     raise ModelError(
         f"cannot export {arch} (model_type={model_type!r}) to ONNX. Supported: causal LMs of types "
         f"{', '.join(DECODER_TYPES)} and sequence classifiers of types {', '.join(ENCODER_TYPES)}. "
@@ -84,7 +89,9 @@ class DecoderWithCache(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        # full layers only: a sliding-window layer's past keeps every token, the window lives in the attention mask
+        # (a cropped past would change shape with its length; the graph's past grows by T at every call)
+        cache = DynamicCache()
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)  # (B, H_kv, P, D) each
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -18,7 +18,7 @@ from lamda_edge.export.portable import make_portable
 from lamda_edge.files import read_json
 from lamda_edge.load.checkpoint import MODEL_FIX, check_model_weights
 from lamda_edge.load.loader import load_lamda_model
-from lamda_edge.tasks import SEQUENCE_CLASSIFICATION, task_of_architectures
+from lamda_edge.tasks import SEQ2SEQ, SEQUENCE_CLASSIFICATION, task_of_config
 
 
 def load_merged(model_dir: Path | None, adapter_dir: Path | None):
@@ -34,11 +34,21 @@ def load_merged(model_dir: Path | None, adapter_dir: Path | None):
     else:
         model, base, cfg = load_adapted(model_dir, adapter_dir)
         model = merge_and_unload(model)
+        set_label_names(model, cfg.get("labels"))
         source.update(base_model=str(base), quantize=cfg.get("quantize"), ranks=len(cfg.get("ranks", {})))
     model = model.float().eval()
     source.update(model_type=model.config.model_type, architecture=type(model).__name__,
                   parameters=sum(p.numel() for p in model.parameters()))
     return model, base, source
+
+
+def set_label_names(model, labels: dict | None) -> None:
+    """Write a classifier's class names (the adapter's `labels`: names by id) into its config as id2label/label2id."""
+    if not labels or not getattr(model.config, "num_labels", None):
+        return
+    names = list(labels["names"])
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
 
 
 def load_adapted(model_dir: Path | None, adapter_dir: Path):
@@ -81,16 +91,16 @@ def resolve_base(model: Path | str | None, cfg: dict, adapter_dir: Path) -> Path
 
 
 def load_reference(folder: Path):
-    """Load a transformers folder in fp32 with the head its config names (causal LM or sequence classifier)."""
+    """Load a transformers folder in fp32 with the head its config names (causal LM, sequence classifier or
+    encoder-decoder)."""
     read_json(Path(folder) / "config.json", ModelError, MODEL_FIX)  # missing, truncated or corrupt: name it
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read a transformers config from {folder}: {exc}") from exc
     check_model_weights(Path(folder))
-    archs = getattr(config, "architectures", None) or []
-    auto = (transformers.AutoModelForSequenceClassification
-            if task_of_architectures(archs) == SEQUENCE_CLASSIFICATION else transformers.AutoModelForCausalLM)
+    auto = {SEQUENCE_CLASSIFICATION: transformers.AutoModelForSequenceClassification,
+            SEQ2SEQ: transformers.AutoModelForSeq2SeqLM}.get(task_of_config(config), transformers.AutoModelForCausalLM)
     return auto.from_pretrained(folder, dtype=torch.float32).eval()
 
 

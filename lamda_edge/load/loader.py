@@ -53,7 +53,7 @@ from lamda_edge.load.cache import (
 )
 from lamda_edge.load.checkpoint import MODEL_FIX, Checkpoint, key_map
 from lamda_edge.load.device import PeakMemory, resolve_compute_dtype, resolve_device, resolve_quantize
-from lamda_edge.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS, task_of_architectures
+from lamda_edge.tasks import AUTO, CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFICATION, TASKS, task_of_config
 
 logger = logging.getLogger(__name__)
 
@@ -63,18 +63,27 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_task(hf_config, task: str | None) -> str:
-    """'causal-lm' or 'sequence-classification', from `task` or the config's architectures and model type."""
-    if task is not None:
+    """'causal-lm', 'sequence-classification' or 'seq2seq', from `task` or the config (`task_of_config`, then the
+    model type). `task='seq2seq'` on a decoder-only model, or another task on an encoder-decoder, is refused."""
+    model_type = getattr(hf_config, "model_type", None)
+    encoder_decoder = bool(getattr(hf_config, "is_encoder_decoder", False))
+    if task is not None and task != AUTO:
         if task not in TASKS:
-            raise ConfigError(f"`task` should be one of {TASKS}, got {task!r}")
+            raise ConfigError(f"`task` should be one of {(AUTO, *TASKS)}, got {task!r}")
+        if task == SEQ2SEQ and not encoder_decoder:
+            raise ConfigError(f"`task`='seq2seq' needs an encoder-decoder model; {model_type!r} is decoder-only or "
+                              "an encoder. Fix: use task=causal-lm (prompt/completion data) or an encoder-decoder "
+                              "model such as BART")
+        if task == CAUSAL_LM and encoder_decoder:
+            raise ConfigError(f"`task`='causal-lm' on the encoder-decoder {model_type!r}. Fix: use task=seq2seq "
+                              "with {\"source\", \"target\"} data")
         return task
-    archs = list(getattr(hf_config, "architectures", None) or [])
-    found = task_of_architectures(archs)
+    found = task_of_config(hf_config)
     if found is not None:
         return found
     from transformers.models.auto import modeling_auto as auto
 
-    model_type = getattr(hf_config, "model_type", None)
+    archs = list(getattr(hf_config, "architectures", None) or [])
     seq_cls = model_type in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
     if seq_cls and model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # an encoder (BERT-like): classify
         return SEQUENCE_CLASSIFICATION
@@ -83,8 +92,9 @@ def resolve_task(hf_config, task: str | None) -> str:
     if seq_cls:
         return SEQUENCE_CLASSIFICATION
     raise ModelError(
-        f"cannot tell what model type {model_type!r} (architectures {archs}) is for; lamda-edge loads causal LMs "
-        "and sequence-classification encoders. Fix: pass task='causal-lm' or task='sequence-classification'"
+        f"cannot tell what model type {model_type!r} (architectures {archs}) is for; lamda-edge loads causal LMs, "
+        "sequence-classification encoders and encoder-decoders. Fix: pass task='causal-lm', "
+        "task='sequence-classification' or task='seq2seq'"
     )
 
 
@@ -99,6 +109,8 @@ def _auto_class(task: str):
 
     if task == CAUSAL_LM:
         return transformers.AutoModelForCausalLM
+    if task == SEQ2SEQ:
+        return transformers.AutoModelForSeq2SeqLM
     return transformers.AutoModelForSequenceClassification
 
 
@@ -282,7 +294,7 @@ def load_lamda_model(
         cache_dir: folder of the prepared-model cache; None = `$LAMDA_EDGE_CACHE/prepared` or
             `~/.cache/lamda-edge/prepared`; False = no cache.
         progress: show progress bars.
-        task: "causal-lm" or "sequence-classification"; None = from the config's architectures.
+        task: "causal-lm", "sequence-classification" or "seq2seq"; None or "auto" = from the config.
         num_labels: number of classes for a sequence-classification head (default: the config's).
         gradient_checkpointing: enable transformers' non-reentrant gradient checkpointing; None (the default): on
             for an accelerator, off on a CPU. (`lamda-edge train` decides it by plan: off when the batch fits.)

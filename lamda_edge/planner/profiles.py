@@ -38,6 +38,8 @@ ARCHITECTURES = ("decoder", "encoder", "encoder-decoder")
 SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                "vocab_size", "num_key_value_heads")
 PROFILE_SUFFIXES = (".yaml", ".yml")
+# config.json model types the planner reads as encoders (classifiers)
+ENCODER_MODEL_TYPES = ("bert", "roberta", "deberta-v2", "deberta", "distilbert", "electra", "xlm-roberta")
 logger = logging.getLogger(__name__)
 _reported: set[str] = set()  # malformed shipped profiles already reported (once per process)
 
@@ -292,6 +294,7 @@ class ModelShape:
     num_decoder_layers: int = 0
     num_labels: int = 2
     hf_id: str | None = None
+    model_type: str | None = None  # transformers' model_type: what `export` maps (lamda_edge.families)
     source: str = ""
     local_path: str | None = None
 
@@ -340,7 +343,7 @@ def model_files() -> list[Path]:
 
 def _shape_from_json(data: dict, path: Path) -> ModelShape:
     _check_fields(data, MODEL_FIELDS, path, {k: (object,) for k in (
-        "hf_id", "max_position_embeddings", "mlp", "fused_qkv", "fused_gate_up", "attention_bias",
+        "hf_id", "model_type", "max_position_embeddings", "mlp", "fused_qkv", "fused_gate_up", "attention_bias",
         "parameters_reported", "source", "num_decoder_layers", "num_labels")})
     if data["architecture"] not in ARCHITECTURES:
         raise ProfileError(
@@ -364,24 +367,43 @@ def _check_sizes(sizes: dict, where) -> None:
 
 
 def shape_from_hf_config(cfg: dict, name: str, path: str | None = None) -> ModelShape:
-    """A decoder shape from a transformers config.json dict (Llama, Qwen2, Mistral, Gemma, Phi-3 style)."""
+    """A shape from a transformers config.json dict: a decoder (Llama, Qwen2, Mistral, Gemma, Phi-3 style), an
+    encoder-decoder (`is_encoder_decoder`, BART's field names) or an encoder classifier (BERT, RoBERTa, DeBERTa)."""
+    model_type = cfg.get("model_type")
+    common = dict(name=name, model_type=model_type, local_path=path,
+                  source=f"config.json at {path}" if path else "transformers config")
     try:
-        h = int(cfg["hidden_size"])
-        nh = int(cfg["num_attention_heads"])
-        if nh < 1:
-            raise ValueError(f"`num_attention_heads` should be positive, got {nh}")
-        shape = ModelShape(
-            name=name, architecture="decoder", hidden_size=h, intermediate_size=int(cfg["intermediate_size"]),
-            num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=nh,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or nh),
-            head_dim=int(cfg.get("head_dim") or h // nh), vocab_size=int(cfg["vocab_size"]),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            fused_qkv=cfg.get("model_type") == "phi3", fused_gate_up=cfg.get("model_type") == "phi3",
-            attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
-            source=f"config.json at {path}" if path else "transformers config", local_path=path,
-        )
+        if cfg.get("is_encoder_decoder"):
+            h, nh = int(cfg["d_model"]), int(cfg["encoder_attention_heads"])
+            shape = ModelShape(
+                architecture="encoder-decoder", hidden_size=h, intermediate_size=int(cfg["encoder_ffn_dim"]),
+                num_hidden_layers=int(cfg["encoder_layers"]), num_decoder_layers=int(cfg["decoder_layers"]),
+                num_attention_heads=nh, num_key_value_heads=nh, head_dim=h // nh, vocab_size=int(cfg["vocab_size"]),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)), mlp="plain", attention_bias=True,
+                **common)
+        elif model_type in ENCODER_MODEL_TYPES or any(a.endswith("ForSequenceClassification")
+                                                  for a in cfg.get("architectures") or []):
+            h, nh = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            shape = ModelShape(
+                architecture="encoder", hidden_size=h, intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=nh, num_key_value_heads=nh,
+                head_dim=h // nh, vocab_size=int(cfg["vocab_size"]), tie_word_embeddings=True, mlp="plain",
+                attention_bias=True, num_labels=len(cfg.get("id2label") or {}) or 2, **common)
+        else:
+            h = int(cfg["hidden_size"])
+            nh = int(cfg["num_attention_heads"])
+            if nh < 1:
+                raise ValueError(f"`num_attention_heads` should be positive, got {nh}")
+            shape = ModelShape(
+                architecture="decoder", hidden_size=h, intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=nh,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or nh),
+                head_dim=int(cfg.get("head_dim") or h // nh), vocab_size=int(cfg["vocab_size"]),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                fused_qkv=model_type == "phi3", fused_gate_up=model_type == "phi3",
+                attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")), **common)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
-        raise ProfileError(f"{path or name}: config.json lacks a decoder field the planner needs, or holds an "
+        raise ProfileError(f"{path or name}: config.json lacks a field the planner needs, or holds an "
                            f"invalid one: {exc}. Fix: correct config.json") from exc
     _check_sizes({key: getattr(shape, key) for key in SIZE_FIELDS}, f"config.json at {path or name}")
     return shape

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lamda_edge.families import export_support
 from lamda_edge.planner.profiles import GIB, MIB
 from lamda_edge.planner.search import headroom_margin
 
@@ -54,6 +55,9 @@ def format_plan(plan) -> str:
         err = (tensor - meas) / meas if meas else 0.0
         lines.append(f"  measured tensor peak: {_fmt(meas)} ({plan.measured['measured_by']}), "
                      f"predicted {_fmt(tensor)}, error {err:+.1%}")
+    exportable, note = export_support(m.model_type, m.architecture)
+    if not exportable:
+        lines.append(f"  export: {m.name} cannot be exported to ONNX: {note}")
     if d.kind == "jetson":
         lines.append("  jetson: unified memory shared with the CPU; no CPU offload, no paged optimizer, "
                      "PYTORCH_CUDA_ALLOC_CONF without expandable_segments")

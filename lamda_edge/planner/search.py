@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from lamda_edge.errors import ConfigError, DoesNotFitError
+from lamda_edge.families import export_support
 from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS, Estimate, TrainSetup, estimate
 from lamda_edge.planner.profiles import GIB, MIB, DeviceProfile, ModelShape, load_devices, load_models
 
@@ -104,6 +105,7 @@ class Plan:
             "breakdown": dict(self.estimate.breakdown),
             "estimate": dict(self.speed),
         }
+        out["exportable"], out["export_note"] = export_support(self.model.model_type, self.model.architecture)
         out.update(self.measured)
         return out
 

@@ -2,9 +2,11 @@
 recipe that puts them together, and the reports a run leaves behind.
 
     config.py     `RunConfig` and how YAML, flags and key=value become one
-    data.py       files -> token datasets, padding-aware batches, packing
+    data.py       files -> token datasets, padding-aware batches, packing (causal LM)
+    labels.py     classification JSONL (text, label[, text_pair]) -> datasets, the label map
+    pairs.py      seq2seq JSONL (source, target) -> datasets, loss on the target only
     loss.py       the chunked lm_head + cross-entropy
-    trainer.py    `LossModel`, `LaMDATrainer` (adapter-only atomic checkpoints)
+    trainer.py    `LossModel` (and its classifier / seq2seq kinds), `LaMDATrainer` (adapter-only atomic checkpoints)
     callbacks.py  B freezing on schedule, the progress bar
     recipe.py     `train(config)`: the steps of `TrainRecipe` (plan, setup_data, setup_model, setup_trainer, run,
                   finish)

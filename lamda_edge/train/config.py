@@ -40,11 +40,13 @@ from lamda_edge.errors import ConfigError
 from lamda_edge.load.device import resolve_device
 from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS
 from lamda_edge.planner.profiles import get_device
+from lamda_edge.tasks import AUTO, TASKS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # resolved by lamda_edge.load.device.resolve_precision
 QUANTIZE = ("auto", "nf4", "none")  # resolved by lamda_edge.load.device.resolve_quantize
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 OVERFLOW_POLICIES = ("truncate", "error")
+TASK_CHOICES = (AUTO, *TASKS)
 DEFAULT_RANK = 8  # used when neither the user nor the planner gives one
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_DEMO_STEPS = 60
@@ -80,6 +82,10 @@ class RunConfig:
 
     model: str | None = _field(None, "local transformers model folder, or smollm2-135m-instruct; default: "
                                "SmolLM2-135M-Instruct (demo wheel)", "--model")
+    task: str = _field("auto", "'causal-lm' (text, prompt/completion, messages), 'sequence-classification' (JSONL "
+                              "text, label[, text_pair]), 'seq2seq' (JSONL source, target) or 'auto' (from the "
+                              "model's config: a *ForSequenceClassification architecture, an encoder-decoder, "
+                              "else causal-lm)", "--task")
     data: str | None = _field(None, "local .jsonl/.txt dataset; default: the built-in GSM word-problem demo task",
                               "--data")
     eval_data: str | None = _field(None, "held-out .jsonl/.txt file (else `eval_fraction` of `data` is held out)",
@@ -168,6 +174,8 @@ class RunConfig:
              + closest_key(str(self.quantize), QUANTIZE))
         need(self.precision in PRECISIONS, f"`precision` should be one of {PRECISIONS}, got {self.precision!r}."
              + closest_key(str(self.precision), PRECISIONS))
+        need(self.task in TASK_CHOICES, f"`task` should be one of {TASK_CHOICES}, got {self.task!r}."
+             + closest_key(str(self.task), TASK_CHOICES))
         need(self.on_overflow in OVERFLOW_POLICIES,
              f"`on_overflow` should be one of {OVERFLOW_POLICIES}, got {self.on_overflow!r}")
         need(self.lr_scheduler in LR_SCHEDULERS, f"`lr_scheduler` should be one of {LR_SCHEDULERS}, got "

@@ -98,10 +98,11 @@ class DataSplits(NamedTuple):
 # ----------------------------------------------------------------------------- reading
 
 
-def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+def read_records(path: str | Path, check=None) -> list[tuple[int, dict[str, Any]]]:
     """Read a dataset file into ``(line number, record)`` pairs, validating each record's shape.
 
-    A ``.txt`` file becomes one record ``{"text": <whole file>}`` at line 1.
+    A ``.txt`` file becomes one record ``{"text": <whole file>}`` at line 1. `check(record, path, line_no)` validates
+    a JSONL record (default: the causal-LM shapes; `labels.py` and `pairs.py` pass their own).
 
     Raises:
         DataError: missing file, unsupported suffix, bad encoding, malformed JSON, or a record of no
@@ -141,7 +142,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
             except RecursionError as exc:
                 raise DataError(f"{path} line {line_no}: JSON nested too deeply to read. Fix: each line must be "
                                 f"one flat object ({ACCEPTED_SHAPES})") from exc
-            _check_record(record, path, line_no)
+            (check or _check_record)(record, path, line_no)
             records.append((line_no, record))
     return records
 

@@ -26,6 +26,7 @@ from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS
 IGNORE_INDEX = -100
 # Batch keys that the model body accepts; everything else (labels, lengths, ...) stays out of the forward call.
 _BODY_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
+CHUNKED_SEQ2SEQ = ("bart", "mbart")  # encoder-decoders whose head is `lm_head(model.model(...)) + final_logits_bias`
 
 
 def _chunk_loss_sum(
@@ -50,6 +51,7 @@ def chunked_causal_lm_loss(
     lm_head_bias: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     logit_softcap: float | None = None,
+    shift: bool = True,
 ) -> torch.Tensor:
     """Causal-LM cross-entropy computed `chunk_rows` rows at a time, each chunk checkpointed.
 
@@ -65,6 +67,8 @@ def chunked_causal_lm_loss(
         num_items_in_batch: divide the summed loss by this instead of the number of valid labels (gradient
             accumulation across micro-batches, as the transformers Trainer passes it).
         logit_softcap: apply `tanh(logits / cap) * cap` before the loss (Gemma-2 style final softcapping).
+        shift: position t predicts `labels[:, t + 1]` (a causal LM); False: `labels[:, t]` (a seq2seq decoder, whose
+            inputs are the labels shifted right already).
 
     Returns:
         The scalar mean loss in fp32 (0 with a graph attached when no label is valid).
@@ -84,8 +88,9 @@ def chunked_causal_lm_loss(
         raise ModelError(
             f"lm_head weight should be (V, {hidden_states.shape[-1]}), got {tuple(lm_head_weight.shape)}"
         )
-    hidden = hidden_states[:, :-1, :].reshape(-1, hidden_states.shape[-1])  # (N, H), N = B * (T - 1)
-    targets = labels[:, 1:].reshape(-1).to(hidden.device)  # (N,)
+    cut = 1 if shift else 0
+    hidden = hidden_states[:, :hidden_states.shape[1] - cut, :].reshape(-1, hidden_states.shape[-1])  # (N, H)
+    targets = labels[:, cut:].reshape(-1).to(hidden.device)  # (N,), N = B * (T - cut)
     valid = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) rows that carry a label
     n_valid = valid.numel()
     if n_valid < targets.numel():  # drop padding / prompt rows: no logits are computed for them
@@ -183,3 +188,35 @@ def causal_lm_loss(
         num_items_in_batch=num_items_in_batch,
         logit_softcap=softcap,
     )
+
+
+def seq2seq_loss(
+    model: torch.nn.Module,
+    batch: dict,
+    chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Loss of a transformers encoder-decoder (BART-like) on `input_ids`/`attention_mask` -> `labels`, on the target
+    tokens only, with the chunked head + cross-entropy over the decoder's vocabulary.
+
+    The decoder reads the labels shifted right (`prepare_decoder_input_ids_from_labels`); the body `model.model`
+    gives the decoder's last hidden states (B, T, H), and the head adds BART's `final_logits_bias`. Models without
+    that body (T5 scales its hidden states before the head), or `chunk_rows=None`, use the model's own loss.
+    """
+    if "labels" not in batch:
+        raise ModelError(f"the batch has no `labels` (keys: {sorted(batch)}); the data collator must add them")
+    labels = batch["labels"]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if batch.get(k) is not None}
+    body = getattr(model, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if chunk_rows is None or body is None or getattr(model.config, "model_type", None) not in CHUNKED_SEQ2SEQ:
+        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        return model(**inputs, labels=labels, use_cache=False, **kwargs).loss
+    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)  # (B, T)
+    hidden = body(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).last_hidden_state  # (B, T, H)
+    bias = getattr(model, "final_logits_bias", None)
+    if getattr(head, "bias", None) is not None:
+        bias = head.bias if bias is None else head.bias + bias.view(-1)
+    return chunked_causal_lm_loss(hidden, head.weight, labels, chunk_rows=chunk_rows,
+                                  lm_head_bias=None if bias is None else bias.view(-1),
+                                  num_items_in_batch=num_items_in_batch, shift=False)

@@ -11,7 +11,8 @@ transformers' Trainer with the LaMDA callback, the chunked loss and exact resume
 
 `train(config)` runs the steps in that order; each can be called alone after the ones before it (the tests do).
 
-The Trainer trains `LossModel`, a thin module whose forward returns the chunked causal-LM loss
+The Trainer trains `LossModel` (or its classifier / seq2seq kind, by `task`), a thin module whose forward returns
+the chunked causal-LM loss
 (`lamda_edge.train.loss`), so full fp32 logits never exist and DDP (`accelerate launch`) syncs gradients
 through an ordinary forward. Checkpoints hold only the adapter (safetensors), the optimizer, the
 LR scheduler, the RNG states and the Trainer state; each is written into a staging folder that is
@@ -28,6 +29,7 @@ checkpoint. Ctrl-C checkpoints the step in progress and prints the command that 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shlex
@@ -54,6 +56,7 @@ from lamda_edge.load.loader import load_lamda_model
 from lamda_edge.planner import get_device, get_model
 from lamda_edge.planner.search import check_offload
 from lamda_edge.planner.search import plan as plan_run
+from lamda_edge.tasks import CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFICATION
 from lamda_edge.train import report
 from lamda_edge.train.callbacks import InterruptCallback, LaMDACallback, ProgressCallback
 from lamda_edge.train.config import (
@@ -64,6 +67,8 @@ from lamda_edge.train.config import (
     resolve_run_device,
 )
 from lamda_edge.train.data import PackingCollator, PaddingCollator, load_data
+from lamda_edge.train.labels import LabelCollator, load_labels
+from lamda_edge.train.pairs import PairCollator, load_pairs
 from lamda_edge.train.report import effective_trainable, lamda_layer_list
 from lamda_edge.train.run_folder import (
     CHECKPOINTS,
@@ -72,7 +77,7 @@ from lamda_edge.train.run_folder import (
     checkpoint_read_error,
     prepare_output,
 )
-from lamda_edge.train.trainer import LaMDATrainer, LossModel
+from lamda_edge.train.trainer import LaMDATrainer, loss_model
 
 
 @dataclass
@@ -86,11 +91,43 @@ class TrainResult:
 # ---- the steps' helpers ------------------------------------------------------------------------------------------
 
 
-def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.device, precision: str):
+def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.device, precision: str,
+               task: str | None = None, num_labels: int | None = None):
     """The model with a frozen (NF4 or full-precision) base and LaMDA adapters, from `lamda_edge.load.loader`."""
     return load_lamda_model(model_path, lamda_config, quantize=resolve_quantize(config.quantize, device),
                             device=device, compute_dtype=resolve_compute_dtype(precision, device), progress=False,
-                            gradient_checkpointing=bool(config.gradient_checkpointing))
+                            gradient_checkpointing=bool(config.gradient_checkpointing), task=task,
+                            num_labels=num_labels)
+
+
+def run_task(model_path: Path, task: str, demo_task: bool) -> tuple[str, object]:
+    """(the run's task, the model's transformers config): `task`, or for 'auto' the one the config tells
+    (`lamda_edge.load.loader.resolve_task`); the built-in demo task trains a causal LM only."""
+    from transformers import AutoConfig
+
+    from lamda_edge.load.loader import resolve_task
+
+    try:
+        hf_config = AutoConfig.from_pretrained(str(model_path))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of {model_path}: {exc}. Fix: {MODEL_FIX}") from exc
+    resolved = resolve_task(hf_config, task)
+    if demo_task and resolved != CAUSAL_LM:
+        raise ConfigError(f"`task`={resolved!r} needs your own data: the built-in demo task trains a causal LM. "
+                          "Fix: pass --data FILE.jsonl (" + ("text, label" if resolved == SEQUENCE_CLASSIFICATION
+                                                             else "source, target") + ")")
+    return resolved, hf_config
+
+
+def head_modules(hf_config, num_labels: int) -> tuple[str, ...]:
+    """The new head of a sequence classifier (its top-level `classifier`, `score`, `pooler`), which a
+    classification run trains in full (`modules_to_save`) unless the run names its own."""
+    from lamda_edge.adapters.inject import HEAD_NAMES
+    from lamda_edge.load.loader import build_skeleton
+
+    hf_config.num_labels = num_labels
+    skeleton = build_skeleton(hf_config, SEQUENCE_CLASSIFICATION, torch.float32)
+    return tuple(name for name, _ in skeleton.named_children() if name in HEAD_NAMES)
 
 
 def _adapter_metadata(lm, model_path: Path, quantize: str | None) -> dict:
@@ -249,6 +286,10 @@ class TrainRecipe:
                                  "Fix: pass a local folder, or leave `model` unset for the default model")
             read_json(self.model_path / "config.json", ModelError, MODEL_FIX)  # corrupt: name it, before the tokenizer
         check_output_outside_model(self.out, self.model_path)
+        self.task, self.hf_config = run_task(self.model_path, config.task, config.data is None)
+        if config.packing and self.task != CAUSAL_LM:
+            raise ConfigError(f"`packing` joins causal-LM examples into one row; this run's task is {self.task!r}. "
+                              "Fix: remove packing=true")
         self.tokenizer = _load_tokenizer(self.model_path)
         self.rank, self.batch_size, grad_accum, checkpointing, self.planned_by = _plan(
             config, self.model_path, self.quantize, self.precision)
@@ -257,20 +298,21 @@ class TrainRecipe:
     def setup_data(self) -> None:
         """The datasets, the number of optimizer steps and t_i; writes the run config as run (for --resume)."""
         config = self.config
-        self.demo_task = None
+        self.demo_task, self.label_map = None, None
         if config.data is None:
             self.demo_task = demo.make_task(self.tokenizer, n_train=config.demo_train, n_eval=config.demo_eval,
                                             seq_len=config.seq_len, seed=config.seed)
             self.train_set, self.eval_set = self.demo_task.train, self.demo_task.eval
         else:
-            splits = load_data(config.data, self.tokenizer, config.seq_len, eval_path=config.eval_data,
-                               eval_fraction=0.0 if config.eval_data else config.eval_fraction, seed=config.seed,
-                               on_overflow=config.on_overflow)
-            self.train_set, self.eval_set = splits.train, splits.eval
+            self.train_set, self.eval_set = self._load_data()
         self.max_steps = _max_steps(config, len(self.train_set), self.batch_size, self.demo_task is not None)
         self.lamda_config = config.lamda_config(self.rank)
+        if self.task == SEQUENCE_CLASSIFICATION and "modules_to_save" not in config.lamda:  # train the new head
+            heads = head_modules(self.hf_config, self.label_map.num_labels)
+            self.lamda_config = dataclasses.replace(self.lamda_config, modules_to_save=heads)
         self.freeze_b_steps = self.lamda_config.resolved_freeze_b_steps(self.max_steps)
         resolved = config.replace(lamda={**self.lamda_config.to_dict(), "freeze_b_steps": self.freeze_b_steps},
+                                  task=self.task,
                                   batch_size=self.batch_size, max_steps=self.max_steps, precision=self.precision,
                                   quantize=self.quantize or "none")  # as run, for --resume
         # built before the long model load: TrainingArguments checks the `training_args` pass-through values
@@ -285,12 +327,38 @@ class TrainRecipe:
                   f"{self.max_steps} steps, {_freeze_note(self.lamda_config, self.freeze_b_steps)}; output {self.out}"
                   + (f"; resuming from {self.last_checkpoint}" if self.last_checkpoint else ""), file=sys.stderr)
 
+    def _load_data(self):
+        """(train, held-out) datasets of the run's task; a classifier's `label_map` from its training labels."""
+        config = self.config
+        options = dict(eval_path=config.eval_data, eval_fraction=0.0 if config.eval_data else config.eval_fraction,
+                       seed=config.seed, on_overflow=config.on_overflow)
+        if self.task == SEQUENCE_CLASSIFICATION:
+            splits = load_labels(config.data, self.tokenizer, config.seq_len, **options)
+            self.label_map = splits.label_map
+        elif self.task == SEQ2SEQ:
+            splits = load_pairs(config.data, self.tokenizer, config.seq_len, **options,
+                                max_source=getattr(self.hf_config, "max_position_embeddings", None))
+        else:
+            splits = load_data(config.data, self.tokenizer, config.seq_len, **options)
+        return splits.train, splits.eval
+
+    def _collator(self):
+        pad = self.tokenizer.pad_token_id
+        if self.task == SEQUENCE_CLASSIFICATION:
+            return LabelCollator(pad)
+        if self.task == SEQ2SEQ:
+            return PairCollator(pad)
+        return PackingCollator() if self.config.packing else PaddingCollator.for_tokenizer(self.tokenizer)
+
     def setup_model(self) -> None:
         """The frozen (NF4 or full-precision) base with LaMDA adapters; the demo task's metrics before training."""
         config = self.config
         torch.manual_seed(config.seed)
-        self.lm = load_model(self.model_path, config, self.lamda_config, self.device, self.precision)
+        self.lm = load_model(self.model_path, config, self.lamda_config, self.device, self.precision, self.task,
+                             self.label_map.num_labels if self.label_map else None)
         self.metadata = _adapter_metadata(self.lm, self.model_path, self.quantize)
+        if self.label_map is not None:  # the class names by id: the merged config's id2label
+            self.metadata["labels"] = self.label_map.to_json()
         self.demo_before = (_demo_before(self.demo_task, self.lm, self.tokenizer, self.out, self.resume, self.progress,
                                          config.demo_generate, self._write) if self.demo_task else None)
 
@@ -305,15 +373,15 @@ class TrainRecipe:
             write()
 
     def setup_trainer(self, callbacks: list | None = None) -> None:
-        """`LaMDATrainer` over `LossModel(lm)` with B freezing, the progress bar and `callbacks`."""
+        """`LaMDATrainer` over the task's `LossModel(lm)` with B freezing, the progress bar and `callbacks`."""
         config = self.config
         self.progress_callback = ProgressCallback(enabled=self.progress)
         self.interrupt = InterruptCallback()
         report.reset_peak_memory(self.device)
         self.trainer = LaMDATrainer(
-            model=LossModel(self.lm, config.chunk_rows, config.activation_offload),
+            model=loss_model(self.lm, self.task, config.chunk_rows, config.activation_offload),
             args=self.training_args,
-            data_collator=PackingCollator() if config.packing else PaddingCollator.for_tokenizer(self.tokenizer),
+            data_collator=self._collator(),
             train_dataset=self.train_set,
             eval_dataset=self.eval_set,
             callbacks=[LaMDACallback(self.lm, freeze_steps=self.freeze_b_steps), self.progress_callback,
@@ -369,6 +437,7 @@ class TrainRecipe:
         train_log, eval_log = report.split_history(history)
         metrics: dict[str, Any] = {
             "output": str(self.out),
+            "task": self.task,
             "base_model": self.metadata["base_model"],
             "quantize": self.metadata["quantize"],
             "device": self.device.type,

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 from transformers import Trainer
@@ -34,8 +35,9 @@ from lamda_edge.adapters.files import adapter_files
 from lamda_edge.errors import TrainingError
 from lamda_edge.files import check_safetensors, check_torch_archive, read_json, write_failure
 from lamda_edge.integrity import write_manifest
+from lamda_edge.tasks import SEQ2SEQ, SEQUENCE_CLASSIFICATION
 from lamda_edge.train import report
-from lamda_edge.train.loss import causal_lm_loss
+from lamda_edge.train.loss import causal_lm_loss, seq2seq_loss
 from lamda_edge.train.offload import ActivationOffload
 from lamda_edge.train.report import effective_trainable
 
@@ -69,6 +71,55 @@ class LossModel(nn.Module):
             return {"loss": causal_lm_loss(self.lm, batch, self.chunk_rows, num_items_in_batch)}
         with self.offload:  # what the forward saves for backward waits in host memory
             return {"loss": causal_lm_loss(self.lm, batch, self.chunk_rows, num_items_in_batch)}
+
+
+class ClassifierLossModel(LossModel):
+    """A sequence classifier whose forward returns {"loss": cross-entropy of its logits (B, C) against labels (B,)}.
+
+    The Trainer averages micro-batches itself (no `num_items_in_batch`: each example counts once).
+    """
+
+    accepts_loss_kwargs = False
+    loss_type = None
+
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, **kwargs):
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, **extra).logits  # (B, C)
+        return {"loss": F.cross_entropy(logits.float(), labels)}
+
+
+class Seq2SeqLossModel(LossModel):
+    """An encoder-decoder whose forward returns {"loss": the chunked loss on the target tokens} (`seq2seq_loss`)."""
+
+    loss_type = "ForMaskedLM"  # labels are not shifted: the Trainer counts items over all of them
+
+    def forward(self, input_ids, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"loss": seq2seq_loss(self.lm, batch, self.chunk_rows, num_items_in_batch)}
+
+
+def loss_model(lm: nn.Module, task: str, chunk_rows: int | None, activation_offload: bool = False) -> LossModel:
+    """The module the Trainer trains for `task`: its forward returns the task's loss (activation offload: the
+    causal LM's)."""
+    cls = {SEQUENCE_CLASSIFICATION: ClassifierLossModel, SEQ2SEQ: Seq2SeqLossModel}.get(task, LossModel)
+    return cls(lm, chunk_rows, activation_offload)
+
+
+def classifier_accuracy(lm: nn.Module, loader) -> float:
+    """The share of a held-out loader's examples whose argmax class is the label (the model in eval mode)."""
+    was_training = lm.training
+    lm.eval()
+    right = total = 0
+    device = next(lm.parameters()).device
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            logits = lm(**batch).logits  # (B, C)
+            right += int((logits.argmax(-1) == labels).sum())
+            total += int(labels.numel())
+    lm.train(was_training)
+    return right / max(total, 1)
 
 
 class LaMDATrainer(Trainer):
@@ -147,7 +198,10 @@ class LaMDATrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs:
-            logs["eval_perplexity"] = report.perplexity(logs["eval_loss"])
+            if isinstance(self.model, ClassifierLossModel):  # a classifier: accuracy, not perplexity
+                logs["eval_accuracy"] = classifier_accuracy(self.lm, self.get_eval_dataloader())
+            else:
+                logs["eval_perplexity"] = report.perplexity(logs["eval_loss"])
         if "loss" in logs:
             logs["trainable_params"] = effective_trainable(self.lm)
         super().log(logs, start_time)
