@@ -137,7 +137,8 @@ def jobs_for(stage: str, task: str, a, rows: list[dict]) -> list[dict]:
     if stage == "grid":
         return [dict(task=task, variant=v["name"], method="lamda", seed=sd, s=s, stage=stage,
                      options=v["options"], noise=v.get("noise", 0.0))
-                for v in grid_variants(s["rank"], a.quick) for sd in a.seeds[:1]]
+                for v in grid_variants(s["rank"], a.quick) for sd in a.seeds[:1]
+                if not a.variants or v["name"] in a.variants]
     ranks = a.ranks if stage == "ranks" else [s["rank"]]
     jobs = []
     for rank in ranks:
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=None, help="override the task's test examples")
     p.add_argument("--n-train", type=int, default=None, help="override the task's training examples")
     p.add_argument("--variants", nargs="+", default=None,
-                   help="compare/ranks: only these (lora-best, lamda-paper, lamda, lamda++)")
+                   help="only these variants (compare/ranks: lora-best, lamda-paper, lamda, lamda++; grid: its names)")
     p.add_argument("--lora-lrs", nargs="+", type=float, default=list(LORA_LRS), help="the lora-lr stage's grid")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "lamda-edge" / "bench-data"))
     p.add_argument("--out", default=None, help="append each run as a JSON line (and read LoRA's best lr from it)")
