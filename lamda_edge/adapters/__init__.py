@@ -5,6 +5,7 @@
     freeze.py   PMBScheduler (B's columns)       ranks.py   LaMDA++ rank allocation
     merging.py  model-level merge loops          io.py      adapter files with a base-model fingerprint
     bnb.py      bitsandbytes NF4 bases           state.py   AdapterState, the one attribute on the model
+    optim_groups.py  param_groups: a learning rate per group (S per rank, B, the rest)
 
 The names below load on first use (PEP 562), so that `lamda_edge.adapters.config` can be read without torch.
 """
@@ -26,6 +27,7 @@ _LAZY = {
     "make_lamda_linear": "inject",
     "merge": "merging",
     "merge_and_unload": "merging",
+    "param_groups": "optim_groups",
     "read_adapter_config": "io",
     "save_adapter": "io",
     "trainable_parameter_count": "inject",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,13 @@ INITS = ("principal", "minor", "random")
 RANK_ALLOCATIONS = ("uniform", "energy")
 SVD_METHODS = ("auto", "full", "randomized")
 ALL_LINEAR = "all-linear"
-DEFAULT_FREEZE_B_FRACTION = 0.3
+DEFAULT_FREEZE_B_FRACTION = 0.3  # the paper's t_i: 30% of the run
+# S's learning-rate multiplier when `s_lr_scale` is None: S_LR_NUMERATOR / r, within [1, S_LR_MAX] (docs/method.md,
+# "Learning rates per parameter group": Adam moves each of S's r*r entries by about lr, so the adapter's update
+# ||s * B dS A||_F = s * ||dS||_F grows as r; 256 / r gives 16 at rank 16, the rate measured best there)
+S_LR_NUMERATOR = 256.0
+S_LR_MAX = 32.0
+DEFAULT_B_LR_SCALE = 0.25
 
 
 def _field(default, help: str):
@@ -50,7 +57,15 @@ class LaMDAConfig:
     )
     modules_to_save: tuple[str, ...] = _field((), "modules trained in full and saved with the adapter (e.g. a head)")
     init: str = _field("principal", "'principal' (top-r SVD, residual base), 'minor' (bottom-r) or 'random'")
-    freeze_b_steps: int | None = _field(None, "optimizer steps t_i after which B is frozen; None = 0.3 x the run")
+    freeze_b_steps: int | None = _field(None, "optimizer steps t_i after which B is frozen; None = "
+                                              "`freeze_b_fraction` x the run")
+    freeze_b_fraction: float = _field(DEFAULT_FREEZE_B_FRACTION, "t_i as a share of the run's optimizer steps, "
+                                      "in (0, 1], when `freeze_b_steps` is None (the paper's: 0.3)")
+    s_lr_scale: float | None = _field(None, "S's learning rate as a multiple of `lr`; None = the rank rule "
+                                      f"{S_LR_NUMERATOR:g} / r within [1, {S_LR_MAX:g}] (per layer for LaMDA++); "
+                                      "1.0 = the paper's single rate")
+    b_lr_scale: float = _field(DEFAULT_B_LR_SCALE, "B's learning rate (until t_i) as a multiple of `lr`; "
+                               "1.0 = the paper's single rate")
     rank_allocation: str = _field("uniform", "'uniform' (LaMDA) or 'energy' (LaMDA++: per-layer ranks from spectra)")
     min_rank: int | None = _field(None, "LaMDA++ lower bound on a layer's rank; None = rank // 2")
     max_rank: int | None = _field(None, "LaMDA++ upper bound on a layer's rank; None = 2 * rank")
@@ -81,6 +96,17 @@ class LaMDAConfig:
             problems.append(f"`init` should be one of {INITS}, got {self.init!r}.{closest_key(str(self.init), INITS)}")
         if self.freeze_b_steps is not None and (not isinstance(self.freeze_b_steps, int) or self.freeze_b_steps < 1):
             problems.append(f"`freeze_b_steps` should be a positive integer or None, got {self.freeze_b_steps!r}")
+        if (not isinstance(self.freeze_b_fraction, (int, float)) or isinstance(self.freeze_b_fraction, bool)
+                or not 0.0 < self.freeze_b_fraction <= 1.0):
+            problems.append(f"`freeze_b_fraction` should be in (0, 1], got {self.freeze_b_fraction!r}; "
+                            f"try {DEFAULT_FREEZE_B_FRACTION}")
+        for name in ("s_lr_scale", "b_lr_scale"):
+            value = getattr(self, name)
+            if value is None and name == "s_lr_scale":
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < math.inf:
+                problems.append(f"`{name}` should be a positive number{' or None' if name == 's_lr_scale' else ''}, "
+                                f"got {value!r}; try 1.0 (the paper's single learning rate)")
         if self.rank_allocation not in RANK_ALLOCATIONS:
             problems.append(
                 f"`rank_allocation` should be one of {RANK_ALLOCATIONS}, got {self.rank_allocation!r}."
@@ -113,7 +139,15 @@ class LaMDAConfig:
         """t_i for a run of `total_steps` optimizer steps (at least 1)."""
         if self.freeze_b_steps is not None:
             return self.freeze_b_steps
-        return max(1, round(DEFAULT_FREEZE_B_FRACTION * total_steps))
+        return max(1, round(self.freeze_b_fraction * total_steps))
+
+    def s_lr_multiplier(self, rank: int | None = None) -> float:
+        """S's learning rate over the base rate, for a layer of `rank` (default: `rank`): `s_lr_scale`, else the
+        rank rule S_LR_NUMERATOR / r within [1, S_LR_MAX]."""
+        if self.s_lr_scale is not None:
+            return float(self.s_lr_scale)
+        r = self.rank if rank is None else rank
+        return min(S_LR_MAX, max(1.0, S_LR_NUMERATOR / r))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

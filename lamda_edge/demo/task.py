@@ -79,6 +79,8 @@ def make_task(
     seq_len: int = 256,
     seed: int = 0,
     max_answer_tokens: int = 96,
+    dataset: str = DATASET,
+    dataset_options: dict[str, Any] | None = None,
 ) -> DemoTask:
     """Generate the built-in task and tokenize it with the model's chat template.
 
@@ -89,6 +91,9 @@ def make_task(
         seq_len: the longest tokenized example; longer problems are skipped, never truncated.
         seed: reasoning-gym seed.
         max_answer_tokens: skip problems whose worked answer is longer (keeps generation short).
+        dataset: the reasoning-gym dataset (its entries need `question` and `answer`; a worked answer is taken
+            from `metadata["answer_cot"]` when there is one, else the answer is `#### <answer>`).
+        dataset_options: further fields of the dataset's reasoning-gym config (e.g. `{"max_digits": 2}`).
 
     Raises:
         MissingDependencyError: reasoning-gym is not installed (``pip install 'lamda-edge[demo]'``).
@@ -97,7 +102,7 @@ def make_task(
     reasoning_gym = require("reasoning_gym", extra="demo")
     wanted = n_train + n_eval
     size = int(wanted * 2.2) + 16  # about 55% of problems pass the length filters
-    source = reasoning_gym.create_dataset(DATASET, size=size, seed=seed)
+    source = reasoning_gym.create_dataset(dataset, size=size, seed=seed, **(dataset_options or {}))
     kept: list[tuple[dict[str, Any], list[int], list[int]]] = []
     skipped = 0
     for index in range(size):

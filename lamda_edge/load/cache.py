@@ -45,7 +45,7 @@ FULL_HASH_MAX_BYTES = 8 << 20  # files up to this size are hashed whole
 SAMPLE_BLOCKS = 16
 SAMPLE_BLOCK_BYTES = 64 << 10
 LAYER_KEYS = ("lamda_A", "lamda_S", "lamda_B")
-NOT_IN_KEY = ("freeze_b_steps", "dropout")  # LaMDAConfig fields that change training, not the prepared layers
+NOT_IN_KEY = ("freeze_b_steps", "freeze_b_fraction", "s_lr_scale", "b_lr_scale", "dropout")  # training only
 DEFAULT_MAX_GB = 10.0
 
 

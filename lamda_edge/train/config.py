@@ -100,8 +100,9 @@ class RunConfig:
     precision: str = _field("auto", "'auto' (bf16 where the GPU or CPU has it, else fp16 on a GPU, fp32 on a CPU), "
                                     "'fp32', 'bf16' or 'fp16'", "--precision")
     lamda: dict = _field({}, "the adapter: LaMDAConfig fields (rank, alpha, dropout, target_modules, modules_to_save, "
-                             "init, freeze_b_steps, rank_allocation, min_rank, max_rank, svd, seed); unset: rank from "
-                             "the planner, alpha = 2 * rank, seed = the run's seed, the rest LaMDAConfig's defaults",
+                             "init, freeze_b_steps, freeze_b_fraction, s_lr_scale, b_lr_scale, rank_allocation, "
+                             "min_rank, max_rank, svd, seed); unset: rank from the planner, alpha = 2 * rank, seed = "
+                             "the run's seed, the rest LaMDAConfig's defaults",
                          flags={"--rank": "rank"})
     seq_len: int = _field(256, "longest training sequence in tokens (longer examples are truncated, see on_overflow)",
                           "--seq-len")
@@ -112,7 +113,8 @@ class RunConfig:
     max_steps: int | None = _field(None, f"optimizer steps; default: `epochs` over the data "
                                          f"({DEFAULT_DEMO_STEPS} for the demo task)", "--max-steps")
     epochs: float = _field(1.0, "passes over the training data when max_steps is not given")
-    lr: float = _field(1e-3, "peak learning rate (AdamW)", "--lr")
+    lr: float = _field(1e-3, "peak learning rate (AdamW); S and B train at their multiples of it "
+                             "(lamda.s_lr_scale, lamda.b_lr_scale)", "--lr")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     warmup_steps: int = _field(0, "linear learning-rate warmup steps")
     lr_scheduler: str = _field("linear", f"learning-rate schedule: one of {', '.join(LR_SCHEDULERS)}")

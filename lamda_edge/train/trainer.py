@@ -1,5 +1,5 @@
 """The Trainer side of a run: `LossModel` (forward returns the chunked loss) and `LaMDATrainer` (adapter-only,
-atomic checkpoints; stops on a non-finite loss).
+atomic checkpoints; stops on a non-finite loss; an optimizer with a learning rate per parameter group).
 
 Checkpoints hold only the adapter (safetensors), the optimizer, the LR scheduler, the RNG states, the Trainer state
 and a manifest of their sha256; each is written into a staging folder that is renamed into place, so a killed run
@@ -30,7 +30,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer import TRAINER_STATE_NAME as TRAINER_STATE
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
-from lamda_edge.adapters import load_adapter, save_adapter
+from lamda_edge.adapters import load_adapter, param_groups, save_adapter
 from lamda_edge.adapters.files import adapter_files
 from lamda_edge.errors import TrainingError
 from lamda_edge.files import check_safetensors, check_torch_archive, read_json, write_failure
@@ -136,6 +136,15 @@ class LaMDATrainer(Trainer):
     @property
     def lm(self) -> nn.Module:
         return self.model.lm
+
+    def create_optimizer(self, *args, **kwargs):
+        """The Trainer's optimizer (AdamW by default) over `param_groups`: S and B at their multiples of `lr`
+        (`LaMDAConfig.s_lr_scale`, `b_lr_scale`); the LR schedule scales every group alike."""
+        if self.optimizer is None:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            groups = param_groups(self.lm, self.args.learning_rate, weight_decay=self.args.weight_decay)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,

@@ -1,0 +1,358 @@
+"""Tune LaMDA's defaults by measurement: LaMDA settings against PEFT LoRA at its best learning rate, at equal steps.
+
+Usage (each stage appends one JSON line per run to --out; --report turns the records into tables, CSV and a plot):
+    .venv/bin/python tools/tune_defaults.py --quick --out /tmp/tune-quick.jsonl --plot /tmp/tune-quick.png
+    .venv/bin/python tools/tune_defaults.py --stage lora-lr --tasks spam --rank 16 --out docs/results/tune/runs.jsonl
+    .venv/bin/python tools/tune_defaults.py --stage grid --tasks spam --rank 16 --steps 30 --out ...
+    .venv/bin/python tools/tune_defaults.py --stage compare --tasks spam products --rank 16 --seeds 0 1 2 --out ...
+    .venv/bin/python tools/tune_defaults.py --stage ranks --tasks spam --ranks 8 16 32 64 --out ...
+    .venv/bin/python tools/tune_defaults.py --report docs/results/tune/runs.jsonl \\
+        --csv docs/results/tune/summary.csv --markdown docs/results/tune/summary.md \\
+        --plot docs/results/tune/rank_curve.png
+
+Stages (tasks and their training loop are tools/bench_quality.py's: spam with all-MiniLM-L6-v2, and the
+generative reasoning-gym tasks `products` (multiplication, exact match) and `legs` (leg counting) with
+SmolLM2-135M, plus moby and gsm):
+  lora-lr  PEFT LoRA over a small learning-rate grid (LORA_LRS); its best rate is "LoRA at its best".
+  grid     LaMDA over per-group learning rates (S and B multipliers), t_i fraction, alpha (2r, and rsLoRA's scale
+           alpha/sqrt(r): s = 2 sqrt(r)) and init (principal, principal plus a small random part of S), at the
+           base lr of the task; short runs (`--steps`).
+  compare  LoRA at its best lr (from the records in --out; the lora-lr grid is run first when there are none),
+           LaMDA at the paper's settings (one rate, t_i 30%, alpha 2r), LaMDA and LaMDA++ at the current
+           defaults, over `--seeds`.
+  ranks    LaMDA at the defaults at each of `--ranks`, and LoRA at its best lr at the same ranks: the
+           accuracy-vs-trainable-parameters curve.
+
+The score is the task's metric: accuracy (spam), held-out answer loss (generative tasks; exact match is
+recorded too) or perplexity (moby). `--quick` runs every stage on spam with tiny settings (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bc  # noqa: E402
+import bench_quality as bq  # noqa: E402
+
+STAGES = ("lora-lr", "grid", "compare", "ranks")
+LORA_LRS = (3e-4, 1e-3, 3e-3)
+PAPER = {"s_lr_scale": 1.0, "b_lr_scale": 1.0}  # one learning rate for S and B, as in the paper
+NOISE = 0.01  # "principal+noise": S += NOISE * rms(S) * N(0, 1), seeded
+
+
+def grid_variants(rank: int, quick: bool) -> list[dict]:
+    """The LaMDA settings the grid stage tries: per-group rates first, then t_i, alpha and init at the default."""
+    rs_alpha = 2.0 * math.sqrt(rank) * rank  # s = alpha / r = 2 sqrt(r): rsLoRA's alpha / sqrt(r) with alpha = 2r
+    if quick:
+        return [dict(name="paper", options=PAPER), dict(name="default", options={})]
+    variants = [dict(name=f"s{s:g}-b{b:g}", options={"s_lr_scale": float(s), "b_lr_scale": float(b)})
+                for s in (1, 4, 16, 64) for b in (0.25, 1)]
+    variants += [dict(name=f"default-t{f:g}", options={"freeze_b_fraction": f}) for f in (0.1, 0.6)]
+    variants += [dict(name="default-rsalpha", options={"alpha": rs_alpha}),
+                 dict(name="paper-rsalpha", options={**PAPER, "alpha": rs_alpha}),
+                 dict(name="default-noise", options={}, noise=NOISE)]
+    return variants
+
+
+def score(row: dict) -> float:
+    """Higher is better: accuracy, minus the answer loss (generative), minus the perplexity."""
+    if row["metric"] == "accuracy":
+        return row["value"]
+    if row["metric"] == "exact_match":
+        return -row["answer_loss"]
+    return -row["value"]
+
+
+def primary(row: dict) -> tuple[str, float]:
+    """(name, value) of the number a table shows for a run."""
+    if row["metric"] == "exact_match":
+        return "answer_loss", row["answer_loss"]
+    return row["metric"], row["value"]
+
+
+def settings(task: str, a) -> dict:
+    """bench_quality's settings of `task` (quick or full) with the overrides given on the command line."""
+    s = dict(bq.SETTINGS[task]["quick" if a.quick else "full"])
+    for key in ("rank", "steps", "seq_len", "n_test", "n_train"):
+        if getattr(a, key, None):
+            s[key] = getattr(a, key)
+    return s
+
+
+def run(task: str, variant: str, method: str, seed: int, s: dict, cache: Path, stage: str, options: dict | None = None,
+        freeze_fraction: float | None = None, noise: float = 0.0) -> dict:
+    """One training run through bench_quality.run_one; `noise` adds a small random part to S's init (seeded)."""
+    options = dict(options or {})
+    fraction = options.get("freeze_b_fraction", freeze_fraction if freeze_fraction is not None else 0.3)
+    row = bq.run_one(task, method, seed, s, cache, freeze_fraction=fraction, quantize=None, s_noise=noise,
+                     lamda_options={k: v for k, v in options.items() if k != "freeze_b_fraction"} or None)
+    if method in bc.LAMDA_METHODS:
+        from lamda_edge import LaMDAConfig
+
+        cfg = LaMDAConfig(rank=s["rank"], **{k: v for k, v in options.items() if k != "alpha"})
+        row.update(s_lr_mult=cfg.s_lr_multiplier(), b_lr_mult=cfg.b_lr_scale,
+                   alpha=options.get("alpha", 2.0 * s["rank"]))
+    row.update(variant=variant, stage=stage, options=options, noise=noise, freeze_fraction=fraction)
+    return row
+
+
+# ---- stages -------------------------------------------------------------------------------------------------------
+
+
+def read_rows(path: str | None) -> list[dict]:
+    if not path or not Path(path).is_file():
+        return []
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in rows if "error" not in r and "variant" in r]
+
+
+def best_lora_lr(rows: list[dict], task: str, rank: int, steps: int) -> float | None:
+    """The LoRA learning rate of the lora-lr stage with the best mean score for (task, rank, steps)."""
+    by_lr: dict[float, list] = {}
+    for r in rows:
+        if r["stage"] == "lora-lr" and r["task"] == task and r["rank"] == rank and r["steps"] == steps:
+            by_lr.setdefault(r["lr"], []).append(score(r))
+    if not by_lr:
+        return None
+    return max(by_lr, key=lambda lr: statistics.fmean(by_lr[lr]))
+
+
+def jobs_for(stage: str, task: str, a, rows: list[dict]) -> list[dict]:
+    """The runs of `stage` on `task` (LoRA's best lr is looked up in `rows` when the stage needs it)."""
+    s = settings(task, a)
+    lora_lrs = a.lora_lrs[:2] if a.quick else a.lora_lrs
+    if stage == "lora-lr":
+        return [dict(task=task, variant=f"lora-lr{lr:g}", method="lora", seed=sd, s={**s, "lr": lr}, stage=stage)
+                for lr in lora_lrs for sd in a.seeds[:1]]
+    if stage == "grid":
+        return [dict(task=task, variant=v["name"], method="lamda", seed=sd, s=s, stage=stage,
+                     options=v["options"], noise=v.get("noise", 0.0))
+                for v in grid_variants(s["rank"], a.quick) for sd in a.seeds[:1]
+                if not a.variants or v["name"] in a.variants]
+    ranks = a.ranks if stage == "ranks" else [s["rank"]]
+    jobs = []
+    for rank in ranks:
+        sr = {**s, "rank": rank}
+        lr = best_lora_lr(rows, task, rank, s["steps"]) or best_lora_lr(rows, task, s["rank"], s["steps"])
+        if lr is None:
+            raise SystemExit(f"no lora-lr records for {task} at rank {rank}, {s['steps']} steps in {a.out}: "
+                             "run --stage lora-lr first (or use --stage compare, which runs it)")
+        seeds = a.seeds if stage == "compare" else a.seeds[:1]
+        for sd in seeds:
+            jobs.append(dict(task=task, variant="lora-best", method="lora", seed=sd, s={**sr, "lr": lr}, stage=stage))
+            if stage == "compare":
+                jobs.append(dict(task=task, variant="lamda-paper", method="lamda", seed=sd, s=sr, stage=stage,
+                                 options=PAPER))
+            jobs.append(dict(task=task, variant="lamda", method="lamda", seed=sd, s=sr, stage=stage, options={}))
+            if stage == "compare":
+                jobs.append(dict(task=task, variant="lamda++", method="lamda++", seed=sd, s=sr, stage=stage,
+                                 options={}))
+    return [job for job in jobs if not a.variants or job["variant"] in a.variants]
+
+
+def run_stage(stage: str, a, cache: Path) -> list[dict]:
+    out = []
+    for task in a.tasks:
+        rows = read_rows(a.out) + out
+        s = settings(task, a)
+        if stage in ("compare", "ranks") and best_lora_lr(rows, task, s["rank"], s["steps"]) is None:
+            out += _run_jobs(jobs_for("lora-lr", task, a, rows), a, cache)
+            rows = read_rows(a.out) + out
+        out += _run_jobs(jobs_for(stage, task, a, rows), a, cache, rows)
+    return out
+
+
+def _recorded(job: dict, rows: list[dict]) -> dict | None:
+    """LoRA at its best lr is a run of the lora-lr grid when the seed matches: its record is reused, not rerun."""
+    if job["variant"] != "lora-best":
+        return None
+    s = job["s"]
+    for r in rows:
+        if (r["stage"] == "lora-lr" and r["task"] == job["task"] and r["seed"] == job["seed"]
+                and r["rank"] == s["rank"] and r["steps"] == s["steps"] and r["lr"] == s["lr"]):
+            return {**r, "variant": "lora-best", "stage": job["stage"], "reused": "lora-lr"}
+    return None
+
+
+def _run_jobs(jobs: list[dict], a, cache: Path, rows: list[dict] = ()) -> list[dict]:
+    done = []
+    for job in jobs:
+        t0 = time.perf_counter()
+        try:
+            row = _recorded(job, [*rows, *done]) or run(cache=cache, **job)
+        except Exception as exc:  # record and go on: one failing run must not lose the others
+            row = {k: v for k, v in job.items() if k != "s"} | {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+        row["mode"] = "quick" if a.quick else "full"
+        row["wall_seconds"] = time.perf_counter() - t0
+        print(json.dumps(row), flush=True)
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(a.out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if "error" not in row:
+            done.append(row)
+    return done
+
+
+# ---- report -------------------------------------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per (stage, task, steps, rank, variant): mean and spread of the score's number over seeds."""
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["stage"], r["task"], r["steps"], r["rank"], r["variant"]), []).append(r)
+    out = []
+    for (stage, task, steps, rank, variant), runs in groups.items():
+        runs = list({r["seed"]: r for r in runs}.values())  # a rerun of a seed counts once, the last wins
+        name = primary(runs[0])[0]
+        vals = [primary(r)[1] for r in runs]
+        line = {"stage": stage, "task": task, "steps": steps, "rank": rank, "variant": variant,
+                "method": runs[0]["method"], "lr": runs[0]["lr"], "metric": name, "mean": statistics.fmean(vals),
+                "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "min": min(vals), "max": max(vals),
+                "seeds": " ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
+                "trainable_start": runs[0]["trainable_start"], "trainable_end": runs[0]["trainable_end"],
+                "s_lr_mult": runs[0].get("s_lr_mult"), "b_lr_mult": runs[0].get("b_lr_mult")}
+        if runs[0]["metric"] == "exact_match":
+            line["exact_match"] = statistics.fmean(r["value"] for r in runs)
+        out.append(line)
+    return out
+
+
+def markdown(lines: list[dict]) -> str:
+    text = []
+    for key in dict.fromkeys((x["stage"], x["task"], x["steps"]) for x in lines):
+        stage, task, steps = key
+        part = [x for x in lines if (x["stage"], x["task"], x["steps"]) == key]
+        better_low = part[0]["metric"] != "accuracy"
+        part.sort(key=lambda x: (x["rank"], x["mean"] if better_low else -x["mean"]))
+        text += [f"### {stage}: {task}, {steps} steps ({part[0]['metric']}, "
+                 f"{'lower' if better_low else 'higher'} is better)", "",
+                 "| variant | rank | lr | S x | B x | trainable start | end | seeds | mean | sd | min-max | exact |",
+                 "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|"]
+        for x in part:
+            fmt = "{:.1%}" if x["metric"] == "accuracy" else "{:.3f}"
+            exact = f"{x['exact_match']:.1%}" if "exact_match" in x else "-"
+            text.append(f"| {x['variant']} | {x['rank']} | {x['lr']:g} | {_mult(x['s_lr_mult'])} | "
+                        f"{_mult(x['b_lr_mult'])} | {x['trainable_start']:,} | {x['trainable_end']:,} | "
+                        f"{x['seeds']} | "
+                        f"{fmt.format(x['mean'])} | {fmt.format(x['sd'])} | "
+                        f"{fmt.format(x['min'])}-{fmt.format(x['max'])} | {exact} |")
+        text.append("")
+    return "\n".join(text)
+
+
+def _mult(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def plot(lines: list[dict], path: str) -> None:
+    """Score against trainable parameters (at the end of the run), LaMDA per rank and LoRA, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [x for x in lines if x["stage"] in ("ranks", "compare") and x["variant"] in ("lamda", "lora-best")]
+    tasks = list(dict.fromkeys(x["task"] for x in pts))
+    if not tasks:
+        raise SystemExit("no ranks/compare records to plot")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for variant, style in (("lamda", "o-"), ("lora-best", "s--")):
+            ours = sorted({x["rank"]: x for x in pts if x["task"] == task and x["variant"] == variant}.values(),
+                          key=lambda x: x["trainable_end"])
+            if not ours:
+                continue
+            ax.plot([x["trainable_end"] for x in ours], [x["mean"] for x in ours], style,
+                    label="LaMDA (defaults), after t_i" if variant == "lamda" else "LoRA at its best lr")
+            for x in ours:
+                ax.annotate(f"r{x['rank']}", (x["trainable_end"], x["mean"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (end of run)")
+        ax.set_ylabel(pts[0]["metric"] if task == "spam" else next(x["metric"] for x in pts if x["task"] == task))
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(files: list[str], a) -> int:
+    rows = [r for f in files for r in read_rows(f)]
+    lines = summarize(rows)
+    text = markdown(lines)
+    print(text)
+    if a.markdown:
+        bc.write_atomic(a.markdown, text + "\n")
+    if a.csv:
+        Path(a.csv).parent.mkdir(parents=True, exist_ok=True)
+        fields = list(dict.fromkeys(k for x in lines for k in x))
+        with open(a.csv, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(lines)
+    if a.plot:
+        plot(lines, a.plot)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="every stage on spam with tiny settings (a smoke test)")
+    p.add_argument("--stage", nargs="+", default=["compare"], choices=STAGES)
+    p.add_argument("--tasks", nargs="+", default=["spam"], choices=sorted(bq.SETTINGS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--rank", type=int, default=16, help="rank of the lora-lr, grid and compare stages")
+    p.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 32, 64], help="ranks of the ranks stage")
+    p.add_argument("--steps", type=int, default=None, help="override the task's training steps")
+    p.add_argument("--seq-len", type=int, default=None, help="override the task's sequence length")
+    p.add_argument("--n-test", type=int, default=None, help="override the task's test examples")
+    p.add_argument("--n-train", type=int, default=None, help="override the task's training examples")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="only these variants (compare/ranks: lora-best, lamda-paper, lamda, lamda++; grid: its names)")
+    p.add_argument("--lora-lrs", nargs="+", type=float, default=list(LORA_LRS), help="the lora-lr stage's grid")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "lamda-edge" / "bench-data"))
+    p.add_argument("--out", default=None, help="append each run as a JSON line (and read LoRA's best lr from it)")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSONL", help="run nothing: tables of these records")
+    p.add_argument("--markdown", default=None, help="write the tables to this file")
+    p.add_argument("--csv", default=None, help="write the summary lines to this CSV file")
+    p.add_argument("--plot", default=None, help="write the score-vs-trainable-parameters plot (PNG) here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = its default)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.report:
+        return report(a.report, a)
+    if a.quick:
+        a.tasks, a.seeds, a.rank, a.ranks = ["spam"], a.seeds[:1], 4, [2, 4]
+        a.stage = list(STAGES)
+    print(json.dumps({"machine": bc.machine_info(), "stages": a.stage}), flush=True)
+    rows = []
+    for stage in a.stage:
+        rows += run_stage(stage, a, Path(a.cache))
+    if a.out:
+        return report([a.out], a)
+    lines = summarize(rows)
+    print(markdown(lines))
+    if a.plot:
+        plot(lines, a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
