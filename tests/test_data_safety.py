@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -232,17 +233,21 @@ def test_row(world, request, setup, command, code, phrase, protect):
 
 def test_a_good_checkpoint_survives_a_diverging_run(world):
     """warmup_steps=1, lr=1e9: step 1 changes nothing (lr 0), step 2 throws S and B to about 1e9 (a loss that
-    still looks normal behind RMSNorm), the loss is NaN at step 4. The kept checkpoint is checkpoint-1, with finite,
-    sane weights from before the update that diverged (it used to keep weights around 1e9), although
+    still looks normal behind RMSNorm), then the weights or the loss turn NaN. The kept checkpoint is checkpoint-1,
+    with finite, sane weights from before the update that diverged (it used to keep weights around 1e9), although
     save_total_limit=1: unconfirmed checkpoints come on top of the limit."""
     from safetensors.torch import load_file
 
     out = world.root / "rows" / "diverging"
+    # one rate for S and B (the paper's, not the default per-group multiples): at S's default multiple the update of
+    # step 2 already makes the next eval NaN, before any checkpoint waits for confirmation
     done = world.cli(["train", "--model", str(world.model), "--data", str(world.data), "--output", str(out),
-                      *TRAIN, "--max-steps", "8", "save_steps=1", "save_total_limit=1", "lr=1e9", "warmup_steps=1"])
+                      *TRAIN, "--max-steps", "8", "save_steps=1", "save_total_limit=1", "lr=1e9", "warmup_steps=1",
+                      "s_lr_scale=1", "b_lr_scale=1"])
     output = done.stdout + done.stderr
-    assert done.returncode == 2 and "loss became nan" in output and "Traceback" not in output, output[-3000:]
-    assert "Removed checkpoint-2, checkpoint-3" in output, output[-3000:]
+    stopped = "loss became nan" in output or "holds NaN or inf" in output  # whichever shows the divergence first
+    assert done.returncode == 2 and stopped and "Traceback" not in output, output[-3000:]
+    assert re.search(r"Removed checkpoint-2\b", output), output[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
     reference = load_file(str(world.run_dir / "checkpoints" / "checkpoint-2" / "lamda_adapter.safetensors"))
     scale = max(float(t.float().abs().max()) for k, t in reference.items() if k.endswith(("lamda_S", "lamda_B")))

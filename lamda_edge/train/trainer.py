@@ -161,6 +161,11 @@ class LaMDATrainer(Trainer):
         return result
 
     def _stop_on_nonfinite(self, value: float, kind: str) -> None:
+        """A NaN/inf loss: remove the unconfirmed checkpoints and raise `TrainingError` (`_stop`)."""
+        self._stop(f"the {kind} loss became {value} at optimizer step {self.state.global_step + 1}",
+                   f"a loss after them of {value}")
+
+    def _stop(self, what: str, after: str) -> None:
         """Remove the unconfirmed checkpoints (they hold the diverging updates) and raise `TrainingError`."""
         removed = [folder for folder, _ in self.unconfirmed]
         self.unconfirmed = []
@@ -170,9 +175,9 @@ class LaMDATrainer(Trainer):
         last = latest_checkpoint(Path(self.args.output_dir))
         names = ", ".join(folder.name for folder in removed)
         raise TrainingError(
-            f"the {kind} loss became {value} at optimizer step {self.state.global_step + 1}; the run stopped. "
-            + (f"Removed {names}: they hold the diverging updates (weights grown over {GROWTH_LIMIT:g}x, or a loss "
-               f"after them of {value} or over {DIVERGED_FACTOR:g}x the run's lowest). " if removed else "")
+            f"{what}; the run stopped. "
+            + (f"Removed {names}: they hold the diverging updates (weights grown over {GROWTH_LIMIT:g}x, or "
+               f"{after} or over {DIVERGED_FACTOR:g}x the run's lowest). " if removed else "")
             + f"The last good checkpoint is kept: {last if last else 'none yet'}. Fix: lower `lr` (now "
             f"{self.args.learning_rate:g}), use `precision=fp32`, or check the data, and start again with "
             "`overwrite=true`"
@@ -232,7 +237,10 @@ class LaMDATrainer(Trainer):
         return str(staging) if staging is not None else super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        _check_finite(self.lm, self.state.global_step, Path(super()._get_output_dir(trial)))
+        bad = _nonfinite_tensor(self.lm)
+        if bad is not None:  # such weights are never a checkpoint, nor are the unconfirmed ones that led there
+            self._stop(f"{bad} holds NaN or inf after optimizer step {self.state.global_step}; it was not saved",
+                       "NaN or inf weights")
         run_dir = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
         staging = run_dir / f".staging-{self.state.global_step}"
@@ -293,15 +301,12 @@ def check_checkpoint(folder: Path) -> None:
             check_torch_archive(path, TrainingError, fix)
 
 
-def _check_finite(lm: nn.Module, step: int, run_dir: Path) -> None:
-    """Raise `TrainingError` when an adapter tensor holds NaN or inf: such weights are never a checkpoint."""
+def _nonfinite_tensor(lm: nn.Module) -> str | None:
+    """The name of the first trainable tensor holding NaN or inf, or None."""
     for name, param in lm.named_parameters():
         if param.requires_grad and not torch.isfinite(param.detach()).all():
-            last = latest_checkpoint(run_dir)
-            raise TrainingError(
-                f"{name} holds NaN or inf after optimizer step {step}; it was not saved and the run stopped. The last "
-                f"good checkpoint is kept: {last if last else 'none yet'}. Fix: lower `lr`, use `precision=fp32`, or "
-                "check the data, and start again with `overwrite=true`")
+            return name
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
