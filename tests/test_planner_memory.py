@@ -98,3 +98,30 @@ def test_predicted_peak_is_close_to_a_measured_step(setup):
     measured = measure(shape, setup, steps=2)["measured_tensor_peak_bytes"]
     predicted = estimate(shape, setup).tensor_peak_bytes
     assert abs(predicted - measured) / measured <= TOLERANCE, (predicted, measured)
+
+
+def test_partial_checkpointing_sits_between_none_and_all():
+    """Each checkpointed block keeps its input instead of its saved set: the peak falls as blocks are added."""
+    shape = tiny(h=128, inter=384, layers=4, vocab=512)
+    base = TrainSetup(batch_size=4, seq_len=64, rank=8, quantize=None, compute_dtype="fp32")
+    none = estimate(shape, TrainSetup(**{**base.__dict__, "gradient_checkpointing": False})).tensor_peak_bytes
+    peaks = [estimate(shape, TrainSetup(**{**base.__dict__, "checkpoint_layers": k})).tensor_peak_bytes
+             for k in (1, 2, 3, 4)]
+    assert none > peaks[0] > peaks[1] > peaks[2] > peaks[3]
+    assert peaks[3] == estimate(shape, base).tensor_peak_bytes  # 4 of 4 blocks = all of them
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_partial_checkpointing_peak_is_close_to_a_measured_step(layers):
+    """The lowest `layers` of 4 blocks checkpointed (enable_gradient_checkpointing(model, layers)), measured."""
+    from lamda_edge.load.loader import checkpointed_blocks
+    from lamda_edge.planner.measure import build_model, measure
+
+    shape = tiny(h=128, inter=384, layers=4, vocab=512)
+    setup = TrainSetup(batch_size=4, seq_len=64, rank=8, quantize=None, compute_dtype="fp32",
+                       checkpoint_layers=layers)
+    flags = [block.gradient_checkpointing for block in checkpointed_blocks(build_model(shape, setup))]
+    assert flags == [True] * layers + [False] * (4 - layers)
+    measured = measure(shape, setup, steps=2)["measured_tensor_peak_bytes"]
+    predicted = estimate(shape, setup).tensor_peak_bytes
+    assert abs(predicted - measured) / measured <= TOLERANCE, (predicted, measured)

@@ -108,3 +108,25 @@ def test_cli_measure_on_the_real_default_model(capsys):
     assert "SmolLM2" in out["measured_weights"]
     err = abs(out["tensor_peak_bytes"] - out["measured_tensor_peak_bytes"]) / out["measured_tensor_peak_bytes"]
     assert err <= 0.10
+
+
+def test_checkpointing_covers_the_fewest_blocks_that_fit():
+    """Auto checkpointing: off when the batch fits without it, else on for the fewest (lowest) blocks that fit."""
+    from dataclasses import replace
+
+    from lamda_edge.planner.memory import estimate
+    from lamda_edge.planner.report import format_plan
+    from lamda_edge.planner.search import headroom_margin, peak_bytes
+
+    device, model = get_device("rtx3060"), get_model("llama-3.1-8b")
+    p = plan(device, model, seq_len=2048, target_batch=4)
+    k = p.setup.checkpoint_layers
+    assert p.setup.gradient_checkpointing and k is not None and 1 <= k < model.num_blocks
+    assert p.to_json()["checkpoint_layers"] == k
+    limit = device.usable_bytes - headroom_margin(device) if p.headroom_verdict == "comfortable" else p.budget_bytes
+    assert p.peak_bytes <= limit
+    one_fewer = peak_bytes(device, estimate(model, replace(p.setup, checkpoint_layers=k - 1)))
+    assert one_fewer > limit
+    assert f"checkpointing on ({k} of {model.num_blocks} blocks)" in format_plan(p)
+    pinned = plan(device, model, seq_len=2048, target_batch=4, gradient_checkpointing=True)
+    assert pinned.setup.checkpoint_layers is None and pinned.to_json()["checkpoint_layers"] == model.num_blocks

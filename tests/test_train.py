@@ -323,14 +323,17 @@ def test_recipe_plan_and_setup_data(tmp_path, model_dir, data_file):
 def test_recipe_setup_model_and_trainer(tmp_path, model_dir, data_file):
     """setup_model() adapts the tiny Llama at the planned rank; setup_trainer() wires the Trainer without training."""
     from lamda_edge.adapters import lamda_layers
+    from lamda_edge.load.loader import checkpointed_blocks
     from lamda_edge.train.callbacks import LaMDACallback, ProgressCallback
     from lamda_edge.train.recipe import TrainRecipe
     from lamda_edge.train.trainer import LossModel
 
-    recipe = TrainRecipe(tiny_config(model_dir, data_file, tmp_path / "run", lamda={"alpha": 3.0}), progress=False)
+    recipe = TrainRecipe(tiny_config(model_dir, data_file, tmp_path / "run", lamda={"alpha": 3.0},
+                                     gradient_checkpointing=True, checkpoint_layers=1), progress=False)
     recipe.plan()
     recipe.setup_data()
     recipe.setup_model()
+    assert [block.gradient_checkpointing for block in checkpointed_blocks(recipe.lm)] == [True, False]  # partial
     layers = lamda_layers(recipe.lm)
     assert len(layers) == 7 * 2 and all(layer.lamda_S.shape == (4, 4) for _, layer in layers)
     assert all(layer.scaling == pytest.approx(3.0 / 4) for _, layer in layers)  # `lamda.alpha` came through

@@ -6,11 +6,14 @@ transformers Trainer:
 
     method            what trains
     ---------------   ------------------------------------------------------------------------------------------
-    lamda             lamda-edge's loop: `load_lamda_model` (bf16 base), `LossModel` (chunked loss),
+    lamda             lamda-edge's loop: `load_lamda_model` (full-precision base), `LossModel` (chunked loss),
                       `LaMDATrainer`, `LaMDACallback`, padded batches (`PaddingCollator`)
     lamda-packed      the same with `packing: true` (`PackingCollator`: one padding-free row per batch)
-    peft-lora         what a PEFT user writes: AutoModelForCausalLM in bf16, `LoraConfig(r=16)` on the same
-                      linears, the model's own loss, padded batches
+    peft-lora         what a PEFT user writes: AutoModelForCausalLM, `LoraConfig(r=16)` on the same linears,
+                      the model's own loss, padded batches
+
+Precision: `--precision auto` (the default) is what `lamda-edge train` picks here (bf16 where the CPU multiplies
+bf16 natively, AVX512-BF16 or AMX, else fp32), for every method: the base weights in it and, for bf16, autocast.
 
 Each run is its own process (threads are read once, at load); methods take turns (A B C A B C ...). A step's
 time runs from `on_step_begin` to `on_step_end`; the first `--warmup` steps are dropped. Tokens are the real
@@ -58,21 +61,26 @@ def _step_timer():
     return StepTimer()
 
 
-def worker(method: str, steps: int, batch: int, seq: int, rank: int, n_train: int) -> dict:
+def worker(method: str, steps: int, batch: int, seq: int, rank: int, n_train: int, precision: str = "auto") -> dict:
     """Train `steps` optimizer steps with `method` in this process; returns per-step seconds and tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from lamda_edge.demo.default_model import default_model_path
     from lamda_edge.demo.task import make_task
+    from lamda_edge.load.device import resolve_precision
     from lamda_edge.train.data import PackingCollator, PaddingCollator
+
+    precision = resolve_precision(precision, torch.device("cpu"))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     model_dir = default_model_path(progress=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = make_task(tokenizer, n_train=n_train, n_eval=1, seq_len=seq).train
     out = tempfile.mkdtemp(prefix="bench-speed-")
     args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
-                             learning_rate=1e-3, lr_scheduler_type="constant", bf16=True, use_cpu=True,
+                             learning_rate=1e-3, lr_scheduler_type="constant", bf16=precision == "bf16",
+                             use_cpu=True,
                              report_to="none", disable_tqdm=True, remove_unused_columns=False, save_strategy="no",
                              logging_strategy="no", include_num_input_tokens_seen="non_padding", seed=0,
                              dataloader_num_workers=0)
@@ -84,7 +92,7 @@ def worker(method: str, steps: int, batch: int, seq: int, rank: int, n_train: in
         from lamda_edge.train.trainer import LaMDATrainer, LossModel
 
         lm = load_lamda_model(model_dir, LaMDAConfig(rank=rank), quantize=None, device="cpu",
-                              compute_dtype=torch.bfloat16, progress=False, gradient_checkpointing=False)
+                              compute_dtype=dtype, progress=False, gradient_checkpointing=False)
         collator = PackingCollator() if method == "lamda-packed" else PaddingCollator.for_tokenizer(tokenizer)
         trainer = LaMDATrainer(model=LossModel(lm, DEFAULT_CHUNK_ROWS), args=args, data_collator=collator,
                                train_dataset=data, callbacks=[LaMDACallback(lm, freeze_steps=max(1, steps * 3 // 10)),
@@ -92,7 +100,7 @@ def worker(method: str, steps: int, batch: int, seq: int, rank: int, n_train: in
     else:
         from peft import LoraConfig, get_peft_model
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
                                                  task_type="CAUSAL_LM"))
         trainer = Trainer(model=model, args=args, data_collator=PaddingCollator.for_tokenizer(tokenizer),
@@ -100,7 +108,7 @@ def worker(method: str, steps: int, batch: int, seq: int, rank: int, n_train: in
     trainer.train()
     return {"method": method, "step_s": [s for s, _ in timer.steps], "tokens": [t for _, t in timer.steps],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "precision": precision}
 
 
 def run(method: str, opts: argparse.Namespace) -> dict:
@@ -109,7 +117,7 @@ def run(method: str, opts: argparse.Namespace) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), OMP_WAIT_POLICY="PASSIVE",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     job = dict(method=method, steps=opts.steps, batch=opts.batch, seq=opts.seq, rank=opts.rank,
-               n_train=opts.steps * opts.batch)
+               n_train=opts.steps * opts.batch, precision=opts.precision)
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
                           env=env, cwd=str(REPO))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -135,6 +143,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="auto: what `lamda-edge train` picks on this CPU")
     ap.add_argument("--quick", action="store_true", help="2 steps, batch 2, 1 turn: a smoke test")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -158,7 +168,8 @@ def main() -> None:
         print(f"| {method} | {med:.1f} | {min(rates):.1f} - {max(rates):.1f} | {med / base:.2f} | "
               f"{max(r['peak_rss_bytes'] for r in runs) / 2**30:.2f} |")
     print(f"\nbatch {opts.batch} x seq <= {opts.seq}, rank {opts.rank}, {opts.steps} steps ({opts.warmup} dropped), "
-          f"{opts.threads} thread(s), {opts.repeats} turn(s); load average (1 min): "
+          f"{opts.threads} thread(s), {results[opts.methods[0]][0]['precision']}, {opts.repeats} turn(s); "
+          "load average (1 min): "
           + " ".join(f"{x:.1f}" for x in loads))
     if opts.out:
         Path(opts.out).write_text(json.dumps({"options": vars(opts), "loads": loads, "results": results}, indent=1))

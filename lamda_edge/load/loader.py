@@ -279,6 +279,7 @@ def load_lamda_model(
     task: str | None = None,
     num_labels: int | None = None,
     gradient_checkpointing: bool | None = None,
+    checkpoint_layers: int | None = None,
 ) -> nn.Module:
     """Load a local transformers folder with a frozen base (NF4 or plain) and LaMDA adapters from its full weights.
 
@@ -298,6 +299,7 @@ def load_lamda_model(
         num_labels: number of classes for a sequence-classification head (default: the config's).
         gradient_checkpointing: enable transformers' non-reentrant gradient checkpointing; None (the default): on
             for an accelerator, off on a CPU. (`lamda-edge train` decides it by plan: off when the batch fits.)
+        checkpoint_layers: with checkpointing on, only the lowest this many blocks recompute (None: all).
 
     Returns:
         The model (eval mode): base frozen, `lamda_S`, `lamda_B` and `modules_to_save` trainable, and
@@ -368,7 +370,7 @@ def load_lamda_model(
     if gradient_checkpointing is None:  # auto: memory is what an accelerator lacks; on a CPU recompute costs time
         gradient_checkpointing = device.type != "cpu"
     if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, checkpoint_layers)
     model.eval()
     svd_seconds = 0.0 if cached is not None else spectra_seconds + sum(r["svd_seconds"] for r in reports.values())
     report = {
@@ -426,8 +428,11 @@ def _load_generation_config(model: nn.Module, model_dir: Path) -> None:
             logger.warning("ignoring unreadable generation_config.json in %s: %s", model_dir, exc)
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> bool:
+def enable_gradient_checkpointing(model: nn.Module, layers: int | None = None) -> bool:
     """Turn on transformers' non-reentrant gradient checkpointing; False (with a warning) if the model lacks it.
+
+    `layers`: checkpoint only the lowest `layers` blocks (partial checkpointing: the planner's fewest that make a
+    batch fit); the blocks above keep their activations and skip the recompute. None: every block.
 
     Non-reentrant checkpointing needs no `enable_input_require_grads` (gradients reach the adapters inside a
     checkpointed block even when its input does not require a gradient); transformers adds it anyway.
@@ -443,4 +448,14 @@ def enable_gradient_checkpointing(model: nn.Module) -> bool:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
+    if layers is not None:
+        for block in checkpointed_blocks(model)[layers:]:
+            block.gradient_checkpointing = False
     return True
+
+
+def checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's blocks that checkpointing can wrap (transformers' `GradientCheckpointingLayer`s), bottom up."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

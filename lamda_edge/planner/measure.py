@@ -58,7 +58,8 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
         # real weights: the loader `lamda-edge train` uses (SVD of the full weights, residual to NF4, checkpointing)
         model = load_lamda_model(shape.local_path, config, quantize=setup.quantize, device=device,
                                  compute_dtype=resolve_compute_dtype(setup.compute_dtype, None), progress=False,
-                                 gradient_checkpointing=setup.gradient_checkpointing)
+                                 gradient_checkpointing=setup.gradient_checkpointing,
+                                 checkpoint_layers=setup.checkpoint_layers)
         model.config.use_cache = False
         model.train()
         return model
@@ -80,7 +81,7 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
             layer.lamda_B.requires_grad_(False)
     model.to(device)
     if setup.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, setup.checkpoint_layers)
     model.config.use_cache = False
     model.train()
     return model

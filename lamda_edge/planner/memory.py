@@ -66,6 +66,7 @@ class TrainSetup:
     quantize: str | None = "nf4"
     double_quant: bool = True
     gradient_checkpointing: bool = True
+    checkpoint_layers: int | None = None  # with checkpointing: only the lowest this many blocks recompute; None = all
     chunk_rows: int | None = DEFAULT_CHUNK_ROWS  # chunked loss rows; None = the model's own (full-logits) loss
     compute_dtype: str = "bf16"
     weight_dtype: str | None = None  # unquantized weights (embeddings, norms, plain base); None = compute dtype
@@ -75,7 +76,7 @@ class TrainSetup:
     activation_offload: bool = False  # what autograd saves outside checkpointed blocks waits in host memory
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "seq_len", "rank"):
+        for name in ("batch_size", "seq_len", "rank") + (("checkpoint_layers",) if self.checkpoint_layers else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"`{name}` should be a positive integer, got {value!r}")
@@ -219,10 +220,10 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     # stored between forward and backward: with checkpointing each block keeps only its input (N*h*e);
     # the last block's output is kept by the final norm (fp32 view, N*h*4 + rsqrt N*4)
     final_norm = N * h * 4 + N * 4
-    if setup.gradient_checkpointing:
-        stored_blocks = L * N * h * e
-    else:
-        stored_blocks = L * saved_layer
+    # partial checkpointing: the lowest `ckpt` blocks keep their input, the blocks above keep their saved sets
+    ckpt = checkpointed_block_count(setup, L)
+    stored_blocks = ckpt * N * h * e + (L - ckpt) * saved_layer
+    top_ckpt = ckpt == L  # the top block (where forward ends and backward starts) is checkpointed
     # activation offload (train/offload.py around the forward): what autograd saves outside the checkpointed
     # blocks -- each block's input (the checkpoint saves it), the final norm's fp32 input, and without checkpointing
     # every saved tensor -- goes to host memory; the device keeps the shared RoPE tables and mask (kwargs of the
@@ -258,7 +259,7 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     # under checkpointing the block's saved set is rebuilt; its fp32 norm input is the stored input itself
     # when e == 4, so only the rest is new
     recompute = saved_layer - (N * h * 4 if e == 4 else 0)
-    top_stored = N * h * e if setup.gradient_checkpointing else saved_layer
+    top_stored = N * h * e if top_ckpt else saved_layer
     below = stored - (0 if setup.activation_offload else top_stored)  # blocks under the top one (offload: on host)
     # gradient transients at the MLP's input-gradient step: the block output's grad (N*h*e); down_proj's input
     # grad from the frozen base (N*I*e) and from the adapter path (N*I*e: A is cast to e, not x to fp32), which
@@ -270,11 +271,11 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
         # forward through the top block: without checkpointing its saved set plus the MLP product and down_proj's
         # output temporaries (base out, B S A x, scaled: 3 N*h*e); under checkpointing nothing is saved, and the
         # working set is its input and residual (2 N*h*e) with SiLU(gate), up and their product (3 N*I*e)
-        "forward": below + (saved_layer + mlp_mid + 3 * N * h * e if not setup.gradient_checkpointing
+        "forward": below + (saved_layer + mlp_mid + 3 * N * h * e if not top_ckpt
                             else 2 * N * h * e + 3 * mlp_mid) + dequant,
         "loss": stored + loss_fwd,
         "loss_backward": stored + loss_bwd + grads,
-        "backward": below + top_stored + (recompute if setup.gradient_checkpointing else 0) + grad_transient + grads,
+        "backward": below + top_stored + (recompute if top_ckpt else 0) + grad_transient + grads,
         # AdamW: single-tensor on CPU makes exp_avg_sq.sqrt() and a scaled copy per parameter; foreach on CUDA makes
         # them for all parameters at once: count 2 copies of all trainable parameters (fp32)
         "optimizer": grads + 2 * trainable * 4,
@@ -295,6 +296,14 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
         trainable_params=trainable,
         host_offload_bytes=int(host),
     )
+
+
+def checkpointed_block_count(setup: TrainSetup, num_blocks: int) -> int:
+    """How many of the `num_blocks` blocks recompute in backward: none without checkpointing, else the lowest
+    `checkpoint_layers` (all when it is None or more than there are)."""
+    if not setup.gradient_checkpointing:
+        return 0
+    return num_blocks if setup.checkpoint_layers is None else min(setup.checkpoint_layers, num_blocks)
 
 
 def _phase_items(phase: str, **parts) -> dict[str, float]:

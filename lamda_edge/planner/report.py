@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from lamda_edge.families import export_support
+from lamda_edge.planner.memory import checkpointed_block_count
 from lamda_edge.planner.profiles import GIB, MIB
 from lamda_edge.planner.search import headroom_margin
 
 
 def _fmt(n: float) -> str:
     return f"{n / GIB:8.2f} GiB" if abs(n) >= GIB else f"{n / MIB:8.1f} MiB"
+
+
+def _checkpointing(setup, num_blocks: int) -> str:
+    """'off', 'on', or 'on (k of L blocks)' for partial checkpointing."""
+    if not setup.gradient_checkpointing:
+        return "off"
+    k = checkpointed_block_count(setup, num_blocks)
+    return "on" if k == num_blocks else f"on ({k} of {num_blocks} blocks)"
 
 
 def format_plan(plan) -> str:
@@ -18,7 +27,7 @@ def format_plan(plan) -> str:
         f"plan: {m.name} on {d.name} ({d.description})",
         f"  rank {s.rank}  batch_size {s.batch_size}  grad_accum {plan.grad_accum} (effective "
         f"{s.batch_size * plan.grad_accum})  seq_len {s.seq_len}  base {s.quantize or 'unquantized'}  "
-        f"compute {s.compute_dtype}  checkpointing {'on' if s.gradient_checkpointing else 'off'}  "
+        f"compute {s.compute_dtype}  checkpointing {_checkpointing(s, m.num_blocks)}  "
         f"loss {'chunked ' + str(s.chunk_rows) + ' rows' if s.chunk_rows else 'full logits'}"
         + ("  activation offload on" if s.activation_offload else ""),
         "",

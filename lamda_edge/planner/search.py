@@ -7,7 +7,8 @@
 Rank: the LaMDA++ base rank `r0` (the budget `sum r_l^2 <= L r0^2` that energy allocation distributes); the
 first of 16, 8, 4 that fits (adapter memory is small, so this rarely binds). Batch size: the largest that fits,
 up to the target effective batch. Gradient checkpointing: off when the same batch fits without it (4N instead of
-6N FLOP per token), else on; always on with activation offload (what it offloads is the checkpointed inputs).
+6N FLOP per token), else on for the fewest blocks that make it fit (partial checkpointing: each block left out
+saves its recompute); always on with activation offload (what it offloads is the checkpointed inputs).
 Accumulation: ceil(target / batch). Nothing fits: `DoesNotFitError` (exit 3) with the smallest changes that would
 fit. Every estimate is closed-form, so a 70B shape plans in milliseconds.
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 from lamda_edge.errors import ConfigError, DoesNotFitError
 from lamda_edge.families import export_support
-from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS, Estimate, TrainSetup, estimate
+from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS, Estimate, TrainSetup, checkpointed_block_count, estimate
 from lamda_edge.planner.profiles import GIB, MIB, DeviceProfile, ModelShape, load_devices, load_models
 
 RANKS = (16, 8, 4)
@@ -87,6 +88,7 @@ class Plan:
             "seq_len": s.seq_len,
             "quantize": s.quantize,
             "gradient_checkpointing": s.gradient_checkpointing,
+            "checkpoint_layers": checkpointed_block_count(s, self.model.num_blocks),
             "activation_offload": s.activation_offload,
             "chunk_rows": s.chunk_rows,
             "compute_dtype": s.compute_dtype,
@@ -124,7 +126,7 @@ def speed_estimate(device: DeviceProfile, model: ModelShape, setup: TrainSetup, 
     once per pass; the step takes the longer of compute and memory traffic.
     """
     P = model.parameter_count()
-    passes = 3 if setup.gradient_checkpointing else 2
+    passes = 2 + checkpointed_block_count(setup, model.num_blocks) / model.num_blocks  # recompute: 1 per block
     attn = 4 * model.num_blocks * setup.seq_len * model.num_attention_heads * model.head_dim / 2  # causal half
     flop_per_token = passes * (2 * P + attn)
     tflops = device.peak_tflops
@@ -184,7 +186,7 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
          batch_size: int | None = None, target_batch: int = 16, quantize: str | None = "nf4",
          gradient_checkpointing: bool | None = None, chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
          dataset_tokens: int = 10_000_000, compute_dtype: str | None = None,
-         activation_offload: bool = False) -> Plan:
+         activation_offload: bool = False, checkpoint_layers: int | None = None) -> Plan:
     """Pick what was not pinned so the step fits `device`; raise `DoesNotFitError` (exit 3) if nothing does.
 
     Args:
@@ -200,6 +202,8 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
         dataset_tokens: tokens in one epoch, for the time estimate.
         compute_dtype: "fp32", "bf16" or "fp16"; None = the device's default (`DeviceProfile.compute_dtype`).
         activation_offload: saved activations wait in host memory (train/offload.py); refused on unified memory.
+        checkpoint_layers: pin how many of the lowest blocks checkpoint, or None: all of them when checkpointing is
+            pinned on, the fewest that fit when the planner decides it.
     """
     check_offload(device, activation_offload)
     _check_request(model, rank=rank, batch_size=batch_size, target_batch=target_batch,
@@ -208,7 +212,7 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
     base = TrainSetup(batch_size=batch_size or 1, seq_len=seq_len, rank=ranks[0], quantize=quantize,
                       compute_dtype=compute_dtype or device.compute_dtype, chunk_rows=chunk_rows,
                       gradient_checkpointing=True if gradient_checkpointing is None else gradient_checkpointing,
-                      activation_offload=activation_offload)
+                      activation_offload=activation_offload, checkpoint_layers=checkpoint_layers)
     cap = min(max(target_batch, 1), MAX_BATCH)
     comfortable = device.usable_bytes - headroom_margin(device)
     # comfortable first; a tight plan only when nothing comfortable fits
@@ -224,6 +228,8 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
         limit = device.usable_bytes if _try(device, model, chosen)[1] > comfortable else comfortable
         if _try(device, model, off)[1] <= limit:
             chosen = off
+        elif checkpoint_layers is None:
+            chosen = _fewest_checkpointed(device, model, chosen, limit)
     if batch_size is None and target_batch % chosen.batch_size:  # reach the target exactly: a divisor of it
         fitting = chosen.batch_size
         chosen = replace(chosen, batch_size=max(b for b in range(1, fitting + 1) if target_batch % b == 0))
@@ -234,6 +240,20 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
                 budget_bytes=device.usable_bytes, peak_bytes=peak,
                 speed=speed_estimate(device, model, chosen, est, dataset_tokens),
                 safer_choice=safer_choice(device, model, chosen, target_batch))
+
+
+def _fewest_checkpointed(device: DeviceProfile, model: ModelShape, setup: TrainSetup, limit: int) -> TrainSetup:
+    """Partial checkpointing: `setup` with the fewest checkpointed blocks whose peak stays within `limit` (the
+    peak falls as blocks are added: each keeps its input instead of its saved set). Every block when only that
+    fits; each block left out skips its recompute (1/L of a forward)."""
+    lo, hi = 1, model.num_blocks  # hi always fits (it is `setup` itself)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _try(device, model, replace(setup, checkpoint_layers=mid))[1] <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return setup if hi >= model.num_blocks else replace(setup, checkpoint_layers=hi)
 
 
 def safer_choice(device: DeviceProfile, model: ModelShape, setup: TrainSetup, target_batch: int) -> dict | None:

@@ -121,6 +121,10 @@ class RunConfig:
     gradient_checkpointing: bool | None = _field(
         None, "recompute each layer's activations in backward (less memory, ~1.5x compute); null = the planner "
         "decides: on, unless the batch fits without it")
+    checkpoint_layers: int | None = _field(
+        None, "with checkpointing on, recompute only the lowest this many blocks (partial checkpointing; the blocks "
+        "above keep their activations and skip the recompute); null = every block, or the planner's fewest that "
+        "make the batch fit when it decides checkpointing")
     activation_offload: bool = _field(
         False, "keep what autograd saves for backward (each checkpointed layer's input) in pinned host memory "
         "instead of on the GPU: longer contexts for some PCIe traffic; discrete GPUs only (refused on unified "
@@ -182,7 +186,8 @@ class RunConfig:
              f"`on_overflow` should be one of {OVERFLOW_POLICIES}, got {self.on_overflow!r}")
         need(self.lr_scheduler in LR_SCHEDULERS, f"`lr_scheduler` should be one of {LR_SCHEDULERS}, got "
              f"{self.lr_scheduler!r}.{closest_key(str(self.lr_scheduler), LR_SCHEDULERS)}")
-        for name in ("batch_size", "max_steps", "eval_steps", "save_steps", "chunk_rows", "demo_generate"):
+        for name in ("batch_size", "max_steps", "eval_steps", "save_steps", "chunk_rows", "demo_generate",
+                     "checkpoint_layers"):
             positive_int(name, optional=True)
         for name in ("seq_len", "grad_accum", "save_total_limit", "logging_steps", "demo_train", "demo_eval"):
             positive_int(name)
@@ -273,7 +278,7 @@ class RunConfig:
                     target_batch=(self.batch_size or DEFAULT_BATCH_SIZE) * self.grad_accum, quantize=quantize,
                     gradient_checkpointing=self.gradient_checkpointing, chunk_rows=self.chunk_rows,
                     compute_dtype=None if precision == "auto" else precision,
-                    activation_offload=self.activation_offload)
+                    activation_offload=self.activation_offload, checkpoint_layers=self.checkpoint_layers)
 
 
 def _as_float(value):

@@ -96,8 +96,8 @@ def load_model(model_path: Path, config: RunConfig, lamda_config, device: torch.
     """The model with a frozen (NF4 or full-precision) base and LaMDA adapters, from `lamda_edge.load.loader`."""
     return load_lamda_model(model_path, lamda_config, quantize=resolve_quantize(config.quantize, device),
                             device=device, compute_dtype=resolve_compute_dtype(precision, device), progress=False,
-                            gradient_checkpointing=bool(config.gradient_checkpointing), task=task,
-                            num_labels=num_labels)
+                            gradient_checkpointing=bool(config.gradient_checkpointing),
+                            checkpoint_layers=config.checkpoint_layers, task=task, num_labels=num_labels)
 
 
 def run_task(model_path: Path, task: str, demo_task: bool) -> tuple[str, object]:
@@ -141,30 +141,41 @@ def _adapter_metadata(lm, model_path: Path, quantize: str | None) -> dict:
 
 
 def _plan(config: RunConfig, model_path: Path, quantize: str | None,
-          precision: str | None = None) -> tuple[int, int, int, bool, str]:
-    """(rank, batch_size, grad_accum, gradient_checkpointing, source): pinned values, else the planner's choice.
+          precision: str | None = None) -> tuple[int, int, int, bool, int | None, str]:
+    """(rank, batch_size, grad_accum, gradient_checkpointing, checkpoint_layers, source): pinned values, else the
+    planner's choice.
 
     The planner (`lamda_edge.planner.search.plan`) gets the device profile (`device` when it names one, else the
     auto-detected device), the model's shape, `seq_len`, the pinned values and a target effective batch of
     `batch_size * grad_accum` (default batch 4); it picks the rank, the largest batch that fits, the gradient
-    accumulation that reaches the target, and turns checkpointing off when the batch fits without it. A model it
+    accumulation that reaches the target, and turns checkpointing off when the batch fits without it (else on for
+    the fewest blocks that make it fit). A model it
     cannot read falls back to the defaults (checkpointing on); a configuration that cannot fit raises
     `DoesNotFitError` (exit 3).
     """
     rank, batch, checkpointing = config.rank, config.batch_size, config.gradient_checkpointing
     if rank is not None and batch is not None and checkpointing is not None:
-        return rank, batch, config.grad_accum, checkpointing, "pinned"
+        return rank, batch, config.grad_accum, checkpointing, config.checkpoint_layers, "pinned"
     try:
         shape = get_model(str(model_path))
     except ProfileError as exc:
         print(f"lamda-edge: the planner cannot read {model_path} ({exc}); using the defaults", file=sys.stderr)
         return (rank or DEFAULT_RANK, batch or DEFAULT_BATCH_SIZE, config.grad_accum,
-                True if checkpointing is None else checkpointing, "defaults")
+                True if checkpointing is None else checkpointing, config.checkpoint_layers, "defaults")
     profile = get_device(config.planner_device())
     result = plan_run(profile, shape, **config.plan_arguments(quantize, precision))
     setup = result.setup
     accum = config.grad_accum if batch is not None else result.grad_accum
-    return setup.rank, setup.batch_size, accum, setup.gradient_checkpointing, f"planner, {profile.name}"
+    layers = setup.checkpoint_layers if checkpointing is None else config.checkpoint_layers  # the planner decided
+    return (setup.rank, setup.batch_size, accum, setup.gradient_checkpointing, layers,
+            f"planner, {profile.name}")
+
+
+def _checkpointing_note(config: RunConfig) -> str:
+    """'off', 'on', or 'on for the lowest k blocks' (partial checkpointing)."""
+    if not config.gradient_checkpointing:
+        return "off"
+    return "on" if config.checkpoint_layers is None else f"on for the lowest {config.checkpoint_layers} blocks"
 
 
 def _load_tokenizer(model_path: Path):
@@ -291,9 +302,10 @@ class TrainRecipe:
             raise ConfigError(f"`packing` joins causal-LM examples into one row; this run's task is {self.task!r}. "
                               "Fix: remove packing=true")
         self.tokenizer = _load_tokenizer(self.model_path)
-        self.rank, self.batch_size, grad_accum, checkpointing, self.planned_by = _plan(
+        self.rank, self.batch_size, grad_accum, checkpointing, layers, self.planned_by = _plan(
             config, self.model_path, self.quantize, self.precision)
-        self.config = config.replace(grad_accum=grad_accum, gradient_checkpointing=checkpointing)
+        self.config = config.replace(grad_accum=grad_accum, gradient_checkpointing=checkpointing,
+                                     checkpoint_layers=layers if checkpointing else None)
 
     def setup_data(self) -> None:
         """The datasets, the number of optimizer steps and t_i; writes the run config as run (for --resume)."""
@@ -323,7 +335,7 @@ class TrainRecipe:
         if self.progress and _is_main():
             print(f"lamda-edge: {self.model_path.name} ({self.quantize or 'full-precision'} base, {self.precision}) "
                   f"on {self.device.type}: rank {self.rank}, batch {self.batch_size} x {config.grad_accum} "
-                  f"({self.planned_by}), checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
+                  f"({self.planned_by}), checkpointing {_checkpointing_note(config)}, "
                   f"{self.max_steps} steps, {_freeze_note(self.lamda_config, self.freeze_b_steps)}; output {self.out}"
                   + (f"; resuming from {self.last_checkpoint}" if self.last_checkpoint else ""), file=sys.stderr)
 
