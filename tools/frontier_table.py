@@ -143,7 +143,9 @@ def render(rows: list[dict]) -> str:
         f"- **An open gap in the offload term.** On the CPU (section above) offload moves what the model says "
         "out of device memory after the forward (a 2-layer model: 4.1 -> 1.1 block inputs' worth), but the "
         "backward peak falls by about three block inputs (N x h x e) less than modelled, the same at 2, 4 and 8 "
-        "layers: the offload rows underpredict by 7-8.5%. Not explained yet; counted at that size for "
+        "layers: the offload rows underpredict by 7-8.5%. One of the three is found: the first block's input (the "
+        "embedding output, which needs no gradient) is packed to the host but its device tensor stays alive until "
+        "backward (held by autograd, not by Python); the rest is not explained yet. Counted at that size for "
         f"Llama-3.1-8B, the 12 GB offload frontier would be about "
         f"{int(twelve['ours + offload'] * slope[True] / (slope[True] + 3.73 * 4096 * 2)):,} tokens instead of "
         f"{_n(twelve['ours + offload'])}. The GPU run will say which it is.",

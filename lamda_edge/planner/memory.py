@@ -27,6 +27,13 @@ per token, counted op by op (tests/test_planner_memory.py checks it against the 
     LaMDA, each adapted linear: A x in fp32 (for S's grad), s S A x     sum_i r_i (4 + [B trains] e) B
       in the compute dtype (for B's)
     frozen base weights (plain or NF4) save nothing that scales with N: their inputs are not kept.
+
+Activation offload (`setup.activation_offload`, lamda_edge/train/offload.py around the forward) moves what autograd
+saves outside the checkpointed blocks to host memory: every block's input (the checkpoint saves it), the final
+norm's fp32 input, the chunked loss's inputs (without checkpointing: every saved tensor). The device keeps the
+shared RoPE tables and mask, and gets one block's input back at a time in backward; `host_offload_bytes` is what
+waits in host memory. (On the CPU the backward peak measures about three N*h*e above this term, constant in depth:
+an open gap, docs/planner-accuracy.md.)
 """
 
 from __future__ import annotations
