@@ -28,6 +28,8 @@ A first run, on the built-in default (SmolLM2-135M-Instruct learning GSM-style w
   lamda-edge generate --model runs/demo-onnx --prompt "..."           # ONNX Runtime
 
 Your own model and data: lamda-edge train --model ./my-model --data train.jsonl (see `lamda-edge train --help`).
+Classifiers (JSONL text/label) and encoder-decoders (JSONL source/target) train the same way (--task, else from the
+model's config); an exported classifier runs with lamda-edge classify --model DIR --text "...".
 Will it fit? lamda-edge plan --device rtx3060 --model llama-3.1-8b (see `lamda-edge devices`).
 Each command has --help with examples. Exit codes: 0 ok, 2 bad input, 3 does not fit.
 """

@@ -206,3 +206,20 @@ def test_planner_reads_local_encoder_and_encoder_decoder_folders(arch, architect
     tiny.save(tmp_path, arch, hidden=32)
     shape = get_model(str(tmp_path))
     assert (shape.architecture, shape.model_type, shape.hidden_size) == (architecture, arch, 32)
+
+
+@pytest.mark.slow
+def test_phi3_nf4_adapter_exports_int4_as_trained(folders, tmp_path, run_export):
+    """Phi-3's fused qkv_proj / gate_up_proj on an NF4 residual base: `--int4` keeps each residual as MatMulBnb4
+    (bitsandbytes' codes) beside its adapter path, equal to the PyTorch NF4 model as trained."""
+    from lamda_edge import LaMDAConfig, save_adapter
+    from lamda_edge.load.loader import load_lamda_model
+
+    folder = folders("phi3")
+    model = load_lamda_model(folder, LaMDAConfig(rank=4, alpha=8.0), quantize="nf4", device="cpu",
+                             compute_dtype=torch.float32, progress=False, cache_dir=False)
+    move(model)
+    save_adapter(model, tmp_path / "adapter", metadata={"base_model": str(folder), "quantize": "nf4"})
+    report = run_export(tmp_path / "out", adapter=tmp_path / "adapter", int4=True)
+    assert report["ok"] and report["summary"]["graphs"]["model.int4.onnx"]["method"] == "nf4"
+    assert report["summary"]["graphs"]["model.int4.onnx"]["check"].startswith("equal to the PyTorch NF4 model")
