@@ -28,6 +28,8 @@ A first run, on the built-in default (SmolLM2-135M-Instruct learning GSM-style w
   lamda-edge generate --model runs/demo-onnx --prompt "..."           # ONNX Runtime
 
 Your own model and data: lamda-edge train --model ./my-model --data train.jsonl (see `lamda-edge train --help`).
+Classifiers (JSONL text/label) and encoder-decoders (JSONL source/target) train the same way (--task, else from the
+model's config); an exported classifier runs with lamda-edge classify --model DIR --text "...".
 Will it fit? lamda-edge plan --device rtx3060 --model llama-3.1-8b (see `lamda-edge devices`).
 Each command has --help with examples. Exit codes: 0 ok, 2 bad input, 3 does not fit.
 """
@@ -427,6 +429,15 @@ def _run_generate(args) -> int:
         from lamda_edge.demo.task import SYSTEM_PROMPT
 
         system = SYSTEM_PROMPT
+    from lamda_edge.runtime.seq2seq import OnnxSeq2Seq, is_seq2seq_folder
+
+    if is_seq2seq_folder(args.model):  # an encoder-decoder: the prompt is the source, greedy decoding
+        if args.temperature > 0:
+            raise ConfigError("an encoder-decoder generates greedily only. Fix: drop --temperature")
+        s2s = OnnxSeq2Seq(args.model)
+        print(s2s.generate(args.prompt, max_new_tokens=args.max_new_tokens), flush=True)
+        print(f"[{s2s.onnx_file}: greedy]", file=sys.stderr)
+        return 0
     gen = load_generator(args.model, onnx_file=args.onnx_file)
     stop = any_stop(answer_line_stop(gen.tokenizer) if args.task == "gsm" else None,
                     None if args.no_repetition_guard else repetition_stop)

@@ -4,24 +4,22 @@
     family           trains (task)                      exports (ONNX, parity-checked)
     decoders         causal-lm                          llama, mistral, qwen2, qwen3, gemma2, phi3
     classifiers      sequence-classification            bert, roberta, deberta-v2 (DeBERTa-v3)
-    encoder-decoder  seq2seq (BART)                     not yet: trains and merges only
+    encoder-decoder  seq2seq                            bart (encoder + decoder graphs with a KV cache, fp32)
 """
 
 from __future__ import annotations
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
 ENCODER_TYPES = ("bert", "roberta", "deberta-v2")
-EXPORTED = (f"causal LMs of types {', '.join(DECODER_TYPES)} and sequence classifiers of types "
-            f"{', '.join(ENCODER_TYPES)}")
+SEQ2SEQ_TYPES = ("bart",)
+EXPORTED = (f"causal LMs of types {', '.join(DECODER_TYPES)}, sequence classifiers of types "
+            f"{', '.join(ENCODER_TYPES)} and encoder-decoders of types {', '.join(SEQ2SEQ_TYPES)}")
 
 
 def export_support(model_type: str | None, architecture: str) -> tuple[bool, str | None]:
     """(exportable, a note when it is not) for a model of `model_type` planned as `architecture`
     ('decoder', 'encoder', 'encoder-decoder')."""
-    if architecture == "encoder-decoder":
-        return False, ("trains (task=seq2seq) and merges, but `export` builds no encoder-decoder graphs yet; "
-                       f"exported: {EXPORTED}")
-    types = DECODER_TYPES if architecture == "decoder" else ENCODER_TYPES
+    types = {"decoder": DECODER_TYPES, "encoder": ENCODER_TYPES, "encoder-decoder": SEQ2SEQ_TYPES}[architecture]
     if model_type in types:
         return True, None
     if model_type is None:

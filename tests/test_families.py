@@ -180,17 +180,22 @@ def test_deberta_export_parity_and_classify(folders, tol, tmp_path, run_export, 
 @pytest.mark.parametrize(
     "model, exportable",
     [pytest.param("gemma-2-2b", True, id="gemma-2-2b"), pytest.param("phi-3-mini", True, id="phi-3-mini"),
-     pytest.param("deberta-v3-base", True, id="deberta-v3-base"), pytest.param("bart-large", False, id="bart-large")],
+     pytest.param("deberta-v3-base", True, id="deberta-v3-base"), pytest.param("bart-large", True, id="bart-large"),
+     pytest.param("{t5}", False, id="t5-no-mapping")],
 )
-def test_plan_says_whether_a_planned_model_exports(model, exportable, capsys):
+def test_plan_says_whether_a_planned_model_exports(model, exportable, capsys, tmp_path):
     from lamda_edge.cli import main
 
+    t5 = {"model_type": "t5", "is_encoder_decoder": True, "d_model": 64, "encoder_attention_heads": 4,
+          "encoder_ffn_dim": 128, "encoder_layers": 2, "decoder_layers": 2, "vocab_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps(t5))
+    model = model.format(t5=tmp_path)
     assert main(["plan", "--device", "rtx3060", "--model", model, "--seq-len", "256", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["exportable"] is exportable
     assert (plan["export_note"] is None) is exportable
     if not exportable:
-        assert "seq2seq" in plan["export_note"] and "deberta-v2" in plan["export_note"]
+        assert "'t5' has no ONNX mapping" in plan["export_note"] and "bart" in plan["export_note"]
 
 
 @pytest.mark.parametrize("arch, architecture", [pytest.param("deberta-v2", "encoder", id="deberta-v2"),
@@ -201,3 +206,20 @@ def test_planner_reads_local_encoder_and_encoder_decoder_folders(arch, architect
     tiny.save(tmp_path, arch, hidden=32)
     shape = get_model(str(tmp_path))
     assert (shape.architecture, shape.model_type, shape.hidden_size) == (architecture, arch, 32)
+
+
+@pytest.mark.slow
+def test_phi3_nf4_adapter_exports_int4_as_trained(folders, tmp_path, run_export):
+    """Phi-3's fused qkv_proj / gate_up_proj on an NF4 residual base: `--int4` keeps each residual as MatMulBnb4
+    (bitsandbytes' codes) beside its adapter path, equal to the PyTorch NF4 model as trained."""
+    from lamda_edge import LaMDAConfig, save_adapter
+    from lamda_edge.load.loader import load_lamda_model
+
+    folder = folders("phi3")
+    model = load_lamda_model(folder, LaMDAConfig(rank=4, alpha=8.0), quantize="nf4", device="cpu",
+                             compute_dtype=torch.float32, progress=False, cache_dir=False)
+    move(model)
+    save_adapter(model, tmp_path / "adapter", metadata={"base_model": str(folder), "quantize": "nf4"})
+    report = run_export(tmp_path / "out", adapter=tmp_path / "adapter", int4=True)
+    assert report["ok"] and report["summary"]["graphs"]["model.int4.onnx"]["method"] == "nf4"
+    assert report["summary"]["graphs"]["model.int4.onnx"]["check"].startswith("equal to the PyTorch NF4 model")

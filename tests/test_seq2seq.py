@@ -159,9 +159,40 @@ def test_bad_seq2seq_data_exits_2(bart_dir, tmp_path, capsys, rows, extra, expec
     assert expected in err and "Traceback" not in err
 
 
-def test_export_refuses_an_encoder_decoder_naming_what_exports(bart_dir, run_export, tmp_path):
-    from lamda_edge.errors import ModelError
+def test_low_bit_export_of_an_encoder_decoder_is_refused(bart_dir, run_export, tmp_path):
+    from lamda_edge.errors import ConfigError
 
-    with pytest.raises(ModelError, match="encoder-decoder.*llama.*gemma2.*phi3.*deberta-v2"):
-        run_export(tmp_path / "out", model=bart_dir)
+    with pytest.raises(ConfigError, match="fp32 ONNX graphs only"):
+        run_export(tmp_path / "out", model=bart_dir, int8=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_export_parity_of_every_graph_and_onnx_greedy_equals_pytorch(bart_dir, tol, tmp_path, run_export, capsys):
+    """encoder, decoder and decoder-with-past graphs under optimum's names, each output equal to PyTorch; greedy
+    generation over them equals transformers' greedy generate token for token; `lamda-edge generate` runs it."""
+    from lamda_edge import save_adapter
+    from lamda_edge.cli import main
+    from lamda_edge.runtime.seq2seq import OnnxSeq2Seq
+
+    model = adapted(bart_dir, moved=True)
+    save_adapter(model, tmp_path / "adapter", metadata={"base_model": str(bart_dir), "quantize": None})
+    report = run_export(tmp_path / "out", adapter=tmp_path / "adapter")
+    assert report["ok"] and report["kind"] == "seq2seq" and not report["validation"]["mismatches"]
+    diffs = report["validation"]["max_abs_diff"]
+    assert {"last_hidden_state", "logits", "present.0.decoder.key", "present.1.encoder.value"} <= set(diffs)
+    assert max(diffs.values()) <= tol.fp32
+    assert set(report["summary"]["graphs"]) == {"encoder_model.onnx", "decoder_model.onnx",
+                                                "decoder_with_past_model.onnx"}
+    onnx = OnnxSeq2Seq(tmp_path / "out")
+    eos = model.config.eos_token_id
+    for seed in (0, 1):
+        source = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            want = model.generate(source, attention_mask=torch.ones_like(source), max_new_tokens=8, do_sample=False,
+                                  num_beams=1, min_length=0, no_repeat_ngram_size=0, forced_eos_token_id=None,
+                                  forced_bos_token_id=None, eos_token_id=eos)[0, 1:].tolist()
+        assert onnx.generate_ids(source[0].tolist(), max_new_tokens=8) == want
+    assert main(["generate", "--model", str(tmp_path / "out"), "--prompt", "the quick brown fox",
+                 "--max-new-tokens", "4"]) == 0
+    assert "greedy" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
     merged.py    the base rebuilt as trained, the adapter merged, a plain transformers folder written
     graph.py     torch.onnx.export of a decoder with a KV cache, or of an encoder classifier
+    seq2seq.py   an encoder-decoder (BART): encoder, decoder and decoder-with-past graphs, validated
     quantize.py  weight-only int4 of the merged graph (MatMulNBits)
     nf4.py       the unmerged graph: NF4 residual (MatMulBnb4 with bitsandbytes' codes) or int4/int8 residual + LaMDA
     lowbit.py    `--int4` / `--int8`: which low-bit graph, built how, checked against what

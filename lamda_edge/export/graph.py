@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lamda_edge.errors import ModelError, require
-from lamda_edge.families import DECODER_TYPES, ENCODER_TYPES
+from lamda_edge.families import DECODER_TYPES, ENCODER_TYPES, EXPORTED, SEQ2SEQ_TYPES
 
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: bigger models keep their weights in model.onnx.data
 OPSET = 18
@@ -34,22 +34,18 @@ MODEL_FILE = "model.onnx"  # the fp32 (or fp16) graph of an export folder
 
 
 def model_kind(model: nn.Module) -> str:
-    """'decoder' or 'encoder' for a model the exporter handles; `ModelError` naming the supported types otherwise."""
+    """'decoder', 'encoder' or 'seq2seq' (export/seq2seq.py) for a model the exporter handles; `ModelError` naming
+    the supported types otherwise."""
     model_type = getattr(model.config, "model_type", None)
     arch = type(model).__name__
     if model_type in DECODER_TYPES and arch.endswith("ForCausalLM"):
         return "decoder"
     if model_type in ENCODER_TYPES and arch.endswith("ForSequenceClassification"):
         return "encoder"
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ModelError(
-            f"cannot export the encoder-decoder {arch} (model_type={model_type!r}) to ONNX yet: lamda-edge trains it "
-            "(task=seq2seq) and merges it (the merged folder loads with transformers), but builds no encoder/decoder "
-            f"graphs. Exported families: causal LMs of types {', '.join(DECODER_TYPES)} and sequence classifiers of "
-            f"types {', '.join(ENCODER_TYPES)}.")
+    if model_type in SEQ2SEQ_TYPES and arch.endswith("ForConditionalGeneration"):
+        return "seq2seq"
     raise ModelError(
-        f"cannot export {arch} (model_type={model_type!r}) to ONNX. Supported: causal LMs of types "
-        f"{', '.join(DECODER_TYPES)} and sequence classifiers of types {', '.join(ENCODER_TYPES)}. "
+        f"cannot export {arch} (model_type={model_type!r}) to ONNX. Supported: {EXPORTED}. "
         "Fix: export one of those, or use `--format genai` for the architectures onnxruntime-genai builds."
     )
 

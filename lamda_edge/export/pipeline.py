@@ -201,6 +201,9 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log, stage=lambda na
     tokenizer = load_tokenizer(merged_dir)
     text = read_text(options.eval_text, ConfigError, "pass a UTF-8 text file") if options.eval_text else HELD_OUT_TEXT
 
+    if kind == "seq2seq":
+        _build_seq2seq(options, reference, merged_dir, tmp, report, log)
+        return
     if options.format == "genai" and kind != "decoder":
         raise ModelError(f"--format genai builds causal LMs only; {type(reference).__name__} is a {kind}. "
                          "Fix: use the default --format onnx for classifiers")
@@ -246,6 +249,32 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log, stage=lambda na
             graph_file = lowbit.INT8_FILE if options.int8 else lowbit.INT4_FILE if options.int4 else MODEL_FILE
             genai_pack.package_and_validate(tmp, graph_file, merged_dir, reference, tokenizer, text, report, log)
             report["validation"].update({k: v for k, v in report["genai"].items() if k != "mismatches"})
+    _write_json(tmp / REPORT_FILE, with_summary_first(report))
+
+
+def _build_seq2seq(options: ExportOptions, reference, merged_dir: Path, tmp: Path, report: dict, log) -> None:
+    """An encoder-decoder: encoder, decoder and decoder-with-past graphs (optimum's names), each validated."""
+    from lamda_edge.export import seq2seq
+
+    if options.int4 or options.int8 or options.format == "genai" or options.dtype != "fp32":
+        raise ConfigError("an encoder-decoder exports as fp32 ONNX graphs only (no --int4, --int8, --dtype fp16 or "
+                          "--format genai yet). Fix: drop those options")
+    copy_loader_files(merged_dir, tmp)
+    t = time.perf_counter()
+    seq2seq.export_seq2seq(reference, tmp)
+    report["timings_s"]["export"] = time.perf_counter() - t
+    report["sizes_bytes"] = {name: onnx_size(tmp, name) for name in seq2seq.FILES}
+    log(f"exported {', '.join(seq2seq.FILES)} ({sum(report['sizes_bytes'].values()) / 1e6:.1f} MB) in "
+        f"{report['timings_s']['export']:.1f}s")
+    t = time.perf_counter()
+    report["validation"] = seq2seq.validate_seq2seq(reference, tmp, TOLERANCE["fp32"])
+    report["timings_s"]["validate"] = time.perf_counter() - t
+    mismatches = report["validation"]["mismatches"]
+    report["ok"] = not mismatches
+    if mismatches:
+        raise ExportValidationError(f"ONNX Runtime disagrees with PyTorch in {len(mismatches)} check(s):\n  "
+                                    + "\n  ".join(mismatches) + f"\nreport: {options.output}.{REPORT_FILE}")
+    log(f"validated against PyTorch: max |diff| logits {report['validation']['max_abs_diff']['logits']:.3g}")
     _write_json(tmp / REPORT_FILE, with_summary_first(report))
 
 

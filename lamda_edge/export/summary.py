@@ -106,6 +106,11 @@ def _graphs(report: dict) -> dict:
     if validation.get("cases") is not None:
         tol = validation.get("tolerance") or {}
         verdict = "equal to PyTorch" if not validation.get("mismatches") else "DIFFERS from PyTorch"
+        if report.get("kind") == "seq2seq":  # encoder, decoder, decoder with past (export/seq2seq.py)
+            for name in report.get("sizes_bytes") or {}:
+                graphs[name] = {"check": f"{verdict} (atol {tol.get('atol')}, rtol {tol.get('rtol')}, every output, "
+                                         "two batch/source/target shapes)"}
+            return graphs
         graphs[MODEL_FILE] = {"check": f"{verdict} (atol {tol.get('atol')}, rtol {tol.get('rtol')}, every output, "
                                        "prefill/decode/chunk)"}
     for key in ("int4", "int8"):
