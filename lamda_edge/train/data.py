@@ -395,6 +395,22 @@ def _check_options(seq_len: int, on_overflow: str) -> None:
         raise ConfigError(f"`on_overflow` should be one of {OVERFLOW_POLICIES}, got {on_overflow!r}")
 
 
+def held_out_records(records: list, path, eval_path, eval_fraction: float, seed: int,
+                     check=None) -> tuple[list, list | None]:
+    """(train, held-out) records of a JSONL task (classification, seq2seq): the records of `eval_path` when given,
+    else a seeded `eval_fraction` of `records`, else none held out (None)."""
+    if eval_path is not None:
+        held = read_records(eval_path, check=check)
+        if not held:
+            raise DataError(f"{eval_path}: the held-out dataset is empty")
+        return records, held
+    if not eval_fraction:
+        return records, None
+    if len(records) < 2:
+        raise DataError(f"{path}: only 1 record; too few to hold some out. Fix: add records or pass an eval file")
+    return _split(records, eval_fraction, seed)
+
+
 def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
     """Seeded shuffle, then (train, held-out) with at least one held-out item."""
     order = list(range(len(items)))

@@ -12,7 +12,6 @@ The map is saved with the adapter (`labels`: the class names by id) and written 
 from __future__ import annotations
 
 import math
-import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lamda_edge.errors import ConfigError, DataError
-from lamda_edge.train.data import JSONL_SUFFIXES, OVERFLOW_POLICIES, DataWarning, read_records
+from lamda_edge.train.data import JSONL_SUFFIXES, OVERFLOW_POLICIES, DataWarning, held_out_records, read_records
 
 SHAPE = '{"text": str, "label": int or str} (GLUE-style pairs add "text_pair": str)'
 
@@ -154,21 +153,7 @@ def load_labels(path: str | Path, tokenizer, seq_len: int, *, eval_path: str | P
     if not records:
         raise DataError(f"{path}: the dataset is empty. Fix: add records ({SHAPE})")
     label_map = LabelMap.from_labels([r["label"] for _, r in records], str(path))
-    if eval_path is not None:
-        held = read_records(eval_path, check=check_record)
-        if not held:
-            raise DataError(f"{eval_path}: the held-out dataset is empty")
-        train = records
-    elif eval_fraction:
-        if len(records) < 2:
-            raise DataError(f"{path}: only 1 record; too few to hold some out. Fix: add records or pass an eval file")
-        order = list(range(len(records)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(records) * eval_fraction))
-        held = [records[i] for i in sorted(order[:n_eval])]
-        train = [records[i] for i in sorted(order[n_eval:])]
-    else:
-        held, train = None, records
+    train, held = held_out_records(records, path, eval_path, eval_fraction, seed, check_record)
     options = dict(tokenizer=tokenizer, seq_len=seq_len, label_map=label_map, on_overflow=on_overflow)
     return LabelSplits(_tokenize(train, source=str(path), **options),
                        None if held is None else _tokenize(held, source=str(eval_path or path), **options),

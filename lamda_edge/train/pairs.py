@@ -12,7 +12,6 @@ right (the model's `decoder_start_token_id` first) and predicts every target tok
 from __future__ import annotations
 
 import math
-import random
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,7 +20,14 @@ import torch
 from torch.utils.data import Dataset
 
 from lamda_edge.errors import ConfigError, DataError
-from lamda_edge.train.data import IGNORE_INDEX, JSONL_SUFFIXES, OVERFLOW_POLICIES, DataWarning, read_records
+from lamda_edge.train.data import (
+    IGNORE_INDEX,
+    JSONL_SUFFIXES,
+    OVERFLOW_POLICIES,
+    DataWarning,
+    held_out_records,
+    read_records,
+)
 
 SHAPE = '{"source": str, "target": str}'
 
@@ -121,20 +127,7 @@ def load_pairs(path: str | Path, tokenizer, seq_len: int, *, max_source: int | N
     records = read_records(path, check=check_record)
     if not records:
         raise DataError(f"{path}: the dataset is empty. Fix: add records ({SHAPE})")
-    if eval_path is not None:
-        held, train = read_records(eval_path, check=check_record), records
-        if not held:
-            raise DataError(f"{eval_path}: the held-out dataset is empty")
-    elif eval_fraction:
-        if len(records) < 2:
-            raise DataError(f"{path}: only 1 record; too few to hold some out. Fix: add records or pass an eval file")
-        order = list(range(len(records)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(records) * eval_fraction))
-        held = [records[i] for i in sorted(order[:n_eval])]
-        train = [records[i] for i in sorted(order[n_eval:])]
-    else:
-        held, train = None, records
+    train, held = held_out_records(records, path, eval_path, eval_fraction, seed, check_record)
     options = dict(tokenizer=tokenizer, seq_len=seq_len, max_source=max_source, on_overflow=on_overflow)
     return PairSplits(_tokenize(train, source=str(path), **options),
                       None if held is None else _tokenize(held, source=str(eval_path or path), **options))
