@@ -83,7 +83,7 @@ def primary(row: dict) -> tuple[str, float]:
 def settings(task: str, a) -> dict:
     """bench_quality's settings of `task` (quick or full) with the overrides given on the command line."""
     s = dict(bq.SETTINGS[task]["quick" if a.quick else "full"])
-    for key in ("rank", "steps", "seq_len", "n_test", "n_train"):
+    for key in ("rank", "steps", "batch", "seq_len", "n_test", "n_train"):
         if getattr(a, key, None):
             s[key] = getattr(a, key)
     return s
@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16, help="rank of the lora-lr, grid and compare stages")
     p.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 32, 64], help="ranks of the ranks stage")
     p.add_argument("--steps", type=int, default=None, help="override the task's training steps")
+    p.add_argument("--batch", type=int, default=None, help="override the task's batch size")
     p.add_argument("--seq-len", type=int, default=None, help="override the task's sequence length")
     p.add_argument("--n-test", type=int, default=None, help="override the task's test examples")
     p.add_argument("--n-train", type=int, default=None, help="override the task's training examples")
