@@ -395,6 +395,18 @@ def _check_options(seq_len: int, on_overflow: str) -> None:
         raise ConfigError(f"`on_overflow` should be one of {OVERFLOW_POLICIES}, got {on_overflow!r}")
 
 
+def require_fields(record: Any, path: Path, line_no: int, fields: tuple[str, ...], task: str, shape: str) -> str:
+    """Check that a JSONL record of a `task` run is an object holding `fields`; returns "<path> line <n>"."""
+    where = f"{path} line {line_no}"
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}. Accepted shape: {shape}")
+    for key in fields:
+        if key not in record:
+            raise DataError(f"{where}: missing field {key!r} (found fields {sorted(record)}). A {task} run reads "
+                            f"{shape}")
+    return where
+
+
 def held_out_records(records: list, path, eval_path, eval_fraction: float, seed: int,
                      check=None) -> tuple[list, list | None]:
     """(train, held-out) records of a JSONL task (classification, seq2seq): the records of `eval_path` when given,

@@ -21,7 +21,14 @@ import torch
 from torch.utils.data import Dataset
 
 from lamda_edge.errors import ConfigError, DataError
-from lamda_edge.train.data import JSONL_SUFFIXES, OVERFLOW_POLICIES, DataWarning, held_out_records, read_records
+from lamda_edge.train.data import (
+    JSONL_SUFFIXES,
+    OVERFLOW_POLICIES,
+    DataWarning,
+    held_out_records,
+    read_records,
+    require_fields,
+)
 
 SHAPE = '{"text": str, "label": int or str} (GLUE-style pairs add "text_pair": str)'
 
@@ -70,13 +77,8 @@ class LabelMap:
 
 def check_record(record: Any, path: Path, line_no: int) -> None:
     """A classification record: a string `text`, an int or string `label`, optionally a string `text_pair`."""
-    where = f"{path} line {line_no}"
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}. Accepted shape: {SHAPE}")
-    for key in ("text", "label"):
-        if key not in record:
-            raise DataError(f"{where}: missing field {key!r} (found fields {sorted(record)}). A classification run "
-                            f"(task=sequence-classification) reads {SHAPE}")
+    where = require_fields(record, path, line_no, ("text", "label"), "classification (task=sequence-classification)",
+                           SHAPE)
     if not isinstance(record["text"], str):
         raise DataError(f"{where}: field 'text' must be a string, got {type(record['text']).__name__}")
     if "text_pair" in record and not isinstance(record["text_pair"], str):

@@ -27,6 +27,7 @@ from lamda_edge.train.data import (
     DataWarning,
     held_out_records,
     read_records,
+    require_fields,
 )
 
 SHAPE = '{"source": str, "target": str}'
@@ -34,13 +35,8 @@ SHAPE = '{"source": str, "target": str}'
 
 def check_record(record: Any, path: Path, line_no: int) -> None:
     """A seq2seq record: string `source` and `target`."""
-    where = f"{path} line {line_no}"
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}. Accepted shape: {SHAPE}")
+    where = require_fields(record, path, line_no, ("source", "target"), "seq2seq (task=seq2seq)", SHAPE)
     for key in ("source", "target"):
-        if key not in record:
-            raise DataError(f"{where}: missing field {key!r} (found fields {sorted(record)}). A seq2seq run "
-                            f"(task=seq2seq) reads {SHAPE}")
         if not isinstance(record[key], str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
 
