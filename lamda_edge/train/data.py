@@ -407,6 +407,24 @@ def require_fields(record: Any, path: Path, line_no: int, fields: tuple[str, ...
     return where
 
 
+def read_task_records(path, eval_path, eval_fraction: float, on_overflow: str, check, task: str,
+                      shape: str) -> tuple[Path, list]:
+    """Check a JSONL task run's options and files (classification, seq2seq) and read its training records:
+    (path, records). `task` names the run in errors ("a seq2seq run reads ...")."""
+    if on_overflow not in OVERFLOW_POLICIES:
+        raise ConfigError(f"`on_overflow` should be one of {OVERFLOW_POLICIES}, got {on_overflow!r}")
+    if not 0.0 <= eval_fraction < 1.0 or math.isnan(eval_fraction):
+        raise ConfigError(f"`eval_fraction` should be in [0, 1), got {eval_fraction!r}")
+    path = Path(path)
+    for file in (path, eval_path):
+        if file is not None and Path(file).suffix.lower() not in JSONL_SUFFIXES:
+            raise DataError(f"{file}: a {task} run reads JSON Lines ({', '.join(JSONL_SUFFIXES)}) of {shape}")
+    records = read_records(path, check=check)
+    if not records:
+        raise DataError(f"{path}: the dataset is empty. Fix: add records ({shape})")
+    return path, records
+
+
 def held_out_records(records: list, path, eval_path, eval_fraction: float, seed: int,
                      check=None) -> tuple[list, list | None]:
     """(train, held-out) records of a JSONL task (classification, seq2seq): the records of `eval_path` when given,

@@ -22,11 +22,9 @@ from torch.utils.data import Dataset
 
 from lamda_edge.errors import ConfigError, DataError
 from lamda_edge.train.data import (
-    JSONL_SUFFIXES,
-    OVERFLOW_POLICIES,
     DataWarning,
     held_out_records,
-    read_records,
+    read_task_records,
     require_fields,
 )
 
@@ -142,18 +140,8 @@ def load_labels(path: str | Path, tokenizer, seq_len: int, *, eval_path: str | P
         DataError: not JSONL, a record missing `text` or `label`, mixed label kinds, an unknown held-out label, an
             empty file, or an example over `seq_len` with on_overflow='error'.
     """
-    if on_overflow not in OVERFLOW_POLICIES:
-        raise ConfigError(f"`on_overflow` should be one of {OVERFLOW_POLICIES}, got {on_overflow!r}")
-    if not 0.0 <= eval_fraction < 1.0 or math.isnan(eval_fraction):
-        raise ConfigError(f"`eval_fraction` should be in [0, 1), got {eval_fraction!r}")
-    path = Path(path)
-    for file in (path, eval_path):
-        if file is not None and Path(file).suffix.lower() not in JSONL_SUFFIXES:
-            raise DataError(f"{file}: a classification run reads JSON Lines ({', '.join(JSONL_SUFFIXES)}) of "
-                            f"{SHAPE}")
-    records = read_records(path, check=check_record)
-    if not records:
-        raise DataError(f"{path}: the dataset is empty. Fix: add records ({SHAPE})")
+    path, records = read_task_records(path, eval_path, eval_fraction, on_overflow, check_record, "classification",
+                                      SHAPE)
     label_map = LabelMap.from_labels([r["label"] for _, r in records], str(path))
     train, held = held_out_records(records, path, eval_path, eval_fraction, seed, check_record)
     options = dict(tokenizer=tokenizer, seq_len=seq_len, label_map=label_map, on_overflow=on_overflow)
