@@ -125,3 +125,23 @@ def test_partial_checkpointing_peak_is_close_to_a_measured_step(layers):
     measured = measure(shape, setup, steps=2)["measured_tensor_peak_bytes"]
     predicted = estimate(shape, setup).tensor_peak_bytes
     assert abs(predicted - measured) / measured <= TOLERANCE, (predicted, measured)
+
+
+@pytest.mark.parametrize("checkpointing", [pytest.param(False, id="no-ckpt"), pytest.param(True, id="ckpt")])
+def test_encoder_decoder_peak_is_close_to_a_measured_step(tmp_path, checkpointing):
+    """BART (post-LayerNorm, SDPA, dropout 0.1, cross-attention): the planner's estimate against a real step of the
+    seq2seq loss, counted by the live-tensor counter (`plan --measure` on a local BART config)."""
+    from transformers import BartConfig
+
+    from lamda_edge.planner.measure import measure
+
+    BartConfig(vocab_size=512, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=384, decoder_ffn_dim=384,
+               max_position_embeddings=128).save_pretrained(tmp_path)
+    shape = get_model(str(tmp_path))
+    assert shape.architecture == "encoder-decoder"
+    setup = TrainSetup(batch_size=8, seq_len=128, rank=8, quantize=None, compute_dtype="fp32",
+                       gradient_checkpointing=checkpointing)
+    measured = measure(shape, setup, steps=2)["measured_tensor_peak_bytes"]
+    predicted = estimate(shape, setup).tensor_peak_bytes
+    assert abs(predicted - measured) / measured <= TOLERANCE, (predicted, measured)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig, LlamaForCausalLM
 
 from lamda_edge.adapters import find_targets, lamda_layers, make_lamda_linear
 from lamda_edge.adapters.config import LaMDAConfig
@@ -30,7 +30,7 @@ from lamda_edge.load.device import resolve_compute_dtype
 from lamda_edge.load.loader import enable_gradient_checkpointing, load_lamda_model
 from lamda_edge.planner.live_tensors import LiveTensorCounter
 from lamda_edge.planner.memory import TrainSetup
-from lamda_edge.train.loss import causal_lm_loss
+from lamda_edge.train.loss import causal_lm_loss, seq2seq_loss
 from lamda_edge.train.offload import ActivationOffload
 
 
@@ -64,8 +64,8 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
         model.train()
         return model
     if shape.local_path:  # a config without weights: random weights of its shape
-        model = AutoModelForCausalLM.from_config(
-            AutoConfig.from_pretrained(shape.local_path), dtype=dtype, attn_implementation="sdpa")
+        auto = AutoModelForSeq2SeqLM if shape.architecture == "encoder-decoder" else AutoModelForCausalLM
+        model = auto.from_config(AutoConfig.from_pretrained(shape.local_path), dtype=dtype, attn_implementation="sdpa")
     else:
         model = LlamaForCausalLM(llama_config(shape)).to(dtype)
     targets = find_targets(model, config)
@@ -89,7 +89,8 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
 
 def _train_step(model, batch, optimizer, chunk_rows, offload=None) -> float:
     with offload if offload is not None else contextlib.nullcontext():  # train/offload.py, as LossModel runs it
-        loss = causal_lm_loss(model, batch, chunk_rows=chunk_rows)
+        loss_fn = seq2seq_loss if getattr(model.config, "is_encoder_decoder", False) else causal_lm_loss
+        loss = loss_fn(model, batch, chunk_rows=chunk_rows)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -180,7 +180,7 @@ def saved_per_token(shape, setup: TrainSetup, ranks: list[int]) -> float:
     h, d, nh, nkv, inter = shape.hidden_size, shape.head_dim, shape.num_attention_heads, shape.num_key_value_heads, (
         shape.intermediate_size
     )
-    adapter = sum(ranks) * (4 + (e if setup.b_trainable else 0))  # A x (fp32) and s S A x (e) per adapted linear
+    adapter = _adapter_saved(setup, ranks)
     if shape.architecture == "decoder":
         norms = 2 * h * 4 + 2 * 4  # fp32 norm inputs + rsqrt
         # with a padding mask transformers cannot use SDPA's GQA: repeat_kv copies k and v to n_h heads
@@ -190,14 +190,49 @@ def saved_per_token(shape, setup: TrainSetup, ranks: list[int]) -> float:
             attn += setup.seq_len * e
         mlp = (3 if shape.mlp == "gated" else 1) * inter * e  # gate, up, SiLU(gate) | GELU input
         return norms + attn + mlp + adapter
-    # encoders / encoder-decoders (LayerNorm, eager attention): approximate, not validated on this machine
-    norms = 2 * (h * e + 2 * 4)  # LayerNorm input + mean + rstd
-    attn = (nh + 2 * nkv) * d * e + nh * d * e + 2 * nh * setup.seq_len * e  # q, k, v, context, scores + probs
-    mlp = inter * e
-    per = norms + attn + mlp + adapter
-    if shape.architecture == "encoder-decoder":  # decoder blocks add cross-attention (q, k, v, probs) + a norm
-        per += 0.5 * ((nh + 2 * nkv) * d * e + 2 * nh * setup.seq_len * e + h * e)
-    return per
+    if shape.architecture == "encoder":  # LayerNorm, eager attention: approximate, not validated on this machine
+        norms = 2 * (h * e + 2 * 4)  # LayerNorm input + mean + rstd
+        attn = (nh + 2 * nkv) * d * e + nh * d * e + 2 * nh * setup.seq_len * e  # q, k, v, context, scores + probs
+        return norms + attn + inter * e + adapter
+    return _encoder_decoder_saved_per_token(shape, setup, adapter)
+
+
+def top_saved_decoder(shape, setup: TrainSetup, ranks: list[int]) -> float:
+    """Bytes per token one BART decoder block saves (`_encoder_decoder_saved_per_token`'s decoder term)."""
+    return _encoder_decoder_saved_per_token(shape, setup, _adapter_saved(setup, ranks), decoder_only=True)
+
+
+def _adapter_saved(setup: TrainSetup, ranks: list[int]) -> float:
+    """Per token: A x (fp32) and s S A x (compute dtype, while B trains) of every adapted linear of a block."""
+    return sum(ranks) * (4 + (DTYPE_BYTES[setup.compute_dtype] if setup.b_trainable else 0))
+
+
+def _encoder_decoder_saved_per_token(shape, setup: TrainSetup, adapter: float, decoder_only: bool = False) -> float:
+    """BART's blocks (post-LayerNorm, SDPA, GELU MLP, dropout 0.1 as BART ships), counted op by op on the CPU and
+    averaged over the encoder and decoder blocks (validated in tests/test_planner_memory.py):
+
+        every attention        q, k, v, output (B, n, T, d) and SDPA's log-sum-exp (n fp32)
+        padding mask           the source's additive float mask, saved by SDPA: encoder self-attention and decoder
+                               cross-attention (the decoder's self-attention is causal: no mask tensor)
+        LayerNorm              input + mean + rstd, after each attention and the MLP
+        MLP                    GELU's input (fc1's output); fc1's and fc2's inputs are not saved (frozen base)
+        dropout                its float noise (h per token, compute dtype; 1 byte on CUDA, counted as e here)
+        cross-attention        adds q, k, v, output, log-sum-exp, a LayerNorm, a dropout and 4 adapted linears
+    """
+    e = DTYPE_BYTES[setup.compute_dtype]
+    h, d, nh, nkv, inter = shape.hidden_size, shape.head_dim, shape.num_attention_heads, shape.num_key_value_heads, (
+        shape.intermediate_size
+    )
+    attn = (nh + 2 * nkv) * d * e + nh * d * e + nh * 4
+    mask = setup.seq_len * e if setup.padding_mask else 0
+    norm, dropout = h * e + 2 * 4, h * e
+    encoder = attn + mask + 2 * norm + inter * e + 2 * dropout + adapter
+    cross_adapter = adapter * 4 / max(len(shape.block_linears()), 1)  # q, k, v, o of the cross-attention
+    decoder = 2 * attn + mask + 3 * norm + inter * e + 3 * dropout + adapter + cross_adapter
+    if decoder_only:
+        return decoder
+    layers_e, layers_d = shape.num_hidden_layers, shape.num_decoder_layers
+    return (layers_e * encoder + layers_d * decoder) / max(layers_e + layers_d, 1)
 
 
 def estimate(shape, setup: TrainSetup) -> Estimate:
@@ -229,6 +264,13 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     final_norm = N * h * 4 + N * 4
     # partial checkpointing: the lowest `ckpt` blocks keep their input, the blocks above keep their saved sets
     ckpt = checkpointed_block_count(setup, L)
+    if shape.architecture == "encoder-decoder":
+        # BART: no final norm; the encoder's and the decoder's embedding LayerNorm (input, mean, rstd) and dropout
+        # noise; under checkpointing also the encoder's output (every decoder block's cross-attention input) and
+        # the two additive float masks (self, cross) that the checkpointed blocks take as arguments
+        final_norm = 2 * (2 * N * h * e + N * 8)
+        if ckpt:
+            final_norm += N * h * e + (2 * setup.batch_size * T * T * e if setup.padding_mask else 0)
     stored_blocks = ckpt * N * h * e + (L - ckpt) * saved_layer
     top_ckpt = ckpt == L  # the top block (where forward ends and backward starts) is checkpointed
     # activation offload (train/offload.py around the forward): what autograd saves outside the checkpointed
@@ -266,6 +308,8 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     # under checkpointing the block's saved set is rebuilt; its fp32 norm input is the stored input itself
     # when e == 4, so only the rest is new
     recompute = saved_layer - (N * h * 4 if e == 4 else 0)
+    if shape.architecture == "encoder-decoder":  # backward starts in the top decoder block (more than the average)
+        recompute = top_saved_decoder(shape, setup, ranks) * N
     top_stored = N * h * e if top_ckpt else saved_layer
     below = stored - (0 if setup.activation_offload else top_stored)  # blocks under the top one (offload: on host)
     # gradient transients at the MLP's input-gradient step: the block output's grad (N*h*e); down_proj's input
@@ -273,6 +317,8 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     # autograd adds into the first in place -- the same count holds for d(act), d(up), d(gate)
     # (an NF4 weight's dequantized copy lives only during its own matmul, before this sum: not added here)
     grad_transient = N * h * e + 2 * N * inter * e
+    if shape.architecture == "encoder-decoder":  # the encoder output's gradient, summed over the decoder blocks
+        grad_transient += N * h * e
     grads = trainable * 4  # parameter gradients (fp32, S and B)
     phases = {
         # forward through the top block: without checkpointing its saved set plus the MLP product and down_proj's
