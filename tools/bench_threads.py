@@ -11,8 +11,9 @@ load average.
 With `--graph`, a step is one greedy decode token with the KV cache (lamda_edge.runtime's session, which spins
 between ops unless OMP_WAIT_POLICY=PASSIVE), after a 32-token prompt; the first token is dropped.
 
-The step is the default job's: the default model (SmolLM2-135M) with LaMDA rank 16 on a bf16 base under bf16
-autocast, batch 4 x 256 tokens, AdamW on S and B, no checkpointing.
+The step is the default job's: the default model (SmolLM2-135M) with LaMDA rank 16 in the precision `train` picks
+on this CPU (bf16 base under bf16 autocast where the CPU multiplies bf16 natively, else fp32),
+batch 4 x 256 tokens, AdamW on S and B, no checkpointing.
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ def child(threads: int, steps: int, batch: int, seq: int) -> dict:
 
     from lamda_edge import LaMDAConfig, load_lamda_model
     from lamda_edge.demo.default_model import default_model_path
+    from lamda_edge.load.device import resolve_precision
 
     torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if resolve_precision("auto", torch.device("cpu")) == "bf16" else torch.float32
     model = load_lamda_model(default_model_path(progress=False), LaMDAConfig(rank=16), quantize=None, device="cpu",
-                             compute_dtype=torch.bfloat16, progress=False, gradient_checkpointing=False)
+                             compute_dtype=dtype, progress=False, gradient_checkpointing=False)
     model.config.use_cache = False
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -50,7 +53,7 @@ def child(threads: int, steps: int, batch: int, seq: int) -> dict:
     for _ in range(steps):
         ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)  # (B, T)
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
