@@ -260,25 +260,25 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     # (its float copy, saved per block by SDPA, is in saved_per_token)
     shared += setup.batch_size * T * T if setup.padding_mask and shape.architecture == "decoder" else 0
     # stored between forward and backward: with checkpointing each block keeps only its input (N*h*e);
-    # the last block's output is kept by the final norm (fp32 view, N*h*4 + rsqrt N*4)
-    final_norm = N * h * 4 + N * 4
     # partial checkpointing: the lowest `ckpt` blocks keep their input, the blocks above keep their saved sets
     ckpt = checkpointed_block_count(setup, L)
     if shape.architecture == "encoder-decoder":
-        # BART: no final norm; the encoder's and the decoder's embedding LayerNorm (input, mean, rstd) and dropout
-        # noise; under checkpointing also the encoder's output (every decoder block's cross-attention input) and
-        # the two additive float masks (self, cross) that the checkpointed blocks take as arguments
-        final_norm = 2 * (2 * N * h * e + N * 8)
-        if ckpt:
-            final_norm += N * h * e + (2 * setup.batch_size * T * T * e if setup.padding_mask else 0)
+        # BART has no final norm: outside the blocks, the encoder's and the decoder's embedding LayerNorm (input,
+        # mean, rstd) and dropout noise; under checkpointing also the encoder's output (every decoder block's
+        # cross-attention input) and, like a decoder's mask, the two additive float masks (self, cross) that the
+        # checkpointed blocks take as arguments
+        outside_blocks = 2 * (2 * N * h * e + N * 8) + (N * h * e if ckpt else 0)
+        shared += 2 * setup.batch_size * T * T * e if ckpt and setup.padding_mask else 0
+    else:  # the last block's output is kept by the final norm (fp32 view, N*h*4 + rsqrt N*4)
+        outside_blocks = N * h * 4 + N * 4
     stored_blocks = ckpt * N * h * e + (L - ckpt) * saved_layer
     top_ckpt = ckpt == L  # the top block (where forward ends and backward starts) is checkpointed
     # activation offload (train/offload.py around the forward): what autograd saves outside the checkpointed
     # blocks -- each block's input (the checkpoint saves it), the final norm's fp32 input, and without checkpointing
     # every saved tensor -- goes to host memory; the device keeps the shared RoPE tables and mask (kwargs of the
     # checkpoint, not saved tensors), and in backward gets one block's saved set back at a time (top_stored below)
-    host = stored_blocks + final_norm if setup.activation_offload else 0
-    stored = stored_blocks + final_norm + shared - host
+    host = stored_blocks + outside_blocks if setup.activation_offload else 0
+    stored = stored_blocks + outside_blocks + shared - host
     # NF4 base: each matmul dequantizes its weight to the compute dtype first (transient d_out*d_in*e)
     dequant = max(lin.d_in * lin.d_out for lin in linears) * e if setup.quantize == "nf4" else 0
     mlp_mid = N * inter * e  # the gated product / activation being built

@@ -166,8 +166,7 @@ def _plan(config: RunConfig, model_path: Path, quantize: str | None,
     result = plan_run(profile, shape, **config.plan_arguments(quantize, precision))
     setup = result.setup
     accum = config.grad_accum if batch is not None else result.grad_accum
-    layers = setup.checkpoint_layers if checkpointing is None else config.checkpoint_layers  # the planner decided
-    return (setup.rank, setup.batch_size, accum, setup.gradient_checkpointing, layers,
+    return (setup.rank, setup.batch_size, accum, setup.gradient_checkpointing, setup.checkpoint_layers,
             f"planner, {profile.name}")
 
 
