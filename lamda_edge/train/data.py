@@ -330,7 +330,7 @@ def build_dataset(
     Raises:
         DataError: empty result, or a sequence longer than `seq_len` with ``on_overflow="error"``.
     """
-    _check_options(seq_len, on_overflow)
+    _check_options(on_overflow, seq_len)
     pack = True if pack is None else pack
     stats = DataStats()
     longest = 0  # tokens of the longest example, for the hints
@@ -388,11 +388,14 @@ def build_dataset(
     return TokenDataset(examples, stats)
 
 
-def _check_options(seq_len: int, on_overflow: str) -> None:
-    if not isinstance(seq_len, int) or seq_len < 2:
+def _check_options(on_overflow: str, seq_len: int | None = None, eval_fraction: float = 0.0) -> None:
+    """The data options every reader shares (`seq_len` where the reader takes it)."""
+    if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 2):
         raise ConfigError(f"`seq_len` should be an integer >= 2, got {seq_len!r}")
     if on_overflow not in OVERFLOW_POLICIES:
         raise ConfigError(f"`on_overflow` should be one of {OVERFLOW_POLICIES}, got {on_overflow!r}")
+    if not isinstance(eval_fraction, (int, float)) or not 0.0 <= eval_fraction < 1.0 or math.isnan(eval_fraction):
+        raise ConfigError(f"`eval_fraction` should be in [0, 1), got {eval_fraction!r}")
 
 
 def require_fields(record: Any, path: Path, line_no: int, fields: tuple[str, ...], task: str, shape: str) -> str:
@@ -411,10 +414,7 @@ def read_task_records(path, eval_path, eval_fraction: float, on_overflow: str, c
                       shape: str) -> tuple[Path, list]:
     """Check a JSONL task run's options and files (classification, seq2seq) and read its training records:
     (path, records). `task` names the run in errors ("a seq2seq run reads ...")."""
-    if on_overflow not in OVERFLOW_POLICIES:
-        raise ConfigError(f"`on_overflow` should be one of {OVERFLOW_POLICIES}, got {on_overflow!r}")
-    if not 0.0 <= eval_fraction < 1.0 or math.isnan(eval_fraction):
-        raise ConfigError(f"`eval_fraction` should be in [0, 1), got {eval_fraction!r}")
+    _check_options(on_overflow, eval_fraction=eval_fraction)
     path = Path(path)
     for file in (path, eval_path):
         if file is not None and Path(file).suffix.lower() not in JSONL_SUFFIXES:
@@ -483,9 +483,7 @@ def load_data(
         DataError: a file problem (named with its line), an empty dataset, or a refused overflow.
         ConfigError: invalid `seq_len`, `eval_fraction` or `on_overflow`.
     """
-    _check_options(seq_len, on_overflow)
-    if not isinstance(eval_fraction, (int, float)) or not 0.0 <= eval_fraction < 1.0 or math.isnan(eval_fraction):
-        raise ConfigError(f"`eval_fraction` should be in [0, 1), got {eval_fraction!r}")
+    _check_options(on_overflow, seq_len, eval_fraction)
     if eval_path is not None and eval_fraction:
         raise ConfigError(
             f"both an eval file ({eval_path}) and `eval_fraction`={eval_fraction} were given. Fix: pass only one"
