@@ -137,6 +137,12 @@ def _logit_softcap(config) -> float | None:
     return float(cap) if cap else None
 
 
+def _own_loss(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """The model's own (unchunked) loss, normalized by `num_items_in_batch` when the Trainer gives it."""
+    kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+    return model(**inputs, labels=labels, use_cache=False, **kwargs).loss
+
+
 def causal_lm_loss(
     model: torch.nn.Module,
     batch: dict,
@@ -167,8 +173,7 @@ def causal_lm_loss(
     if hasattr(model, "get_base_model"):  # a PEFT wrapper: its transformers model (with the adapters inside)
         model = model.get_base_model()
     if chunk_rows is None:
-        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-        return model(**inputs, labels=batch["labels"], use_cache=False, **kwargs).loss
+        return _own_loss(model, inputs, batch["labels"], num_items_in_batch)
     prefix = getattr(model, "base_model_prefix", "")
     body = getattr(model, prefix, None) if prefix else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -210,8 +215,7 @@ def seq2seq_loss(
     body = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if chunk_rows is None or body is None or getattr(model.config, "model_type", None) not in CHUNKED_SEQ2SEQ:
-        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-        return model(**inputs, labels=labels, use_cache=False, **kwargs).loss
+        return _own_loss(model, inputs, labels, num_items_in_batch)
     decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)  # (B, T)
     hidden = body(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).last_hidden_state  # (B, T, H)
     bias = getattr(model, "final_logits_bias", None)
