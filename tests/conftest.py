@@ -77,9 +77,11 @@ ARCHS = {
     "deberta-v2-encoder": ("DebertaV2Config", "DebertaV2Model"),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
     "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "bart": ("BartConfig", "BartForConditionalGeneration"),
 }
-DECODERS_WITH_KV_HEADS = ("llama", "qwen2", "gemma2", "phi3")
+DECODERS_WITH_KV_HEADS = ("llama", "qwen2", "gemma2", "phi3", "mistral", "qwen3")
 
 
 def chatml_tokenizer(corpus: list[str], vocab_size: int = 300):

@@ -235,11 +235,14 @@ def test_a_single_chunk_is_not_checkpointed_and_has_the_same_step_peak(tiny, tmp
     assert plain_chunk <= checkpointed_chunk, (plain_chunk, checkpointed_chunk)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(tiny, tol, arch):
-    """`packing: true`: one padding-free row with restarting position_ids = the padded batch, loss and grads."""
+@pytest.mark.parametrize("per_example", [False, True], ids=["block-mask", "per-example-sdpa"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma2", "mistral", "qwen3"])
+def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(tiny, tol, arch, per_example):
+    """`packing: true`: one padding-free row with restarting position_ids = the padded batch, loss and grads, with
+    transformers' block-diagonal mask and with the per-example causal SDPA (`packed_attention`)."""
     from lamda_edge import LaMDAConfig, apply_lamda
     from lamda_edge.train.data import PackingCollator, PaddingCollator
+    from lamda_edge.train.packed_attention import packed_attention
 
     model = tiny.model(arch)
     apply_lamda(model, LaMDAConfig(rank=4, alpha=8.0))
@@ -263,7 +266,11 @@ def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(tiny, tol, ar
         return loss, torch.autograd.grad(loss, trainable)
 
     want, want_grads = loss_and_grads(padded)
-    got, got_grads = loss_and_grads(packed)
+    before = model.config._attn_implementation
+    with packed_attention(model, enabled=per_example, longest=12) as switched:
+        assert switched == (per_example and arch != "gemma2")  # gemma2's window (4) keeps transformers' masks
+        got, got_grads = loss_and_grads(packed)
+    assert model.config._attn_implementation == before  # switched back
     torch.testing.assert_close(got, want, atol=tol.fp32, rtol=0)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, atol=tol.fp32, rtol=1e-5)

@@ -349,6 +349,18 @@ def test_recipe_setup_model_and_trainer(tmp_path, model_dir, data_file):
 
 
 
+def test_packing_refuses_a_model_whose_attention_mixes_packed_examples(tmp_path, tiny, tiny_run, data_file):
+    """GPT-2 does not read the restarts in position_ids: its packed examples would attend to each other."""
+    from lamda_edge.errors import ConfigError
+    from lamda_edge.train.recipe import train
+
+    folder = tmp_path / "gpt2"
+    tiny.save(folder, "gpt2", tokenizer=tiny.tokenizer([" ".join(tiny_run.WORDS)] * 5, vocab_size=300))
+    with pytest.raises(ConfigError, match=r"'gpt2' is not one we have checked.*Fix: remove packing=true"):
+        train(tiny_config(folder, data_file, tmp_path / "run", packing=True), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_packed_batches_train_as_the_padded_ones(tmp_path, model_dir, data_file):
     """`packing: true` through the Trainer: the same losses, eval losses and adapter as padded batches (fp32)."""
     from lamda_edge.train.recipe import train

@@ -105,7 +105,10 @@ def worker(method: str, steps: int, batch: int, seq: int, rank: int, n_train: in
                                                  task_type="CAUSAL_LM"))
         trainer = Trainer(model=model, args=args, data_collator=PaddingCollator.for_tokenizer(tokenizer),
                           train_dataset=data, callbacks=[timer])
-    trainer.train()
+    from lamda_edge.train.packed_attention import packed_attention
+
+    with packed_attention(trainer.model, enabled=method == "lamda-packed"):  # what `train` does with packing
+        trainer.train()
     return {"method": method, "step_s": [s for s, _ in timer.steps], "tokens": [t for _, t in timer.steps],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "threads": torch.get_num_threads(), "precision": precision}

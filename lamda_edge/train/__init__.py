@@ -3,6 +3,7 @@ recipe that puts them together, and the reports a run leaves behind.
 
     config.py     `RunConfig` and how YAML, flags and key=value become one
     data.py       files -> token datasets, padding-aware batches, packing (causal LM)
+    packed_attention.py  packed rows attend per example (causal SDPA on each slice, no block-diagonal mask)
     labels.py     classification JSONL (text, label[, text_pair]) -> datasets, the label map
     pairs.py      seq2seq JSONL (source, target) -> datasets, loss on the target only
     loss.py       the chunked lm_head + cross-entropy

@@ -569,8 +569,10 @@ class PackingCollator:
     Returns ``input_ids`` (1, N), ``position_ids`` (1, N) restarting at 0 for each example, and ``labels`` (1, N)
     with -100 on each example's first token (no example predicts the next one's start). There is no attention
     mask: transformers 5 reads the restarts in `position_ids` and attends only within each example (a
-    block-diagonal causal mask, or flash-attention's variable-length kernel on CUDA). The loss equals the padded
-    batch's: the same tokens predict the same labels, summed over the same count.
+    block-diagonal causal mask, or flash-attention's variable-length kernel on CUDA); `packed_attention(model)`
+    (train/packed_attention.py, what `train` uses) runs causal SDPA on each example's slice instead, without the
+    row's N x N mask. The loss equals the padded batch's: the same tokens predict the same labels, summed over the
+    same count.
     """
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

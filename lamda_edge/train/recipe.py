@@ -67,6 +67,7 @@ from lamda_edge.train.config import (
     resolve_run_device,
 )
 from lamda_edge.train.data import PackingCollator, PaddingCollator, load_data
+from lamda_edge.train.packed_attention import PACKING_MODEL_TYPES, packed_attention
 from lamda_edge.train.labels import LabelCollator, load_labels
 from lamda_edge.train.pairs import PairCollator, load_pairs
 from lamda_edge.train.report import effective_trainable, lamda_layer_list
@@ -300,6 +301,11 @@ class TrainRecipe:
         if config.packing and self.task != CAUSAL_LM:
             raise ConfigError(f"`packing` joins causal-LM examples into one row; this run's task is {self.task!r}. "
                               "Fix: remove packing=true")
+        model_type = getattr(self.hf_config, "model_type", None)
+        if config.packing and model_type not in PACKING_MODEL_TYPES:
+            raise ConfigError(f"`packing` needs a model whose attention keeps packed examples apart; {model_type!r} "
+                              f"is not one we have checked (checked: {', '.join(PACKING_MODEL_TYPES)}). "
+                              "Fix: remove packing=true")
         self.tokenizer = _load_tokenizer(self.model_path)
         self.rank, self.batch_size, grad_accum, checkpointing, layers, self.planned_by = _plan(
             config, self.model_path, self.quantize, self.precision)
@@ -417,7 +423,8 @@ class TrainRecipe:
             write()
         self._deferred = None
         try:
-            with self.interrupt.installed() if _world_size() == 1 else contextlib.nullcontext():
+            with (self.interrupt.installed() if _world_size() == 1 else contextlib.nullcontext(),
+                  packed_attention(self.lm, self.config.packing, longest=self.config.seq_len)):  # packed rows: causal SDPA per example
                 self.trainer.train(resume_from_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
         except BaseException as exc:
             if self.replaced is not None:
