@@ -68,12 +68,12 @@ def worker(method: str, batch: int, seq: int, rank: int, warmup: int, top: int) 
     """Profile one step of `method` in this process; returns seconds per bucket and the top ops."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lamda_edge.demo.default_model import default_model_path
     from lamda_edge.demo.task import make_task
     from lamda_edge.load.device import resolve_precision
     from lamda_edge.train.data import PackingCollator, PaddingCollator
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     precision = resolve_precision("auto", torch.device("cpu"))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

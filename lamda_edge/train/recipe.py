@@ -67,8 +67,8 @@ from lamda_edge.train.config import (
     resolve_run_device,
 )
 from lamda_edge.train.data import PackingCollator, PaddingCollator, load_data
-from lamda_edge.train.packed_attention import PACKING_MODEL_TYPES, packed_attention
 from lamda_edge.train.labels import LabelCollator, load_labels
+from lamda_edge.train.packed_attention import PACKING_MODEL_TYPES, packed_attention
 from lamda_edge.train.pairs import PairCollator, load_pairs
 from lamda_edge.train.report import effective_trainable, lamda_layer_list
 from lamda_edge.train.run_folder import (
@@ -424,7 +424,7 @@ class TrainRecipe:
         self._deferred = None
         try:
             with (self.interrupt.installed() if _world_size() == 1 else contextlib.nullcontext(),
-                  packed_attention(self.lm, self.config.packing, longest=self.config.seq_len)):  # packed rows: causal SDPA per example
+                  packed_attention(self.lm, self.config.packing, longest=self.config.seq_len)):  # SDPA per example
                 self.trainer.train(resume_from_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
         except BaseException as exc:
             if self.replaced is not None:
