@@ -16,6 +16,10 @@ The profile's self times are put into buckets by the op and its input shapes:
     copies/casts    copy_, to, contiguous, cat
     other           everything else (norms, activations, adds, embedding, ...)
 
+Each turn also times one fp32 matmul of the base's largest shape (1024 x 576 @ 576 x 1536) in its own process:
+the CPU's matmul limit that the step's matmul GFLOP per second are compared with (fp32: the precision `train`
+picks on a CPU without native bf16).
+
     PYTHONPATH=. .venv/bin/python tools/profile_train_step.py --threads 1
     PYTHONPATH=. .venv/bin/python tools/profile_train_step.py --methods lamda --top 25   # the top ops too
 """
@@ -122,8 +126,9 @@ def worker(method: str, batch: int, seq: int, rank: int, warmup: int, top: int) 
             step()
     wall = time.perf_counter() - start
     vocab = model_config_vocab(model)
-    seconds, ops = defaultdict(float), []
+    seconds, ops, flops = defaultdict(float), [], 0
     for event in prof.key_averages(group_by_input_shape=True):
+        flops += matmul_flops(event.key, list(event.input_shapes or [])) * event.count
         if event.self_cpu_time_total <= 0:
             continue
         kind = bucket(event.key, list(event.input_shapes or []), rank, vocab)
@@ -132,8 +137,35 @@ def worker(method: str, batch: int, seq: int, rank: int, warmup: int, top: int) 
     ops.sort(reverse=True)
     tokens = int(inputs["attention_mask"].sum()) if inputs.get("attention_mask") is not None \
         else int(inputs["input_ids"].numel())
-    return {"method": method, "wall_s": wall, "seconds": dict(seconds), "tokens": tokens, "precision": precision,
+    return {"method": method, "wall_s": wall, "seconds": dict(seconds), "tokens": tokens, "matmul_flops": flops,
+            "precision": precision,
             "threads": torch.get_num_threads(), "rows": list(inputs["input_ids"].shape), "top": ops[:top]}
+
+
+def matmul_limit(m: int = 1024, k: int = 576, n: int = 1536, repeats: int = 20) -> dict:
+    """GFLOP/s of this CPU's fp32 matmul at the base's largest shape (SmolLM2's MLP, 1024 rows), median of repeats."""
+    import statistics
+
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    times = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return {"method": "matmul", "gflops": 2 * m * k * n / statistics.median(times[2:]) / 1e9,
+            "threads": torch.get_num_threads()}
+
+
+def matmul_flops(name: str, shapes: list) -> int:
+    """2 m k n of one mm / addmm / bmm call from its input shapes (0 for any other op)."""
+    if name == "aten::addmm" and len(shapes) >= 3:
+        shapes = shapes[1:]  # the bias first
+    if name not in ("aten::mm", "aten::addmm", "aten::bmm") or len(shapes) < 2 or not shapes[0] or not shapes[1]:
+        return 0
+    (*batch, m, k), n = shapes[0], shapes[1][-1]
+    return 2 * m * k * n * (batch[0] if batch else 1)
 
 
 def model_config_vocab(model) -> int:
@@ -159,13 +191,14 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     opts = ap.parse_args()
     if opts.worker:
-        print(json.dumps(worker(**json.loads(opts.worker))))
+        job = json.loads(opts.worker)
+        print(json.dumps(matmul_limit() if job["method"] == "matmul" else worker(**job)))
         return
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), OMP_WAIT_POLICY="PASSIVE",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    results = []
+    results, limits = [], []
     for _ in range(opts.repeats):
-        for method in opts.methods:
+        for method in [*opts.methods, "matmul"]:
             job = dict(method=method, batch=opts.batch, seq=opts.seq, rank=opts.rank, warmup=opts.warmup,
                        top=opts.top)
             proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
@@ -175,23 +208,31 @@ def main() -> None:
                 raise SystemExit(f"{method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             result = json.loads(lines[-1])
             result["load"] = os.getloadavg()[0]
+            if method == "matmul":
+                limits.append(result["gflops"])
+                continue
             results.append(result)
             print(f"{method}: step {result['wall_s']:.2f} s under the profiler (load {result['load']:.1f})",
                   file=sys.stderr, flush=True)
     header = " | ".join(BUCKETS)
-    print(f"| method | step s | {header} |\n|---|---:|" + "---:|" * len(BUCKETS))
+    print(f"| method | step s | tokens | matmul GFLOP | {header} |\n|---|---:|---:|---:|" + "---:|" * len(BUCKETS))
     for r in results:
         cells = " | ".join(f"{r['seconds'].get(b, 0.0):.2f}" for b in BUCKETS)
-        print(f"| {r['method']} (load {r['load']:.1f}) | {r['wall_s']:.2f} | {cells} |")
+        print(f"| {r['method']} (load {r['load']:.1f}) | {r['wall_s']:.2f} | {r['tokens']} | "
+              f"{r['matmul_flops'] / 1e9:.1f} | {cells} |")
     print(f"\nbatch {opts.batch} x seq <= {opts.seq}, rank {opts.rank}, {results[0]['precision']}, "
-          f"{results[0]['threads']} thread(s); seconds of self CPU time per bucket")
+          f"{results[0]['threads']} thread(s); seconds of self CPU time per bucket (under the profiler); matmul "
+          "GFLOP: 2 m k n over every mm/addmm/bmm of the step (attention kernels not counted)")
+    print("fp32 matmul limit (1024 x 576 @ 576 x 1536, median of 20, each turn): "
+          + ", ".join(f"{g:.1f}" for g in limits) + " GFLOP/s")
     for r in results:
         if r["top"]:
             print(f"\n{r['method']}: top ops (self s, op, input shapes, calls, bucket)")
             for s, name, shapes, count, kind in r["top"]:
                 print(f"  {s:7.3f}  {name:32s} {count:5d}  {kind:13s} {shapes}")
     if opts.out:
-        Path(opts.out).write_text(json.dumps({"options": vars(opts), "results": results}, indent=1))
+        Path(opts.out).write_text(json.dumps({"options": vars(opts), "results": results, "matmul_gflops": limits},
+                                             indent=1))
 
 
 if __name__ == "__main__":

@@ -131,8 +131,11 @@ class RunConfig:
         "memory: Jetson, CPU)", "--activation-offload")
     chunk_rows: int | None = _field(DEFAULT_CHUNK_ROWS, "rows per chunk of the chunked lm_head + loss; null = the "
                                                         "model's own loss")
-    packing: bool = _field(False, "concatenate each batch's examples into one row without padding (position_ids "
-                                  "restart per example; same loss as padded batches)")
+    packing: bool | None = _field(None, "concatenate each batch's examples into one row without padding "
+                                        "(position_ids restart per example, each example attends only to itself; "
+                                        "same loss as padded batches, faster, less memory); null = on for causal-LM "
+                                        "runs of the model types checked for it (llama, mistral, qwen2, qwen3, phi3, "
+                                        "gemma2)")
     eval_steps: int | None = _field(None, "evaluate every N optimizer steps; default: 4 times per run")
     save_steps: int | None = _field(None, "checkpoint every N optimizer steps; default: 4 times per run")
     save_total_limit: int = _field(2, "checkpoints kept (the oldest are deleted)")
@@ -200,11 +203,12 @@ class RunConfig:
                  f"`{name}` should be a positive number, got {value!r}")
         need(isinstance(self.weight_decay, float) and self.weight_decay >= 0,
              f"`weight_decay` should be >= 0, got {self.weight_decay!r}")
-        for name in ("overwrite", "activation_offload", "packing"):
+        for name in ("overwrite", "activation_offload"):
             need(isinstance(getattr(self, name), bool), f"`{name}` should be true or false, got "
                  f"{getattr(self, name)!r}")
-        need(self.gradient_checkpointing is None or isinstance(self.gradient_checkpointing, bool),
-             f"`gradient_checkpointing` should be true, false or null, got {self.gradient_checkpointing!r}")
+        for name in ("gradient_checkpointing", "packing"):
+            need(getattr(self, name) is None or isinstance(getattr(self, name), bool),
+                 f"`{name}` should be true, false or null, got {getattr(self, name)!r}")
         if not isinstance(self.training_args, dict):
             problems.append(f"`training_args` should be a mapping of TrainingArguments fields, "
                             f"got {self.training_args!r}")

@@ -298,19 +298,21 @@ class TrainRecipe:
             read_json(self.model_path / "config.json", ModelError, MODEL_FIX)  # corrupt: name it, before the tokenizer
         check_output_outside_model(self.out, self.model_path)
         self.task, self.hf_config = run_task(self.model_path, config.task, config.data is None)
+        model_type = getattr(self.hf_config, "model_type", None)
         if config.packing and self.task != CAUSAL_LM:
             raise ConfigError(f"`packing` joins causal-LM examples into one row; this run's task is {self.task!r}. "
                               "Fix: remove packing=true")
-        model_type = getattr(self.hf_config, "model_type", None)
         if config.packing and model_type not in PACKING_MODEL_TYPES:
             raise ConfigError(f"`packing` needs a model whose attention keeps packed examples apart; {model_type!r} "
                               f"is not one we have checked (checked: {', '.join(PACKING_MODEL_TYPES)}). "
                               "Fix: remove packing=true")
+        packing = config.packing if config.packing is not None else (
+            self.task == CAUSAL_LM and model_type in PACKING_MODEL_TYPES)
         self.tokenizer = _load_tokenizer(self.model_path)
         self.rank, self.batch_size, grad_accum, checkpointing, layers, self.planned_by = _plan(
             config, self.model_path, self.quantize, self.precision)
         self.config = config.replace(grad_accum=grad_accum, gradient_checkpointing=checkpointing,
-                                     checkpoint_layers=layers if checkpointing else None)
+                                     checkpoint_layers=layers if checkpointing else None, packing=packing)
 
     def setup_data(self) -> None:
         """The datasets, the number of optimizer steps and t_i; writes the run config as run (for --resume)."""
@@ -340,7 +342,7 @@ class TrainRecipe:
         if self.progress and _is_main():
             print(f"lamda-edge: {self.model_path.name} ({self.quantize or 'full-precision'} base, {self.precision}) "
                   f"on {self.device.type}: rank {self.rank}, batch {self.batch_size} x {config.grad_accum} "
-                  f"({self.planned_by}), checkpointing {_checkpointing_note(config)}, "
+                  f"({self.planned_by}){', packed rows' if config.packing else ''}, checkpointing {_checkpointing_note(config)}, "
                   f"{self.max_steps} steps, {_freeze_note(self.lamda_config, self.freeze_b_steps)}; output {self.out}"
                   + (f"; resuming from {self.last_checkpoint}" if self.last_checkpoint else ""), file=sys.stderr)
 
