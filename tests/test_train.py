@@ -325,6 +325,8 @@ def test_recipe_setup_model_and_trainer(tmp_path, model_dir, data_file):
     from lamda_edge.adapters import lamda_layers
     from lamda_edge.load.loader import checkpointed_blocks
     from lamda_edge.train.callbacks import LaMDACallback, ProgressCallback
+    from lamda_edge.train.config import load_run_config
+    from lamda_edge.train.data import PackingCollator
     from lamda_edge.train.recipe import TrainRecipe
     from lamda_edge.train.trainer import LossModel
 
@@ -346,6 +348,9 @@ def test_recipe_setup_model_and_trainer(tmp_path, model_dir, data_file):
     kinds = [type(cb) for cb in trainer.callback_handler.callbacks]
     assert LaMDACallback in kinds and ProgressCallback in kinds
     assert trainer.state.global_step == 0 and not list((tmp_path / "run").rglob("checkpoint-*"))  # not trained
+    # packing: null packs a causal LM of a checked model type, and the run config records it (for --resume)
+    assert recipe.config.packing is True and isinstance(trainer.data_collator, PackingCollator)
+    assert load_run_config(tmp_path / "run" / "run_config.yaml").packing is True
 
 
 

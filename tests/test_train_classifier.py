@@ -68,6 +68,7 @@ def test_classifier_trains_from_the_cli_with_accuracy_and_label_map(tmp_path, cl
     assert main(run_args(classifier_dir, data, out, "--task", "sequence-classification")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "sequence-classification"
+    assert "packing: false" in (out / "run_config.yaml").read_text()  # packing: null leaves classifiers padded
     evals = metrics["eval"]
     assert [e["step"] for e in evals] == [0, 3, 6]
     assert all(0.0 <= e["eval_accuracy"] <= 1.0 and "eval_perplexity" not in e for e in evals)
