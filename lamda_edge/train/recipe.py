@@ -340,9 +340,10 @@ class TrainRecipe:
                                             eval_on_start=self.last_checkpoint is None and self.demo_task is None)
         self._write(lambda: report.write_run_config(self.out / report.RUN_CONFIG_NAME, resolved.to_dict()))
         if self.progress and _is_main():
+            packed = ", packed rows" if config.packing else ""
             print(f"lamda-edge: {self.model_path.name} ({self.quantize or 'full-precision'} base, {self.precision}) "
                   f"on {self.device.type}: rank {self.rank}, batch {self.batch_size} x {config.grad_accum} "
-                  f"({self.planned_by}){', packed rows' if config.packing else ''}, checkpointing {_checkpointing_note(config)}, "
+                  f"({self.planned_by}){packed}, checkpointing {_checkpointing_note(config)}, "
                   f"{self.max_steps} steps, {_freeze_note(self.lamda_config, self.freeze_b_steps)}; output {self.out}"
                   + (f"; resuming from {self.last_checkpoint}" if self.last_checkpoint else ""), file=sys.stderr)
 
