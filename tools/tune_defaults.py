@@ -16,7 +16,7 @@ SmolLM2-135M, plus moby and gsm):
   lora-lr  PEFT LoRA over a small learning-rate grid (LORA_LRS); its best rate is "LoRA at its best".
   grid     LaMDA over per-group learning rates (S and B multipliers), t_i fraction, alpha (2r, and rsLoRA's scale
            alpha/sqrt(r): s = 2 sqrt(r)) and init (principal, principal plus a small random part of S), at the
-           base lr of the task; short runs (`--steps`).
+           base lr of the task, over `--seeds`; short runs (`--steps`).
   compare  LoRA at its best lr (from the records in --out; the lora-lr grid is run first when there are none),
            LaMDA at the paper's settings (one rate, t_i 30%, alpha 2r), LaMDA and LaMDA++ at the current
            defaults, over `--seeds`.
@@ -33,6 +33,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -50,17 +51,29 @@ PAPER = {"s_lr_scale": 1.0, "b_lr_scale": 1.0}  # one learning rate for S and B,
 NOISE = 0.01  # "principal+noise": S += NOISE * rms(S) * N(0, 1), seeded
 
 
-def grid_variants(rank: int, quick: bool) -> list[dict]:
-    """The LaMDA settings the grid stage tries: per-group rates first, then t_i, alpha and init at the default."""
+def rate_variant(s: float, b: float) -> dict:
+    """The grid variant "s<S>-b<B>": S's and B's learning rates at S x and B x the base rate."""
+    return dict(name=f"s{s:g}-b{b:g}", options={"s_lr_scale": float(s), "b_lr_scale": float(b)})
+
+
+def grid_variants(rank: int, quick: bool, names: list[str] | None = None) -> list[dict]:
+    """The LaMDA settings the grid stage tries: per-group rates first, then t_i, alpha and init at the default.
+
+    A name of the form "s<S>-b<B>" in `names` that the grid lacks (e.g. "s32-b0.1") is added as that rate variant.
+    """
     rs_alpha = 2.0 * math.sqrt(rank) * rank  # s = alpha / r = 2 sqrt(r): rsLoRA's alpha / sqrt(r) with alpha = 2r
     if quick:
         return [dict(name="paper", options=PAPER), dict(name="default", options={})]
-    variants = [dict(name=f"s{s:g}-b{b:g}", options={"s_lr_scale": float(s), "b_lr_scale": float(b)})
-                for s in (1, 4, 16, 64) for b in (0.25, 1)]
+    variants = [rate_variant(s, b) for s in (1, 4, 16, 64) for b in (0.25, 1)]
     variants += [dict(name=f"default-t{f:g}", options={"freeze_b_fraction": f}) for f in (0.1, 0.6)]
     variants += [dict(name="default-rsalpha", options={"alpha": rs_alpha}),
                  dict(name="paper-rsalpha", options={**PAPER, "alpha": rs_alpha}),
                  dict(name="default-noise", options={}, noise=NOISE)]
+    known = {v["name"] for v in variants}
+    for name in names or []:
+        match = re.fullmatch(r"s([0-9.]+)-b([0-9.]+)", name)
+        if match and name not in known:
+            variants.append(rate_variant(float(match[1]), float(match[2])))
     return variants
 
 
@@ -137,7 +150,7 @@ def jobs_for(stage: str, task: str, a, rows: list[dict]) -> list[dict]:
     if stage == "grid":
         return [dict(task=task, variant=v["name"], method="lamda", seed=sd, s=s, stage=stage,
                      options=v["options"], noise=v.get("noise", 0.0))
-                for v in grid_variants(s["rank"], a.quick) for sd in a.seeds[:1]
+                for sd in a.seeds for v in grid_variants(s["rank"], a.quick, a.variants)
                 if not a.variants or v["name"] in a.variants]
     ranks = a.ranks if stage == "ranks" else [s["rank"]]
     jobs = []
@@ -173,10 +186,17 @@ def run_stage(stage: str, a, cache: Path) -> list[dict]:
 
 
 def _recorded(job: dict, rows: list[dict]) -> dict | None:
-    """LoRA at its best lr is a run of the lora-lr grid when the seed matches: its record is reused, not rerun."""
+    """A run already in the records is not run again: the same stage, task, variant, seed and settings (then
+    None is returned and nothing is appended). LoRA at its best lr is a run of the lora-lr grid when the seed matches:
+    that record is reused under the job's stage."""
+    s = job["s"]
+    same = ("rank", "steps", "batch", "seq_len", "n_test", "lr")
+    for r in rows:
+        if ("error" not in r and (r["stage"], r["task"], r["variant"], r["seed"]) == (
+                job["stage"], job["task"], job["variant"], job["seed"]) and all(r.get(k) == s.get(k) for k in same)):
+            return {**r, "already_recorded": True}
     if job["variant"] != "lora-best":
         return None
-    s = job["s"]
     for r in rows:
         if (r["stage"] == "lora-lr" and r["task"] == job["task"] and r["seed"] == job["seed"]
                 and r["rank"] == s["rank"] and r["steps"] == s["steps"] and r["lr"] == s["lr"]):
@@ -192,6 +212,10 @@ def _run_jobs(jobs: list[dict], a, cache: Path, rows: list[dict] = ()) -> list[d
             row = _recorded(job, [*rows, *done]) or run(cache=cache, **job)
         except Exception as exc:  # record and go on: one failing run must not lose the others
             row = {k: v for k, v in job.items() if k != "s"} | {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+        if row.get("already_recorded"):
+            print(f"already recorded: {job['stage']} {job['task']} {job['variant']} seed {job['seed']}", flush=True)
+            done.append(row)
+            continue
         row["mode"] = "quick" if a.quick else "full"
         row["wall_seconds"] = time.perf_counter() - t0
         print(json.dumps(row), flush=True)
@@ -316,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="every stage on spam with tiny settings (a smoke test)")
     p.add_argument("--stage", nargs="+", default=["compare"], choices=STAGES)
     p.add_argument("--tasks", nargs="+", default=["spam"], choices=sorted(bq.SETTINGS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="seeds of the grid and compare stages (lora-lr and ranks use the first)")
     p.add_argument("--rank", type=int, default=16, help="rank of the lora-lr, grid and compare stages")
     p.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 32, 64], help="ranks of the ranks stage")
     p.add_argument("--steps", type=int, default=None, help="override the task's training steps")

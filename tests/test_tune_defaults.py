@@ -1,0 +1,32 @@
+"""The defaults sweep's bookkeeping (tools/tune_defaults.py): named rate variants, and runs already recorded."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import tune_defaults  # noqa: E402
+
+SETTINGS = dict(rank=16, steps=30, batch=4, seq_len=128, n_test=32, lr=1e-3)
+
+
+def _job(variant="s16-b0.25", seed=0, **s):
+    return dict(task="products", variant=variant, method="lamda", seed=seed, s={**SETTINGS, **s}, stage="grid")
+
+
+def test_named_rate_variant_outside_the_grid_is_added_once():
+    names = [v["name"] for v in tune_defaults.grid_variants(16, quick=False, names=["s32-b0.1", "s16-b1"])]
+    assert names.count("s32-b0.1") == 1 and names.count("s16-b1") == 1
+    added = next(v for v in tune_defaults.grid_variants(16, False, ["s32-b0.1"]) if v["name"] == "s32-b0.1")
+    assert added["options"] == {"s_lr_scale": 32.0, "b_lr_scale": 0.1}
+    assert "s32-b0.1" not in [v["name"] for v in tune_defaults.grid_variants(16, False)]
+
+
+def test_a_recorded_run_is_reused_and_a_different_one_is_not():
+    record = dict(stage="grid", task="products", variant="s16-b0.25", seed=0, answer_loss=0.8, **SETTINGS)
+    assert tune_defaults._recorded(_job(), [record])["already_recorded"]
+    assert tune_defaults._recorded(_job(seed=1), [record]) is None
+    assert tune_defaults._recorded(_job(steps=60), [record]) is None
+    assert tune_defaults._recorded(_job(), [{**record, "error": "boom"}]) is None
