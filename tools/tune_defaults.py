@@ -96,7 +96,7 @@ def primary(row: dict) -> tuple[str, float]:
 def settings(task: str, a) -> dict:
     """bench_quality's settings of `task` (quick or full) with the overrides given on the command line."""
     s = dict(bq.SETTINGS[task]["quick" if a.quick else "full"])
-    for key in ("rank", "steps", "batch", "seq_len", "n_test", "n_train"):
+    for key in ("rank", "steps", "batch", "seq_len", "n_test", "n_train", "lr"):
         if getattr(a, key, None):
             s[key] = getattr(a, key)
     return s
@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=None, help="override the task's sequence length")
     p.add_argument("--n-test", type=int, default=None, help="override the task's test examples")
     p.add_argument("--n-train", type=int, default=None, help="override the task's training examples")
+    p.add_argument("--lr", type=float, default=None,
+                   help="override the task's base learning rate (LaMDA's; LoRA's comes from the lora-lr grid)")
     p.add_argument("--variants", nargs="+", default=None,
                    help="only these variants (compare/ranks: lora-best, lamda-paper, lamda, lamda++; grid: its names)")
     p.add_argument("--lora-lrs", nargs="+", type=float, default=list(LORA_LRS), help="the lora-lr stage's grid")
