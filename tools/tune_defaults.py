@@ -276,6 +276,37 @@ def markdown(lines: list[dict]) -> str:
     return "\n".join(text)
 
 
+def rate_matrix(lines: list[dict]) -> str:
+    """Per task and rank, LaMDA's runs by learning rates as one table: a row per S multiplier, a column per B's.
+
+    The grid's "s<S>-b<B>" variants and the compare stage's LaMDA runs (defaults, previous defaults, the paper's
+    single rate) at t_i 30%, alpha 2r and the principal init; where two share a cell, the one with more seeds."""
+    text = []
+    grid = [x for x in lines if (x["stage"] == "grid" and re.fullmatch(r"s[0-9.]+-b[0-9.]+", x["variant"]))
+            or (x["stage"] == "compare" and x["variant"] in ("lamda", "lamda-prev", "lamda-paper"))]
+    for task, rank, steps in dict.fromkeys((x["task"], x["rank"], x["steps"]) for x in grid):
+        part: dict[tuple, dict] = {}
+        for x in grid:
+            key = (x["s_lr_mult"], x["b_lr_mult"])
+            if (x["task"], x["rank"], x["steps"]) == (task, rank, steps) and (
+                    key not in part or len(x["seeds"].split()) > len(part[key]["seeds"].split())):
+                part[key] = x
+        if len(part) < 2:
+            continue
+        s_values, b_values = sorted({k[0] for k in part}), sorted({k[1] for k in part})
+        fmt = "{:.1%}" if next(iter(part.values()))["metric"] == "accuracy" else "{:.3f}"
+        text += [f"### rates: {task}, rank {rank}, {steps} steps ({next(iter(part.values()))['metric']}; "
+                 "mean over the seeds run, their number in brackets)", "",
+                 "| S x \\ B x | " + " | ".join(f"{b:g}" for b in b_values) + " |",
+                 "|---:|" + "---:|" * len(b_values)]
+        for sv in s_values:
+            cells = [f"{fmt.format(part[sv, b]['mean'])} ({len(part[sv, b]['seeds'].split())})"
+                     if (sv, b) in part else "" for b in b_values]
+            text.append(f"| {sv:g} | " + " | ".join(cells) + " |")
+        text.append("")
+    return "\n".join(text)
+
+
 def _mult(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
@@ -318,7 +349,7 @@ def plot(lines: list[dict], path: str) -> None:
 def report(files: list[str], a) -> int:
     rows = [r for f in files for r in read_rows(f)]
     lines = summarize(rows)
-    text = markdown(lines)
+    text = markdown(lines) + "\n" + rate_matrix(lines)
     print(text)
     if a.markdown:
         bc.write_atomic(a.markdown, text + "\n")
