@@ -107,7 +107,7 @@ def test_tune_defaults_quick(tmp_path):
     by = {(r["stage"], r["variant"], r["rank"]): r for r in rows}
     paper, default = by[("grid", "paper", 4)], by[("grid", "default", 4)]
     assert (paper["s_lr_mult"], paper["b_lr_mult"]) == (1.0, 1.0)
-    assert (default["s_lr_mult"], default["b_lr_mult"]) == (32.0, 0.1)  # the rank rule at rank 4: 128/4
+    assert (default["s_lr_mult"], default["b_lr_mult"]) == (32.0, 0.25)  # the rank rule at rank 4: 256/4, capped
     assert {v for s, v, _ in by if s == "compare"} == {"lora-best", "lamda-paper", "lamda", "lamda++"}
     assert {r for s, v, r in by if s == "ranks" and v == "lamda"} == {2, 4}
     for r in rows:

@@ -95,12 +95,12 @@ def test_sigkill_and_resume_is_bitwise_exact(tiny_run, tmp_path, model_dir, data
     checkpoints = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert not (killed / "lamda_adapter.safetensors").exists()
-    # the optimizer has a learning rate per group (rank 4: S at 32x lr, B at 0.1x lr); B leaves it at t_i=6
+    # the optimizer has a learning rate per group (rank 4: S at 32x lr, B at 0.25x lr); B leaves it at t_i=6
     for step, b_params in ((4, 14), (6, 0)):
         saved = torch.load(killed / "checkpoints" / f"checkpoint-{step}" / "optimizer.pt", weights_only=True)
         groups = {g["name"]: g for g in saved["param_groups"]}
         assert {name: g["initial_lr"] for name, g in groups.items()} == pytest.approx(
-            {"lamda_S/r4": 32 * 5e-3, "lamda_B": 0.1 * 5e-3, "other": 5e-3, "other_no_decay": 5e-3})
+            {"lamda_S/r4": 32 * 5e-3, "lamda_B": 0.25 * 5e-3, "other": 5e-3, "other_no_decay": 5e-3})
         assert len(groups["lamda_B"]["params"]) == b_params and len(groups["lamda_S/r4"]["params"]) == 14
     # a second copy resumes from step 4, where B is only partly frozen (still in the optimizer)
     partial = tmp_path / "partial"

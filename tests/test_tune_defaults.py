@@ -35,7 +35,7 @@ def test_a_recorded_run_is_reused_and_a_different_one_is_not():
 def test_rate_matrix_puts_each_run_in_its_cell_and_prefers_more_seeds():
     def line(stage, variant, s, b, mean, seeds):
         return dict(stage=stage, task="spam", rank=16, steps=60, variant=variant, metric="accuracy", mean=mean,
-                    seeds=seeds, s_lr_mult=s, b_lr_mult=b)
+                    seeds=seeds, s_lr_mult=s, b_lr_mult=b, method="lamda")
     lines = [line("grid", "s8-b0.1", 8.0, 0.1, 0.905, "0 1 2"), line("grid", "s4-b1", 4.0, 1.0, 0.92, "0"),
              line("compare", "lamda", 8.0, 0.1, 0.80, "0"),  # fewer seeds than the grid's cell: not shown
              line("grid", "default-t0.6", 8.0, 0.1, 0.10, "0 1 2")]  # not a rate variant: left out

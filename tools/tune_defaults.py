@@ -96,7 +96,7 @@ def primary(row: dict) -> tuple[str, float]:
 def settings(task: str, a) -> dict:
     """bench_quality's settings of `task` (quick or full) with the overrides given on the command line."""
     s = dict(bq.SETTINGS[task]["quick" if a.quick else "full"])
-    for key in ("rank", "steps", "batch", "seq_len", "n_test", "n_train", "lr"):
+    for key in ("rank", "steps", "batch", "seq_len", "n_test", "n_train", "lr", "schedule"):
         if getattr(a, key, None):
             s[key] = getattr(a, key)
     return s
@@ -193,13 +193,15 @@ def _recorded(job: dict, rows: list[dict]) -> dict | None:
     same = ("rank", "steps", "batch", "seq_len", "n_test", "lr")
     for r in rows:
         if ("error" not in r and (r["stage"], r["task"], r["variant"], r["seed"]) == (
-                job["stage"], job["task"], job["variant"], job["seed"]) and all(r.get(k) == s.get(k) for k in same)):
+                job["stage"], job["task"], job["variant"], job["seed"]) and all(r.get(k) == s.get(k) for k in same)
+                and r.get("schedule", "constant") == s.get("schedule", "constant")):
             return {**r, "already_recorded": True}
     if job["variant"] != "lora-best":
         return None
     for r in rows:
         if (r["stage"] == "lora-lr" and r["task"] == job["task"] and r["seed"] == job["seed"]
-                and r["rank"] == s["rank"] and r["steps"] == s["steps"] and r["lr"] == s["lr"]):
+                and r["rank"] == s["rank"] and r["steps"] == s["steps"] and r["lr"] == s["lr"]
+                and r.get("schedule", "constant") == s.get("schedule", "constant")):
             return {**r, "variant": "lora-best", "stage": job["stage"], "reused": "lora-lr"}
     return None
 
@@ -279,11 +281,11 @@ def markdown(lines: list[dict]) -> str:
 def rate_matrix(lines: list[dict]) -> str:
     """Per task and rank, LaMDA's runs by learning rates as one table: a row per S multiplier, a column per B's.
 
-    The grid's "s<S>-b<B>" variants and the compare stage's LaMDA runs (defaults, previous defaults, the paper's
-    single rate) at t_i 30%, alpha 2r and the principal init; where two share a cell, the one with more seeds."""
+    The grid's "s<S>-b<B>" variants and the compare and ranks stages' LaMDA runs (defaults, the paper's single
+    rate, ...) at t_i 30%, alpha 2r and the principal init; where two share a cell, the one with more seeds."""
     text = []
     grid = [x for x in lines if (x["stage"] == "grid" and re.fullmatch(r"s[0-9.]+-b[0-9.]+", x["variant"]))
-            or (x["stage"] == "compare" and x["variant"] in ("lamda", "lamda-prev", "lamda-paper"))]
+            or (x["stage"] in ("compare", "ranks") and x["method"] == "lamda")]
     for task, rank, steps in dict.fromkeys((x["task"], x["rank"], x["steps"]) for x in grid):
         part: dict[tuple, dict] = {}
         for x in grid:
@@ -380,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=None, help="override the task's sequence length")
     p.add_argument("--n-test", type=int, default=None, help="override the task's test examples")
     p.add_argument("--n-train", type=int, default=None, help="override the task's training examples")
+    p.add_argument("--schedule", choices=["constant", "linear"], default=None,
+                   help="learning-rate schedule of every run: constant (the benchmark's default) or linear decay to "
+                        "0, as `lamda-edge train` runs; keep each schedule's records in their own --out file")
     p.add_argument("--lr", type=float, default=None,
                    help="override the task's base learning rate (LaMDA's; LoRA's comes from the lora-lr grid)")
     p.add_argument("--variants", nargs="+", default=None,

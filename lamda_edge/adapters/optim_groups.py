@@ -2,7 +2,7 @@
 
     group              params                                  lr
     lamda_S/r<k>       S (r x r) of every layer of rank k       lr * config.s_lr_multiplier(k)   (256 / k by default)
-    lamda_B            B (d_out x r) while it trains            lr * config.b_lr_scale           (0.1 by default)
+    lamda_B            B (d_out x r) while it trains            lr * config.b_lr_scale           (0.25 by default)
     other              modules_to_save, matrices               lr
     other_no_decay     modules_to_save, biases and norms       lr, weight_decay 0
 
