@@ -245,6 +245,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         vals = [primary(r)[1] for r in runs]
         line = {"stage": stage, "task": task, "steps": steps, "rank": rank, "variant": variant,
                 "method": runs[0]["method"], "lr": runs[0]["lr"], "metric": name, "mean": statistics.fmean(vals),
+                "median": statistics.median(vals),
                 "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "min": min(vals), "max": max(vals),
                 "seeds": " ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
                 "trainable_start": runs[0]["trainable_start"], "trainable_end": runs[0]["trainable_end"],
@@ -314,14 +315,15 @@ def _mult(value: float | None) -> str:
 
 
 def plot(lines: list[dict], path: str) -> None:
-    """Score against trainable parameters (at the end of the run), LaMDA per rank and LoRA, one panel per task."""
+    """Score against trainable parameters (at the end of the run), LaMDA per rank and LoRA, one panel per task that
+    has more than one rank; the median over seeds (one diverged seed does not drag the point)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pts = [x for x in lines if x["stage"] in ("ranks", "compare") and x["variant"] in ("lamda", "lora-best")]
-    tasks = list(dict.fromkeys(x["task"] for x in pts))
+    tasks = [t for t in dict.fromkeys(x["task"] for x in pts) if len({x["rank"] for x in pts if x["task"] == t}) > 1]
     if not tasks:
         raise SystemExit("no ranks/compare records to plot")
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
@@ -331,14 +333,14 @@ def plot(lines: list[dict], path: str) -> None:
                           key=lambda x: x["trainable_end"])
             if not ours:
                 continue
-            ax.plot([x["trainable_end"] for x in ours], [x["mean"] for x in ours], style,
+            ax.plot([x["trainable_end"] for x in ours], [x["median"] for x in ours], style,
                     label="LaMDA (defaults), after t_i" if variant == "lamda" else "LoRA at its best lr")
             for x in ours:
-                ax.annotate(f"r{x['rank']}", (x["trainable_end"], x["mean"]), textcoords="offset points",
+                ax.annotate(f"r{x['rank']}", (x["trainable_end"], x["median"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (end of run)")
-        ax.set_ylabel(pts[0]["metric"] if task == "spam" else next(x["metric"] for x in pts if x["task"] == task))
+        ax.set_ylabel(next(x["metric"] for x in pts if x["task"] == task) + " (median over seeds)")
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
