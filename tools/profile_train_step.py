@@ -35,13 +35,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train_speed import METHODS, REPO, TARGETS  # noqa: E402  (the benchmark's methods, targets, sys.path)
 
-METHODS = ("lamda", "lamda-packed", "peft-lora")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BUCKETS = ("base linears", "adapter", "head + loss", "attention", "optimizer", "copies/casts", "other")
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
 
