@@ -266,11 +266,12 @@ def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str =
     batch_at, test = task_data(task, tok, s, cache, random.Random(seed))
     losses = []
     train_seconds = 0.0
+    # "schedule": "linear" decays every group's rate to 0 over the run, as `lamda-edge train` does (lr_scheduler:
+    # linear, no warmup); the default is this benchmark's constant rate
+    schedule = s.get("schedule", "constant")
     if built.optimizer is not None and method != "base" or (method == "base" and is_cls):
-        # "schedule": "linear" decays every group's rate to 0 over the run, as `lamda-edge train` does
-        # (lr_scheduler: linear, no warmup); the default is this benchmark's constant rate
         decay = (torch.optim.lr_scheduler.LambdaLR(built.optimizer, lambda step: 1.0 - step / s["steps"])
-                 if s.get("schedule", "constant") == "linear" else None)
+                 if schedule == "linear" else None)
         t1 = time.perf_counter()
         for step in range(s["steps"]):
             losses.append(bc.train_step(built, batch_at(step), None, step))
@@ -281,7 +282,7 @@ def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str =
         train_seconds = time.perf_counter() - t1
     model.eval()
     result = {"task": task, "method": method, "seed": seed, "init": init, "freeze_fraction": freeze_fraction,
-              "rank": rank, "lr": lr, "schedule": s.get("schedule", "constant"), "steps": s["steps"],
+              "rank": rank, "lr": lr, "schedule": schedule, "steps": s["steps"],
               "batch": s["batch"], "seq_len": s["seq_len"],
               "trainable_start": trainable_start, "trainable_end": _trainable(model),
               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,

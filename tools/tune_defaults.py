@@ -190,20 +190,25 @@ def _recorded(job: dict, rows: list[dict]) -> dict | None:
     None is returned and nothing is appended). LoRA at its best lr is a run of the lora-lr grid when the seed matches:
     that record is reused under the job's stage."""
     s = job["s"]
-    same = ("rank", "steps", "batch", "seq_len", "n_test", "lr")
     for r in rows:
         if ("error" not in r and (r["stage"], r["task"], r["variant"], r["seed"]) == (
-                job["stage"], job["task"], job["variant"], job["seed"]) and all(r.get(k) == s.get(k) for k in same)
-                and r.get("schedule", "constant") == s.get("schedule", "constant")):
+                job["stage"], job["task"], job["variant"], job["seed"])
+                and _same_settings(r, s, ("rank", "steps", "batch", "seq_len", "n_test", "lr"))):
             return {**r, "already_recorded": True}
     if job["variant"] != "lora-best":
         return None
     for r in rows:
         if (r["stage"] == "lora-lr" and r["task"] == job["task"] and r["seed"] == job["seed"]
-                and r["rank"] == s["rank"] and r["steps"] == s["steps"] and r["lr"] == s["lr"]
-                and r.get("schedule", "constant") == s.get("schedule", "constant")):
+                and _same_settings(r, s, ("rank", "steps", "lr"))):
             return {**r, "variant": "lora-best", "stage": job["stage"], "reused": "lora-lr"}
     return None
+
+
+def _same_settings(record: dict, s: dict, keys: tuple[str, ...]) -> bool:
+    """Whether a run's record has the settings `s` at `keys`, and the same schedule (records before the
+    `schedule` field were constant-rate runs)."""
+    return (all(record.get(k) == s.get(k) for k in keys)
+            and record.get("schedule", "constant") == s.get("schedule", "constant"))
 
 
 def _run_jobs(jobs: list[dict], a, cache: Path, rows: list[dict] = ()) -> list[dict]:
@@ -297,8 +302,9 @@ def rate_matrix(lines: list[dict]) -> str:
         if len(part) < 2:
             continue
         s_values, b_values = sorted({k[0] for k in part}), sorted({k[1] for k in part})
-        fmt = "{:.1%}" if next(iter(part.values()))["metric"] == "accuracy" else "{:.3f}"
-        text += [f"### rates: {task}, rank {rank}, {steps} steps ({next(iter(part.values()))['metric']}; "
+        metric = next(iter(part.values()))["metric"]
+        fmt = "{:.1%}" if metric == "accuracy" else "{:.3f}"
+        text += [f"### rates: {task}, rank {rank}, {steps} steps ({metric}; "
                  "mean over the seeds run, their number in brackets)", "",
                  "| S x \\ B x | " + " | ".join(f"{b:g}" for b in b_values) + " |",
                  "|---:|" + "---:|" * len(b_values)]
