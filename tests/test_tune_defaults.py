@@ -34,11 +34,30 @@ def test_a_recorded_run_is_reused_and_a_different_one_is_not():
 
 def test_rate_matrix_puts_each_run_in_its_cell_and_prefers_more_seeds():
     def line(stage, variant, s, b, mean, seeds):
-        return dict(stage=stage, task="spam", rank=16, steps=60, variant=variant, metric="accuracy", mean=mean,
-                    seeds=seeds, s_lr_mult=s, b_lr_mult=b, method="lamda")
+        return dict(stage=stage, task="spam", rank=16, steps=60, schedule="constant", variant=variant,
+                    metric="accuracy", mean=mean, seeds=seeds, s_lr_mult=s, b_lr_mult=b, method="lamda")
     lines = [line("grid", "s8-b0.1", 8.0, 0.1, 0.905, "0 1 2"), line("grid", "s4-b1", 4.0, 1.0, 0.92, "0"),
              line("compare", "lamda", 8.0, 0.1, 0.80, "0"),  # fewer seeds than the grid's cell: not shown
              line("grid", "default-t0.6", 8.0, 0.1, 0.10, "0 1 2")]  # not a rate variant: left out
     table = tune_defaults.rate_matrix(lines).splitlines()
     assert table[2] == "| S x \\ B x | 0.1 | 1 |"
     assert table[4:6] == ["| 4 |  | 92.0% (1) |", "| 8 | 90.5% (3) |  |"]
+
+
+def test_schedules_are_summarized_and_compared_apart():
+    def record(schedule, seed, value, lr=1e-3):
+        r = dict(stage="lora-lr", task="products", variant=f"lora-lr{lr:g}", method="lora", seed=seed, lr=lr,
+                 metric="answer_loss", value=value, answer_loss=value, trainable_start=10, trainable_end=10, **{
+                     k: v for k, v in SETTINGS.items() if k != "lr"})
+        return r if schedule is None else {**r, "schedule": schedule}
+    rows = [record(None, 0, 0.6), record("linear", 0, 0.9), record("linear", 1, 0.7),
+            record(None, 0, 0.8, lr=3e-3), record("linear", 0, 0.5, lr=3e-3)]
+    lines = tune_defaults.summarize(rows)
+    by_key = {(x["schedule"], x["lr"]): x for x in lines}
+    assert set(by_key) == {("constant", 1e-3), ("linear", 1e-3), ("constant", 3e-3), ("linear", 3e-3)}
+    assert by_key["linear", 1e-3]["seeds"] == "0 1" and by_key["constant", 1e-3]["mean"] == 0.6
+    assert tune_defaults.best_lora_lr(rows, "products", 16, 30) == 1e-3
+    assert tune_defaults.best_lora_lr(rows, "products", 16, 30, "linear") == 3e-3
+    headings = [h for h in tune_defaults.markdown(lines).splitlines() if h.startswith("###")]
+    assert headings == ["### lora-lr: products, 30 steps (answer_loss, lower is better)",
+                        "### lora-lr: products, 30 steps, linear schedule (answer_loss, lower is better)"]

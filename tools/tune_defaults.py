@@ -129,11 +129,17 @@ def read_rows(path: str | None) -> list[dict]:
     return [r for r in rows if "error" not in r and "variant" in r]
 
 
-def best_lora_lr(rows: list[dict], task: str, rank: int, steps: int) -> float | None:
-    """The LoRA learning rate of the lora-lr stage with the best mean score for (task, rank, steps)."""
+def schedule_of(row: dict) -> str:
+    """A record's learning-rate schedule (records before the `schedule` field were constant-rate runs)."""
+    return row.get("schedule") or "constant"
+
+
+def best_lora_lr(rows: list[dict], task: str, rank: int, steps: int, schedule: str | None = None) -> float | None:
+    """The LoRA learning rate of the lora-lr stage with the best mean score for (task, rank, steps, schedule)."""
     by_lr: dict[float, list] = {}
     for r in rows:
-        if r["stage"] == "lora-lr" and r["task"] == task and r["rank"] == rank and r["steps"] == steps:
+        if (r["stage"] == "lora-lr" and r["task"] == task and r["rank"] == rank and r["steps"] == steps
+                and schedule_of(r) == (schedule or "constant")):
             by_lr.setdefault(r["lr"], []).append(score(r))
     if not by_lr:
         return None
@@ -156,7 +162,8 @@ def jobs_for(stage: str, task: str, a, rows: list[dict]) -> list[dict]:
     jobs = []
     for rank in ranks:
         sr = {**s, "rank": rank}
-        lr = best_lora_lr(rows, task, rank, s["steps"]) or best_lora_lr(rows, task, s["rank"], s["steps"])
+        lr = (best_lora_lr(rows, task, rank, s["steps"], s.get("schedule"))
+              or best_lora_lr(rows, task, s["rank"], s["steps"], s.get("schedule")))
         if lr is None:
             raise SystemExit(f"no lora-lr records for {task} at rank {rank}, {s['steps']} steps in {a.out}: "
                              "run --stage lora-lr first (or use --stage compare, which runs it)")
@@ -178,7 +185,8 @@ def run_stage(stage: str, a, cache: Path) -> list[dict]:
     for task in a.tasks:
         rows = read_rows(a.out) + out
         s = settings(task, a)
-        if stage in ("compare", "ranks") and best_lora_lr(rows, task, s["rank"], s["steps"]) is None:
+        lora_lr = best_lora_lr(rows, task, s["rank"], s["steps"], s.get("schedule"))
+        if stage in ("compare", "ranks") and lora_lr is None:
             out += _run_jobs(jobs_for("lora-lr", task, a, rows), a, cache)
             rows = read_rows(a.out) + out
         out += _run_jobs(jobs_for(stage, task, a, rows), a, cache, rows)
@@ -207,8 +215,7 @@ def _recorded(job: dict, rows: list[dict]) -> dict | None:
 def _same_settings(record: dict, s: dict, keys: tuple[str, ...]) -> bool:
     """Whether a run's record has the settings `s` at `keys`, and the same schedule (records before the
     `schedule` field were constant-rate runs)."""
-    return (all(record.get(k) == s.get(k) for k in keys)
-            and record.get("schedule", "constant") == s.get("schedule", "constant"))
+    return all(record.get(k) == s.get(k) for k in keys) and schedule_of(record) == schedule_of(s)
 
 
 def _run_jobs(jobs: list[dict], a, cache: Path, rows: list[dict] = ()) -> list[dict]:
@@ -239,16 +246,16 @@ def _run_jobs(jobs: list[dict], a, cache: Path, rows: list[dict] = ()) -> list[d
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One line per (stage, task, steps, rank, variant): mean and spread of the score's number over seeds."""
+    """One line per (stage, task, steps, schedule, rank, variant): mean and spread of the score over seeds."""
     groups: dict[tuple, list] = {}
     for r in rows:
-        groups.setdefault((r["stage"], r["task"], r["steps"], r["rank"], r["variant"]), []).append(r)
+        groups.setdefault((r["stage"], r["task"], r["steps"], schedule_of(r), r["rank"], r["variant"]), []).append(r)
     out = []
-    for (stage, task, steps, rank, variant), runs in groups.items():
+    for (stage, task, steps, schedule, rank, variant), runs in groups.items():
         runs = list({r["seed"]: r for r in runs}.values())  # a rerun of a seed counts once, the last wins
         name = primary(runs[0])[0]
         vals = [primary(r)[1] for r in runs]
-        line = {"stage": stage, "task": task, "steps": steps, "rank": rank, "variant": variant,
+        line = {"stage": stage, "task": task, "steps": steps, "schedule": schedule, "rank": rank, "variant": variant,
                 "method": runs[0]["method"], "lr": runs[0]["lr"], "metric": name, "mean": statistics.fmean(vals),
                 "median": statistics.median(vals),
                 "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "min": min(vals), "max": max(vals),
@@ -263,12 +270,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def markdown(lines: list[dict]) -> str:
     text = []
-    for key in dict.fromkeys((x["stage"], x["task"], x["steps"]) for x in lines):
-        stage, task, steps = key
-        part = [x for x in lines if (x["stage"], x["task"], x["steps"]) == key]
+    for key in dict.fromkeys((x["stage"], x["task"], x["steps"], x["schedule"]) for x in lines):
+        stage, task, steps, schedule = key
+        part = [x for x in lines if (x["stage"], x["task"], x["steps"], x["schedule"]) == key]
         better_low = part[0]["metric"] != "accuracy"
         part.sort(key=lambda x: (x["rank"], x["mean"] if better_low else -x["mean"]))
-        text += [f"### {stage}: {task}, {steps} steps ({part[0]['metric']}, "
+        text += [f"### {stage}: {task}, {steps} steps{_schedule_words(schedule)} ({part[0]['metric']}, "
                  f"{'lower' if better_low else 'higher'} is better)", "",
                  "| variant | rank | lr | S x | B x | trainable start | end | seeds | mean | sd | min-max | exact |",
                  "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|"]
@@ -292,11 +299,12 @@ def rate_matrix(lines: list[dict]) -> str:
     text = []
     grid = [x for x in lines if (x["stage"] == "grid" and re.fullmatch(r"s[0-9.]+-b[0-9.]+", x["variant"]))
             or (x["stage"] in ("compare", "ranks") and x["method"] == "lamda")]
-    for task, rank, steps in dict.fromkeys((x["task"], x["rank"], x["steps"]) for x in grid):
+    for group in dict.fromkeys((x["task"], x["rank"], x["steps"], x["schedule"]) for x in grid):
+        task, rank, steps, schedule = group
         part: dict[tuple, dict] = {}
         for x in grid:
             key = (x["s_lr_mult"], x["b_lr_mult"])
-            if (x["task"], x["rank"], x["steps"]) == (task, rank, steps) and (
+            if (x["task"], x["rank"], x["steps"], x["schedule"]) == group and (
                     key not in part or len(x["seeds"].split()) > len(part[key]["seeds"].split())):
                 part[key] = x
         if len(part) < 2:
@@ -304,7 +312,7 @@ def rate_matrix(lines: list[dict]) -> str:
         s_values, b_values = sorted({k[0] for k in part}), sorted({k[1] for k in part})
         metric = next(iter(part.values()))["metric"]
         fmt = "{:.1%}" if metric == "accuracy" else "{:.3f}"
-        text += [f"### rates: {task}, rank {rank}, {steps} steps ({metric}; "
+        text += [f"### rates: {task}, rank {rank}, {steps} steps{_schedule_words(schedule)} ({metric}; "
                  "mean over the seeds run, their number in brackets)", "",
                  "| S x \\ B x | " + " | ".join(f"{b:g}" for b in b_values) + " |",
                  "|---:|" + "---:|" * len(b_values)]
@@ -314,6 +322,11 @@ def rate_matrix(lines: list[dict]) -> str:
             text.append(f"| {sv:g} | " + " | ".join(cells) + " |")
         text.append("")
     return "\n".join(text)
+
+
+def _schedule_words(schedule: str) -> str:
+    """How a table heading names the schedule: nothing for the constant rate (the benchmark's default)."""
+    return "" if schedule == "constant" else f", {schedule} schedule"
 
 
 def _mult(value: float | None) -> str:
@@ -329,14 +342,15 @@ def plot(lines: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     pts = [x for x in lines if x["stage"] in ("ranks", "compare") and x["variant"] in ("lamda", "lora-best")]
-    tasks = [t for t in dict.fromkeys(x["task"] for x in pts) if len({x["rank"] for x in pts if x["task"] == t}) > 1]
-    if not tasks:
+    panels = [key for key in dict.fromkeys((x["task"], x["schedule"]) for x in pts)
+              if len({x["rank"] for x in pts if (x["task"], x["schedule"]) == key}) > 1]
+    if not panels:
         raise SystemExit("no ranks/compare records to plot")
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (task, schedule) in zip(axes[0], panels):
         for variant, style in (("lamda", "o-"), ("lora-best", "s--")):
-            ours = sorted({x["rank"]: x for x in pts if x["task"] == task and x["variant"] == variant}.values(),
-                          key=lambda x: x["trainable_end"])
+            ours = sorted({x["rank"]: x for x in pts if (x["task"], x["schedule"], x["variant"]) == (
+                task, schedule, variant)}.values(), key=lambda x: x["trainable_end"])
             if not ours:
                 continue
             ax.plot([x["trainable_end"] for x in ours], [x["median"] for x in ours], style,
@@ -347,7 +361,7 @@ def plot(lines: list[dict], path: str) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (end of run)")
         ax.set_ylabel(next(x["metric"] for x in pts if x["task"] == task) + " (median over seeds)")
-        ax.set_title(task)
+        ax.set_title(task + _schedule_words(schedule))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -392,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train", type=int, default=None, help="override the task's training examples")
     p.add_argument("--schedule", choices=["constant", "linear"], default=None,
                    help="learning-rate schedule of every run: constant (the benchmark's default) or linear decay to "
-                        "0, as `lamda-edge train` runs; keep each schedule's records in their own --out file")
+                        "0, as `lamda-edge train` runs (the report keeps the two apart)")
     p.add_argument("--lr", type=float, default=None,
                    help="override the task's base learning rate (LaMDA's; LoRA's comes from the lora-lr grid)")
     p.add_argument("--variants", nargs="+", default=None,
