@@ -366,16 +366,25 @@ def test_packing_refuses_a_model_whose_attention_mixes_packed_examples(tmp_path,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_packed_batches_train_as_the_padded_ones(tmp_path, model_dir, data_file):
-    """`packing: true` through the Trainer: the same losses, eval losses and adapter as padded batches (fp32)."""
+def test_packed_batches_train_as_the_padded_ones(tmp_path, model_dir, data_file, caplog):
+    """`packing: true` through the Trainer: the same losses, eval losses, tokens counted and adapter as padded
+    batches (fp32), and no per-step warning about counting tokens (a packed row has no attention mask)."""
+    import transformers
+
     from lamda_edge.train.recipe import train
 
     runs = {}
-    for packing in (False, True):
-        out = tmp_path / f"packing-{packing}"
-        result = train(tiny_config(model_dir, data_file, out, packing=packing, precision="fp32"), progress=False)
-        runs[packing] = (result.metrics, adapter_tensors(out))
+    transformers.utils.logging.enable_propagation()
+    try:
+        for packing in (False, True):
+            out = tmp_path / f"packing-{packing}"
+            result = train(tiny_config(model_dir, data_file, out, packing=packing, precision="fp32"), progress=False)
+            runs[packing] = (result.metrics, adapter_tensors(out))
+    finally:
+        transformers.utils.logging.disable_propagation()
+    assert "count non-padding tokens" not in caplog.text
     (padded, padded_adapter), (packed, packed_adapter) = runs[False], runs[True]
+    assert packed["tokens_seen"] == padded["tokens_seen"] > 0
     losses = [[e["loss"] for e in m["log_history"] if "loss" in e] for m in (padded, packed)]
     assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-4)
     evals = [[e["eval_loss"] for e in m["eval"]] for m in (padded, packed)]

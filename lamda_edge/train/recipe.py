@@ -231,7 +231,8 @@ def _training_args(config: RunConfig, ckpt_dir: Path, device: torch.device, prec
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        # tokens/s counts real tokens: a packed row has no padding (and no attention mask to find it by)
+        include_num_input_tokens_seen="all" if config.packing else "non_padding",
         prediction_loss_only=True,
         dataloader_num_workers=0,
     )
