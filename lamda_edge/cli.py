@@ -509,8 +509,27 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         args.overrides = [*args.overrides, *pairs]
         rest = [item for item in rest if item not in pairs]
     if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        parser.error(f"unrecognized arguments: {' '.join(rest)}{_key_value_hint(args, rest, argv)}")
     return args
+
+
+def _key_value_hint(args: argparse.Namespace, rest: list[str], argv: list[str] | None) -> str:
+    """For `train --overwrite true`: how to give a run config key that has no flag (`overwrite=true`)."""
+    if getattr(args, "command", None) != "train":
+        return ""
+    from lamda_edge.train.config import field_names, lamda_keys
+
+    keys = set(field_names()) | set(lamda_keys())
+    argv = sys.argv[1:] if argv is None else argv
+    for item in rest:
+        name, has_value, value = item.removeprefix("--").partition("=")
+        key = name.replace("-", "_")
+        if item.startswith("--") and key in keys:
+            if not has_value:
+                i = argv.index(item) + 1 if item in argv else len(argv)
+                value = argv[i] if i < len(argv) and "=" not in argv[i] and not argv[i].startswith("-") else "VALUE"
+            return f". `{name}` has no flag; give run config keys as key=value: {key}={value}"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,3 +102,29 @@ def test_adapters_names_are_not_shadowed_by_their_modules():
         importlib.import_module(f"lamda_edge.adapters.{info.name}")
     for name in adapters.__all__:
         assert not isinstance(getattr(adapters, name), types.ModuleType), name
+
+
+@pytest.mark.parametrize(
+    "args, hint",
+    [
+        pytest.param(["--overwrite", "true"], "give run config keys as key=value: overwrite=true", id="flag-value"),
+        pytest.param(["--eval-steps=5"], "key=value: eval_steps=5", id="flag-equals"),
+        pytest.param(["--save-steps"], "key=value: save_steps=VALUE", id="flag-alone"),
+    ],
+)
+def test_train_names_the_key_value_form_of_a_run_config_key_given_as_a_flag(capsys, args, hint):
+    from lamda_edge.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and hint in err
+
+
+def test_an_unknown_flag_gets_no_key_value_hint(capsys):
+    from lamda_edge.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--bogus"])
+    assert capsys.readouterr().err.rstrip().endswith("unrecognized arguments: --bogus")
