@@ -70,6 +70,9 @@ def build(options, tmp: Path, reference, tokenizer, text: str, kind: str, report
     key = "int8" if options.int8 else "int4"
     method = "nbits8" if options.int8 else resolve_method(options.int4_method, options.adapter, quantize)
     ids = held_out_ids(tokenizer, text, reference) if kind == "decoder" else None
+    requantized = _requantized_adapter_note(options, method, quantize)
+    if requantized:
+        log(f"note: {requantized}")
     stage(f"{key}: writing {out_name} ({method})")
     t = time.perf_counter()
     if options.adapter is None or method == "merged":
@@ -111,8 +114,22 @@ def build(options, tmp: Path, reference, tokenizer, text: str, kind: str, report
     if problems:
         report["ok"] = False
         against = parity["against"] if parity is not None and parity["mismatches"] else "PyTorch"
+        cause = f"\n{requantized}" if requantized and result["mismatches"] else ""
         raise ExportValidationError(f"the {key} graph disagrees with {against} in {len(problems)} check(s):\n  "
-                                    + "\n  ".join(problems) + f"\nreport: {options.output}.export-report.json")
+                                    + "\n  ".join(problems) + cause
+                                    + f"\nreport: {options.output}.export-report.json")
+
+
+def _requantized_adapter_note(options, method: str, quantize: str | None) -> str:
+    """Why a 4-bit graph of an adapter trained on a full-precision base cannot be the trained model, and the fixes
+    ("" when the graph is what training computed, or there is no adapter)."""
+    if options.adapter is None or options.int8 or quantize == "nf4":
+        return ""
+    return (f"this adapter was trained on a full-precision base (quantize: {quantize or 'none'}), so --int4 "
+            f"({method}) quantizes weights the adapter never saw at 4 bits: the graph will not compute what was "
+            "trained, and on small models it loses much of the fine-tune. Fix: --int8 keeps it (about half the fp32 "
+            "graph's size); for a 4-bit graph that is exactly the trained model, train on the NF4 base "
+            "(`lamda-edge train --quantize nf4`, the default on CUDA), then export with --int4")
 
 
 def _verdict(result: dict, key: str, parity: dict | None) -> tuple[str, list[str]]:
