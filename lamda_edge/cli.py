@@ -392,7 +392,7 @@ def _add_generate(sub) -> None:
         description="Generate with ONNX Runtime and a KV cache, streaming the text. It stops at the end-of-turn "
         "token, at --max-new-tokens, or when the same run of tokens repeats three times in a row (a greedy loop; "
         "--no-repetition-guard turns that off). Plain export folders: model.int4.onnx is used when present, else "
-        "model.onnx (--onnx-file to choose); the last line names the graph.")
+        "model.int8.onnx, else model.onnx (--onnx-file to choose); the last line names the graph.")
     p.add_argument("--model", required=True,
                    help="folder written by `lamda-edge export` (plain ONNX or onnxruntime-genai)")
     p.add_argument("--prompt", required=True, help="the user message (wrapped in the chat template when present)")
@@ -405,7 +405,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--onnx-file", help="plain format: which graph (default: model.int4.onnx if present, "
-                   "else model.onnx)")
+                   "else model.int8.onnx, else model.onnx)")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--no-repetition-guard", action="store_true",
                    help="do not stop when the output loops (the same run of tokens three times in a row)")

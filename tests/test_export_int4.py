@@ -266,6 +266,16 @@ def test_int8_is_closer_than_int4(fp_run):
     assert q4["size_ratio"] < q8["size_ratio"] < 1.0
 
 
+def test_generate_defaults_to_the_int8_graph_of_an_int8_export(fp_run):
+    """`generate` without --onnx-file runs the low-bit graph the export wrote (int8 here), as the summary says."""
+    from lamda_edge.runtime.generate import load_generator
+
+    root, reports = fp_run
+    assert reports["int8"]["summary"]["generate_uses"] == "model.int8.onnx"
+    assert load_generator(root / "int8").onnx_file == "model.int8.onnx"
+    assert load_generator(root / "int8", onnx_file="model.onnx").onnx_file == "model.onnx"
+
+
 def test_int8_without_adapter_quantizes_the_graph(tmp_path):
     base = _save_base(tmp_path / "base", "llama")
     r = _export(tmp_path / "out", model=base, int8=True)

@@ -12,8 +12,7 @@ never called equal; it carries its measured agreement and must pass the quality 
 from __future__ import annotations
 
 from lamda_edge.export.graph import MODEL_FILE
-
-GENERATE_PREFERS = ("model.int4.onnx", MODEL_FILE)  # `lamda-edge generate`'s default order (runtime/generate.py)
+from lamda_edge.runtime.generate import DEFAULT_GRAPHS
 
 
 def summarize(report: dict) -> dict:
@@ -132,4 +131,4 @@ def _generate_uses(report: dict) -> str | None:
     if genai.get("graph"):
         return f"{genai['graph']} (through onnxruntime-genai: the folder holds genai_config.json)"
     files = set(report.get("sizes_bytes") or {})
-    return next((name for name in GENERATE_PREFERS if name in files), None)
+    return next((name for name in DEFAULT_GRAPHS if name in files), None)

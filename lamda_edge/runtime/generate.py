@@ -4,9 +4,9 @@
                                                  └──> decode (T=1, past=present) ──> pick token ──> stream text
                                                         ^_______________________________________|
 
-Two folder formats: the plain export of `lamda_edge.export` (model.onnx / model.int4.onnx with optimum's
-names, tokenizer in merged/), and an onnxruntime-genai folder (told apart by genai_config.json), whose own runtime does
-the loop. Token choice: greedy at temperature 0, else temperature + top-p (nucleus) sampling.
+Two folder formats: the plain export of `lamda_edge.export` (model.onnx and model.int4.onnx or model.int8.onnx,
+with optimum's names, tokenizer in merged/), and an onnxruntime-genai folder (told apart by genai_config.json),
+whose own runtime does the loop. Token choice: greedy at temperature 0, else temperature + top-p (nucleus) sampling.
 
 Generation stops at the end-of-turn token (EOS), at `max_new_tokens`, or when a `stop` predicate says so: the CLI
 gives `answer_line_stop` (`--task gsm`: the trained `#### N` answer line is complete) and `repetition_stop` (a
@@ -29,6 +29,7 @@ from lamda_edge.runtime.decoder import OnnxDecoder
 from lamda_edge.runtime.session import session
 
 MODEL_FILE, INT4_FILE, GENAI_CONFIG = "model.onnx", "model.int4.onnx", "genai_config.json"
+DEFAULT_GRAPHS = (INT4_FILE, "model.int8.onnx", MODEL_FILE)  # a plain folder: the first present is generated with
 ANSWER_LINE_RE = re.compile(r"####\s*-?[\d,]*\.?\d+[ \t]*\n")  # the built-in task's final answer line, complete
 REPEATS, REPEAT_SPAN = 3, (2, 48)  # a run of 2..48 tokens seen 3 times in a row at the end is a loop
 
@@ -121,7 +122,7 @@ class OnnxGenerator(_Generator):
 
     def __init__(self, folder: Path, onnx_file: str | None = None, threads: int | None = None):
 
-        name = onnx_file or (INT4_FILE if (folder / INT4_FILE).exists() else MODEL_FILE)
+        name = onnx_file or next((n for n in DEFAULT_GRAPHS if (folder / n).exists()), MODEL_FILE)
         if not (folder / name).is_file():
             raise ModelError(f"{folder / name} does not exist. Fix: run `lamda-edge export` into {folder}")
         tokenizer_dir = folder if (folder / "tokenizer_config.json").exists() else folder / "merged"
