@@ -266,6 +266,16 @@ def test_int8_is_closer_than_int4(fp_run):
     assert q4["size_ratio"] < q8["size_ratio"] < 1.0
 
 
+def test_the_int8_quantizer_logs_no_line_per_node(fp_run, tmp_path, caplog):
+    """ONNX Runtime's MatMulNBits quantizer logs every node it skips at INFO (3,000 lines for SmolLM2): silenced."""
+    import logging
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.NOTSET)  # as on import
+    caplog.set_level(logging.INFO)
+    _export(tmp_path / "out", adapter=fp_run[0] / "adapter", int8=True)
+    assert not [r for r in caplog.records if r.name.startswith("onnxruntime") and r.levelno < logging.ERROR]
+
+
 def test_generate_defaults_to_the_int8_graph_of_an_int8_export(fp_run):
     """`generate` without --onnx-file runs the low-bit graph the export wrote (int8 here), as the summary says."""
     from lamda_edge.runtime.generate import load_generator

@@ -264,20 +264,15 @@ def to_matmul_bnb4(model_proto, residuals: dict) -> dict:
 def quantize_residuals_nbits(src: Path, dst: Path, residuals: dict, bits: int, block_size: int = 32,
                              accuracy_level: int | None = 4) -> dict:
     """MatMulNBits (`bits` 4 or 8, symmetric blocks along the input) on the residual MatMuls of `src` only."""
+    from lamda_edge.export.quantize import run_nbits_quantizer
+
     onnx = require("onnx", "onnx")
-    quantizer_mod = require("onnxruntime.quantization.matmul_nbits_quantizer", "onnx")
     model = onnx.load(str(src))
     found = find_residual_matmuls(model, residuals)
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in found]
-    kw = dict(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
-              op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),), bits=bits)
-    quantizer = quantizer_mod.MatMulNBitsQuantizer(
-        model, nodes_to_exclude=exclude, algo_config=quantizer_mod.DefaultWeightOnlyQuantConfig(**kw), **kw)
-    with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks have scale 0
-        quantizer.process()
-    big = quantizer.model.model.ByteSize() > export_graph.EXTERNAL_DATA_BYTES
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=big)
-    counts = _count(quantizer.model.model, ("MatMulNBits", "MatMul"))
+    quantized = run_nbits_quantizer(model, dst, exclude, ("MatMul",), (("MatMul", 0),), bits, block_size,
+                                    accuracy_level)
+    counts = _count(quantized, ("MatMulNBits", "MatMul"))
     if counts.get("MatMulNBits", 0) != len(found):
         raise ModelError(f"{bits}-bit quantization changed {counts.get('MatMulNBits', 0)} of {len(found)} residual "
                          "MatMuls")

@@ -20,33 +20,43 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: in
     Returns the count of each quantized op type.
     """
     onnx = require("onnx", "onnx")
-    quantizer_mod = require("onnxruntime.quantization.matmul_nbits_quantizer", "onnx")
-    import logging
-
-    # ERROR: it warns that it lifts the opset to 21 for int4 Gather data; validate_int4 runs the result anyway
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
     ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
     axes = (("MatMul", 0), ("Gather", 1))[:len(ops)]  # quantize along the input dim / the hidden dim
-    kw = dict(block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
-              op_types_to_quantize=ops, quant_axes=axes, bits=bits)
     model = onnx.load(str(src))
     folded = _fold_transposed_weights(model)
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in folded]
-    quantizer = quantizer_mod.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude if keep_tied_head else [],
-                                                   algo_config=quantizer_mod.DefaultWeightOnlyQuantConfig(**kw), **kw)
-    import numpy as np
-
-    with np.errstate(divide="ignore", invalid="ignore"):  # the quantizer divides by all-zero blocks' scale 0
-        quantizer.process()
-    big = quantizer.model.model.ByteSize() > graph.EXTERNAL_DATA_BYTES
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=big)
+    quantized = run_nbits_quantizer(model, dst, exclude if keep_tied_head else [], ops, axes, bits, block_size,
+                                    accuracy_level, symmetric)
     counts = {}
-    for node in quantizer.model.model.graph.node:
+    for node in quantized.graph.node:
         if node.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMul", "Gather"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     if not counts.get("MatMulNBits"):
         raise ModelError(f"int{bits} quantization of {src} changed no MatMul (ops after: {counts})")
     return counts
+
+
+def run_nbits_quantizer(model, dst: Path, exclude: list[str], ops: tuple[str, ...], axes: tuple, bits: int,
+                        block_size: int, accuracy_level: int | None, symmetric: bool = True):
+    """ONNX Runtime's MatMulNBits quantizer on the ModelProto `model` (`ops` of constant weights, quantized along
+    `axes`; the nodes named in `exclude` left alone), saved to `dst`; returns the quantized ModelProto."""
+    import logging
+
+    import numpy as np
+
+    quantizer_mod = require("onnxruntime.quantization.matmul_nbits_quantizer", "onnx")
+    # ERROR: at INFO it prints a line per node it skips (thousands), and it warns that it lifts the opset to 21
+    # for int4 Gather data; the export validates the result anyway
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+    kw = dict(block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
+              op_types_to_quantize=ops, quant_axes=axes, bits=bits)
+    quantizer = quantizer_mod.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude,
+                                                   algo_config=quantizer_mod.DefaultWeightOnlyQuantConfig(**kw), **kw)
+    with np.errstate(divide="ignore", invalid="ignore"):  # the quantizer divides by all-zero blocks' scale 0
+        quantizer.process()
+    big = quantizer.model.model.ByteSize() > graph.EXTERNAL_DATA_BYTES
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=big)
+    return quantizer.model.model
 
 
 def _fold_transposed_weights(model) -> set[str]:
