@@ -324,8 +324,9 @@ def _run_train(args) -> int:
 
 def _add_export(sub) -> None:
     p = _subcommand(sub, "export", "merge the adapter and export to ONNX", _run_export, [
-        "lamda-edge export --adapter runs/demo --output runs/demo-onnx --int4",
-        "lamda-edge export --adapter runs/demo --output runs/demo-genai --format genai --precision int4",
+        "lamda-edge export --adapter runs/demo --output runs/demo-onnx --int8   # a full-precision-trained adapter",
+        "lamda-edge export --adapter runs/nf4 --output runs/nf4-onnx --int4     # trained with --quantize nf4",
+        "lamda-edge export --adapter runs/nf4 --output runs/nf4-genai --format genai --precision int4",
         "lamda-edge export --model base-folder --output base-onnx"])
     p.add_argument("--model", help="base transformers folder, or smollm2-135m-instruct for the default model "
                    "(default: the base the adapter records, by folder, else by name); without --adapter, this model "
@@ -335,7 +336,9 @@ def _add_export(sub) -> None:
                    "adapter or model folder, inside them, or around the current directory)")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX weight type (--format onnx)")
     p.add_argument("--int4", action="store_true", help="also write model.int4.onnx: the adapter unmerged on its "
-                   "4-bit residual base (see --int4-method)")
+                   "4-bit residual base (see --int4-method); exactly the trained model for an adapter trained on the "
+                   "NF4 base (train --quantize nf4, CUDA's default); an adapter trained on a full-precision base "
+                   "loses much of its fine-tune at 4 bits on small models: --int8 keeps it")
     p.add_argument("--int4-method", choices=("auto", "nf4", "nbits", "merged"), default="auto",
                    help="nf4: residual as NF4 (ONNX Runtime MatMulBnb4; an NF4-trained adapter exactly as trained) + "
                    "fp32 adapter path; nbits: residual as MatMulNBits int4 + fp32 adapter path; merged: merge, then "
