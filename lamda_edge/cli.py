@@ -541,8 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     if args.command in COMPUTE_COMMANDS:  # before torch loads: OpenMP reads its environment once
         from lamda_edge.load.device import configure_cpu_threads
+        from lamda_edge.progress import quiet_bars_off_terminal
 
         configure_cpu_threads()
+        quiet_bars_off_terminal()
     try:
         return args.run(args)
     except LamdaEdgeError as exc:

@@ -6,9 +6,25 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from contextlib import contextmanager
+
+LOG_INTERVAL_S = 30.0  # off a terminal (a log file, CI), a bar prints at most this often
+
+
+def on_terminal() -> bool:
+    """Whether stderr, where the bars draw, is a terminal (else each refresh is a new line in a log)."""
+    return sys.stderr.isatty()
+
+
+def quiet_bars_off_terminal(environ=None) -> None:
+    """Off a terminal, every tqdm bar in the process (ours, transformers') prints at most every LOG_INTERVAL_S
+    seconds instead of at every step: tqdm reads `TQDM_MININTERVAL`; a value the user set is kept."""
+    env = os.environ if environ is None else environ
+    if not on_terminal():
+        env.setdefault("TQDM_MININTERVAL", str(LOG_INTERVAL_S))
 
 
 class _Silent:
@@ -57,10 +73,12 @@ def bar(total: int | None, desc: str, enabled: bool = True, unit: str = "it", le
 @contextmanager
 def ticking(progress_bar, every: float = 1.0):
     """Refresh `progress_bar` every `every` seconds while the block runs, so that its elapsed time keeps moving
-    through a long phase that has no steps of its own to count (a silent bar is left alone)."""
+    through a long phase that has no steps of its own to count (a silent bar is left alone; off a terminal, every
+    LOG_INTERVAL_S at most)."""
     if isinstance(progress_bar, _Silent):
         yield progress_bar
         return
+    every = every if on_terminal() else max(every, LOG_INTERVAL_S)
     stop = threading.Event()
 
     def tick() -> None:

@@ -1,11 +1,15 @@
 """Progress bars: a long phase keeps its clock moving, and evaluation time stays out of the training rate."""
 
 import io
+import os
+import subprocess
+import sys
 import time
 
 from tqdm import tqdm
 from transformers import TrainerState
 
+from lamda_edge import progress
 from lamda_edge.progress import bar, ticking
 from lamda_edge.train.callbacks import ProgressCallback
 
@@ -14,7 +18,8 @@ def _refreshes(shown: io.StringIO) -> int:
     return shown.getvalue().count("\r")
 
 
-def test_ticking_keeps_redrawing_a_bar_that_gets_no_updates():
+def test_ticking_keeps_redrawing_a_bar_that_gets_no_updates(monkeypatch):
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)
     shown = io.StringIO()
     phases = tqdm(total=3, desc="export", file=shown, mininterval=0)
     before = _refreshes(shown)
@@ -26,6 +31,35 @@ def test_ticking_keeps_redrawing_a_bar_that_gets_no_updates():
     after = _refreshes(shown)
     time.sleep(0.1)
     assert _refreshes(shown) == after  # the ticking stopped with the block
+    phases.close()
+
+
+def _mininterval_in_a_fresh_process(env: dict) -> float:
+    """A bar's print interval in a CLI-like process whose stderr is a pipe (tqdm reads its variables on import)."""
+    code = ("from lamda_edge.progress import bar, quiet_bars_off_terminal\n"
+            "quiet_bars_off_terminal()\n"
+            "print(bar(10, 'train').mininterval)")
+    env = {**{k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}, **env}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return float(proc.stdout)
+
+
+def test_off_a_terminal_bars_print_every_half_minute(monkeypatch):
+    """A log file or CI gets a bar line every LOG_INTERVAL_S, not one per step or per tick; a user's
+    TQDM_MININTERVAL is kept, and a terminal keeps tqdm's own interval."""
+    assert _mininterval_in_a_fresh_process({}) == progress.LOG_INTERVAL_S == 30.0
+    assert _mininterval_in_a_fresh_process({"TQDM_MININTERVAL": "5"}) == 5.0
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)
+    terminal = {}
+    progress.quiet_bars_off_terminal(terminal)
+    assert terminal == {}
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)
+    shown = io.StringIO()
+    phases = tqdm(total=3, desc="export", file=shown)
+    before = _refreshes(shown)
+    with ticking(phases, every=0.01):
+        time.sleep(0.2)
+    assert _refreshes(shown) == before  # no tick within the 30 s
     phases.close()
 
 
