@@ -209,13 +209,16 @@ def test_planner_reads_local_encoder_and_encoder_decoder_folders(arch, architect
 
 
 @pytest.mark.slow
-def test_phi3_nf4_adapter_exports_int4_as_trained(folders, tmp_path, run_export):
+def test_phi3_nf4_adapter_exports_int4_as_trained(tiny, tmp_path, run_export):
     """Phi-3's fused qkv_proj / gate_up_proj on an NF4 residual base: `--int4` keeps each residual as MatMulBnb4
-    (bitsandbytes' codes) beside its adapter path, equal to the PyTorch NF4 model as trained."""
+    (bitsandbytes' codes) beside its adapter path, equal to the PyTorch NF4 model as trained. Hidden 64, not the
+    other tests' 32: bitsandbytes' CPU kernel dequantizes a d_in that is not a multiple of its 64-value blocks per
+    row, which no NF4 graph reproduces (the export refuses it; test_export_int4)."""
     from lamda_edge import LaMDAConfig, save_adapter
     from lamda_edge.load.loader import load_lamda_model
 
-    folder = folders("phi3")
+    folder = tmp_path / "phi3"
+    tiny.save(folder, "phi3", hidden=64)
     model = load_lamda_model(folder, LaMDAConfig(rank=4, alpha=8.0), quantize="nf4", device="cpu",
                              compute_dtype=torch.float32, progress=False, cache_dir=False)
     move(model)
