@@ -81,3 +81,23 @@ def test_summary_says_from_when():
     assert "2,542,080 at the start, 53,760 from step 17 on (B wholly frozen" in text
     metrics["eval"][0]["step"] = 15
     assert "1.2000 at step 15 -> " in "\n".join(summary_lines(metrics))
+
+
+@pytest.mark.parametrize("model_type, quantize, want", [
+    ("llama", "nf4", "lamda-edge export --adapter runs/x --output runs/x-onnx --int4"),
+    ("llama", None, "lamda-edge export --adapter runs/x --output runs/x-onnx --int8"),
+    ("bert", "none", "lamda-edge export --adapter runs/x --output runs/x-onnx --int8"),
+    ("bart", "nf4", "lamda-edge export --adapter runs/x --output runs/x-onnx"),
+])
+def test_summary_names_the_export_that_suits_the_run(model_type, quantize, want):
+    """The end-of-run summary's `next:` line: int4 after an NF4 base, int8 after a full-precision one, fp32 for an
+    encoder-decoder, nothing for a model type that does not export."""
+    from lamda_edge.train.report import next_step, summary_lines
+
+    metrics = {"seconds": 1.0, "global_step": 1, "peak_memory_bytes": 1, "peak_memory_kind": "rss", "output": "runs/x",
+               "model_type": model_type, "quantize": quantize}
+    line = next((x for x in summary_lines(metrics) if x.startswith("next: ")), "")
+    assert line.removeprefix("next: ").split("   (")[0] == want
+    assert next_step("runs/x", "gpt2", None) is None and next_step("runs/x", None, "nf4") is None
+    quoted = "lamda-edge export --adapter 'my runs/x/' --output 'my runs/x-onnx'"
+    assert next_step("my runs/x/", "bart", None) == quoted

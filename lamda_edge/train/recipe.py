@@ -460,6 +460,7 @@ class TrainRecipe:
         metrics: dict[str, Any] = {
             "output": str(self.out),
             "task": self.task,
+            "model_type": getattr(self.hf_config, "model_type", None),
             "base_model": self.metadata["base_model"],
             "quantize": self.metadata["quantize"],
             "device": self.device.type,

@@ -127,7 +127,30 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append(f"trainable parameters: {params['start']:,} at the start, {end}")
     lines.append(f"peak memory: {_mib(metrics['peak_memory_bytes'])} ({metrics['peak_memory_kind']})")
     lines.append(f"output: {metrics['output']} (adapter, {RUN_CONFIG_NAME}, {METRICS_NAME}, {PLOT_NAME})")
+    step = next_step(metrics["output"], metrics.get("model_type"), metrics.get("quantize"))
+    if step:
+        lines.append(f"next: {step}")
     return lines
+
+
+def next_step(output: str, model_type: str | None, quantize: str | None) -> str | None:
+    """The export command that suits a finished run (None when its model type does not export):
+
+    --int4 after an NF4 base (the int4 graph is then exactly the trained model), --int8 after a full-precision base
+    (4 bits would quantize weights the adapter never saw: on small models much of the fine-tune is lost), fp32 for
+    an encoder-decoder (its only export)."""
+    import shlex
+
+    from lamda_edge.families import DECODER_TYPES, ENCODER_TYPES, SEQ2SEQ_TYPES
+
+    command = f"lamda-edge export --adapter {shlex.quote(output)} --output {shlex.quote(output.rstrip('/') + '-onnx')}"
+    if model_type in SEQ2SEQ_TYPES:
+        return command
+    if model_type not in DECODER_TYPES + ENCODER_TYPES:
+        return None
+    if quantize == "nf4":
+        return f"{command} --int4   (int4 as trained: the NF4 base the adapter learned on)"
+    return f"{command} --int8   (int8 keeps an adapter trained on a full-precision base; --int4 needs an NF4 one)"
 
 
 def perplexity(loss: float) -> float:
