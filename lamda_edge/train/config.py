@@ -95,7 +95,9 @@ class RunConfig:
     device: str = _field("auto", "'auto', 'cpu', 'cuda', a device profile name (e.g. t4; see `lamda-edge devices`) "
                                  "or a profile YAML file", "--device")
     quantize: str = _field("auto", "'nf4' (4-bit residual base via bitsandbytes), 'none' (base in the compute "
-                                   "dtype) or 'auto' (nf4 on CUDA, none on CPU: bitsandbytes' CPU path is slow)",
+                                   "dtype) or 'auto' (nf4 on CUDA, none on CPU: bitsandbytes' CPU path is slower). "
+                                   "Train on nf4 for an adapter to ship as `export --int4` (then exactly the trained "
+                                   "model); a full-precision one ships as --int8",
                            "--quantize")
     precision: str = _field("auto", "'auto' (bf16 where the GPU or CPU has it, else fp16 on a GPU, fp32 on a CPU), "
                                     "'fp32', 'bf16' or 'fp16'", "--precision")
