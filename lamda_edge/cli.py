@@ -338,7 +338,7 @@ def _add_export(sub) -> None:
     p.add_argument("--int4", action="store_true", help="also write model.int4.onnx: the adapter unmerged on its "
                    "4-bit residual base (see --int4-method); exactly the trained model for an adapter trained on the "
                    "NF4 base (train --quantize nf4, CUDA's default); an adapter trained on a full-precision base "
-                   "loses much of its fine-tune at 4 bits on small models: --int8 keeps it")
+                   "can lose much of its fine-tune at 4 bits on small models: --int8 keeps it")
     p.add_argument("--int4-method", choices=("auto", "nf4", "nbits", "merged"), default="auto",
                    help="nf4: residual as NF4 (ONNX Runtime MatMulBnb4; an NF4-trained adapter exactly as trained) + "
                    "fp32 adapter path; nbits: residual as MatMulNBits int4 + fp32 adapter path; merged: merge, then "
