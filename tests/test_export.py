@@ -310,3 +310,14 @@ def test_the_export_bar_names_each_phase_as_it_starts(tmp_path, llama_dir, capsy
     for phase in ("merging the adapter", "exporting model.onnx", "validating against PyTorch",
                   "int4: writing model.int4.onnx", "int4: perplexity and greedy agreement"):
         assert f"export: {phase}" in shown, phase
+
+
+def test_a_folder_that_is_not_an_adapter_is_refused_before_any_work(tmp_path, capsys):
+    """--adapter pointing at the wrong folder: the error comes first, with no progress bar and nothing written."""
+    from lamda_edge.export.pipeline import ExportOptions, export
+
+    (tmp_path / "runs" / "typo").mkdir(parents=True)
+    with pytest.raises(ModelError, match="is not a lamda-edge adapter folder.*Fix: pass the folder"):
+        export(ExportOptions(output=tmp_path / "out", adapter=tmp_path / "runs" / "typo"), progress=True)
+    assert "phase" not in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from lamda_edge.adapters.files import read_adapter_config
 from lamda_edge.atomic import stale_leftovers, write_bytes_atomic
 from lamda_edge.errors import ConfigError, ExportValidationError, ModelError
 from lamda_edge.export import genai, genai_pack, lowbit
@@ -117,6 +118,8 @@ def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
     """
     out = Path(options.output)
     check_output_location(options.output, options.adapter, options.model)
+    if options.adapter is not None:
+        read_adapter_config(options.adapter)  # not an adapter folder: say so before any work or progress bar
     _remove_leftovers(out, log)
     if out.exists() and not options.overwrite:
         raise ConfigError(f"output folder {out} already exists. Fix: pass --overwrite, or choose another --output")
