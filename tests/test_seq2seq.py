@@ -196,3 +196,14 @@ def test_export_parity_of_every_graph_and_onnx_greedy_equals_pytorch(bart_dir, t
     assert main(["generate", "--model", str(tmp_path / "out"), "--prompt", "the quick brown fox",
                  "--max-new-tokens", "4"]) == 0
     assert "greedy" in capsys.readouterr().err
+
+
+def test_run_with_progress_reports_perplexity_and_the_fp32_export(bart_dir, pairs_file, tmp_path, capsys):
+    """Without --quiet: the summary gives the held-out perplexity and names the encoder-decoder's export (fp32)."""
+    from lamda_edge.cli import main
+
+    out = tmp_path / "run"
+    assert main([a for a in run_args(bart_dir, pairs_file, out) if a != "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "(perplexity " in captured.out
+    assert f"next: lamda-edge export --adapter {out} --output {out}-onnx\n" in captured.out

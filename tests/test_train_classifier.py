@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,24 @@ def test_classifier_trains_from_the_cli_with_accuracy_and_label_map(tmp_path, cl
 
     saved = load_file(str(out / "lamda_adapter.safetensors"))
     assert "classifier.weight" in saved and not any(k.startswith("classifier.lamda") for k in saved)
+
+
+def test_classifier_run_with_progress_reports_accuracy(tmp_path, classifier_dir, capsys):
+    """Without --quiet: each evaluation and the end-of-run summary give the accuracy (a classifier has no
+    perplexity; the summary used to fail on it with a KeyError), and the summary names the int8 export."""
+    from lamda_edge.cli import main
+
+    data = write_jsonl(tmp_path / "sst.jsonl", label_rows(48, pair=True))
+    args = [a for a in run_args(classifier_dir, data, tmp_path / "run", "--task", "sequence-classification")
+            if a != "--quiet"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    shown = captured.out + captured.err
+    assert "perplexity" not in shown and "Traceback" not in shown
+    assert re.search(r"before training: eval loss [0-9.]+, accuracy [0-9.]+%", shown)
+    assert re.search(r"eval loss [0-9.]+ before training -> [0-9.]+ at step 6 \(accuracy [0-9.]+% -> [0-9.]+%\)",
+                     captured.out)
+    assert f"next: lamda-edge export --adapter {tmp_path / 'run'}" in captured.out and "--int8" in captured.out
 
 
 def test_integer_labels_keep_their_ids(tmp_path, classifier_dir):

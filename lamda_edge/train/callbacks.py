@@ -17,7 +17,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from lamda_edge.adapters.freeze import PMBScheduler
-from lamda_edge.train.report import effective_trainable, lamda_layer_list
+from lamda_edge.train.report import effective_trainable, eval_score, lamda_layer_list
 
 
 class LaMDACallback(TrainerCallback):
@@ -131,8 +131,7 @@ class ProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "eval_loss" in logs and state.is_world_process_zero:
             when = "before training" if state.global_step == 0 else f"step {state.global_step}"
-            self._write(f"{when}: eval loss {logs['eval_loss']:.4f}, "
-                        f"perplexity {logs.get('eval_perplexity', float('nan')):.2f}")
+            self._write(f"{when}: eval loss {logs['eval_loss']:.4f}, {' '.join(eval_score(logs))}")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -118,8 +118,9 @@ def summary_lines(metrics: dict) -> list[str]:
         def when(entry: dict) -> str:
             return "before training" if entry["step"] == 0 else f"at step {entry['step']}"
 
+        (name, before), (_, after) = eval_score(first), eval_score(last)
         lines.append(f"eval loss {first['eval_loss']:.4f} {when(first)} -> {last['eval_loss']:.4f} {when(last)} "
-                     f"(perplexity {first['eval_perplexity']:.2f} -> {last['eval_perplexity']:.2f})")
+                     f"({name} {before} -> {after})")
     if params:
         frozen = params.get("b_frozen_step")
         end = (f"{params['end']:,} from step {frozen} on (B wholly frozen, only S trains; t_i="
@@ -151,6 +152,13 @@ def next_step(output: str, model_type: str | None, quantize: str | None) -> str 
     if quantize == "nf4":
         return f"{command} --int4   (int4 as trained: the NF4 base the adapter learned on)"
     return f"{command} --int8   (int8 keeps an adapter trained on a full-precision base; --int4 needs an NF4 one)"
+
+
+def eval_score(entry: dict) -> tuple[str, str]:
+    """An evaluation's score as (name, value in words): a classifier's accuracy, else the perplexity."""
+    if "eval_accuracy" in entry:
+        return "accuracy", f"{entry['eval_accuracy']:.1%}"
+    return "perplexity", f"{entry.get('eval_perplexity', perplexity(entry['eval_loss'])):.2f}"
 
 
 def perplexity(loss: float) -> float:
