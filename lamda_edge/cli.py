@@ -463,11 +463,13 @@ def _add_classify(sub) -> None:
         "lamda-edge classify --model runs/sst-onnx --text 'a great film'",
         "lamda-edge classify --model runs/mnli-onnx --text 'A man plays.' --text-pair 'Someone plays.' --json"],
         description="Run an exported sequence classifier with ONNX Runtime: one line per text with the class name "
-        "(the config's id2label, from the training labels) and its probability.")
+        "(the config's id2label, from the training labels) and its probability; the last line (stderr) names the "
+        "graph: model.int4.onnx or model.int8.onnx when the export wrote one, else model.onnx.")
     p.add_argument("--model", required=True, help="folder written by `lamda-edge export` for a classifier")
     p.add_argument("--text", required=True, action="append", help="a text to classify (repeat for several)")
     p.add_argument("--text-pair", action="append", help="the second segment of a pair task (one per --text)")
-    p.add_argument("--onnx-file", help="which graph (default: model.onnx)")
+    p.add_argument("--onnx-file", help="which graph (default: model.int4.onnx if present, else model.int8.onnx, "
+                   "else model.onnx)")
     p.add_argument("--json", action="store_true", help="one JSON object per text instead of the table")
 
 
@@ -486,6 +488,7 @@ def _run_classify(args) -> int:
             print(json.dumps({"text": text, **asdict(prediction)}))
         else:
             print(f"{prediction.label}\t{prediction.probability:.3f}\t{text}")
+    print(f"[{classifier.onnx_file}]", file=sys.stderr)
     return 0
 
 

@@ -300,6 +300,15 @@ def test_classifier_adapter_exports_as_trained(tmp_path):
     r = _export(tmp_path / "out", adapter=tmp_path / "adapter", int4=True)
     assert r["int4"]["method"] == "nf4" and r["int4"]["parity"]["mismatches"] == []
     assert r["int4"]["agreement_int4"] == 1.0
+    # the summary speaks of classes, not tokens or a decoder's cases, and `classify` runs the int4 graph
+    from lamda_edge.export.summary import summary_lines
+    from lamda_edge.runtime.classify import OnnxClassifier
+
+    text = "\n".join(summary_lines(r["summary"]))
+    assert "greedy" not in text and "prefill" not in text and "classes (argmax) 100% of PyTorch's" in text
+    assert "`lamda-edge classify` uses model.int4.onnx by default" in text
+    assert OnnxClassifier(tmp_path / "out").onnx_file == "model.int4.onnx"
+    assert OnnxClassifier(tmp_path / "out", onnx_file="model.onnx").onnx_file == "model.onnx"
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------------

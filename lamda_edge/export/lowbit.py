@@ -135,10 +135,11 @@ def _requantized_adapter_note(options, method: str, quantize: str | None) -> str
 
 def _verdict(result: dict, key: str, parity: dict | None) -> tuple[str, list[str]]:
     """(what the low-bit graph is, in words; the quality-floor problems): never 'equal' for a re-quantized graph."""
-    agreement = result.get(f"greedy_agreement_{key}", result.get(f"agreement_{key}"))
+    greedy = f"greedy_agreement_{key}" in result
+    agreement = result[f"greedy_agreement_{key}"] if greedy else result.get(f"agreement_{key}")
     ppl = (result.get("ppl_pytorch"), result.get(f"ppl_{key}"))
     problems = requantized_problems(result["file"], *ppl)
-    words = quality_words(agreement, *ppl)
+    words = quality_words(agreement, *ppl, what="greedy tokens" if greedy else "classes (argmax)")
     if parity is not None:
         state = "equal to" if not parity["mismatches"] else "DIFFERS from"
         return f"{state} {parity['against']} (fp32 tolerance); vs the fp32 model: {words}", problems

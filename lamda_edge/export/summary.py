@@ -12,7 +12,7 @@ never called equal; it carries its measured agreement and must pass the quality 
 from __future__ import annotations
 
 from lamda_edge.export.graph import MODEL_FILE
-from lamda_edge.runtime.generate import DEFAULT_GRAPHS
+from lamda_edge.runtime.session import DEFAULT_GRAPHS
 
 
 def summarize(report: dict) -> dict:
@@ -38,6 +38,8 @@ def summarize(report: dict) -> dict:
     if problems:
         summary["problems"] = problems
     summary["generate_uses"] = _generate_uses(report)
+    if report.get("kind") == "encoder":
+        summary["classify_uses"] = _default_graph(report)
     return summary
 
 
@@ -60,12 +62,15 @@ def summary_lines(summary: dict) -> list[str]:
         ppl = summary["perplexity"].items()
         lines.append("  held-out perplexity: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl))
     if summary.get("token_agreement"):
-        lines.append("  greedy-token agreement with PyTorch: " + ", ".join(
+        what = "class (argmax) agreement" if summary.get("kind") == "encoder" else "greedy-token agreement"
+        lines.append(f"  {what} with PyTorch: " + ", ".join(
             f"{k} {_fmt_agreement(v)}" for k, v in summary["token_agreement"].items()))
     for problem in summary.get("problems", []):
         lines.append(f"  problem: {problem}")
     if summary.get("generate_uses"):
         lines.append(f"  `lamda-edge generate` uses {summary['generate_uses']} by default (--onnx-file to choose)")
+    if summary.get("classify_uses"):
+        lines.append(f"  `lamda-edge classify` uses {summary['classify_uses']} by default (--onnx-file to choose)")
     return lines
 
 
@@ -110,8 +115,9 @@ def _graphs(report: dict) -> dict:
                 graphs[name] = {"check": f"{verdict} (atol {tol.get('atol')}, rtol {tol.get('rtol')}, every output, "
                                          "two batch/source/target shapes)"}
             return graphs
+        cases = "two batch/length shapes" if report.get("kind") == "encoder" else "prefill/decode/chunk"
         graphs[MODEL_FILE] = {"check": f"{verdict} (atol {tol.get('atol')}, rtol {tol.get('rtol')}, every output, "
-                                       "prefill/decode/chunk)"}
+                                       f"{cases})"}
     for key in ("int4", "int8"):
         part = report.get(key)
         if isinstance(part, dict):
@@ -130,5 +136,10 @@ def _generate_uses(report: dict) -> str | None:
     genai = report.get("genai") or {}
     if genai.get("graph"):
         return f"{genai['graph']} (through onnxruntime-genai: the folder holds genai_config.json)"
+    return _default_graph(report)
+
+
+def _default_graph(report: dict) -> str | None:
+    """The graph of the folder that `generate` / `classify` run when not told (runtime/session.py's order)."""
     files = set(report.get("sizes_bytes") or {})
     return next((name for name in DEFAULT_GRAPHS if name in files), None)

@@ -3,7 +3,8 @@
     text [, text_pair] ──> tokenizer ──> model.onnx (input_ids, attention_mask[, token_type_ids]) ──> logits (B, C)
                                                                               ──> softmax ──> (label, probability)
 
-The export folder holds `model.onnx` (or `model.int4.onnx` / `model.int8.onnx`), the tokenizer and config.json,
+The export folder holds `model.onnx` (and `model.int4.onnx` or `model.int8.onnx`, run by default when present), the
+tokenizer and config.json,
 whose `id2label` names the classes (written from the adapter's label map when the run trained on string labels).
 """
 
@@ -16,9 +17,7 @@ import numpy as np
 
 from lamda_edge.errors import ConfigError, ModelError
 from lamda_edge.files import read_json
-from lamda_edge.runtime.session import session
-
-GRAPHS = ("model.onnx", "model.int8.onnx", "model.int4.onnx")  # the default is the first one present
+from lamda_edge.runtime.session import DEFAULT_GRAPHS, session
 
 
 @dataclass
@@ -40,10 +39,10 @@ class OnnxClassifier:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ConfigError(f"--model {folder} is not a folder. Fix: pass the output folder of `lamda-edge export`")
-        name = onnx_file or next((g for g in GRAPHS if (self.folder / g).is_file()), None)
+        name = onnx_file or next((g for g in DEFAULT_GRAPHS if (self.folder / g).is_file()), None)
         if name is None or not (self.folder / name).is_file():
-            raise ModelError(f"{self.folder} holds no {onnx_file or ' / '.join(GRAPHS)}. Fix: export a classifier "
-                             "there with `lamda-edge export`")
+            raise ModelError(f"{self.folder} holds no {onnx_file or ' / '.join(DEFAULT_GRAPHS)}. Fix: export a "
+                             "classifier there with `lamda-edge export`")
         config = read_json(self.folder / "config.json", ModelError, "export the classifier again")
         self.onnx_file = name
         self.session = session(self.folder / name)

@@ -26,10 +26,9 @@ import numpy as np
 from lamda_edge.errors import ConfigError, ModelError, require
 from lamda_edge.files import read_json
 from lamda_edge.runtime.decoder import OnnxDecoder
-from lamda_edge.runtime.session import session
+from lamda_edge.runtime.session import DEFAULT_GRAPHS, session
 
 MODEL_FILE, INT4_FILE, GENAI_CONFIG = "model.onnx", "model.int4.onnx", "genai_config.json"
-DEFAULT_GRAPHS = (INT4_FILE, "model.int8.onnx", MODEL_FILE)  # a plain folder: the first present is generated with
 ANSWER_LINE_RE = re.compile(r"####\s*-?[\d,]*\.?\d+[ \t]*\n")  # the built-in task's final answer line, complete
 REPEATS, REPEAT_SPAN = 3, (2, 48)  # a run of 2..48 tokens seen 3 times in a row at the end is a loop
 

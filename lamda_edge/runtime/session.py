@@ -7,6 +7,9 @@ from pathlib import Path
 
 from lamda_edge.errors import require
 
+# the graph a plain export folder runs by default (generate, classify): the low-bit graph the export wrote, else fp32
+DEFAULT_GRAPHS = ("model.int4.onnx", "model.int8.onnx", "model.onnx")
+
 
 def spinning_allowed(environ=None) -> bool:
     """Whether ONNX Runtime's idle threads may spin-wait: not under `OMP_WAIT_POLICY=PASSIVE`.
