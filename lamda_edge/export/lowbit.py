@@ -100,7 +100,8 @@ def build(options, tmp: Path, reference, tokenizer, text: str, kind: str, report
     block = built["block_size"] if built else options.block_size
     result = {"method": method, "file": out_name, "ops": ops, "block_size": block,
               "size_ratio": sizes[out_name] / sizes[MODEL_FILE]}
-    stage(f"{key}: perplexity and greedy agreement of both graphs")
+    stage(f"{key}: " + ("perplexity and greedy agreement" if kind == "decoder" else "class agreement")
+          + " of both graphs")
     result.update(quality(pytorch, tmp / MODEL_FILE, tmp / out_name, ids, tokenizer, kind, suffix=key))
     if parity is not None:
         result["parity"] = parity
