@@ -185,8 +185,8 @@ def run_stage(stage: str, a, cache: Path) -> list[dict]:
     for task in a.tasks:
         rows = read_rows(a.out) + out
         s = settings(task, a)
-        lora_lr = best_lora_lr(rows, task, s["rank"], s["steps"], s.get("schedule"))
-        if stage in ("compare", "ranks") and lora_lr is None:
+        needs_lora_lr = stage in ("compare", "ranks")
+        if needs_lora_lr and best_lora_lr(rows, task, s["rank"], s["steps"], s.get("schedule")) is None:
             out += _run_jobs(jobs_for("lora-lr", task, a, rows), a, cache)
             rows = read_rows(a.out) + out
         out += _run_jobs(jobs_for(stage, task, a, rows), a, cache, rows)

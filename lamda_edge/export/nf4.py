@@ -33,6 +33,7 @@ from lamda_edge.adapters.bnb import dequantize_weight, disable_cpu_repack, is_li
 from lamda_edge.adapters.inject import lamda_layers
 from lamda_edge.errors import ModelError, require
 from lamda_edge.export import graph as export_graph
+from lamda_edge.export.quantize import run_nbits_quantizer
 
 SCHEMES = ("nf4", "int4", "int8")
 NF4_QUANT_TYPE = 1  # MatMulBnb4's quant_type: 0 = FP4, 1 = NF4
@@ -264,8 +265,6 @@ def to_matmul_bnb4(model_proto, residuals: dict) -> dict:
 def quantize_residuals_nbits(src: Path, dst: Path, residuals: dict, bits: int, block_size: int = 32,
                              accuracy_level: int | None = 4) -> dict:
     """MatMulNBits (`bits` 4 or 8, symmetric blocks along the input) on the residual MatMuls of `src` only."""
-    from lamda_edge.export.quantize import run_nbits_quantizer
-
     onnx = require("onnx", "onnx")
     model = onnx.load(str(src))
     found = find_residual_matmuls(model, residuals)

@@ -46,8 +46,8 @@ def requantized_problems(graph: str, ppl_reference: float | None, ppl_graph: flo
 
 def quality_words(agreement: float, ppl_reference: float | None = None, ppl_graph: float | None = None,
                   what: str = "greedy tokens") -> str:
-    """'greedy tokens 88% of PyTorch's, perplexity 45.300 vs 34.000' for a summary line (`what`: "classes" for a
-    classifier's argmax)."""
+    """'greedy tokens 88% of PyTorch's, perplexity 45.300 vs 34.000' for a summary line (`what`: "classes (argmax)" for
+    a classifier)."""
     text = f"{what} {agreement:.0%} of PyTorch's"
     if ppl_reference is not None:
         text += f", perplexity {ppl_graph:.3f} vs {ppl_reference:.3f}"

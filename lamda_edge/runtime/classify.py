@@ -17,7 +17,7 @@ import numpy as np
 
 from lamda_edge.errors import ConfigError, ModelError
 from lamda_edge.files import read_json
-from lamda_edge.runtime.session import DEFAULT_GRAPHS, session
+from lamda_edge.runtime.session import DEFAULT_GRAPHS, default_graph, session
 
 
 @dataclass
@@ -39,7 +39,7 @@ class OnnxClassifier:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ConfigError(f"--model {folder} is not a folder. Fix: pass the output folder of `lamda-edge export`")
-        name = onnx_file or next((g for g in DEFAULT_GRAPHS if (self.folder / g).is_file()), None)
+        name = onnx_file or default_graph(self.folder)
         if name is None or not (self.folder / name).is_file():
             raise ModelError(f"{self.folder} holds no {onnx_file or ' / '.join(DEFAULT_GRAPHS)}. Fix: export a "
                              "classifier there with `lamda-edge export`")

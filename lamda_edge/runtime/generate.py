@@ -26,9 +26,9 @@ import numpy as np
 from lamda_edge.errors import ConfigError, ModelError, require
 from lamda_edge.files import read_json
 from lamda_edge.runtime.decoder import OnnxDecoder
-from lamda_edge.runtime.session import DEFAULT_GRAPHS, session
+from lamda_edge.runtime.session import default_graph, session
 
-MODEL_FILE, INT4_FILE, GENAI_CONFIG = "model.onnx", "model.int4.onnx", "genai_config.json"
+MODEL_FILE, GENAI_CONFIG = "model.onnx", "genai_config.json"
 ANSWER_LINE_RE = re.compile(r"####\s*-?[\d,]*\.?\d+[ \t]*\n")  # the built-in task's final answer line, complete
 REPEATS, REPEAT_SPAN = 3, (2, 48)  # a run of 2..48 tokens seen 3 times in a row at the end is a loop
 
@@ -121,7 +121,7 @@ class OnnxGenerator(_Generator):
 
     def __init__(self, folder: Path, onnx_file: str | None = None, threads: int | None = None):
 
-        name = onnx_file or next((n for n in DEFAULT_GRAPHS if (folder / n).exists()), MODEL_FILE)
+        name = onnx_file or default_graph(folder) or MODEL_FILE
         if not (folder / name).is_file():
             raise ModelError(f"{folder / name} does not exist. Fix: run `lamda-edge export` into {folder}")
         tokenizer_dir = folder if (folder / "tokenizer_config.json").exists() else folder / "merged"

@@ -11,6 +11,11 @@ from lamda_edge.errors import require
 DEFAULT_GRAPHS = ("model.int4.onnx", "model.int8.onnx", "model.onnx")
 
 
+def default_graph(folder: Path) -> str | None:
+    """The first of DEFAULT_GRAPHS that `folder` holds (None when it holds none)."""
+    return next((name for name in DEFAULT_GRAPHS if (Path(folder) / name).is_file()), None)
+
+
 def spinning_allowed(environ=None) -> bool:
     """Whether ONNX Runtime's idle threads may spin-wait: not under `OMP_WAIT_POLICY=PASSIVE`.
 
