@@ -231,9 +231,9 @@ def test_empty_dataset(tmp_path, tokenizer, content, suffix):
 def test_missing_file_and_bad_suffix(tmp_path, tokenizer):
     with pytest.raises(DataError, match="does not exist"):
         load_data(tmp_path / "nope.jsonl", tokenizer, seq_len=32)
-    (tmp_path / "d.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="unsupported file type '.csv'"):
-        load_data(tmp_path / "d.csv", tokenizer, seq_len=32)
+    (tmp_path / "d.xlsx").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"unsupported file type '\.xlsx'.*\.json.*\.csv.*\.parquet"):
+        load_data(tmp_path / "d.xlsx", tokenizer, seq_len=32)
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,17 @@
 """Local datasets -> token batches for causal-LM fine-tuning.
 
-Accepted files (local only; nothing is ever fetched from a hub):
+Accepted files (local only; nothing is ever fetched from a hub; `formats.py` reads all but .txt):
 
-    *.jsonl  one JSON object per line, in one of three shapes (lines may mix shapes):
+    *.jsonl, *.json (an array), *.csv, *.parquet: records in one of these shapes (the three native ones may mix):
              {"text": "..."}                                   loss on every token
              {"prompt": "...", "completion": "..."}            loss on the completion only
              {"messages": [{"role": "user", "content": "..."},
                            {"role": "assistant", "content": "..."}, ...]}
                                                                tokenizer's chat template; loss on assistant turns
+             Alpaca {"instruction", "input"?, "output"}        chat template's user/assistant turns when the
+                                                               tokenizer has one, else the Alpaca prompt; loss on
+                                                               the output only
+             ShareGPT {"conversations": [{"from", "value"}]}   mapped onto "messages"
     *.txt    plain text, tokenized as one stream and cut into blocks of `seq_len` tokens
 
     file --read--> records --split (seeded)--> tokenize --pack text / truncate--> TokenDataset
@@ -24,7 +28,6 @@ are dicts with ``input_ids``).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import warnings
@@ -36,15 +39,12 @@ import torch
 from torch.utils.data import Dataset
 
 from lamda_edge.errors import ConfigError, DataError
+from lamda_edge.train import formats
+from lamda_edge.train.formats import ACCEPTED_SHAPES, JSONL_SUFFIXES, PARQUET_SUFFIXES, RECORD_SUFFIXES, at
 
 IGNORE_INDEX = -100
-JSONL_SUFFIXES = (".jsonl", ".jsonlines")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 OVERFLOW_POLICIES = ("truncate", "error")
-ACCEPTED_SHAPES = (
-    '{"text": str}, {"prompt": str, "completion": str}, '
-    'or {"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}'
-)
 
 
 class DataWarning(UserWarning):
@@ -99,23 +99,27 @@ class DataSplits(NamedTuple):
 
 
 def read_records(path: str | Path, check=None) -> list[tuple[int, dict[str, Any]]]:
-    """Read a dataset file into ``(line number, record)`` pairs, validating each record's shape.
+    """Read a dataset file into ``(position, record)`` pairs, validating each record's shape.
 
-    A ``.txt`` file becomes one record ``{"text": <whole file>}`` at line 1. `check(record, path, line_no)` validates
-    a JSONL record (default: the causal-LM shapes; `labels.py` and `pairs.py` pass their own).
+    ``.jsonl``, ``.json``, ``.csv`` and ``.parquet`` files are read by `formats.py` (positions print as ``line 3``,
+    ``record 3`` or ``row 3``); without a `check`, Alpaca and ShareGPT records become the records below. A ``.txt``
+    file becomes one record ``{"text": <whole file>}`` at line 1. `check(record, path, position)` validates a record
+    (default: the causal-LM shapes; `labels.py` and `pairs.py` pass their own).
 
     Raises:
-        DataError: missing file, unsupported suffix, bad encoding, malformed JSON, or a record of no
-            accepted shape; the message names the file and the line.
+        DataError: missing file, unsupported suffix, bad encoding, malformed JSON or CSV, or a record of no
+            accepted shape; the message names the file and the line (record, row).
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"dataset file {path} does not exist (or is not a file). Fix: pass a local .jsonl or .txt")
+        raise DataError(f"dataset file {path} does not exist (or is not a file). Fix: pass a local "
+                        f"{', '.join(RECORD_SUFFIXES + TEXT_SUFFIXES[:1])} file")
     suffix = path.suffix.lower()
-    if suffix not in JSONL_SUFFIXES + TEXT_SUFFIXES:
+    if suffix not in RECORD_SUFFIXES + TEXT_SUFFIXES:
         raise DataError(
-            f"{path}: unsupported file type {suffix!r}. Fix: use JSON Lines ({', '.join(JSONL_SUFFIXES)}) "
-            f"or plain text ({', '.join(TEXT_SUFFIXES)})"
+            f"{path}: unsupported file type {suffix!r}. Fix: use JSON Lines ({', '.join(JSONL_SUFFIXES)}), a JSON "
+            f"array (.json), CSV (.csv), Parquet ({', '.join(PARQUET_SUFFIXES)}) or plain text "
+            f"({', '.join(TEXT_SUFFIXES)})"
         )
     if suffix in TEXT_SUFFIXES:
         try:
@@ -123,41 +127,29 @@ def read_records(path: str | Path, check=None) -> list[tuple[int, dict[str, Any]
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not valid UTF-8 text ({exc}). Fix: re-save the file as UTF-8") from exc
         return [(1, {"text": text})] if text.strip() else []
-    records = []
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a byte-order mark is not JSON
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path} line {line_no}: not valid UTF-8 ({exc}). Fix: re-save as UTF-8") from exc
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path} line {line_no}: malformed JSON ({exc.msg} at column {exc.colno}). "
-                    "Fix: each line must be one complete JSON object"
-                ) from exc
-            except RecursionError as exc:
-                raise DataError(f"{path} line {line_no}: JSON nested too deeply to read. Fix: each line must be "
-                                f"one flat object ({ACCEPTED_SHAPES})") from exc
-            (check or _check_record)(record, path, line_no)
-            records.append((line_no, record))
+    records = formats.read_rows(path)
+    if check is None:
+        records, family = formats.normalize(records, path)
+        if family != "native":  # Alpaca and ShareGPT records were checked as they were converted
+            return records
+    for position, record in records:
+        (check or _check_record)(record, path, position)
     return records
 
 
 def record_format(record: dict[str, Any]) -> str:
-    """The shape of a validated record: ``"messages"``, ``"prompt_completion"`` or ``"text"``."""
+    """The shape of a validated record: ``"messages"``, ``"prompt_completion"``, ``"alpaca"`` or ``"text"``."""
     if "messages" in record:
         return "messages"
     if "prompt" in record or "completion" in record:
         return "prompt_completion"
+    if "text" not in record and "instruction" in record:
+        return "alpaca"
     return "text"
 
 
 def _check_record(record: Any, path: Path, line_no: int) -> None:
-    where = f"{path} line {line_no}"
+    where = f"{path} {at(line_no)}"
     if not isinstance(record, dict):
         kind = type(record).__name__
         raise DataError(f"{where}: expected a JSON object, got {kind}. Accepted shapes: {ACCEPTED_SHAPES}")
@@ -219,6 +211,14 @@ def tokenize_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
     bos, eos = _special_ids(tokenizer)
     ids = bos + _encode(tokenizer, text) + eos
     return ids, list(ids)
+
+
+def tokenize_alpaca(tokenizer, record: dict[str, str]) -> tuple[list[int], list[int]]:
+    """An Alpaca record as one chat exchange when the tokenizer has a chat template (labels on the assistant turn),
+    else as the Stanford Alpaca prompt and the output as its completion (see `formats.py`)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenize_messages(tokenizer, formats.alpaca_messages(record))
+    return tokenize_prompt_completion(tokenizer, formats.alpaca_prompt(record), record["output"])
 
 
 def tokenize_messages(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
@@ -343,6 +343,8 @@ def build_dataset(
             ids, labels = tokenize_messages(tokenizer, record["messages"])
         elif shape == "prompt_completion":
             ids, labels = tokenize_prompt_completion(tokenizer, record["prompt"], record["completion"])
+        elif shape == "alpaca":
+            ids, labels = tokenize_alpaca(tokenizer, record)
         elif pack:
             bos, eos = _special_ids(tokenizer)
             docs.append(bos + _encode(tokenizer, record["text"]) + eos)
@@ -353,7 +355,7 @@ def build_dataset(
         if len(ids) > seq_len:
             if on_overflow == "error":
                 raise DataError(
-                    f"{source} line {line_no}: {len(ids)} tokens, longer than seq_len={seq_len}. Fix: raise "
+                    f"{source} {at(line_no)}: {len(ids)} tokens, longer than seq_len={seq_len}. Fix: raise "
                     f"seq_len to {len(ids)} (if the model's context allows it), shorten this example, or set "
                     "on_overflow=truncate to cut it"
                 )
@@ -400,7 +402,7 @@ def _check_options(on_overflow: str, seq_len: int | None = None, eval_fraction: 
 
 def require_fields(record: Any, path: Path, line_no: int, fields: tuple[str, ...], task: str, shape: str) -> str:
     """Check that a JSONL record of a `task` run is an object holding `fields`; returns "<path> line <n>"."""
-    where = f"{path} line {line_no}"
+    where = f"{path} {at(line_no)}"
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}. Accepted shape: {shape}")
     for key in fields:
@@ -417,8 +419,8 @@ def read_task_records(path, eval_path, eval_fraction: float, on_overflow: str, c
     _check_options(on_overflow, eval_fraction=eval_fraction)
     path = Path(path)
     for file in (path, eval_path):
-        if file is not None and Path(file).suffix.lower() not in JSONL_SUFFIXES:
-            raise DataError(f"{file}: a {task} run reads JSON Lines ({', '.join(JSONL_SUFFIXES)}) of {shape}")
+        if file is not None and Path(file).suffix.lower() not in RECORD_SUFFIXES:
+            raise DataError(f"{file}: a {task} run reads records ({', '.join(RECORD_SUFFIXES)}) of {shape}")
     records = read_records(path, check=check)
     if not records:
         raise DataError(f"{path}: the dataset is empty. Fix: add records ({shape})")

@@ -27,6 +27,7 @@ from lamda_edge.train.data import (
     read_task_records,
     require_fields,
 )
+from lamda_edge.train.formats import at
 
 SHAPE = '{"text": str, "label": int or str} (GLUE-style pairs add "text_pair": str)'
 
@@ -115,13 +116,13 @@ def _tokenize(records, tokenizer, seq_len: int, label_map: LabelMap, source: str
         enc = tokenizer(record["text"], pair, add_special_tokens=True)
         if len(enc["input_ids"]) > seq_len:
             if on_overflow == "error":
-                raise DataError(f"{source} line {line_no}: {len(enc['input_ids'])} tokens, longer than "
+                raise DataError(f"{source} {at(line_no)}: {len(enc['input_ids'])} tokens, longer than "
                                 f"seq_len={seq_len}. Fix: raise seq_len, shorten it, or set on_overflow=truncate")
             enc = tokenizer(record["text"], pair, add_special_tokens=True, truncation=True, max_length=seq_len)
             truncated += 1
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         examples.append({k: list(enc[k]) for k in keys})
-        labels.append(label_map.id_of(record["label"], f"{source} line {line_no}"))
+        labels.append(label_map.id_of(record["label"], f"{source} {at(line_no)}"))
     if truncated:
         warnings.warn(f"{source}: {truncated} of {len(records)} examples were longer than seq_len={seq_len} tokens "
                       "and were truncated. Raise seq_len to keep them whole, or pass on_overflow='error' to refuse",

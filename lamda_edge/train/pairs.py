@@ -27,6 +27,7 @@ from lamda_edge.train.data import (
     read_task_records,
     require_fields,
 )
+from lamda_edge.train.formats import at
 
 SHAPE = '{"source": str, "target": str}'
 
@@ -84,7 +85,7 @@ def _tokenize(records, tokenizer, seq_len: int, max_source: int | None, source: 
                 continue
             if on_overflow == "error":
                 which = ("the encoder's limit" if name == "source" and cap < seq_len else "seq_len") + f"={cap}"
-                raise DataError(f"{source} line {line_no}: the {name} has {len(ids)} tokens, longer than {which}. "
+                raise DataError(f"{source} {at(line_no)}: the {name} has {len(ids)} tokens, longer than {which}. "
                                 "Fix: shorten it, raise seq_len (within the model's positions), or set "
                                 "on_overflow=truncate")
             del ids[cap - 1:]  # keep the first cap - 1 tokens, then EOS
