@@ -173,11 +173,11 @@ def _check_record(record: Any, path: Path, line_no: int) -> None:
                     f"{where}: missing field {key!r} (found fields {found}). Accepted shapes: {ACCEPTED_SHAPES}"
                 )
             if not isinstance(record[key], str):
-                raise DataError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
+                raise DataError(f"{where}: field {key!r} must be a string, got {formats.kind(record[key])}")
         return
     if "text" in record:
         if not isinstance(record["text"], str):
-            raise DataError(f"{where}: field 'text' must be a string, got {type(record['text']).__name__}")
+            raise DataError(f"{where}: field 'text' must be a string, got {formats.kind(record['text'])}")
         return
     raise DataError(f"{where}: no accepted field (found fields {found}). Accepted shapes: {ACCEPTED_SHAPES}")
 

@@ -171,7 +171,8 @@ def _read_csv(path: Path) -> list[tuple[Position, Any]]:
         if bad:
             row = bad[0]
             text = row.text if len(row.text) <= 60 else row.text[:57] + "..."
-            raise DataError(f"{path} row {row.number}: {row.actual_columns} fields where the header has "
+            fields = f"{row.actual_columns} field" + ("" if row.actual_columns == 1 else "s")
+            raise DataError(f"{path} row {row.number}: {fields} where the header has "
                             f"{row.expected_columns} ({text!r}). Fix: quote a field that holds a comma, or give the "
                             "row every column") from exc
         if "Empty CSV file" in str(exc):
@@ -227,7 +228,8 @@ def normalize(rows: list[tuple[int, Any]], path: Path) -> tuple[list[tuple[int, 
     return rows, family
 
 
-def _kind(value: Any) -> str:
+def kind(value: Any) -> str:
+    """A value's type as an error message names it (``null (an empty cell)`` for None)."""
     return "null (an empty cell)" if value is None else type(value).__name__
 
 
@@ -244,7 +246,7 @@ def alpaca_record(record: Any, where: str) -> dict[str, str]:
     text.update({key: record[key] for key in ("instruction", "output")})
     for key, value in text.items():
         if not isinstance(value, str):
-            raise DataError(f"{where}: field {key!r} must be a string, got {_kind(value)}")
+            raise DataError(f"{where}: field {key!r} must be a string, got {kind(value)}")
     return {"instruction": text["instruction"], "input": text["input"], "output": text["output"]}
 
 
@@ -258,7 +260,7 @@ def sharegpt_record(record: Any, where: str) -> dict[str, list[dict[str, str]]]:
     turns = record["conversations"]
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} objects, got "
-                        f"{_kind(turns)}")
+                        f"{kind(turns)}")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
@@ -266,7 +268,7 @@ def sharegpt_record(record: Any, where: str) -> dict[str, list[dict[str, str]]]:
             raise DataError(f"{where}: conversations[{i}] 'from' is {got!r}; accepted: "
                             f"{', '.join(SHAREGPT_ROLES)}")
         if not isinstance(turn.get("value"), str):
-            raise DataError(f"{where}: conversations[{i}] 'value' must be a string, got {_kind(turn.get('value'))}")
+            raise DataError(f"{where}: conversations[{i}] 'value' must be a string, got {kind(turn.get('value'))}")
         messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: 'conversations' has no gpt turn, so there is nothing to train on")
