@@ -27,8 +27,9 @@ A first run, on the built-in default (SmolLM2-135M-Instruct learning GSM-style w
   lamda-edge export --adapter runs/demo --output runs/demo-onnx       # ONNX graph + parity report
   lamda-edge generate --model runs/demo-onnx --prompt "..."           # ONNX Runtime
 
-Your own model and data: lamda-edge train --model ./my-model --data train.jsonl (see `lamda-edge train --help`).
-Classifiers (JSONL text/label) and encoder-decoders (JSONL source/target) train the same way (--task, else from the
+Your own model and data: lamda-edge train --model ./my-model --data train.jsonl (.json, .csv, .parquet; Alpaca and
+ShareGPT too: see `lamda-edge train --help`).
+Classifiers (text/label) and encoder-decoders (source/target) train the same way (--task, else from the
 model's config); an exported classifier runs with lamda-edge classify --model DIR --text "...".
 Will it fit? lamda-edge plan --device rtx3060 --model llama-3.1-8b (see `lamda-edge devices`).
 Each command has --help with examples. Exit codes: 0 ok, 2 bad input, 3 does not fit.
@@ -279,6 +280,7 @@ def _add_train(sub) -> None:
             "lamda-edge train", "lamda-edge train --config run.yaml max_steps=200",
             "lamda-edge train --model ./my-model --data train.jsonl --output runs/mine --rank 16 lr=5e-4 "
             "lamda.init=minor",
+            "lamda-edge train --model ./my-model --data alpaca_data.json  (ShareGPT .json/.jsonl, .csv, .parquet too)",
             "lamda-edge train --output runs/mine --resume",
             "lamda-edge train --config examples/cpu-default.yaml  (more in examples/)",
             "accelerate launch --num_processes 2 -m lamda_edge.cli train --data train.jsonl  (docs/multi-gpu.md)"],

@@ -82,14 +82,17 @@ class RunConfig:
 
     model: str | None = _field(None, "local transformers model folder, or smollm2-135m-instruct; default: "
                                "SmolLM2-135M-Instruct (demo wheel)", "--model")
-    task: str = _field("auto", "'causal-lm' (text, prompt/completion, messages), 'sequence-classification' (JSONL "
-                              "text, label[, text_pair]), 'seq2seq' (JSONL source, target) or 'auto' (from the "
+    task: str = _field("auto", "'causal-lm' (text, prompt/completion, messages, Alpaca, ShareGPT), "
+                              "'sequence-classification' (text, label[, text_pair]), 'seq2seq' (source, target) or "
+                              "'auto' (from the "
                               "model's config: a *ForSequenceClassification architecture, an encoder-decoder, "
                               "else causal-lm)", "--task")
-    data: str | None = _field(None, "local .jsonl/.txt dataset; default: the built-in GSM word-problem demo task",
-                              "--data")
-    eval_data: str | None = _field(None, "held-out .jsonl/.txt file (else `eval_fraction` of `data` is held out)",
-                                   "--eval-data")
+    data: str | None = _field(None, "local dataset: .jsonl, .json (array), .csv, .parquet or .txt; records of "
+                              "text, prompt/completion, chat messages, Alpaca (instruction/input/output) or ShareGPT "
+                              "(conversations), told apart by the first record's keys (README: Your data); default: "
+                              "the built-in GSM word-problem demo task", "--data")
+    eval_data: str | None = _field(None, "held-out file in the same formats (else `eval_fraction` of `data` is held "
+                                   "out)", "--eval-data")
     eval_fraction: float = _field(0.1, "fraction of `data` held out for eval loss/perplexity when no eval_data")
     output: str | None = _field(None, "output folder (adapter, run config, metrics, plot, checkpoints/)", "--output")
     device: str = _field("auto", "'auto', 'cpu', 'cuda', a device profile name (e.g. t4; see `lamda-edge devices`) "
