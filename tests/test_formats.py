@@ -162,6 +162,11 @@ BAD = [
                  r"d\.jsonl line 2: 'conversations' has no gpt turn", id="sharegpt-jsonl-no-gpt"),
     pytest.param("d.parquet", [sharegpt(CHATS[0]), {"conversations": []}],
                  r"d\.parquet row 2: 'conversations' must be a non-empty list", id="sharegpt-parquet-empty"),
+    pytest.param("d.csv", [{"conversations": json.dumps(sharegpt(CHATS[0])["conversations"])}],
+                 r"d\.csv row 2: 'conversations' must be a non-empty list .* got a string \(a CSV cell holds text",
+                 id="sharegpt-csv"),
+    pytest.param("d.csv", [{"messages": json.dumps(CHATS[0])}],
+                 r"d\.csv row 2: 'messages' must be a non-empty list .* got a string \(a CSV cell", id="messages-csv"),
     pytest.param("d.parquet", [{"text": "a"}, {"text": None}],
                  r"d\.parquet row 2: field 'text' must be a string, got null", id="parquet-null-text"),
     pytest.param("d.csv", ["prompt,completion", "a,b", "c,d,e"],
@@ -287,3 +292,20 @@ def test_cli_bad_rows_exit_2_in_one_line(tmp_path, capsys, cli_world, name, rows
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lamda-edge train: error: ") and "Traceback" not in err
     assert expected in err
+
+
+@pytest.mark.slow
+def test_alpaca_on_the_default_model_trains_on_the_output_turn(tmp_path):
+    """SmolLM2's own chat template: the full text is its rendering of the exchange, the trained text the output and
+    its end-of-turn marker."""
+    from transformers import AutoTokenizer
+
+    from lamda_edge.demo.default_model import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path(progress=False))
+    got = load_data(write(tmp_path / "d.json", ALPACA), tokenizer, seq_len=512)
+    for (ids, labels), row in zip(examples(got.train), ALPACA):
+        user = f"{row['instruction']}\n\n{row['input']}" if row["input"] else row["instruction"]
+        chat = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+        assert tokenizer.decode(ids) == tokenizer.apply_chat_template(chat, tokenize=False)
+        assert trained_text(tokenizer, ids, labels) == row["output"] + "<|im_end|>\n"

@@ -157,7 +157,8 @@ def _check_record(record: Any, path: Path, line_no: int) -> None:
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects, got "
+                            f"{formats.list_kind(messages)}")
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise DataError(f"{where}: messages[{i}] has no string 'role'. Accepted shapes: {ACCEPTED_SHAPES}")

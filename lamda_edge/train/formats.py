@@ -233,6 +233,13 @@ def kind(value: Any) -> str:
     return "null (an empty cell)" if value is None else type(value).__name__
 
 
+def list_kind(value: Any) -> str:
+    """What a field that should hold a list holds instead; a string gets the hint that CSV cells cannot hold lists."""
+    if isinstance(value, str):
+        return "a string (a CSV cell holds text, not a list of turns: use .json, .jsonl or .parquet)"
+    return kind(value)
+
+
 def alpaca_record(record: Any, where: str) -> dict[str, str]:
     """An Alpaca record checked and reduced to ``{"instruction", "input", "output"}`` (a missing input is "")."""
     shape = FORMATS["alpaca"][1]
@@ -260,7 +267,7 @@ def sharegpt_record(record: Any, where: str) -> dict[str, list[dict[str, str]]]:
     turns = record["conversations"]
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} objects, got "
-                        f"{kind(turns)}")
+                        f"{list_kind(turns)}")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
