@@ -83,6 +83,23 @@ def test_classifier_trains_from_the_cli_with_accuracy_and_label_map(tmp_path, cl
     assert "classifier.weight" in saved and not any(k.startswith("classifier.lamda") for k in saved)
 
 
+def test_classifier_trains_from_csv(tmp_path, classifier_dir):
+    """A CSV of text, label (its header names the fields) trains as the JSONL does (lamda_edge/train/formats.py)."""
+    import csv
+
+    from lamda_edge.cli import main
+
+    rows = label_rows(48)
+    with (tmp_path / "sst.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "run"
+    assert main(run_args(classifier_dir, tmp_path / "sst.csv", out, "--task", "sequence-classification")) == 0
+    info = json.loads((out / "lamda_adapter.json").read_text())
+    assert info["labels"] == {"names": sorted({r["label"] for r in rows}), "strings": True}
+
+
 def test_classifier_run_with_progress_reports_accuracy(tmp_path, classifier_dir, capsys):
     """Without --quiet: each evaluation and the end-of-run summary give the accuracy (a classifier has no
     perplexity; the summary used to fail on it with a KeyError), and the summary names the int8 export."""

@@ -402,7 +402,7 @@ def _check_options(on_overflow: str, seq_len: int | None = None, eval_fraction: 
 
 
 def require_fields(record: Any, path: Path, line_no: int, fields: tuple[str, ...], task: str, shape: str) -> str:
-    """Check that a JSONL record of a `task` run is an object holding `fields`; returns "<path> line <n>"."""
+    """Check that a record of a `task` run is an object holding `fields`; returns "<path> <position>"."""
     where = f"{path} {at(line_no)}"
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}. Accepted shape: {shape}")
@@ -415,7 +415,7 @@ def require_fields(record: Any, path: Path, line_no: int, fields: tuple[str, ...
 
 def read_task_records(path, eval_path, eval_fraction: float, on_overflow: str, check, task: str,
                       shape: str) -> tuple[Path, list]:
-    """Check a JSONL task run's options and files (classification, seq2seq) and read its training records:
+    """Check a task run's options and files (classification, seq2seq) and read its training records:
     (path, records). `task` names the run in errors ("a seq2seq run reads ...")."""
     _check_options(on_overflow, eval_fraction=eval_fraction)
     path = Path(path)
@@ -430,7 +430,7 @@ def read_task_records(path, eval_path, eval_fraction: float, on_overflow: str, c
 
 def held_out_records(records: list, path, eval_path, eval_fraction: float, seed: int,
                      check=None) -> tuple[list, list | None]:
-    """(train, held-out) records of a JSONL task (classification, seq2seq): the records of `eval_path` when given,
+    """(train, held-out) records of a task (classification, seq2seq): the records of `eval_path` when given,
     else a seeded `eval_fraction` of `records`, else none held out (None)."""
     if eval_path is not None:
         held = read_records(eval_path, check=check)

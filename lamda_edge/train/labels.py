@@ -1,4 +1,6 @@
-"""Sequence-classification data: JSONL `{"text", "label"[, "text_pair"]}` -> token examples with one class id each.
+"""Sequence-classification data: records `{"text", "label"[, "text_pair"]}` -> token examples with one class id each.
+
+Records come from .jsonl, .json, .csv or .parquet files (`formats.py`).
 
     file --read_records (shape checked)--> records --LabelMap (ints as given, strings sorted)--> class ids
          --tokenizer(text[, text_pair]) (over seq_len: truncated or refused, `on_overflow`)--> LabelDataset
@@ -132,14 +134,15 @@ def _tokenize(records, tokenizer, seq_len: int, label_map: LabelMap, source: str
 
 def load_labels(path: str | Path, tokenizer, seq_len: int, *, eval_path: str | Path | None = None,
                 eval_fraction: float = 0.0, seed: int = 0, on_overflow: str = "truncate") -> LabelSplits:
-    """Load a classification JSONL file (and its held-out part) as `LabelDataset`s with one `LabelMap`.
+    """Load a classification file (.jsonl, .json, .csv, .parquet) and its held-out part as `LabelDataset`s with one
+    `LabelMap`.
 
     The map is read from the training records (all of them, before a held-out fraction is split off); held-out
     labels must be among them.
 
     Raises:
-        DataError: not JSONL, a record missing `text` or `label`, mixed label kinds, an unknown held-out label, an
-            empty file, or an example over `seq_len` with on_overflow='error'.
+        DataError: not a record file, a record missing `text` or `label`, mixed label kinds, an unknown held-out
+            label, an empty file, or an example over `seq_len` with on_overflow='error'.
     """
     path, records = read_task_records(path, eval_path, eval_fraction, on_overflow, check_record, "classification",
                                       SHAPE)

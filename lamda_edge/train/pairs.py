@@ -1,4 +1,6 @@
-"""Encoder-decoder (seq2seq) data: JSONL `{"source", "target"}` -> encoder ids and target labels.
+"""Encoder-decoder (seq2seq) data: records `{"source", "target"}` -> encoder ids and target labels.
+
+Records come from .jsonl, .json, .csv or .parquet files (`formats.py`).
 
     file --read_records (shape checked)--> records --tokenize source (+EOS) and target (+EOS)--> PairDataset
          source over the encoder limit (min(seq_len, max positions)): truncated or refused (`on_overflow`)
@@ -102,14 +104,14 @@ def _tokenize(records, tokenizer, seq_len: int, max_source: int | None, source: 
 def load_pairs(path: str | Path, tokenizer, seq_len: int, *, max_source: int | None = None,
                eval_path: str | Path | None = None, eval_fraction: float = 0.0, seed: int = 0,
                on_overflow: str = "truncate") -> PairSplits:
-    """Load a seq2seq JSONL file (and its held-out part) as `PairDataset`s.
+    """Load a seq2seq file (.jsonl, .json, .csv, .parquet) and its held-out part as `PairDataset`s.
 
     Args:
         max_source: the encoder's position limit (its `max_position_embeddings`); a source longer than
             min(seq_len, max_source) is truncated or refused.
 
     Raises:
-        DataError: not JSONL, a record missing `source` or `target`, an empty file, or an overflow refused.
+        DataError: not a record file, a record missing `source` or `target`, an empty file, or an overflow refused.
     """
     path, records = read_task_records(path, eval_path, eval_fraction, on_overflow, check_record, "seq2seq", SHAPE)
     train, held = held_out_records(records, path, eval_path, eval_fraction, seed, check_record)
