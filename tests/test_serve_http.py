@@ -315,3 +315,30 @@ def _up(url: str) -> bool:
         return httpx2.get(f"{url}/health", timeout=2).status_code == 200
     except httpx2.HTTPError:
         return False
+
+
+# ---- the other export formats (an export each: minutes here) --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_genai_and_encoder_decoder_exports_serve_as_generate_runs_them(tmp_path, tiny, run_export):
+    from lamda_edge.runtime.generate import load_generator
+    from lamda_edge.runtime.seq2seq import OnnxSeq2Seq
+
+    tiny.save(tmp_path / "llama", "llama", seed=4)
+    run_export(tmp_path / "genai", model=tmp_path / "llama", format="genai", precision="fp32")
+    want = load_generator(tmp_path / "genai").generate(PROMPT, max_new_tokens=12, stop=repetition_stop).text
+    with running(Engine(tmp_path / "genai")) as url:
+        out = client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}],
+                                                  max_tokens=12, temperature=0)
+        assert out.choices[0].message.content == want and want
+    tiny.save(tmp_path / "bart", "bart", hidden=32, positions=32)
+    run_export(tmp_path / "bart-onnx", model=tmp_path / "bart")
+    s2s = OnnxSeq2Seq(tmp_path / "bart-onnx")
+    want = s2s.tokenizer.decode(s2s.generate_ids(s2s.tokenizer("the quick brown fox")["input_ids"], 6),
+                                skip_special_tokens=True)
+    with running(Engine(tmp_path / "bart-onnx")) as url:
+        out = client(url).completions.create(model=MODEL, prompt="the quick brown fox", max_tokens=6)  # greedy
+        assert out.choices[0].text == want
+        with pytest.raises(openai.BadRequestError, match="greedily"):
+            client(url).completions.create(model=MODEL, prompt="the quick brown fox", temperature=0.7)

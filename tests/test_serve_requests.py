@@ -28,7 +28,7 @@ def test_a_chat_request_with_every_supported_field():
     assert (req.max_tokens, req.temperature, req.top_p, req.seed, req.stop) == (9, 0.5, 0.9, 3, ("\n",))
     assert req.stream and req.include_usage and not req.ignore_eos
     defaults = parse_completion({"prompt": ["once"]})
-    assert (defaults.prompt, defaults.temperature, defaults.top_p, defaults.max_tokens) == ("once", 1.0, 1.0, None)
+    assert (defaults.prompt, defaults.temperature, defaults.top_p, defaults.max_tokens) == ("once", None, 1.0, None)
 
 
 @pytest.mark.parametrize("body, param", [

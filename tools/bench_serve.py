@@ -9,7 +9,7 @@ thread sending streamed chat completions one after another (temperature 0, word 
 until it has sent M or the time limit is reached. A 429 is counted and the client waits its Retry-After. Printed
 (and written with --json): requests/s, completion tokens/s (the server's usage counts), p50/p95/p99 time to first
 token and latency, errors by status, and the server's RSS before the first request, at the 100th, and after the last.
-The server is stopped with SIGTERM at the end and its exit code reported.
+The server is stopped with SIGTERM at the end (or under load, with --sigterm-at) and its exit code reported.
 """
 
 from __future__ import annotations
@@ -111,6 +111,11 @@ def run(args) -> dict:
                     rows.append(row)
                     if len(rows) == 100:
                         memory["rss_at_100"] = rss(server.pid)
+                    if len(rows) == args.sigterm_at:
+                        memory["rss_after"] = rss(server.pid)
+                        server.send_signal(signal.SIGTERM)
+                if args.sigterm_at and row["status"] in (503, "ConnectError"):
+                    return  # the server is draining or gone: this client stops
                 if row["status"] == 429:
                     time.sleep(float(row["retry_after"] or 1))
 
@@ -121,9 +126,11 @@ def run(args) -> dict:
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - t0
-        memory["rss_after"] = rss(server.pid)
+        if not args.sigterm_at:
+            memory["rss_after"] = rss(server.pid)
     finally:
-        server.send_signal(signal.SIGTERM)
+        if not args.sigterm_at or len(rows) < args.sigterm_at:
+            server.send_signal(signal.SIGTERM)
         try:
             exit_code = server.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -188,6 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     p.add_argument("--serve-arg", action="append", default=[], help="an extra `lamda-edge serve` argument "
                    "(repeat; e.g. --serve-arg=--queue=64)")
+    p.add_argument("--sigterm-at", type=int, default=0, help="send the server SIGTERM when this many requests "
+                   "are done, under load (the drain test): the requests in flight should complete, later ones get "
+                   "503 or a refused connection, and the server exit 0")
     p.add_argument("--server-log", help="write the server's output here")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -197,7 +207,9 @@ def main(argv=None) -> int:
         from lamda_edge.atomic import write_atomic
 
         write_atomic(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
-    return 0 if result["errors_other_than_429"] == 0 and result["server_exit_code"] == 0 else 1
+    clean = result["errors_other_than_429"] == 0 or args.sigterm_at and set(result["statuses"]) <= {
+        "200", "429", "503", "ConnectError"}
+    return 0 if clean and result["server_exit_code"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -203,9 +203,11 @@ def create_app(engine: Engine, settings: ServeSettings):
         req = parse_chat(body) if chat else parse_completion(body)
         service.check_model(req.model)
         ids = engine.encode_chat(req.messages) if chat else engine.encode_text(req.prompt)
+        temperature = engine.default_temperature if req.temperature is None else req.temperature
+        engine.check_sampling(temperature)
         budget = check_lengths(len(ids), req.max_tokens, engine.context)
         loop = asyncio.get_running_loop()
-        job = Job(ids, budget, req.temperature, req.top_p, req.seed, req.stop, req.ignore_eos,
+        job = Job(ids, budget, temperature, req.top_p, req.seed, req.stop, req.ignore_eos,
                   deadline=time.monotonic() + settings.timeout_s)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
                 "model": settings.model_name}

@@ -117,6 +117,7 @@ class Engine:
         self.tokenizer = self.model.tokenizer
         self.onnx_file = self.model.onnx_file
         self.context = getattr(self.model, "context", None) or _positions(self.folder)
+        self.default_temperature = 0.0 if self.kind == SEQ2SEQ else 1.0  # OpenAI's 1; an encoder-decoder is greedy
 
     # ---- on the event loop's thread ----
 
@@ -133,6 +134,11 @@ class Engine:
         self._require_generator()
         return list(self.tokenizer(prompt)["input_ids"])
 
+    def check_sampling(self, temperature: float) -> None:
+        if self.kind == SEQ2SEQ and temperature > 0:
+            raise ApiError(400, "an encoder-decoder export generates greedily only. Fix: \"temperature\": 0",
+                           param="temperature")
+
     # ---- in a worker thread ----
 
     def run(self, job: Job) -> Outcome:
@@ -146,15 +152,18 @@ class Engine:
                 return "cancelled"
             return "deadline" if time.monotonic() > job.deadline else None
 
-        stop = any_stop(interrupted, None if job.ignore_eos else repetition_stop, stops.check)
-        if self.kind == SEQ2SEQ:
-            if job.temperature > 0:
-                raise ApiError(400, "an encoder-decoder export generates greedily only. Fix: \"temperature\": 0",
-                               param="temperature")
+        if self.kind == SEQ2SEQ:  # as `generate` runs it: greedy, no loop guard
+            ask, reasons = any_stop(interrupted, stops.check), [None]
+
+            def stop(new):
+                reasons.append(ask(new))
+                return reasons[-1]
+
             new = self.model.generate_ids(job.ids, job.max_tokens, stop=stop)
-            reason = stop(new) or ("eos" if new and new[-1] == self.model.eos else "max_new_tokens")
+            reason = reasons[-1] or ("eos" if new and new[-1] == self.model.eos else "max_new_tokens")
             text = self._decode(new)
         else:
+            stop = any_stop(interrupted, None if job.ignore_eos else repetition_stop, stops.check)
             seed = secrets.randbits(32) if job.seed is None else job.seed
             result = self.model.generate("", max_new_tokens=job.max_tokens, temperature=job.temperature,
                                          top_p=job.top_p, seed=seed, prompt_ids=job.ids, on_text=stops.feed,

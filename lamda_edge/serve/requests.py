@@ -45,7 +45,7 @@ class GenerationRequest:
     messages: list[dict] | None
     prompt: str | None
     max_tokens: int | None
-    temperature: float
+    temperature: float | None  # None: not given (OpenAI's default 1; an encoder-decoder's 0)
     top_p: float
     seed: int | None
     stop: tuple[str, ...]
@@ -129,7 +129,7 @@ def _sampling(body: dict, messages, prompt) -> GenerationRequest:
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
         raise ApiError(400, f"`{name}` should be a positive integer, got {_show(max_tokens)}. Fix: e.g. "
                        f"\"{name}\": 128", param=name)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0, "0 = greedy, e.g. 0.7")
+    temperature = _number(body, "temperature", None, 0.0, 2.0, "0 = greedy, e.g. 0.7")  # None: the engine's
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, "e.g. 0.9")
     if top_p == 0:
         raise ApiError(400, "`top_p` should be in (0, 1], got 0. Fix: e.g. 0.9", param="top_p")
@@ -182,7 +182,7 @@ def _model(body: dict) -> str | None:
     return model
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float, example: str) -> float:
+def _number(body: dict, name: str, default: float | None, low: float, high: float, example: str) -> float | None:
     value = body.get(name)
     if value is None:
         return default
