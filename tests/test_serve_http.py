@@ -317,6 +317,22 @@ def _up(url: str) -> bool:
         return False
 
 
+def test_cli_refuses_bad_flags_a_missing_folder_and_a_busy_port(exports, tmp_path, capsys):
+    from lamda_edge.cli import main
+
+    assert main(["serve", "--model", str(exports / "gen"), "--concurrency", "0"]) == 2
+    assert main(["serve", "--model", str(exports / "gen"), "--port", "70000"]) == 2
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", "--model", str(exports / "gen"), "--port", str(busy.getsockname()[1]),
+                     "--log-level", "critical"]) == 2
+    err = capsys.readouterr().err
+    assert "--concurrency should be in" in err and "not a folder" in err and "pick a free --port" in err
+    assert "Traceback" not in err
+
+
 # ---- the other export formats (an export each: minutes here) --------------------------------------------------------
 
 
