@@ -267,6 +267,15 @@ def test_queue_full_is_429_and_a_disconnect_frees_the_slot(gen_engine):
         assert post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
+def test_a_client_that_leaves_a_non_streamed_request_cancels_it(gen_engine):
+    with running(gen_engine, concurrency=1) as url:
+        with pytest.raises(httpx2.TimeoutException):  # the client gives up after 1 s and closes its connection
+            httpx2.post(f"{url}/v1/completions", content=json.dumps({"model": MODEL, "prompt": "hi", **LONG}).encode(),
+                        timeout=1.0)
+        wait_for(lambda: health(url)["running"] == 0, what="the slot to free")
+        assert health(url)["cancelled"] == 1 and health(url)["completed"] == 0
+
+
 def test_past_the_deadline_is_504(gen_engine):
     with running(gen_engine, timeout_s=0.5) as url:
         r = post(url, "/v1/completions", {"model": MODEL, "prompt": "hello", **LONG})
