@@ -367,3 +367,17 @@ def test_genai_and_encoder_decoder_exports_serve_as_generate_runs_them(tmp_path,
         assert out.choices[0].text == want
         with pytest.raises(openai.BadRequestError, match="greedily"):
             client(url).completions.create(model=MODEL, prompt="the quick brown fox", temperature=0.7)
+
+
+@pytest.mark.slow
+def test_bench_serve_runs_and_reports(exports, tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(REPO / "tools" / "bench_serve.py"), "--model", str(exports / "gen"), "--clients",
+               "2", "--requests", "3", "--max-tokens", "2", "--json", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["statuses"] == {"200": 2 * 3} and result["server_exit_code"] == 0
+    assert result["completion_tokens"] == 2 * 3 * 2 and result["rss_after"] > 0 and result["latency_p99_s"] > 0
+    assert "requests/s" in proc.stdout and "server RSS" in proc.stdout
