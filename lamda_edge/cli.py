@@ -494,18 +494,81 @@ def _run_classify(args) -> int:
     return 0
 
 
+# ---- serve ---------------------------------------------------------------------------------------------------------
+
+API_KEY_ENV = "LAMDA_EDGE_API_KEY"
+
+
+def _add_serve(sub) -> None:
+    p = _subcommand(sub, "serve", "serve an export over an OpenAI-compatible HTTP API", _run_serve, [
+        "lamda-edge serve --model runs/demo-onnx",
+        "curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' "
+        "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is 12 * 7?\"}], \"temperature\": 0}'",
+        f"{API_KEY_ENV}=secret lamda-edge serve --model runs/demo-onnx --host 0.0.0.0 --port 8080",
+        "lamda-edge serve --model runs/sst-onnx  (a classifier: POST /v1/classify {\"text\": \"a great film\"})"],
+        description="Serve an export folder (plain ONNX, onnxruntime-genai, an encoder-decoder or a classifier) "
+        "with one shared ONNX Runtime model. Endpoints: POST /v1/chat/completions and /v1/completions (streamed or "
+        "not; max_tokens, temperature, top_p, stop, seed, and vLLM's ignore_eos), GET /v1/models, GET /health, and "
+        "POST /v1/classify for a classifier. At most --concurrency generations run at once and --queue wait; past "
+        "that a request gets 429 with Retry-After, and past --timeout 504. SIGTERM stops taking requests, lets the "
+        "running ones finish for up to --grace seconds, and exits 0. Greedy text (temperature 0) is `lamda-edge "
+        "generate`'s, with the same loop guard.")
+    p.add_argument("--model", required=True, help="folder written by `lamda-edge export`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (anything but loopback wants a key)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV} if set)")
+    p.add_argument("--model-name", help="the model's id in the API (default: the folder's name)")
+    p.add_argument("--concurrency", type=int, help="generations at once (default: the cores this process may use)")
+    p.add_argument("--queue", type=int, default=32, help="requests that may wait for a slot; more get 429")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take, queue included; 504")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads of the shared session (default: its own)")
+    p.add_argument("--onnx-file", help="plain format: which graph (default: as `generate`)")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
+                   help="uvicorn's log level (info logs each request)")
+
+
+def _run_serve(args) -> int:
+    import os
+    from pathlib import Path
+
+    from lamda_edge.errors import ConfigError, require
+
+    bounds = {"port": (0, 65535), "concurrency": (1, 1024), "queue": (0, 1 << 20), "timeout": (0.001, 1e6),
+              "grace": (0, 1e6), "max_body_bytes": (1, 1 << 30), "threads": (1, 1024)}
+    for name, (low, high) in bounds.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise ConfigError(f"--{name.replace('_', '-')} should be in [{low:g}, {high:g}], got {value}")
+    require("fastapi", "serve")
+    require("uvicorn", "serve")
+    from lamda_edge.serve.app import ServeSettings
+    from lamda_edge.serve.engine import Engine
+    from lamda_edge.serve.server import serve
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    engine = Engine(args.model, onnx_file=args.onnx_file, threads=args.threads)
+    settings = ServeSettings(model_name=args.model_name or Path(args.model).resolve().name, api_key=api_key,
+                             concurrency=args.concurrency or cores, queue=args.queue, timeout_s=args.timeout,
+                             max_body_bytes=args.max_body_bytes)
+    return serve(engine, settings, args.host, args.port, args.grace, args.log_level)
+
+
 # ---- main ----------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lamda-edge", description=USER_HELP, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_devices, _add_plan, _add_train, _add_export, _add_generate, _add_classify):
+    for add in (_add_devices, _add_plan, _add_train, _add_export, _add_generate, _add_classify, _add_serve):
         add(sub)
     return parser
 
 
-COMPUTE_COMMANDS = ("train", "export", "generate", "classify")  # the commands that run torch / ONNX Runtime on the CPU
+# the commands that run torch / ONNX Runtime on the CPU
+COMPUTE_COMMANDS = ("train", "export", "generate", "classify", "serve")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

@@ -83,12 +83,20 @@ class _Generator:
     def encode(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
         """Prompt ids; wrapped in the chat template as one user turn (after a `system` turn, if given) when the
         tokenizer has one and `chat`."""
-        if chat and getattr(self.tokenizer, "chat_template", None):
+        if chat and self.has_chat_template:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}]
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return self.encode_messages(messages)
         return list(self.tokenizer(prompt)["input_ids"])
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Prompt ids of a conversation (`{"role", "content"}` dicts) in the chat template, ready for the reply."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _take(self, token: int, new: list[int], result: GenerationResult, emit, ignore_eos: bool, stop) -> bool:
         """Append `token` to `new`; True (with `result.stopped_by` set) when generation ends with it, else stream the

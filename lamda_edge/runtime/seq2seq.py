@@ -45,8 +45,9 @@ class OnnxSeq2Seq:
         self.onnx_file = f"{ENCODER_FILE} + {DECODER_PAST_FILE}"
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
 
-    def generate_ids(self, source_ids: list[int], max_new_tokens: int = 64) -> list[int]:
-        """Greedy target ids (without the start token) for one source; stops after EOS (kept) or the limit."""
+    def generate_ids(self, source_ids: list[int], max_new_tokens: int = 64, stop=None) -> list[int]:
+        """Greedy target ids (without the start token) for one source; stops after EOS (kept), the limit, or when
+        `stop(new_ids)` returns true after a token."""
         ids = np.array([source_ids], dtype=np.int64)  # (1, S)
         mask = np.ones_like(ids)
         states = self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]  # (1, S, H)
@@ -58,7 +59,7 @@ class OnnxSeq2Seq:
         while True:
             token = int(out[0][0, -1].argmax())
             new.append(token)
-            if token == self.eos or len(new) >= max_new_tokens:
+            if token == self.eos or len(new) >= max_new_tokens or (stop is not None and stop(new)):
                 return new
             out = self.decoder_past.run(None, {"encoder_attention_mask": mask,
                                                "input_ids": np.array([[token]], np.int64), **past})
