@@ -15,6 +15,7 @@ is not a multiple of 32 cannot be blocked and stays F16.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,8 +149,10 @@ def write_gguf(model, tokenizer_dir: Path, tokenizer, path: Path, gguf_type: str
         raise ModelError(f"`gguf_type` should be one of {GGUF_TYPES}, got {gguf_type!r}")
     family = check_family(model.config)
     arch_name = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)]
+    if family.arch == "LLAMA":  # transformers (5.25) reads a llama file named "...mistral..." as a "mistral"
+        name = re.sub("(?i)mistral", "", name).strip(" -_.") or "model"  # architecture gguf-py lacks, and fails
     counts: dict[str, int] = {}
-    info: dict = {"architecture": arch_name, "type": gguf_type}
+    info: dict = {"architecture": arch_name, "type": gguf_type, "name": name}
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, arch_name)
