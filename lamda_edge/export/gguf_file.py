@@ -46,13 +46,18 @@ FAMILIES = {
 }
 
 
-def check_family(config) -> Family:
-    """The `Family` of a model config; a ModelError naming the supported ones otherwise."""
-    family = FAMILIES.get(config.model_type)
-    if family is None:
-        raise ModelError(f"--format gguf writes {', '.join(FAMILIES)} models; this one is {config.model_type!r}. "
+def family_of(model_type: str) -> Family:
+    """The `Family` of a transformers model_type; a ModelError naming the supported ones otherwise."""
+    if model_type not in FAMILIES:
+        raise ModelError(f"--format gguf writes {', '.join(FAMILIES)} models; this one is {model_type!r}. "
                          "Fix: export --format onnx (any family), or convert the merged folder with llama.cpp's "
                          "convert_hf_to_gguf.py")
+    return FAMILIES[model_type]
+
+
+def check_family(config) -> Family:
+    """The `Family` of a model config (family_of), refusing a rotary embedding other than the default."""
+    family = family_of(config.model_type)
     rope = rope_parameters(config)
     if rope.get("rope_type", "default") != "default":
         raise ModelError(f"--format gguf writes the default rotary embedding; this model uses rope_type "

@@ -35,7 +35,7 @@ from lamda_edge.export.merged import load_merged, load_reference, load_tokenizer
 from lamda_edge.export.portable import copy_loader_files
 from lamda_edge.export.summary import with_summary_first
 from lamda_edge.export.validate import TOLERANCE, validate_decoder, validate_encoder
-from lamda_edge.files import check_output_folder, read_text
+from lamda_edge.files import check_output_folder, read_json, read_text
 from lamda_edge.progress import bar, ticking
 
 FORMATS = ("onnx", "genai", "gguf")
@@ -120,6 +120,20 @@ def _gguf_problems(options: ExportOptions) -> list[str]:
     return problems
 
 
+def _check_gguf_family(options: ExportOptions) -> None:
+    """Refuse a base model whose family --format gguf does not write, from its config.json alone."""
+    from lamda_edge.export.gguf_file import family_of
+    from lamda_edge.export.merged import resolve_base
+
+    cfg = read_adapter_config(options.adapter) if options.adapter is not None else {}
+    base = options.model if options.adapter is None else resolve_base(options.model, cfg, options.adapter)
+    config = Path(base) / "config.json"
+    model_type = read_json(config, ModelError, "pass a transformers model folder").get("model_type") if \
+        config.is_file() else None
+    if model_type is not None:
+        family_of(model_type)  # raises, naming the supported families
+
+
 def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
     """Merge, export, validate (and quantize); return the report that was written to `export-report.json`: its
     `summary` (export/summary.py) first, then the details.
@@ -137,6 +151,8 @@ def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
     check_output_location(options.output, options.adapter, options.model)
     if options.adapter is not None:
         read_adapter_config(options.adapter)  # not an adapter folder: say so before any work or progress bar
+    if options.format == "gguf":
+        _check_gguf_family(options)  # a family llama.cpp's file cannot hold: say so before the merge
     _remove_leftovers(out, log)
     if out.exists() and not options.overwrite:
         raise ConfigError(f"output folder {out} already exists. Fix: pass --overwrite, or choose another --output")
