@@ -237,3 +237,29 @@ def test_the_modelfile_translates_chatml_and_its_default_system_prompt(tiny, tmp
     assert "FROM ./model.q8_0.gguf\n" in text and 'PARAMETER stop "<|im_end|>"' in text
     assert ("TEMPLATE" in text.replace("# no TEMPLATE", "")) == chatml and info["system"] == system
     assert (f'SYSTEM """{system}"""' in text) == (system is not None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_cpp_computes_the_logits_of_the_merged_model(tiny, run_export, tmp_path, arch):
+    """A real llama.cpp build (llama-cpp-python, not a test dependency: skipped without it) loads the f16 file and
+    computes what transformers computes at the same float16 weights: the tensor layout (the rotary permutation
+    included), hyperparameters and tokenizer as llama.cpp reads them."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lamda_edge.export.gguf_check import F16_LOGIT_TOL, float16_rounded
+
+    base = _save(tiny, tmp_path / arch, arch)
+    run_export(tmp_path / "out", model=base, format="gguf", gguf_type="f16")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / "model.f16.gguf"), n_ctx=64, n_threads=1,
+                          logits_all=True, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    text = "the quick brown fox jumps over the lazy dog, what is twelve times seven?"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    llm.eval(ids)
+    got = np.array(llm.scores[:len(ids)])  # (T, V)
+    model = float16_rounded(AutoModelForCausalLM.from_pretrained(base).eval())
+    want = tiny.output(model, torch.tensor([ids]))[0].numpy()
+    assert np.abs(got - want).max() <= F16_LOGIT_TOL
