@@ -105,7 +105,7 @@ def test_each_family_writes_its_architecture_and_tokenizer(tiny, run_export, tmp
     assert fields["general.architecture"] == gguf_arch
     pre = pre_tokenizer_name(json.loads(tokenizer.backend_tokenizer.to_str())["pre_tokenizer"])
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == pre
-    assert pre == ("qwen2" if arch == "qwen2" else "gpt2")  # transformers' Qwen2 tokenizer class splits as Qwen2
+    assert pre == ("qwen2" if arch == "qwen2" else "gpt-2")  # transformers' Qwen2 tokenizer class splits as Qwen2
     assert len(fields["tokenizer.ggml.tokens"]) == tokenizer.vocab_size + len(tokenizer.added_tokens_decoder) - sum(
         1 for i in tokenizer.added_tokens_decoder if i < tokenizer.vocab_size)
     assert len(fields["tokenizer.ggml.merges"]) == len(merges)
@@ -187,7 +187,7 @@ def test_options_that_do_not_apply_to_a_gguf_file_are_config_errors(tmp_path):
 
 
 @pytest.mark.parametrize("pre, name", [
-    pytest.param({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, "gpt2", id="gpt2"),
+    pytest.param({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, "gpt-2", id="gpt-2"),
     pytest.param({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                         {"type": "ByteLevel", "use_regex": True}]}, "smollm",
                  id="smollm"),

@@ -24,7 +24,7 @@ _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {
-    "gpt2": "ByteLevel with GPT-2's regex (SmolLM2 as transformers converts it, GPT-2)",
+    "gpt-2": "ByteLevel with GPT-2's regex (SmolLM2 as transformers converts it, GPT-2)",
     "smollm": "Digits(individual) + ByteLevel (SmolLM / SmolLM2 upstream)",
     "llama-bpe": "Split(Llama 3's regex) + ByteLevel",
     "qwen2": "Split(Qwen2's regex) + ByteLevel",
@@ -38,7 +38,7 @@ def pre_tokenizer_name(pre: dict | None) -> str | None:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (llama-vocab.cpp); "gpt2" is the tokenizer *model*, and fails to load
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
