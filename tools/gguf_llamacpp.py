@@ -3,14 +3,16 @@
 Usage:
     pip install llama-cpp-python        # builds llama.cpp from source (cmake, g++); not a lamda-edge dependency
     lamda-edge export --adapter runs/demo --output runs/demo-gguf --format gguf --gguf-type q8_0
-    python tools/gguf_llamacpp.py --gguf runs/demo-gguf/model.q8_0.gguf --onnx runs/demo-onnx [--json out.json]
+    python tools/gguf_llamacpp.py --gguf runs/demo-gguf/model.q8_0.gguf --onnx runs/demo-onnx [--adapter runs/demo]
+        [--json out.json]
 
 For each prompt (the default job's task: its system prompt, a word problem): the chat prompt's token ids as
 `lamda-edge generate` builds them (transformers' tokenizer and chat template from the ONNX export) and as llama.cpp
 tokenizes the same text from the GGUF metadata; then greedy tokens (no repetition guard, stopped at end of turn or
 --max-new-tokens) from llama.cpp on the same ids and from each ONNX graph given (`model.onnx` is the fp32 merged
-model; `lamda-edge generate` runs `model.int8.onnx` / `model.int4.onnx` when the export has one). Prints one line
-per prompt and file, and a summary: identical runs, and the mean length of the common prefix.
+model; `lamda-edge generate` runs `model.int8.onnx` / `model.int4.onnx` when the export has one) and, with
+--adapter, from the merged PyTorch model (transformers' greedy `generate`). Prints one line per prompt and file, and
+a summary: identical runs, and the mean length of the common prefix.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--gguf", required=True, nargs="+", help="GGUF file(s) written by export --format gguf")
     parser.add_argument("--onnx", required=True, help="the same adapter's `lamda-edge export` folder")
     parser.add_argument("--onnx-files", nargs="+", default=["model.onnx", "model.int8.onnx"])
+    parser.add_argument("--adapter", help="also compare with the merged PyTorch model of this adapter")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
@@ -70,6 +73,17 @@ def main() -> None:
         for name, gen in gens.items():
             result = gen.generate("", max_new_tokens=args.max_new_tokens, prompt_ids=ids, stop=None)
             onnx_tokens[i, name] = (result.token_ids, result.tokens_per_s)
+    if args.adapter:
+        from lamda_edge.export.genai import torch_greedy
+        from lamda_edge.export.merged import load_merged
+
+        merged = load_merged(None, Path(args.adapter))[0]
+        onnx_files.append("pytorch")
+        for i, prompt in enumerate(PROMPTS):
+            t = time.perf_counter()
+            tokens = torch_greedy(merged, first.encode(prompt, system=SYSTEM_PROMPT), args.max_new_tokens, eos)
+            onnx_tokens[i, "pytorch"] = (tokens, len(tokens) / (time.perf_counter() - t))
+        del merged
     for path in args.gguf:
         llm = Llama(model_path=path, n_ctx=512, n_threads=args.threads, n_batch=512, verbose=False)
         for i, prompt in enumerate(PROMPTS):
