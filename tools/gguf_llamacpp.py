@@ -53,7 +53,8 @@ def main() -> None:
     parser.add_argument("--onnx-files", nargs="+", default=["model.onnx", "model.int8.onnx"])
     parser.add_argument("--adapter", help="also compare with the merged PyTorch model of this adapter")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="llama.cpp and ONNX Runtime threads (on a loaded machine, 2 llama.cpp threads spin-wait)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -102,7 +103,7 @@ def main() -> None:
             print(f"{row['gguf']} prompt {i}: prompt ids {'equal' if row['same_prompt_ids'] else 'DIFFER'}; "
                   + "; ".join(f"vs {n}: {'identical' if row[n]['identical'] else 'differs'} "
                               f"(common prefix {row[n]['common_prefix']}/{len(got)})" for n in onnx_files)
-                  + f"; llama.cpp {speed:.1f} tok/s: {row['llama_cpp_text'][:70]!r}")
+                  + f"; llama.cpp {speed:.1f} tok/s: {row['llama_cpp_text'][:70]!r}", flush=True)
         del llm
     for path in args.gguf:
         rows = [r for r in results["prompts"] if r["gguf"] == Path(path).name]
