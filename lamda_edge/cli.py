@@ -329,6 +329,7 @@ def _add_export(sub) -> None:
         "lamda-edge export --adapter runs/demo --output runs/demo-onnx --int8   # a full-precision-trained adapter",
         "lamda-edge export --adapter runs/nf4 --output runs/nf4-onnx --int4     # trained with --quantize nf4",
         "lamda-edge export --adapter runs/nf4 --output runs/nf4-genai --format genai --precision int4",
+        "lamda-edge export --adapter runs/demo --output runs/demo-gguf --format gguf --gguf-type q8_0  # llama.cpp",
         "lamda-edge export --model base-folder --output base-onnx"])
     p.add_argument("--model", help="base transformers folder, or smollm2-135m-instruct for the default model "
                    "(default: the base the adapter records, by folder, else by name); without --adapter, this model "
@@ -351,9 +352,14 @@ def _add_export(sub) -> None:
     p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (residual as MatMulNBits "
                    "bits=8, adapter path fp32); not together with --int4")
     p.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size (nbits, merged, --int8)")
-    p.add_argument("--format", choices=("onnx", "genai"), default="onnx",
+    p.add_argument("--format", choices=("onnx", "genai", "gguf"), default="onnx",
                    help="onnx: plain graph with optimum's names; genai: the same validated graph (--precision picks "
-                   "fp32, fp16 or int4 = --int4) packaged for onnxruntime-genai (genai_config.json + tokenizer)")
+                   "fp32, fp16 or int4 = --int4) packaged for onnxruntime-genai (genai_config.json + tokenizer); "
+                   "gguf: one model.<type>.gguf for llama.cpp / Ollama (llama, mistral, qwen2, qwen3) and a "
+                   "Modelfile, read back with transformers and checked")
+    p.add_argument("--gguf-type", choices=("f16", "q8_0", "q4_0"), default="q8_0",
+                   help="--format gguf weight type: f16 (logits within 1e-3 of the merged model at f16 weights), "
+                   "q8_0 (perplexity within 1%%), q4_0 (re-quantized; embedding and head stay q8_0)")
     p.add_argument("--genai-builder", action="store_true", help="--format genai: rebuild the merged folder with "
                    "onnxruntime-genai's model builder instead (its own graph; int4 re-quantizes the merged weights)")
     p.add_argument("--precision", choices=("int4", "fp16", "fp32"), default="int4", help="--format genai precision")
@@ -378,7 +384,8 @@ def _run_export(args) -> int:
                             int4_method=args.int4_method, int8=args.int8, block_size=args.block_size,
                             format=args.format, precision=args.precision,
                             execution_provider=args.execution_provider, genai_builder=args.genai_builder,
-                            overwrite=args.overwrite, eval_text=Path(args.eval_text) if args.eval_text else None)
+                            overwrite=args.overwrite, eval_text=Path(args.eval_text) if args.eval_text else None,
+                            gguf_type=args.gguf_type)
     report = export(options, progress=True)
     print("\n".join(summary_lines(report["summary"])))
     print(f"wrote {output} (report: {output / 'export-report.json'})")

@@ -6,6 +6,7 @@
                       OUT/model.int4.onnx <── MatMulNBits (--int4)                 │    onnxruntime-genai builder)
                       OUT/export-report.json <── PyTorch vs ONNX Runtime, every output, every case
                       OUT/config.json, tokenizer files <── copied from merged/ (optimum loads OUT as it is)
+    --format gguf:    OUT/model.<type>.gguf + Modelfile <── merged model, read back by transformers (gguf_check.py)
 
 Everything is built in a temporary folder next to the output (`.<name>.tmp-<pid>`) and renamed at the end: a
 failure leaves nothing half-written, and the next export to the same output removes what a killed one left. An
@@ -34,10 +35,10 @@ from lamda_edge.export.merged import load_merged, load_reference, load_tokenizer
 from lamda_edge.export.portable import copy_loader_files
 from lamda_edge.export.summary import with_summary_first
 from lamda_edge.export.validate import TOLERANCE, validate_decoder, validate_encoder
-from lamda_edge.files import check_output_folder, read_text
+from lamda_edge.files import check_output_folder, read_json, read_text
 from lamda_edge.progress import bar, ticking
 
-FORMATS = ("onnx", "genai")
+FORMATS = ("onnx", "genai", "gguf")
 GENAI_PRECISIONS = ("int4", "fp16", "fp32")
 GENAI_PROVIDERS = ("cpu", "cuda")
 INT4_FILE, REPORT_FILE, MERGED_DIR = "model.int4.onnx", "export-report.json", "merged"
@@ -68,6 +69,7 @@ class ExportOptions:
     genai_builder: bool = False  # genai format: rebuild with onnxruntime-genai's builder (re-quantized) instead
     overwrite: bool = False
     eval_text: Path | None = None  # held-out text for perplexity; None: a built-in paragraph
+    gguf_type: str = "q8_0"  # gguf format: "f16" | "q8_0" | "q4_0" (export/gguf_file.py)
 
     def __post_init__(self):
         problems = []
@@ -85,6 +87,8 @@ class ExportOptions:
         if self.format == "genai" and self.execution_provider != "cpu" and not self.genai_builder:
             problems.append("--format genai packages the validated CPU graph; for --execution-provider "
                             f"{self.execution_provider} add --genai-builder")
+        if self.format == "gguf":
+            problems += _gguf_problems(self)
         if self.int4 and self.int8:
             problems.append("--int4 and --int8 write different graphs; choose one (export twice for both)")
         try:
@@ -101,6 +105,33 @@ class ExportOptions:
             problems.append(str(exc))
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+def _gguf_problems(options: ExportOptions) -> list[str]:
+    """What --format gguf cannot be combined with (the file carries its own weight type: --gguf-type)."""
+    from lamda_edge.export.gguf_file import GGUF_TYPES
+
+    problems = [] if options.gguf_type in GGUF_TYPES else [
+        f"`gguf_type` should be one of {GGUF_TYPES}, got {options.gguf_type!r}"]
+    other = [flag for flag, used in (("--int4", options.int4), ("--int8", options.int8), ("--genai-builder",
+             options.genai_builder), ("--dtype fp16", options.dtype != "fp32")) if used]
+    if other:
+        problems.append(f"--format gguf writes one file whose weight type is --gguf-type; drop {', '.join(other)}")
+    return problems
+
+
+def _check_gguf_family(options: ExportOptions) -> None:
+    """Refuse a base model whose family --format gguf does not write, from its config.json alone."""
+    from lamda_edge.export.gguf_file import family_of
+    from lamda_edge.export.merged import resolve_base
+
+    cfg = read_adapter_config(options.adapter) if options.adapter is not None else {}
+    base = options.model if options.adapter is None else resolve_base(options.model, cfg, options.adapter)
+    config = Path(base) / "config.json"
+    model_type = read_json(config, ModelError, "pass a transformers model folder").get("model_type") if \
+        config.is_file() else None
+    if model_type is not None:
+        family_of(model_type)  # raises, naming the supported families
 
 
 def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
@@ -120,6 +151,8 @@ def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
     check_output_location(options.output, options.adapter, options.model)
     if options.adapter is not None:
         read_adapter_config(options.adapter)  # not an adapter folder: say so before any work or progress bar
+    if options.format == "gguf":
+        _check_gguf_family(options)  # a family llama.cpp's file cannot hold: say so before the merge
     _remove_leftovers(out, log)
     if out.exists() and not options.overwrite:
         raise ConfigError(f"output folder {out} already exists. Fix: pass --overwrite, or choose another --output")
@@ -163,7 +196,7 @@ def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
 
 def _phase_count(options: ExportOptions) -> int:
     """The phases that end with a log line: merge, export, validate (or the genai build), low-bit, genai package."""
-    if options.format == "genai" and options.genai_builder:
+    if options.format == "genai" and options.genai_builder or options.format == "gguf":
         return 3
     return 3 + bool(options.int4 or options.int8 or options.format == "genai" and options.precision == "int4") + (
         options.format == "genai")
@@ -204,6 +237,15 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log, stage=lambda na
     tokenizer = load_tokenizer(merged_dir)
     text = read_text(options.eval_text, ConfigError, "pass a UTF-8 text file") if options.eval_text else HELD_OUT_TEXT
 
+    if options.format == "gguf":  # one file for llama.cpp / Ollama, read back and checked (export/gguf_check.py)
+        from lamda_edge.export import gguf_check
+
+        name = (options.adapter or options.model or Path(reference.config.model_type)).name
+        gguf_check.build_and_validate(reference, merged_dir, tokenizer, text, tmp, options.gguf_type, name, report,
+                                      log, stage)
+        shutil.rmtree(merged_dir)  # the file carries weights and tokenizer; the fp32 folder would triple the size
+        _write_json(tmp / REPORT_FILE, with_summary_first(report))
+        return
     if kind == "seq2seq":
         _build_seq2seq(options, reference, merged_dir, tmp, report, log)
         return
