@@ -1,5 +1,5 @@
-"""The benchmark tools' `--report`: records from several runs pooled into mean, min-max and sd (no training); stack (d)'s
-planner-chosen checkpointing and its table."""
+"""The benchmark tools' `--report`: records from several runs pooled into mean, min-max and sd (no training); stack
+(d)'s planner-chosen checkpointing and its table."""
 
 from __future__ import annotations
 
