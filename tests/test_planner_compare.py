@@ -73,3 +73,14 @@ def test_frontier_has_a_peft_column(capsys, quantize, name):
                  quantize]) == 0
     table = capsys.readouterr().out
     assert name in table and f"{row['peft_max_seq_len']:,}" in table
+
+
+def test_the_upcast_share_is_what_pricing_qlora_without_it_removes():
+    """The text splits LaMDA's saving into PEFT's fp32 upcast and the adapter; a float base has no upcast share."""
+    ours = plan(get_device("rtx4090"), get_model("llama-3.1-8b"), seq_len=2048, target_batch=4)
+    c = compare_with_peft(ours)
+    saved = c["lamda_vs_peft"]["peak_bytes_saved_at_lamda_settings"]
+    assert 0 < c["upcast_bytes_at_lamda_settings"] < saved
+    assert "of it PEFT's fp32 upcast" in "\n".join(describe(c, ours))
+    plain = compare_with_peft(plan(get_device("cpu"), get_model("smollm2-135m"), seq_len=256, quantize=None))
+    assert plain["upcast_bytes_at_lamda_settings"] == 0

@@ -34,7 +34,8 @@ def compare_with_peft(lamda_plan) -> dict:
         {"method", "label", "fits", "same_batch", and when it fits: "batch_size", "grad_accum", "rank",
         "gradient_checkpointing", "checkpoint_layers", "num_blocks", "peak_bytes", "tensor_peak_bytes",
         "headroom_bytes", "tokens_per_second", "peak_bytes_at_lamda_settings" (PEFT at exactly the plan's batch and
-        checkpointing), "lamda_vs_peft" (the differences); when it does not fit: "does_not_fit" (the job)}
+        checkpointing) and "upcast_bytes_at_lamda_settings" (the part of it that is PEFT's fp32 upcast),
+        "lamda_vs_peft" (the differences); when it does not fit: "does_not_fit" (the job)}
     """
     s, L = lamda_plan.setup, lamda_plan.model.num_blocks
     request = {**lamda_plan.request, "rank": s.rank, "compute_dtype": s.compute_dtype, "method": "lora"}
@@ -66,7 +67,11 @@ def compare_with_peft(lamda_plan) -> dict:
     })
     # PEFT at exactly the LaMDA plan's settings (batch, checkpointing): the adapter's own difference in memory
     at_ours = peak_bytes(lamda_plan.device, estimate(lamda_plan.model, _unpadded_single(replace(s, method="lora"))))
+    no_upcast = replace(s, method="lora", fp32_upcast=False)
     out["peak_bytes_at_lamda_settings"] = at_ours
+    # how much of the difference is PEFT's fp32 upcast (QLoRA only), not the adapter
+    without = peak_bytes(lamda_plan.device, estimate(lamda_plan.model, _unpadded_single(no_upcast)))
+    out["upcast_bytes_at_lamda_settings"] = at_ours - without
     out["lamda_vs_peft"] = {
         "fewer_checkpointed_blocks": theirs_k - ours_k if same_batch else None,
         "tokens_per_second_ratio": round(ours_speed / theirs_speed, 3) if ours_speed and theirs_speed else None,
@@ -92,8 +97,10 @@ def describe(compare: dict, lamda_plan) -> list[str]:
     saved = diff["peak_bytes_saved_at_lamda_settings"]
     if saved > 0:
         need = compare["peak_bytes_at_lamda_settings"] / GIB
+        upcast = compare["upcast_bytes_at_lamda_settings"]
+        of_which = f" ({upcast / GIB:.2f} GiB of it PEFT's fp32 upcast, the rest the adapter)" if upcast else ""
         lines.append(f"  at this plan's batch and checkpointing {name} would need {need:.2f} GiB: LaMDA needs "
-                     f"{saved / GIB:.2f} GiB less")
+                     f"{saved / GIB:.2f} GiB less{of_which}")
     if compare["same_batch"] and (diff["fewer_checkpointed_blocks"] or 0) > 0:
         lines.append(f"  LaMDA checkpoints {diff['fewer_checkpointed_blocks']} fewer blocks at batch {s.batch_size} "
                      f"({ours_k} of {L} instead of {k}): ~{ours:,.0f} against ~{theirs:,.0f} tokens/s "

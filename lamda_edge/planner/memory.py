@@ -86,12 +86,13 @@ class TrainSetup:
     lamda_dtype: str = "fp32"  # A, S, B are kept in float32
     activation_offload: bool = False  # what autograd saves outside checkpointed blocks waits in host memory
     method: str = "lamda"  # "lora": PEFT LoRA with PEFT's defaults (on an NF4 base: QLoRA), for the comparison
+    fp32_upcast: bool = True  # QLoRA: prepare_model_for_kbit_training's upcast (False: priced without it)
 
     @property
     def peft_upcast(self) -> bool:
         """QLoRA as PEFT runs it: `prepare_model_for_kbit_training` casts every parameter that is not 4-bit
         (embeddings, norms, head) to fp32, so the residual stream and every activation are fp32."""
-        return self.method == "lora" and self.quantize == "nf4"
+        return self.method == "lora" and self.quantize == "nf4" and self.fp32_upcast
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "rank") + (("checkpoint_layers",) if self.checkpoint_layers else ()):
