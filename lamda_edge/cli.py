@@ -115,7 +115,8 @@ def _add_plan(sub) -> None:
         "lamda-edge plan --device cpu --model smollm2-135m --json --measure",
         "lamda-edge plan --config examples/rtx3060-llama3-8b.yaml model=llama-3.1-8b  (what `train` would plan)"],
         description="Plan a training run: the flags are `train`'s settings with `train`'s defaults, so `plan` with "
-        "the same inputs shows what `train` would run (base, precision, rank, batch, accumulation, checkpointing).")
+        "the same inputs shows what `train` would run (base, precision, rank, batch, accumulation, checkpointing). "
+        "Under the plan: the same job with PEFT QLoRA (PEFT LoRA on a float base) as PEFT's defaults run it.")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="with --config: run config overrides")
     p.add_argument("--config", metavar="FILE.yaml",
                    help="plan the run of this run config as `train` plans it (its device, model, seq_len, rank, "
