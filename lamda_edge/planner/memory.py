@@ -28,6 +28,12 @@ per token, counted op by op (tests/test_planner_memory.py checks it against the 
       in the compute dtype (for B's)
     frozen base weights (plain or NF4) save nothing that scales with N: their inputs are not kept.
 
+PEFT LoRA / QLoRA (`method="lora"`, for `plan`'s comparison, planner/compare.py) as PEFT's defaults run them:
+A (r x d_in) and B (d_out x r) train in fp32 (gradients, AdamW states), each LoRA layer keeps its input x in fp32
+for A's gradient and A x for B's (`_adapter_saved`), and on an NF4 base `prepare_model_for_kbit_training` upcasts
+every other parameter to fp32, so the whole step's activations are fp32 (`TrainSetup.peft_upcast`). Validated
+against measured PEFT steps in docs/planner-accuracy.md (`tools/validate_planner.py --peft`).
+
 Activation offload (`setup.activation_offload`, lamda_edge/train/offload.py around the forward) moves what autograd
 saves outside the checkpointed blocks to host memory: every block's input (the checkpoint saves it), the final
 norm's fp32 input, the chunked loss's inputs (without checkpointing: every saved tensor). The device keeps the
