@@ -116,7 +116,8 @@ def _add_plan(sub) -> None:
         "lamda-edge plan --device cpu --model smollm2-135m --json --measure",
         "lamda-edge plan --config examples/rtx3060-llama3-8b.yaml model=llama-3.1-8b  (what `train` would plan)"],
         description="Plan a training run: the flags are `train`'s settings with `train`'s defaults, so `plan` with "
-        "the same inputs shows what `train` would run (base, precision, rank, batch, accumulation, checkpointing).")
+        "the same inputs shows what `train` would run (base, precision, rank, batch, accumulation, checkpointing). "
+        "Under the plan: the same job with PEFT QLoRA (PEFT LoRA on a float base) as PEFT's defaults run it.")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="with --config: run config overrides")
     p.add_argument("--config", metavar="FILE.yaml",
                    help="plan the run of this run config as `train` plans it (its device, model, seq_len, rank, "
@@ -156,6 +157,7 @@ def _add_plan(sub) -> None:
 def _run_plan(args) -> int:
     import json
 
+    from lamda_edge.planner.compare import compare_with_peft
     from lamda_edge.planner.report import format_plan
     from lamda_edge.planner.search import plan
 
@@ -169,6 +171,7 @@ def _run_plan(args) -> int:
                               "Fix: give one --device, or add --max-seq-len")
         device, model, request = _plan_request(args)
         result = plan(device, model, **request, dataset_tokens=args.dataset_tokens)
+        result.compare = compare_with_peft(result)  # the same job with PEFT LoRA / QLoRA (issue 27)
         if args.measure:
             from lamda_edge.planner.measure import measure_plan
 
@@ -200,12 +203,13 @@ def _run_frontier(args) -> int:
     rows = []
     for name in names:
         device, model, request = _plan_request(Namespace(**{**vars(args), "device": [name]}))
-        longest = max_seq_len(device, model, rank=request["rank"] or 16, quantize=request["quantize"],
-                              gradient_checkpointing=request["gradient_checkpointing"] is not False,
-                              chunk_rows=request["chunk_rows"], compute_dtype=request["compute_dtype"],
-                              activation_offload=request["activation_offload"])
+        same = dict(rank=request["rank"] or 16, quantize=request["quantize"],
+                    gradient_checkpointing=request["gradient_checkpointing"] is not False,
+                    chunk_rows=request["chunk_rows"], compute_dtype=request["compute_dtype"],
+                    activation_offload=request["activation_offload"])
         rows.append({"device": device.name, "total_bytes": device.total_bytes, "usable_bytes": device.usable_bytes,
-                     "max_seq_len": longest})
+                     "max_seq_len": max_seq_len(device, model, **same),
+                     "peft_max_seq_len": max_seq_len(device, model, **same, method="lora")})  # issue 27
     options = {"model": model.name, "batch_size": 1, "rank": min(request["rank"] or 16, _max_rank(model)),
                "quantize": request["quantize"],
                "gradient_checkpointing": request["gradient_checkpointing"] is not False,

@@ -1,4 +1,5 @@
-"""The benchmark tools' `--report`: records from several runs pooled into mean, min-max and sd (no training)."""
+"""The benchmark tools' `--report`: records from several runs pooled into mean, min-max and sd (no training); stack
+(d)'s planner-chosen checkpointing and its table."""
 
 from __future__ import annotations
 
@@ -54,3 +55,27 @@ def test_exported_table_names_the_base_an_adapter_trained_on():
     lines = be.table([row(None), row("nf4")]).splitlines()
     assert [line.split(" | ")[1] for line in lines if line.startswith("| gsm |")] == ["lamda", "lamda-nf4"]
     assert [line.split(" | ")[0] for line in lines if line.startswith("| lamda")] == ["| lamda", "| lamda-nf4"]
+
+
+def test_stack_d_checkpoints_each_method_at_the_planner_choice_under_one_budget(tmp_path):
+    """Stack (d)'s partial variant: LaMDA before t_i checkpoints half of the blocks; each NF4 method gets the fewest
+    blocks whose predicted peak stays within that budget (QLoRA keeps more, so it never needs fewer), and the
+    float-base methods take LaMDA's k; the markdown names each method's blocks."""
+    import bench_memory
+
+    folder = bc.tiny_llama_dir(tmp_path)
+    methods = ("lamda-b", "lamda-s", "qlora", "lora", "lorafa")
+    choice = bench_memory.planner_layers(folder, methods, batch=4, seq=256, rank=8, dtype="fp32")
+    k = {m: c[0] for m, c in choice.items()}
+    assert k["lamda-b"] == 1 and k["lora"] == k["lorafa"] == k["lamda-b"]  # 2 blocks: half is 1
+    assert k["qlora"] >= k["lamda-b"] >= k["lamda-s"]
+    for m in ("lamda-b", "lamda-s", "qlora"):
+        _, predicted, budget = choice[m]
+        assert predicted <= budget or k[m] == 2
+    rows = [{"model": "tiny", "variant": "partial", "method": m, "batch_size": 4, "seq_len": 256, "rank": 8,
+             "compute_dtype": "fp32", "device": "cpu", "measured_by": "LiveTensorCounter", "checkpoint_layers": k[m],
+             "num_blocks": 2, "kept_bytes": 2**20 * (i + 1), "kept_vs_qlora": None, "resident_bytes": 2**20,
+             "step_peak_above_bytes": 2**21, "peak_varies": False, "predicted_bytes": choice[m][1],
+             "budget_bytes": choice[m][2], "median_step_s": None} for i, m in enumerate(methods)]
+    table = "\n".join(bench_memory.markdown_d(rows))
+    assert "stack (d), partial" in table and f"| {k['qlora']} of 2 |" in table

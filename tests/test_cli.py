@@ -32,6 +32,10 @@ WRAPPER = textwrap.dedent("""
         pytest.param(["--help"], id="help"),
         pytest.param(["plan", "--help"], id="plan-help"),
         pytest.param(["plan", "--config", "examples/cpu-default.yaml", "--json"], id="plan-config"),
+        pytest.param(["plan", "--device", "rtx3060", "--model", "llama-3.1-8b", "--seq-len", "1024"],
+                     id="plan-text-with-the-qlora-comparison"),
+        pytest.param(["plan", "--device", "rtx4090", "--model", "llama-3.1-8b", "--max-seq-len"],
+                     id="plan-frontier-with-the-qlora-column"),
     ],
 )
 def test_arithmetic_commands_import_no_torch(args):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lamda_edge.errors import ConfigError
 from lamda_edge.planner.memory import TrainSetup, estimate, nf4_bytes, saved_per_token
 from lamda_edge.planner.profiles import ModelShape, get_model
 
@@ -145,3 +146,92 @@ def test_encoder_decoder_peak_is_close_to_a_measured_step(tmp_path, checkpointin
     measured = measure(shape, setup, steps=2)["measured_tensor_peak_bytes"]
     predicted = estimate(shape, setup).tensor_peak_bytes
     assert abs(predicted - measured) / measured <= TOLERANCE, (predicted, measured)
+
+
+# ---- PEFT LoRA / QLoRA (method="lora"), priced for `plan`'s comparison (issue 27) ----------------------------------
+
+
+def _peft_model(shape, setup):
+    """PEFT LoRA / QLoRA with PEFT's defaults on random weights of `shape` (tools/_bench_common.peft_lora)."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from lamda_edge.planner.measure import llama_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import _bench_common as bc
+
+    torch.manual_seed(0)
+    dtype = bc.DTYPES[setup.compute_dtype]
+    model = LlamaForCausalLM(llama_config(shape)).to(dtype)
+    return bc.peft_lora(model, setup.rank, setup.quantize, dtype, "cpu", setup.gradient_checkpointing,
+                        setup.checkpoint_layers)
+
+
+def _peft_saved_after_forward(layers: int, setup: TrainSetup) -> int:
+    import torch
+
+    from lamda_edge.planner.live_tensors import LiveTensorCounter
+    from lamda_edge.train.loss import causal_lm_loss
+
+    model = _peft_model(tiny(layers=layers), setup)
+    ids = torch.randint(0, 256, (setup.batch_size, setup.seq_len), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    batch["attention_mask"][0, -8:] = 0
+    counter = LiveTensorCounter().register(model, batch)
+    start = counter.current_bytes
+    with counter:
+        loss = causal_lm_loss(model, batch, chunk_rows=256)
+        saved = counter.current_bytes - start
+    del loss
+    return saved
+
+
+@pytest.mark.parametrize("quantize", [pytest.param(None, id="lora"), pytest.param("nf4", id="qlora")])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_peft_saved_bytes_per_block_match_the_op_by_op_count(quantize, dtype):
+    """LoRA keeps each layer's input x (fp32: shared by q/k/v and gate/up; bf16: one fp32 cast per layer) and A x;
+    QLoRA's fp32 upcast makes every activation fp32 whatever the compute dtype."""
+    setup = TrainSetup(batch_size=2, seq_len=32, rank=4, quantize=quantize, compute_dtype=dtype,
+                       gradient_checkpointing=False, method="lora")
+    per_block = _peft_saved_after_forward(2, setup) - _peft_saved_after_forward(1, setup)
+    priced = TrainSetup(**{**setup.__dict__, "compute_dtype": "fp32"}) if setup.peft_upcast else setup
+    assert per_block == saved_per_token(tiny(), priced, [4] * 7) * setup.tokens
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        pytest.param(TrainSetup(batch_size=4, seq_len=64, rank=8, quantize="nf4", compute_dtype="bf16",
+                                method="lora"), id="qlora-bf16-ckpt"),
+        pytest.param(TrainSetup(batch_size=4, seq_len=64, rank=8, quantize="nf4", compute_dtype="fp32",
+                                checkpoint_layers=1, padding_mask=False, method="lora"), id="qlora-fp32-1-of-2"),
+        pytest.param(TrainSetup(batch_size=4, seq_len=64, rank=8, quantize=None, compute_dtype="fp32",
+                                gradient_checkpointing=False, method="lora"), id="lora-fp32-no-ckpt"),
+    ],
+)
+def test_peft_predicted_peak_is_close_to_a_measured_step(setup):
+    from lamda_edge.planner.measure import measure
+
+    shape = tiny(h=128, inter=384, layers=2, vocab=512)
+    measured = measure(shape, setup, steps=2, model=_peft_model(shape, setup))["measured_tensor_peak_bytes"]
+    predicted = estimate(shape, setup).tensor_peak_bytes
+    assert abs(predicted - measured) / measured <= TOLERANCE, (predicted, measured)
+
+
+def test_lora_prices_more_than_lamda_at_the_same_settings():
+    """Same job, same rank: LoRA trains A and B (more gradients and AdamW state) and keeps d-dim inputs where LaMDA
+    keeps r-dim ones; QLoRA's upcast doubles a bf16 run's activations and unquantized weights."""
+    shape = get_model("llama-3.1-8b")
+    for ckpt in (True, False):
+        ours = TrainSetup(batch_size=2, seq_len=1024, gradient_checkpointing=ckpt)
+        theirs = TrainSetup(**{**ours.__dict__, "method": "lora"})
+        a, b = estimate(shape, ours), estimate(shape, theirs)
+        assert b.tensor_peak_bytes > a.tensor_peak_bytes and b.trainable_params > a.trainable_params
+        assert b.resident["embeddings"] == 2 * a.resident["embeddings"]  # bf16 -> fp32
+    assert saved_per_token(shape, theirs, [16] * 7) > saved_per_token(shape, ours, [16] * 7)
+    with pytest.raises(ConfigError, match="method"):
+        TrainSetup(method="qlora")

@@ -158,6 +158,35 @@ def _nf4_base(model: torch.nn.Module, targets, compute_dtype: torch.dtype, devic
     return model
 
 
+def peft_lora(model: torch.nn.Module, rank: int, quantize: str | None, compute_dtype: torch.dtype, device,
+              checkpointing: bool, checkpoint_layers: int | None = None, targets=LLAMA_TARGETS) -> torch.nn.Module:
+    """PEFT LoRA (float base) or QLoRA (`quantize="nf4"`) on a transformers model, with PEFT's defaults.
+
+    QLoRA: the targeted linears become NF4 `Linear4bit`, then `prepare_model_for_kbit_training` (fp32 upcast of
+    everything else, its checkpointing when `checkpointing`). LoRA: transformers' non-reentrant checkpointing when
+    `checkpointing`. `checkpoint_layers`: only the lowest this many blocks recompute (partial checkpointing, as
+    lamda-edge's planner chooses it). Adapters: rank `rank`, alpha 2 * rank, dropout 0, fp32 (PEFT's default).
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from lamda_edge.load.loader import checkpointed_blocks, enable_gradient_checkpointing
+
+    if quantize == "nf4":
+        model = _nf4_base(model, targets, compute_dtype, device)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        enable_gradient_checkpointing(model)
+    if checkpointing and checkpoint_layers is not None:
+        for block in checkpointed_blocks(model)[checkpoint_layers:]:
+            block.gradient_checkpointing = False
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(targets),
+                     task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg).to(device)
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
 def build(
     method: str,
     model_dir: Path,

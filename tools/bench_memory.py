@@ -29,6 +29,15 @@ Stacks:
       `prepare_model_for_kbit_training` with its default checkpointing for QLoRA), plain loss.
   (c) (optional, `--stacks c`) identical settings with lamda-edge's chunked loss for every method, so that the
       adapter's own memory shows once the logits no longer make the peak.
+  (d) (optional, `--stacks d`; issue 27) where the adapter's kept activations show: the chunked loss for every
+      method, no checkpointing ("none") and partial checkpointing ("partial": the lowest k blocks recompute). The
+      partial k is the planner's choice under one budget for all: LaMDA before t_i's predicted tensor peak with
+      half of the blocks checkpointed; each NF4 method (LaMDA before/after t_i, QLoRA) gets the fewest blocks whose
+      predicted peak (`planner.memory.estimate`, its method) stays within it. The float-base methods (LoRA,
+      LoRA-FA; 3x the weights) checkpoint LaMDA's k. Also reported: *kept*, the live bytes after forward + loss
+      above the resident ones (what waits for backward).
+
+Usage of (d): --stacks d --methods lamda-b lamda-s qlora lora lorafa --models smollm2 llama-1b-shape
 """
 
 from __future__ import annotations
@@ -104,11 +113,17 @@ def worker(args: dict) -> dict:
     device = args["device"]
     ours = args["method"].startswith("lamda")
     stack_b = args["stack"] == "b"
-    chunk_rows = 256 if (stack_b and ours) or args["stack"] == "c" else None
+    chunk_rows = 256 if (stack_b and ours) or args["stack"] in ("c", "d") else None
+    layers = args.get("checkpoint_layers")  # stack (d): 0 = no checkpointing, k = the lowest k blocks
     built = bc.build(args["method"], Path(args["model_dir"]), args["rank"], lr=1e-4,
-                     compute_dtype=args["compute_dtype"], checkpointing=True, device=device,
+                     compute_dtype=args["compute_dtype"], checkpointing=layers != 0, device=device,
                      peft_defaults=stack_b and not ours, seed=args["seed"])
     model = built.model
+    if layers:
+        from lamda_edge.load.loader import checkpointed_blocks
+
+        for block in checkpointed_blocks(model)[layers:]:
+            block.gradient_checkpointing = False
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(args["seed"])
     ids = torch.randint(0, vocab, (args["batch_size"], args["seq_len"]), generator=gen).to(device)
@@ -122,6 +137,18 @@ def worker(args: dict) -> dict:
     optimizer_bytes = register_bytes(counter, built.optimizer)
     batch_bytes = register_bytes(counter, batch)
     resident = counter.current_bytes
+    kept = None
+    if args["stack"] == "d" and not device.startswith("cuda"):  # what waits for backward after forward + loss
+        from lamda_edge.train.loss import causal_lm_loss
+
+        counter.reset_peak()
+        with counter:
+            loss = causal_lm_loss(model, batch, chunk_rows=chunk_rows)
+            kept = counter.current_bytes - resident
+        loss.backward()
+        del loss
+        built.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
     if device.startswith("cuda"):
         sync()
         torch.cuda.reset_peak_memory_stats()
@@ -150,10 +177,58 @@ def worker(args: dict) -> dict:
         "trainable_params": trainable, "weights_bytes": weights, "optimizer_bytes": optimizer_bytes,
         "batch_bytes": batch_bytes, "resident_bytes": resident, "step_peak_above_bytes": int(peak_above),
         "measured_by": how, "step_seconds": times, "losses": losses,
+        "variant": args.get("variant"), "checkpoint_layers": layers, "num_blocks": len(_blocks(model)),
+        "kept_bytes": kept,
+        "budget_bytes": args.get("budget_bytes"), "predicted_bytes": args.get("predicted_bytes"),
     }
     if "sum_r2" in built.info:
         out["sum_r2"] = built.info["sum_r2"]
         out["ranks"] = sorted(set(built.info["ranks"].values()))
+    return out
+
+
+def _blocks(model) -> list:
+    from lamda_edge.load.loader import checkpointed_blocks
+
+    return checkpointed_blocks(model)
+
+
+# ---- stack (d): the planner's checkpointing choice ------------------------------------------------------------------
+
+D_VARIANTS = ("none", "partial")
+NF4_METHODS = ("lamda-b", "lamda-s", "lamda++", "qlora")
+
+
+def _priced(method: str, setup):
+    """`setup` as the planner prices `method` (LoRA-FA is priced as LoRA: the planner does not model it)."""
+    from dataclasses import replace
+
+    if method.startswith("lamda"):
+        return replace(setup, quantize="nf4", b_trainable=method != "lamda-s")
+    return replace(setup, method="lora", quantize="nf4" if method == "qlora" else None)
+
+
+def planner_layers(folder: Path, methods, batch: int, seq: int, rank: int, dtype: str) -> dict:
+    """Stack (d)'s partial checkpointing: {method: (k, predicted tensor peak, budget)} under one budget."""
+    from dataclasses import replace
+
+    from lamda_edge.planner.memory import TrainSetup, estimate
+    from lamda_edge.planner.profiles import get_model
+
+    shape = get_model(str(folder))
+    L = shape.num_blocks
+    base = TrainSetup(batch_size=batch, seq_len=seq, rank=rank, compute_dtype=dtype, padding_mask=False)
+
+    def peak(method, k):
+        s = replace(base, gradient_checkpointing=k > 0, checkpoint_layers=k or None)
+        return estimate(shape, _priced(method, s)).tensor_peak_bytes
+
+    budget = peak("lamda-b", L // 2)
+    ours = next(k for k in range(L + 1) if peak("lamda-b", k) <= budget)
+    out = {}
+    for m in methods:
+        k = next((k for k in range(L + 1) if peak(m, k) <= budget), L) if m in NF4_METHODS else ours
+        out[m] = (k, peak(m, k), budget)
     return out
 
 
@@ -166,7 +241,7 @@ def summarize(results: list[dict]) -> list[dict]:
     for r in results:
         if "error" in r:
             continue
-        key = (r["model"], r["stack"], r["method"])
+        key = (r["model"], r["stack"], r.get("variant"), r["method"])
         row = rows.setdefault(key, {**r, "step_seconds": [], "peaks": set()})
         row["step_seconds"] = row["step_seconds"] + r["step_seconds"]
         row["peaks"].add(r["step_peak_above_bytes"])
@@ -177,20 +252,50 @@ def summarize(results: list[dict]) -> list[dict]:
         out.append(row)
     for row in out:
         ref = next((o for o in out if o["model"] == row["model"] and o["stack"] == row["stack"]
-                    and o["method"] == "qlora"), None)
+                    and o.get("variant") == row.get("variant") and o["method"] == "qlora"), None)
         row["peak_vs_qlora"] = row["step_peak_above_bytes"] / ref["step_peak_above_bytes"] if ref else None
+        row["kept_vs_qlora"] = (row["kept_bytes"] / ref["kept_bytes"]
+                                if ref and ref.get("kept_bytes") and row.get("kept_bytes") is not None else None)
         row["time_vs_qlora"] = (row["median_step_s"] / ref["median_step_s"]
                                 if ref and ref["median_step_s"] and row["median_step_s"] else None)
     order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(out, key=lambda o: (o["model"], o["stack"], order.get(o["method"], 99)))
+    return sorted(out, key=lambda o: (o["model"], o["stack"], o.get("variant") or "", order.get(o["method"], 99)))
 
 
 def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
-def markdown(rows: list[dict], errors: list[dict]) -> str:
+def markdown_d(rows: list[dict]) -> list[str]:
+    """Stack (d)'s tables: one per model and checkpointing variant."""
     lines = []
+    for (model, variant) in dict.fromkeys((r["model"], r["variant"]) for r in rows):
+        part = [r for r in rows if r["model"] == model and r["variant"] == variant]
+        r0 = part[0]
+        budget = r0.get("budget_bytes")
+        how = ("no checkpointing" if variant == "none" else
+               f"partial checkpointing at the planner's choice, budget {bc.mib(budget)} MiB of tensors")
+        lines += [f"### {model}, stack (d), {variant}: chunked loss for all, {how}", "",
+                  f"batch {r0['batch_size']} x seq_len {r0['seq_len']}, rank {r0['rank']}, {r0['compute_dtype']} "
+                  f"compute, {r0['device']}, peak by {r0['measured_by']}", "",
+                  "| method | blocks checkpointed | kept after forward MiB | kept / QLoRA | step peak above resident "
+                  "MiB | step peak MiB | predicted MiB | median step s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in part:
+            total = r["resident_bytes"] + r["step_peak_above_bytes"]
+            step = "n/a" if r["median_step_s"] is None else f"{r['median_step_s']:.2f}"
+            lines.append(
+                f"| {LABELS.get(r['method'], r['method'])} | {r['checkpoint_layers']} of {r['num_blocks']} | "
+                f"{bc.mib(r['kept_bytes'])} | {_ratio(r['kept_vs_qlora'])} | {bc.mib(r['step_peak_above_bytes'])}"
+                f"{' (varies)' if r['peak_varies'] else ''} | {bc.mib(total)} | {bc.mib(r.get('predicted_bytes'))} | "
+                f"{step} |")
+        lines.append("")
+    return lines
+
+
+def markdown(rows: list[dict], errors: list[dict]) -> str:
+    lines = markdown_d([r for r in rows if r["stack"] == "d"])
+    rows = [r for r in rows if r["stack"] != "d"]
     for (model, stack) in dict.fromkeys((r["model"], r["stack"]) for r in rows):
         part = [r for r in rows if r["model"] == model and r["stack"] == stack]
         r0 = part[0]
@@ -236,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny Llama only, 1 round, 1 timed step")
     p.add_argument("--models", nargs="+", default=["smollm2", "tiny"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--stacks", nargs="+", default=["a", "b"], choices=["a", "b", "c"],
-                   help="a: identical, plain loss; b: each tool's recommended; c: identical with the chunked loss")
+    p.add_argument("--stacks", nargs="+", default=["a", "b"], choices=["a", "b", "c", "d"],
+                   help="a: identical, plain loss; b: each tool's recommended; c: identical with the chunked loss; "
+                   "d: chunked loss, no and partial checkpointing (the planner's choice)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per worker")
     p.add_argument("--rank", type=int, default=None)
@@ -266,11 +372,19 @@ def main(argv: list[str] | None = None) -> int:
         bs, sl, rank = DEFAULTS.get(name, (4, 256, 16))
         folder = model_dir(name, cache)
         for stack in a.stacks:
-            for method in a.methods:
-                jobs.append({"model": name, "model_dir": str(folder), "stack": stack, "method": method,
-                             "batch_size": a.batch_size or bs, "seq_len": a.seq_len or sl, "rank": a.rank or rank,
-                             "steps": a.steps, "compute_dtype": a.compute_dtype, "device": a.device,
-                             "threads": a.threads, "seed": a.seed})
+            common = {"model": name, "model_dir": str(folder), "stack": stack, "batch_size": a.batch_size or bs,
+                      "seq_len": a.seq_len or sl, "rank": a.rank or rank, "steps": a.steps,
+                      "compute_dtype": a.compute_dtype, "device": a.device, "threads": a.threads, "seed": a.seed}
+            if stack != "d":
+                jobs += [{**common, "method": method} for method in a.methods]
+                continue
+            choice = planner_layers(folder, a.methods, common["batch_size"], common["seq_len"], common["rank"],
+                                    a.compute_dtype)
+            for variant in D_VARIANTS:
+                for method in a.methods:
+                    k, predicted, budget = choice[method] if variant == "partial" else (0, None, None)
+                    jobs.append({**common, "method": method, "stack": "d", "variant": variant,
+                                 "checkpoint_layers": k, "predicted_bytes": predicted, "budget_bytes": budget})
     results = []
     t0 = time.time()
     for rnd in range(a.rounds):
@@ -285,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             brief = res.get("error", "")[-300:] or (
                 f"peak+{bc.mib(res['step_peak_above_bytes'])} MiB, trainable {res['trainable_params']:,}, "
                 f"steps {[round(s, 2) for s in res['step_seconds']]}")
-            print(f"[{time.time() - t0:6.0f}s] round {rnd} {job['model']} ({job['stack']}) {job['method']}: {brief}",
+            print(f"[{time.time() - t0:6.0f}s] round {rnd} {job['model']} ({job['stack']}{job.get('variant') or ''}) "
+                  f"{job['method']}: {brief}",
                   flush=True)
     rows = summarize(results)
     errors = [r for r in results if "error" in r]

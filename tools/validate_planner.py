@@ -3,6 +3,7 @@
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python tools/validate_planner.py [--out docs/planner-accuracy.md] [--quick]
         [--no-offload]
+    OMP_NUM_THREADS=1 .venv/bin/python tools/validate_planner.py --peft [--peft-1b]   # PEFT LoRA / QLoRA rows
 
 Runs a grid of configurations (tiny and small Llama-shaped models built from configs with random weights;
 batch, seq_len, rank, gradient checkpointing on/off, NF4 on/off, fp32/bf16, chunked or full loss). For each,
@@ -69,8 +70,35 @@ OFFLOAD_GRID = [
     ("wide-vocab (h192, L3, V4096)", 4, 64, 8, None, False, "fp32", 256, False, True),
 ]
 
+# PEFT LoRA / QLoRA as PEFT's defaults run them (issue 27): (model, batch, seq_len, rank, quantize, checkpointing,
+# checkpoint_layers, dtype, chunk_rows, padded); catalogue names are random weights of that shape. Every method gets
+# lamda-edge's chunked loss (the same loss as the LaMDA rows), so the adapter is what differs.
+PEFT_GRID = [
+    ("tiny (h64, L2, V256)", 2, 64, 4, None, True, None, "fp32", 256, False),
+    ("small (h128, L4, V512)", 4, 128, 8, None, True, None, "fp32", 256, True),
+    ("small (h128, L4, V512)", 4, 128, 8, "nf4", True, None, "fp32", 256, True),
+    ("small (h128, L4, V512)", 4, 128, 8, None, False, None, "fp32", 256, False),
+    ("small (h128, L4, V512)", 4, 128, 8, "nf4", False, None, "bf16", 256, True),
+    ("small (h128, L4, V512)", 4, 128, 8, "nf4", True, 2, "bf16", 256, False),
+    ("small (h128, L4, V512)", 4, 128, 8, None, True, None, "bf16", 256, True),
+    ("small (h128, L4, V512)", 8, 64, 16, "nf4", True, None, "bf16", 128, True),
+    ("wide-vocab (h192, L3, V4096)", 4, 128, 16, "nf4", True, 1, "fp32", 256, False),
+    ("wide-vocab (h192, L3, V4096)", 2, 256, 8, None, False, None, "bf16", None, True),
+    ("smollm2-135m", 2, 128, 16, "nf4", True, None, "bf16", 256, True),
+    ("smollm2-135m", 2, 128, 16, "nf4", True, 10, "bf16", 256, False),
+    ("smollm2-135m", 1, 256, 16, "nf4", False, None, "fp32", 256, False),
+    ("smollm2-135m", 2, 128, 16, None, True, None, "fp32", 256, True),
+]
+# the 1B shape (llama-3.2-1b, random weights): minutes per row on this CPU, behind --peft-1b
+PEFT_GRID_1B = [("llama-3.2-1b", 1, 128, 16, "nf4", True, None, "bf16", 256, False),
+                ("llama-3.2-1b", 1, 128, 16, "nf4", True, 8, "bf16", 256, False)]
+
 
 def shape_of(name: str) -> ModelShape:
+    if name not in MODELS:
+        from lamda_edge.planner.profiles import get_model
+
+        return get_model(name)
     kw = MODELS[name]
     return ModelShape(name=name, architecture="decoder", head_dim=kw["hidden_size"] // kw["num_attention_heads"],
                       tie_word_embeddings=True, **kw)
@@ -98,6 +126,80 @@ def run(grid) -> list[dict]:
               f"meas {meas:>10} "
               f"err {r['error']:+.1%}", flush=True)
     return rows
+
+
+def run_peft(grid) -> list[dict]:
+    """Predict and measure each PEFT LoRA / QLoRA row (one warm-up step, the peak over the next)."""
+    import _bench_common as bc
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from lamda_edge.planner.measure import llama_config
+
+    rows = []
+    for model, batch, seq, rank, quant, ckpt, layers, dtype, chunk, padded in grid:
+        setup = TrainSetup(batch_size=batch, seq_len=seq, rank=rank, quantize=quant, gradient_checkpointing=ckpt,
+                           checkpoint_layers=layers, compute_dtype=dtype, chunk_rows=chunk, padding_mask=padded,
+                           method="lora")
+        shape = shape_of(model)
+        est = estimate(shape, setup)
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        built = LlamaForCausalLM(llama_config(shape)).to(bc.DTYPES[dtype])
+        built = bc.peft_lora(built, rank, quant, bc.DTYPES[dtype], "cpu", ckpt, layers)
+        got = measure(shape, setup, steps=2, device="cpu", model=built)
+        del built
+        meas = got["measured_tensor_peak_bytes"]
+        blocks = shape.num_blocks
+        rows.append(dict(model=model, method="QLoRA" if quant else "LoRA", batch=batch, seq=seq, rank=rank,
+                         ckpt=("off" if not ckpt else f"{layers} of {blocks}" if layers else "on"), dtype=dtype,
+                         chunk=chunk or "full", padded=padded, predicted=est.tensor_peak_bytes, measured=meas,
+                         phase=est.peak_phase, error=(est.tensor_peak_bytes - meas) / meas, by=got["measured_by"],
+                         seconds=time.perf_counter() - t0))
+        r = rows[-1]
+        print(f"{model:<30} {r['method']:<5} b{batch:<2} T{seq:<4} r{rank:<2} ckpt={r['ckpt']:<8} {dtype} "
+              f"chunk={r['chunk']!s:<4} pad={padded!s:<5} pred {r['predicted']:>11} meas {meas:>11} "
+              f"err {r['error']:+.1%}", flush=True)
+    return rows
+
+
+def write_peft(rows: list[dict], out: Path, command: str) -> None:
+    """The PEFT section of `out` (`<!-- BEGIN peft-grid -->`); the page's other sections stay."""
+    import peft
+    import torch
+    from _doc_sections import replace_section
+
+    errs = [abs(r["error"]) for r in rows]
+    lines = [
+        "## CPU: PEFT LoRA and QLoRA, predicted vs measured tensor peak (issue 27)",
+        "",
+        "Generated by `tools/validate_planner.py --peft`; do not edit by hand. The planner prices PEFT LoRA and",
+        "QLoRA for `plan`'s comparison (`TrainSetup(method=\"lora\")`; NF4 base = QLoRA). Each row runs real steps of",
+        "PEFT with its defaults (`LoraConfig(r, alpha=2r, dropout=0)` on all linear layers, fp32 adapters; QLoRA:",
+        "bitsandbytes NF4 `Linear4bit` + `prepare_model_for_kbit_training`, whose fp32 upcast of the embeddings and",
+        "norms makes every activation fp32), AdamW over A and B, and lamda-edge's chunked loss (the same loss as the",
+        "LaMDA rows above). Partial checkpointing (`k of L`): only the lowest k blocks recompute, as the planner",
+        "chooses it. Random weights of each shape (catalogue names: that catalogue shape); the peak is measured",
+        "like the LaMDA rows (one warm-up step, then the peak of live tensor bytes over the next).",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, torch "
+        f"{torch.__version__}, peft {peft.__version__}",
+        f"- measured by: {rows[0]['by'] if rows else ''}",
+        f"- configurations: {len(rows)}",
+        f"- median |error|: **{statistics.median(errs):.1%}**, worst |error|: **{max(errs):.1%}** "
+        "(targets: median <= 5%, worst <= 10%)",
+        "",
+        "| model | method | batch | seq_len | rank | ckpt | dtype | loss rows | padded | predicted (KiB) "
+        "| measured (KiB) | error | peak phase |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['method']} | {r['batch']} | {r['seq']} | {r['rank']} | {r['ckpt']} | "
+                     f"{r['dtype']} | {r['chunk']} | {'yes' if r['padded'] else 'no'} | "
+                     f"{r['predicted'] / 1024:,.1f} | {r['measured'] / 1024:,.1f} | {r['error']:+.1%} | "
+                     f"{r['phase']} |")
+    replace_section(out, "peft-grid", "\n".join(lines), title="Planner accuracy")
 
 
 def write(rows: list[dict], out: Path, command: str) -> None:
@@ -151,7 +253,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/planner-accuracy.md")
     ap.add_argument("--quick", action="store_true", help="only the first 4 configurations")
     ap.add_argument("--no-offload", action="store_true", help="leave out the activation-offload rows")
+    ap.add_argument("--peft", action="store_true",
+                    help="only the PEFT LoRA / QLoRA grid (the planner's comparison), into its own section")
+    ap.add_argument("--peft-1b", action="store_true", help="with --peft: add the 1B-shape rows (minutes each)")
     args = ap.parse_args(argv)
+    if args.peft:
+        rows = run_peft(PEFT_GRID + (PEFT_GRID_1B if args.peft_1b else []))
+        write_peft(rows, Path(args.out), "OMP_NUM_THREADS=1 python tools/validate_planner.py --peft"
+                   + (" --peft-1b" if args.peft_1b else ""))
+        errs = sorted(abs(r["error"]) for r in rows)
+        print(f"median |error| {statistics.median(errs):.1%}, worst {errs[-1]:.1%} -> {args.out}")
+        return 0
     grid = (GRID[:4] if args.quick else GRID) + ([] if args.no_offload else OFFLOAD_GRID)
     rows = run(grid)
     flags = " --quick" if args.quick else ""

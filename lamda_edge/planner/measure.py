@@ -97,17 +97,19 @@ def _train_step(model, batch, optimizer, chunk_rows, offload=None) -> float:
     return float(loss.detach())
 
 
-def measure(shape, setup: TrainSetup, steps: int = 2, device: str | None = None, seed: int = 0) -> dict:
+def measure(shape, setup: TrainSetup, steps: int = 2, device: str | None = None, seed: int = 0,
+            model: torch.nn.Module | None = None) -> dict:
     """Run `steps` real training steps of `setup` and return the measured peak of live tensor bytes.
 
     The first step creates AdamW's state; the peak is taken over the later (steady-state) steps, with weights,
-    adapters, optimizer state and the batch counted, as the memory model predicts it.
+    adapters, optimizer state and the batch counted, as the memory model predicts it. `model`: train this model
+    instead of building one (tools/validate_planner.py passes PEFT LoRA / QLoRA models this way).
 
     Returns:
         {"measured_tensor_peak_bytes", "measured_by", "steps", "seconds_per_step", "device"}
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(shape, setup, device, seed)
+    model = build_model(shape, setup, device, seed) if model is None else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(seed)

@@ -28,6 +28,12 @@ per token, counted op by op (tests/test_planner_memory.py checks it against the 
       in the compute dtype (for B's)
     frozen base weights (plain or NF4) save nothing that scales with N: their inputs are not kept.
 
+PEFT LoRA / QLoRA (`method="lora"`, for `plan`'s comparison, planner/compare.py) as PEFT's defaults run them:
+A (r x d_in) and B (d_out x r) train in fp32 (gradients, AdamW states), each LoRA layer keeps its input x in fp32
+for A's gradient and A x for B's (`_adapter_saved`), and on an NF4 base `prepare_model_for_kbit_training` upcasts
+every other parameter to fp32, so the whole step's activations are fp32 (`TrainSetup.peft_upcast`). Validated
+against measured PEFT steps in docs/planner-accuracy.md (`tools/validate_planner.py --peft`).
+
 Activation offload (`setup.activation_offload`, lamda_edge/train/offload.py around the forward) moves what autograd
 saves outside the checkpointed blocks to host memory: every block's input (the checkpoint saves it), the final
 norm's fp32 input, the chunked loss's inputs (without checkpointing: every saved tensor). The device keeps the
@@ -39,7 +45,7 @@ an open gap, docs/planner-accuracy.md.)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lamda_edge.errors import ConfigError
 
@@ -50,6 +56,10 @@ DEFAULT_CHUNK_ROWS = 256
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 NF4_BLOCK = 64  # bitsandbytes NF4 block size (elements per absmax)
 NF4_NESTED_BLOCK = 256  # double quantization: absmax blocks per second-level fp32 absmax
+METHODS = ("lamda", "lora")  # the adapter the step trains: LaMDA, or PEFT LoRA / QLoRA (PEFT's defaults)
+# linears that read the same input in a block: PEFT LoRA's A saves that input once when no cast copies it
+SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
+OWN_SAVED_INPUTS = {"o_proj"}  # its input is SDPA's output (a view of it), which SDPA saves for its own backward
 
 
 @dataclass(frozen=True)
@@ -81,12 +91,22 @@ class TrainSetup:
     padding_mask: bool = True  # batches padded to the longest row carry an attention mask (see saved_per_token)
     lamda_dtype: str = "fp32"  # A, S, B are kept in float32
     activation_offload: bool = False  # what autograd saves outside checkpointed blocks waits in host memory
+    method: str = "lamda"  # "lora": PEFT LoRA with PEFT's defaults (on an NF4 base: QLoRA), for the comparison
+    fp32_upcast: bool = True  # QLoRA: prepare_model_for_kbit_training's upcast (False: priced without it)
+
+    @property
+    def peft_upcast(self) -> bool:
+        """QLoRA as PEFT runs it: `prepare_model_for_kbit_training` casts every parameter that is not 4-bit
+        (embeddings, norms, head) to fp32, so the residual stream and every activation are fp32."""
+        return self.method == "lora" and self.quantize == "nf4" and self.fp32_upcast
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "rank") + (("checkpoint_layers",) if self.checkpoint_layers else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"`{name}` should be a positive integer, got {value!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"`method` should be one of {METHODS}, got {self.method!r}")
         if self.quantize not in (None, "nf4"):
             raise ConfigError(f"`quantize` should be 'nf4' or None, got {self.quantize!r}")
         if self.chunk_rows is not None and (not isinstance(self.chunk_rows, int) or self.chunk_rows < 1):
@@ -155,16 +175,20 @@ def resident_bytes(shape, setup: TrainSetup, linears: list[Linear], ranks: list[
     out["base_biases" if setup.quantize == "nf4" else "base_weights"] = base * blocks  # NF4: only biases stay float
     if shape.extra_params:
         out["other_weights"] = shape.extra_params * w  # position/relative embeddings, classifier, ...
-    # LaMDA per adapted linear: A r*d_in (frozen buffer), S r*r, B d_out*r, all fp32 (+ an int64 frozen counter)
     a = sum(r * lin.d_in for r, lin in zip(ranks, linears)) * blocks
     s = sum(r * r for r in ranks) * blocks
     b = sum(r * lin.d_out for r, lin in zip(ranks, linears)) * blocks
-    out["lamda_A"] = a * f + 8 * len(linears) * blocks
-    out["lamda_S"] = s * f
-    out["lamda_B"] = b * f
-    trainable = s + (b if setup.b_trainable else 0)
+    if setup.method == "lora":  # PEFT LoRA: A r*d_in and B d_out*r, both trained, fp32 (PEFT's adapter dtype)
+        out["lora_A"] = a * 4
+        out["lora_B"] = b * 4
+        trainable, n_tensors = a + b, 2 * len(linears) * blocks
+    else:  # LaMDA: A r*d_in (frozen buffer), S r*r, B d_out*r, all fp32 (+ an int64 frozen counter)
+        out["lamda_A"] = a * f + 8 * len(linears) * blocks
+        out["lamda_S"] = s * f
+        out["lamda_B"] = b * f
+        trainable = s + (b if setup.b_trainable else 0)
+        n_tensors = len(linears) * blocks * (2 if setup.b_trainable else 1)
     # AdamW: exp_avg + exp_avg_sq in fp32 per trainable element, plus a 4 B step tensor per parameter tensor
-    n_tensors = len(linears) * blocks * (2 if setup.b_trainable else 1)
     out["adamw_states"] = 2 * 4 * trainable + 4 * n_tensors
     # the batch itself: input_ids and labels, int64 (B*T*8 each)
     out["batch"] = 2 * setup.tokens * 8
@@ -180,7 +204,7 @@ def saved_per_token(shape, setup: TrainSetup, ranks: list[int]) -> float:
     h, d, nh, nkv, inter = shape.hidden_size, shape.head_dim, shape.num_attention_heads, shape.num_key_value_heads, (
         shape.intermediate_size
     )
-    adapter = _adapter_saved(setup, ranks)
+    adapter = _adapter_saved(setup, ranks, shape.block_linears())
     if shape.architecture == "decoder":
         norms = 2 * h * 4 + 2 * 4  # fp32 norm inputs + rsqrt
         # with a padding mask transformers cannot use SDPA's GQA: repeat_kv copies k and v to n_h heads
@@ -199,11 +223,27 @@ def saved_per_token(shape, setup: TrainSetup, ranks: list[int]) -> float:
 
 def top_saved_decoder(shape, setup: TrainSetup, ranks: list[int]) -> float:
     """Bytes per token one BART decoder block saves (`_encoder_decoder_saved_per_token`'s decoder term)."""
-    return _encoder_decoder_saved_per_token(shape, setup, _adapter_saved(setup, ranks), decoder_only=True)
+    linears = shape.block_linears()
+    return _encoder_decoder_saved_per_token(shape, setup, _adapter_saved(setup, ranks, linears), decoder_only=True)
 
 
-def _adapter_saved(setup: TrainSetup, ranks: list[int]) -> float:
-    """Per token: A x (fp32) and s S A x (compute dtype, while B trains) of every adapted linear of a block."""
+def _adapter_saved(setup: TrainSetup, ranks: list[int], linears: list[Linear]) -> float:
+    """Per token, what the adapters of one block save for backward.
+
+    LaMDA: A x (fp32, for S's grad) and s S A x (compute dtype, while B trains): r_i (4 + e) per linear.
+    PEFT LoRA: A's input x in fp32 (for A's grad) and A x (for B's grad): d_in + r_i per linear, 4 B each. With
+    fp32 activations x is the layer input itself, shared by the linears that read it (q, k, v; gate, up); in a
+    16-bit compute dtype PEFT casts x to fp32 once per linear, and each cast is kept. (The output projection's
+    input is SDPA's output, which SDPA saves already: in fp32 it costs nothing more.)
+    """
+    if setup.method == "lora":
+        if DTYPE_BYTES[setup.compute_dtype] == 4:
+            inputs = {next((tuple(sorted(g)) for g in SHARED_INPUTS if lin.name in g), lin.name): lin.d_in
+                      for lin in linears if lin.name not in OWN_SAVED_INPUTS}
+            kept_x = sum(inputs.values())
+        else:
+            kept_x = sum(lin.d_in for lin in linears)
+        return (kept_x + sum(ranks)) * 4
     return sum(ranks) * (4 + (DTYPE_BYTES[setup.compute_dtype] if setup.b_trainable else 0))
 
 
@@ -245,6 +285,8 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     Returns:
         An `Estimate` with the peak, its phase, and the itemized bytes live at the peak.
     """
+    if setup.peft_upcast:  # QLoRA: every activation is fp32 (see TrainSetup.peft_upcast)
+        setup = replace(setup, compute_dtype="fp32", weight_dtype="fp32")
     linears = shape.block_linears()
     ranks = list(setup.ranks) if setup.ranks else [min(setup.rank, lin.d_in, lin.d_out) for lin in linears]
     if len(ranks) != len(linears):
@@ -317,6 +359,10 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
     # autograd adds into the first in place -- the same count holds for d(act), d(up), d(gate)
     # (an NF4 weight's dequantized copy lives only during its own matmul, before this sum: not added here)
     grad_transient = N * h * e + 2 * N * inter * e
+    if setup.method == "lora" and e == 4:
+        # PEFT LoRA: down_proj's kept input (x, for lora_A's grad) is freed by then. (In a 16-bit dtype the adapter
+        # path's gradient is fp32 first, N*I*4, before the cast back: it takes the freed x's place)
+        grad_transient -= N * inter * 4
     if shape.architecture == "encoder-decoder":  # the encoder output's gradient, summed over the decoder blocks
         grad_transient += N * h * e
     grads = trainable * 4  # parameter gradients (fp32, S and B)
@@ -327,7 +373,8 @@ def estimate(shape, setup: TrainSetup) -> Estimate:
         "forward": below + (saved_layer + mlp_mid + 3 * N * h * e if not top_ckpt
                             else 2 * N * h * e + 3 * mlp_mid) + dequant,
         "loss": stored + loss_fwd,
-        "loss_backward": stored + loss_bwd + grads,
+        # no parameter gradient exists yet: the step starts from zero_grad(set_to_none=True), and the head is frozen
+        "loss_backward": stored + loss_bwd,
         "backward": below + top_stored + (recompute if top_ckpt else 0) + grad_transient + grads,
         # AdamW: single-tensor on CPU makes exp_avg_sq.sqrt() and a scaled copy per parameter; foreach on CUDA makes
         # them for all parameters at once: count 2 copies of all trainable parameters (fp32)
@@ -366,7 +413,7 @@ def _phase_items(phase: str, **parts) -> dict[str, float]:
     if phase == "loss":
         return {"activations_stored": parts["stored"], "loss_logits": parts["loss_fwd"]}
     if phase == "loss_backward":
-        return {"activations_stored": parts["stored"], "loss_logits": parts["loss_bwd"], "gradients": parts["grads"]}
+        return {"activations_stored": parts["stored"], "loss_logits": parts["loss_bwd"]}
     if phase == "backward":
         return {"activations_stored": parts["below"], "top_block_backward": parts["top"], "gradients": parts["grads"]}
     return {"gradients": parts["grads"], "optimizer_temporaries": parts["opt"]}

@@ -59,6 +59,10 @@ def format_plan(plan) -> str:
         lines.append(f"  speed (estimate, not measured): ~{sp['tokens_per_second']:,.0f} tokens/s, "
                      f"~{sp['hours_per_epoch']:.2f} h per epoch of {sp['dataset_tokens']:,} tokens "
                      f"({sp['bound']} bound)")
+    if plan.compare is not None:
+        from lamda_edge.planner.compare import describe
+
+        lines += describe(plan.compare, plan)
     if plan.measured:
         meas = plan.measured["measured_tensor_peak_bytes"]
         err = (tensor - meas) / meas if meas else 0.0
@@ -76,17 +80,20 @@ def format_plan(plan) -> str:
 def format_frontier(options: dict, rows: list[dict]) -> str:
     """`plan --max-seq-len`: the longest context at batch 1 per device, as the frontier tables people compare."""
     ckpt = "on" if options["gradient_checkpointing"] else "off"
+    peft = "PEFT QLoRA" if options["quantize"] == "nf4" else "PEFT LoRA"
     lines = [
         f"longest context at batch 1: {options['model']}, rank {options['rank']}, base "
         f"{options['quantize'] or 'unquantized'}, checkpointing {ckpt}, "
         f"activation offload {'on' if options['activation_offload'] else 'off'}, loss "
         f"{'chunked ' + str(options['chunk_rows']) + ' rows' if options['chunk_rows'] else 'full logits'}",
         "",
-        f"  {'device':<22}{'total':>10}{'usable':>10}{'max seq_len':>14}",
+        f"  {'device':<22}{'total':>10}{'usable':>10}{'max seq_len':>14}{peft:>14}",
     ]
     for r in rows:
-        longest = f"{r['max_seq_len']:,}" if r["max_seq_len"] else "does not fit"
+        longest, theirs = (f"{n:,}" if n else "does not fit" for n in (r["max_seq_len"], r.get("peft_max_seq_len")))
         lines.append(f"  {r['device']:<22}{r['total_bytes'] / GIB:>6.2f} GiB{r['usable_bytes'] / GIB:>6.2f} GiB"
-                     f"{longest:>14}")
-    lines += ["", "  predicted by the memory model (not measured on a GPU); one sequence per step, no padding"]
+                     f"{longest:>14}{theirs:>14}")
+    lines += ["", "  predicted by the memory model (not measured on a GPU); one sequence per step, no padding;",
+              f"  {peft}: the same with PEFT's defaults (A and B train, each LoRA layer keeps its input"
+              + (", fp32 upcast of embeddings and norms)" if options["quantize"] == "nf4" else ")")]
     return "\n".join(lines)

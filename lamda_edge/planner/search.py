@@ -65,6 +65,8 @@ class Plan:
     speed: dict = field(default_factory=dict)
     measured: dict = field(default_factory=dict)
     safer_choice: dict | None = None  # when tight: the next safer choice and its headroom
+    request: dict = field(default_factory=dict)  # what `plan` was asked (the comparison plans the same job)
+    compare: dict | None = None  # the same job with PEFT LoRA / QLoRA (planner/compare.py), when asked
 
     @property
     def fits(self) -> bool:
@@ -108,6 +110,8 @@ class Plan:
             "estimate": dict(self.speed),
         }
         out["exportable"], out["export_note"] = export_support(self.model.model_type, self.model.architecture)
+        if self.compare is not None:
+            out["compare"] = self.compare
         out.update(self.measured)
         return out
 
@@ -186,7 +190,7 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
          batch_size: int | None = None, target_batch: int = 16, quantize: str | None = "nf4",
          gradient_checkpointing: bool | None = None, chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
          dataset_tokens: int = 10_000_000, compute_dtype: str | None = None,
-         activation_offload: bool = False, checkpoint_layers: int | None = None) -> Plan:
+         activation_offload: bool = False, checkpoint_layers: int | None = None, method: str = "lamda") -> Plan:
     """Pick what was not pinned so the step fits `device`; raise `DoesNotFitError` (exit 3) if nothing does.
 
     Args:
@@ -204,7 +208,11 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
         activation_offload: saved activations wait in host memory (train/offload.py); refused on unified memory.
         checkpoint_layers: pin how many of the lowest blocks checkpoint, or None: all of them when checkpointing is
             pinned on, the fewest that fit when the planner decides it.
+        method: "lamda", or "lora" to plan the same job with PEFT LoRA / QLoRA (planner/compare.py).
     """
+    request = dict(seq_len=seq_len, rank=rank, batch_size=batch_size, target_batch=target_batch, quantize=quantize,
+                   gradient_checkpointing=gradient_checkpointing, chunk_rows=chunk_rows, compute_dtype=compute_dtype,
+                   activation_offload=activation_offload, checkpoint_layers=checkpoint_layers)
     check_offload(device, activation_offload)
     _check_request(model, rank=rank, batch_size=batch_size, target_batch=target_batch,
                    dataset_tokens=dataset_tokens)
@@ -212,7 +220,7 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
     base = TrainSetup(batch_size=batch_size or 1, seq_len=seq_len, rank=ranks[0], quantize=quantize,
                       compute_dtype=compute_dtype or device.compute_dtype, chunk_rows=chunk_rows,
                       gradient_checkpointing=True if gradient_checkpointing is None else gradient_checkpointing,
-                      activation_offload=activation_offload, checkpoint_layers=checkpoint_layers)
+                      activation_offload=activation_offload, checkpoint_layers=checkpoint_layers, method=method)
     cap = min(max(target_batch, 1), MAX_BATCH)
     comfortable = device.usable_bytes - headroom_margin(device)
     # comfortable first; a tight plan only when nothing comfortable fits
@@ -239,7 +247,8 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
     return Plan(device=device, model=model, setup=chosen, estimate=est, grad_accum=accum, target_batch=target_batch,
                 budget_bytes=device.usable_bytes, peak_bytes=peak,
                 speed=speed_estimate(device, model, chosen, est, dataset_tokens),
-                safer_choice=safer_choice(device, model, chosen, target_batch))
+                safer_choice=safer_choice(device, model, chosen, target_batch),
+                request={**request, "dataset_tokens": dataset_tokens})
 
 
 def _fewest_checkpointed(device: DeviceProfile, model: ModelShape, setup: TrainSetup, limit: int) -> TrainSetup:
@@ -301,15 +310,15 @@ def check_offload(device: DeviceProfile, activation_offload: bool) -> None:
 def max_seq_len(device: DeviceProfile, model: ModelShape, rank: int = 16, quantize: str | None = "nf4",
                 gradient_checkpointing: bool = True, chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
                 compute_dtype: str | None = None, activation_offload: bool = False, padding_mask: bool = False,
-                upper: int = MAX_SEQ_LEN) -> int:
+                upper: int = MAX_SEQ_LEN, method: str = "lamda") -> int:
     """The longest seq_len that fits `device` at batch 1 (binary search; the peak grows with seq_len), 0 if
     none. The rank is capped by the model's narrowest linear; without padding, as a long-context run packs its
-    sequences (`padding_mask=False`: no (T, T) mask)."""
+    sequences (`padding_mask=False`: no (T, T) mask). `method="lora"`: the same for PEFT LoRA / QLoRA."""
     check_offload(device, activation_offload)
     setup = TrainSetup(batch_size=1, seq_len=1, rank=min(rank, max_rank(model)), quantize=quantize,
                        gradient_checkpointing=gradient_checkpointing, chunk_rows=chunk_rows,
                        compute_dtype=compute_dtype or device.compute_dtype, activation_offload=activation_offload,
-                       padding_mask=padding_mask)
+                       padding_mask=padding_mask, method=method)
     lo, hi = 0, upper
     while lo < hi:
         mid = (lo + hi + 1) // 2
