@@ -325,8 +325,9 @@ def _run_train(args) -> int:
 def _add_export(sub) -> None:
     p = _subcommand(sub, "export", "merge the adapter and export to ONNX", _run_export, [
         "lamda-edge export --adapter runs/demo --output runs/demo-onnx --int8   # a full-precision-trained adapter",
+        "lamda-edge export --adapter runs/demo --output runs/demo-onnx --int8 --ship runs/demo-ship",
         "lamda-edge export --adapter runs/nf4 --output runs/nf4-onnx --int4     # trained with --quantize nf4",
-        "lamda-edge export --adapter runs/nf4 --output runs/nf4-genai --format genai --precision int4",
+        "lamda-edge export --adapter runs/demo --output runs/demo-genai --format genai   # int8 here, int4 after nf4",
         "lamda-edge export --model base-folder --output base-onnx"])
     p.add_argument("--model", help="base transformers folder, or smollm2-135m-instruct for the default model "
                    "(default: the base the adapter records, by folder, else by name); without --adapter, this model "
@@ -354,11 +355,17 @@ def _add_export(sub) -> None:
                    "fp32, fp16 or int4 = --int4) packaged for onnxruntime-genai (genai_config.json + tokenizer)")
     p.add_argument("--genai-builder", action="store_true", help="--format genai: rebuild the merged folder with "
                    "onnxruntime-genai's model builder instead (its own graph; int4 re-quantizes the merged weights)")
-    p.add_argument("--precision", choices=("int4", "fp16", "fp32"), default="int4", help="--format genai precision")
+    p.add_argument("--precision", choices=("auto", "int4", "int8", "fp16", "fp32"), default="auto",
+                   help="--format genai: the graph packaged. auto follows the adapter, as train's `next:` line does: "
+                   "int4 for an adapter trained on the NF4 base (train --quantize nf4), else int8 (a full-precision "
+                   "base, the CPU's default; onnxruntime-genai runs it on the CPU); fp32 with --genai-builder")
     p.add_argument("--execution-provider", choices=("cpu", "cuda"), default="cpu",
                    help="--format genai target execution provider")
     p.add_argument("--eval-text", help="held-out text file for perplexity (default: a built-in paragraph)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--ship", metavar="DIR", help="also copy exactly what the device needs into the new folder DIR: "
+                   "the graph `generate` / `classify` run by default, config and tokenizer files (and "
+                   "genai_config.json); the export's summary lists them with their size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (and --ship) folder")
 
 
 def _run_export(args) -> int:
@@ -369,6 +376,8 @@ def _run_export(args) -> int:
     output = Path(args.output)
     model, adapter = (Path(p) if p else None for p in (args.model, args.adapter))
     check_output_location(output, adapter, model)  # before torch loads: a refusal is instant
+    if args.ship:
+        check_output_location(Path(args.ship), adapter, model, flag="--ship")
     from lamda_edge.export.pipeline import ExportOptions, export
     from lamda_edge.export.summary import summary_lines
 
@@ -376,10 +385,15 @@ def _run_export(args) -> int:
                             int4_method=args.int4_method, int8=args.int8, block_size=args.block_size,
                             format=args.format, precision=args.precision,
                             execution_provider=args.execution_provider, genai_builder=args.genai_builder,
-                            overwrite=args.overwrite, eval_text=Path(args.eval_text) if args.eval_text else None)
+                            overwrite=args.overwrite, eval_text=Path(args.eval_text) if args.eval_text else None,
+                            ship=Path(args.ship) if args.ship else None)
     report = export(options, progress=True)
     print("\n".join(summary_lines(report["summary"])))
     print(f"wrote {output} (report: {output / 'export-report.json'})")
+    if args.ship:
+        print(f"shipped {len(report['summary']['ship']['files'])} files to {args.ship}: run it there with "
+              f"`lamda-edge {'classify' if report['summary'].get('kind') == 'encoder' else 'generate'} --model "
+              f"{args.ship} ...`")
     return 0
 
 

@@ -40,6 +40,8 @@ def summarize(report: dict) -> dict:
     summary["generate_uses"] = _generate_uses(report)
     if report.get("kind") == "encoder":
         summary["classify_uses"] = _default_graph(report)
+    if report.get("ship"):
+        summary["ship"] = {"files": report["ship"]["files"], "mb": round(report["ship"]["bytes"] / 1e6, 2)}
     return summary
 
 
@@ -63,7 +65,7 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append("  held-out perplexity: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl))
     if summary.get("token_agreement"):
         what = "class (argmax) agreement" if summary.get("kind") == "encoder" else "greedy-token agreement"
-        lines.append(f"  {what} with PyTorch: " + ", ".join(
+        lines.append(f"  {what}: " + ", ".join(
             f"{k} {_fmt_agreement(v)}" for k, v in summary["token_agreement"].items()))
     for problem in summary.get("problems", []):
         lines.append(f"  problem: {problem}")
@@ -71,11 +73,20 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(f"  `lamda-edge generate` uses {summary['generate_uses']} by default (--onnx-file to choose)")
     if summary.get("classify_uses"):
         lines.append(f"  `lamda-edge classify` uses {summary['classify_uses']} by default (--onnx-file to choose)")
+    if summary.get("ship"):
+        lines.append(f"  the device needs only {', '.join(summary['ship']['files'])} ({summary['ship']['mb']:.1f} MB; "
+                     "`export --ship DIR` copies exactly these)")
     return lines
 
 
 def _fmt_agreement(value) -> str:
-    return ("yes" if value else "no") if isinstance(value, bool) else f"{value:.0%}"
+    """A yes/no as yes/no, a count (greedy_matching_prefix: tokens equal before the first difference) as tokens, a
+    share (greedy_agreement_*, agreement_*: 0..1) as a percentage."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value} tokens"
+    return f"{value:.0%}"
 
 
 def _parts(report: dict) -> list[dict]:
