@@ -109,6 +109,7 @@ def _add_plan(sub) -> None:
     p = _subcommand(sub, "plan", "plan rank, batch size and accumulation for a device", _run_plan, [
         "lamda-edge plan  (what `lamda-edge train` would do here)",
         "lamda-edge plan --device rtx3060 --model llama-3.1-8b --seq-len 1024",
+        "lamda-edge plan --device rtx3060 --model llama-3.1-8b activation_offload=true  (key=value as `train`)",
         "lamda-edge plan --device orin-nano --model qwen2.5-0.5b --json",
         "lamda-edge plan --model llama-3.1-8b --max-seq-len --activation-offload  (frontier over the GPU profiles)",
         "lamda-edge plan --device rtx3060 --device rtx4090 --model llama-3.1-8b --max-seq-len",
@@ -116,7 +117,9 @@ def _add_plan(sub) -> None:
         "lamda-edge plan --config examples/rtx3060-llama3-8b.yaml model=llama-3.1-8b  (what `train` would plan)"],
         description="Plan a training run: the flags are `train`'s settings with `train`'s defaults, so `plan` with "
         "the same inputs shows what `train` would run (base, precision, rank, batch, accumulation, checkpointing).")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="with --config: run config overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="run config settings as `train` takes them (e.g. activation_offload=true lamda.rank=16), "
+                   "after the flags or --config")
     p.add_argument("--config", metavar="FILE.yaml",
                    help="plan the run of this run config as `train` plans it (its device, model, seq_len, rank, "
                    "batch_size x grad_accum, quantize, gradient_checkpointing, chunk_rows); the flags below that a "
@@ -224,11 +227,9 @@ def _plan_flags(args) -> tuple[dict, list[str]]:
     flags = {"device": args.device[-1] if args.device else None, "model": args.model, "seq_len": args.seq_len,
              "batch_size": args.batch_size, "activation_offload": args.activation_offload,
              "quantize": "none" if args.no_quantize else args.quantize, "precision": args.precision,
-             "chunk_rows": args.chunk_rows,
+             "chunk_rows": args.chunk_rows, "rank": args.rank,  # `rank`: train's --rank, an alias of lamda.rank
              "gradient_checkpointing": {None: None, "auto": None, "on": True, "off": False}[args.checkpointing]}
     overrides = []
-    if args.rank is not None:
-        overrides.append(f"lamda.rank={args.rank}")
     if args.chunk_rows == 0:  # 0 = full logits: the run config's null
         flags["chunk_rows"], overrides = None, overrides + ["chunk_rows=null"]
     return flags, overrides
@@ -250,12 +251,9 @@ def _plan_request(args):
     from lamda_edge.planner import get_device, get_model
     from lamda_edge.train.config import load_run_config
 
-    if args.config is None:
-        if args.overrides:
-            raise ConfigError(f"key=value overrides ({args.overrides[0]!r}) need --config. Fix: give a run config, "
-                              "or use the flags (`lamda-edge plan --help`)")
+    if args.config is None:  # as `train`: the flags, then key=value (later wins), with train's validation
         flags, overrides = _plan_flags(args)
-        config = load_run_config(None, flags, overrides)
+        config = load_run_config(None, flags, overrides + args.overrides)
     else:
         given = [flag for flag in PLAN_RUN_FLAGS if getattr(args, flag) is not None]
         if given:
@@ -534,8 +532,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 
 def _key_value_hint(args: argparse.Namespace, rest: list[str], argv: list[str] | None) -> str:
-    """For `train --overwrite true`: how to give a run config key that has no flag (`overwrite=true`)."""
-    if getattr(args, "command", None) != "train":
+    """For `train --overwrite true`: how to give a run config key that has no flag (`overwrite=true`); `plan` takes
+    the same key=value."""
+    if getattr(args, "command", None) not in ("train", "plan"):
         return ""
     from lamda_edge.train.config import field_names, lamda_keys
 
@@ -553,7 +552,7 @@ def _key_value_hint(args: argparse.Namespace, rest: list[str], argv: list[str] |
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lamda_edge.files import OS_ERRORS, is_user_os_error, os_error, write_failure
+    from lamda_edge.files import is_user_os_error, os_error, write_failure, write_fix
 
     args = parse_args(build_parser(), argv)
     if args.command in COMPUTE_COMMANDS:  # before torch loads: OpenMP reads its environment once
