@@ -581,8 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         cause = write_failure(exc)
         if cause is None:
             raise
-        fix = next((fix for known, fix in OS_ERRORS.values() if known == cause), "check the output folder")
-        print(f"lamda-edge {args.command}: error: a file could not be written: {cause} ({exc}). Fix: {fix}",
+        print(f"lamda-edge {args.command}: error: a file could not be written: {cause} ({exc}). Fix: "
+              f"{write_fix(cause)}",
               file=sys.stderr)
         return 2
 
