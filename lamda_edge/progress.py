@@ -28,11 +28,18 @@ def on_terminal() -> bool:
 
 
 def quiet_bars_off_terminal(environ=None) -> None:
-    """Off a terminal, every tqdm bar in the process (ours, transformers') prints at most every LOG_INTERVAL_S
-    seconds instead of at every step: tqdm reads `TQDM_MININTERVAL`; a value the user set is kept."""
+    """Off a terminal, other libraries' tqdm bars stay out of the log: any tqdm bar prints at most every
+    LOG_INTERVAL_S seconds (tqdm reads `TQDM_MININTERVAL` on import), and transformers and huggingface_hub draw
+    none (their short "Loading weights" / "Writing model shards" bars: `HF_HUB_DISABLE_PROGRESS_BARS`, read on
+    import, and transformers' switch when it is already imported). Values the user set are kept."""
     env = os.environ if environ is None else environ
     if not on_terminal():
         env.setdefault("TQDM_MININTERVAL", str(LOG_INTERVAL_S))
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if environ is None and "transformers" in sys.modules and env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+            from transformers.utils import logging
+
+            logging.disable_progress_bar()
 
 
 class _Silent:

@@ -46,6 +46,7 @@ def exported(tmp_path_factory, tiny_run):
         done = subprocess.run([sys.executable, "-m", "lamda_edge.cli", *argv], cwd=REPO, capture_output=True,
                               text=True, timeout=600, env={**os.environ, **tiny_run.env()})
         assert done.returncode == 0, done.stderr[-3000:]
+        assert "\r" not in done.stdout + done.stderr and "\x1b[" not in done.stderr  # a log: plain lines
         report = json.loads((root / name / "export-report.json").read_text())
         out[name] = {"stdout": done.stdout, "report": report}
     return root, out

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from tqdm import tqdm
 from transformers import TrainerState
 
@@ -64,6 +65,25 @@ def test_off_a_terminal_bars_print_every_half_minute(monkeypatch):
         time.sleep(0.2)
     assert _refreshes(shown) == before  # no tick within the 30 s
     phases.close()
+
+
+@pytest.mark.parametrize(
+    "code, env, enabled",
+    [
+        pytest.param("QUIET\nfrom transformers.utils import logging\n", {}, False, id="before-import"),
+        pytest.param("from transformers.utils import logging\nQUIET\n", {}, False, id="after-import"),
+        pytest.param("QUIET\nfrom transformers.utils import logging\n", {"HF_HUB_DISABLE_PROGRESS_BARS": "0"}, True,
+                     id="user-choice-kept"),
+    ],
+)
+def test_off_a_terminal_transformers_draws_no_bars(code, env, enabled):
+    """transformers' own bars ("Writing model shards", "Loading weights") stay out of a log, whether it was
+    imported before or after; a user's HF_HUB_DISABLE_PROGRESS_BARS is kept."""
+    quiet = "from lamda_edge.progress import quiet_bars_off_terminal\nquiet_bars_off_terminal()"
+    env = {**{k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}, **env}
+    script = code.replace("QUIET", quiet) + "print(logging.is_progress_bar_enabled())"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert proc.stdout.strip() == str(enabled)
 
 
 def test_ticking_leaves_a_silent_bar_alone():

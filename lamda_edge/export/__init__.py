@@ -10,6 +10,7 @@
     genai.py     the onnxruntime-genai builder route; genai_pack.py: our own validated graph packaged for genai
     pipeline.py  `export(ExportOptions)`: all of the above, built in a temporary folder and renamed into place
     location.py  where an export may write (never onto, around or into the adapter, the model, the cwd); no torch
+    ship.py      what the device needs of an export folder (its default graph, config, tokenizer); `--ship DIR`
 """
 
 from lamda_edge.lazy import lazy_names

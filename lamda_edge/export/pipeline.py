@@ -11,7 +11,8 @@ Everything is built in a temporary folder next to the output (`.<name>.tmp-<pid>
 failure leaves nothing half-written, and the next export to the same output removes what a killed one left. An
 output that is, contains or sits inside the adapter folder or the base model folder, or that is or contains the
 current directory, is refused before anything is written (`--overwrite` would delete it). A validation failure
-still writes its report, beside the output as `<output>.export-report.json`.
+still writes its report, beside the output as `<output>.export-report.json`. The report's `ship` lists the files a
+device needs (export/ship.py); with `ship`, they are copied into a folder of their own at the end.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from lamda_edge.export.ship import check_ship_location, ship, ship_bytes, ship_f
 from lamda_edge.export.summary import with_summary_first
 from lamda_edge.export.validate import TOLERANCE, validate_decoder, validate_encoder
 from lamda_edge.files import check_output_folder, read_text
-from lamda_edge.progress import bar, ticking
+from lamda_edge.progress import bar, quiet_bars_off_terminal, ticking
 
 FORMATS = ("onnx", "genai")
 GENAI_PRECISIONS = ("auto", "int4", "int8", "fp16", "fp32")  # auto: genai_precision()
@@ -130,6 +131,7 @@ def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
     """
     out = Path(options.output)
     check_output_location(options.output, options.adapter, options.model)
+    quiet_bars_off_terminal()  # a log file gets plain lines, from Python as from the CLI
     if options.ship is not None:
         check_output_location(options.ship, options.adapter, options.model, flag="--ship")
         if Path(options.ship).exists() and not options.overwrite:
