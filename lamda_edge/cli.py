@@ -350,7 +350,7 @@ def _add_export(sub) -> None:
     p.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size (nbits, merged, --int8)")
     p.add_argument("--format", choices=("onnx", "genai"), default="onnx",
                    help="onnx: plain graph with optimum's names; genai: the same validated graph (--precision picks "
-                   "fp32, fp16 or int4 = --int4) packaged for onnxruntime-genai (genai_config.json + tokenizer)")
+                   "which) packaged for onnxruntime-genai (genai_config.json + tokenizer)")
     p.add_argument("--genai-builder", action="store_true", help="--format genai: rebuild the merged folder with "
                    "onnxruntime-genai's model builder instead (its own graph; int4 re-quantizes the merged weights)")
     p.add_argument("--precision", choices=("auto", "int4", "int8", "fp16", "fp32"), default="auto",
