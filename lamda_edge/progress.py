@@ -80,7 +80,8 @@ class _Silent:
 
 class _Lines:
     """A bar as plain lines on stderr, for a log: `desc: 40% 24/60 step [01:02<01:33, 2.58s/step, loss=...]` at most
-    every LOG_INTERVAL_S while it runs (read when the bar starts), and once at the end when `leave`."""
+    every LOG_INTERVAL_S while it runs (read when the bar starts), once when a new description names the phase that
+    starts, and once at the end when `leave`."""
 
     def __init__(self, total: int | None, desc: str, unit: str, leave: bool, eta: bool, initial: int = 0):
         self.total, self.desc, self.unit, self.leave, self.eta = total, desc, unit, leave, eta
@@ -123,7 +124,10 @@ class _Lines:
         self.postfix = text
 
     def set_description_str(self, text: str = "", refresh: bool = True) -> None:
-        self.desc = text
+        """A new description names a new phase (an export's): one line says it has started."""
+        if text != self.desc:
+            self.desc = text
+            self._print(force=True)
 
     def refresh(self) -> None:
         self._print()
