@@ -119,7 +119,8 @@ def test_a_shipped_folder_generates_alone(exported, tmp_path, name):
 
 
 def test_the_summary_prints_counts_as_counts(exported):
-    """`greedy_matching_prefix` is a count of tokens (it once printed as 1600%); shares stay percentages <= 100%."""
+    """`greedy_matching_prefix` is a count of tokens (it once printed as 1600%); shares stay percentages <= 100%;
+    perplexities measured on different numbers of tokens keep their own names."""
     from lamda_edge.export.summary import summary_lines
 
     _, out = exported
@@ -129,6 +130,13 @@ def test_the_summary_prints_counts_as_counts(exported):
     text = "\n".join(summary_lines(summary))
     assert f"greedy_matching_prefix {prefix} tokens" in text
     assert all(int(p) <= 100 for p in re.findall(r"(\d+)%", text)), text
+    # perplexities on different texts are not set side by side as one: the genai package's 64 tokens are named
+    report = out["genai"]["report"]
+    tokens = report["genai"]["held_out_tokens"]
+    assert tokens != report["int8"]["held_out_tokens"]
+    assert summary["perplexity"]["pytorch"] == report["int8"]["ppl_pytorch"]
+    assert summary["perplexity"][f"pytorch ({tokens} tokens)"] == report["genai"]["ppl_pytorch"]
+    assert f"genai ({tokens} tokens)" in summary["perplexity"]
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,7 @@ def summarize(report: dict) -> dict:
                "max_abs_diff": _max_diff_per_output(diffs) or _genai_diff(validation),
                "sizes_mb": {name: round(size / 1e6, 2) for name, size in (report.get("sizes_bytes") or {}).items()},
                "graphs": _graphs(report)}
-    ppl = {key.removeprefix("ppl_"): value for part in _parts(report) for key, value in part.items()
-           if key.startswith("ppl_")}
+    ppl = _perplexities(_parts(report))
     if ppl:
         summary["perplexity"] = ppl
     agreement = {key: value for part in _parts(report) for key, value in part.items()
@@ -96,6 +95,22 @@ def _parts(report: dict) -> list[dict]:
     if "precision" in validation:  # the genai builder's validation holds its own numbers
         parts.append(validation)
     return parts
+
+
+def _perplexities(parts: list[dict]) -> dict:
+    """{graph: held-out perplexity} over the parts; a part measured on another number of tokens (the genai package
+    reads the first 64) keeps its own values, named with that number: "pytorch (64 tokens)" beside "pytorch"."""
+    ppl, first = {}, None
+    for part in parts:
+        values = {key.removeprefix("ppl_"): value for key, value in part.items() if key.startswith("ppl_")}
+        if not values:
+            continue
+        tokens = part.get("held_out_tokens")
+        first = tokens if first is None else first
+        suffix = "" if tokens == first else f" ({tokens} tokens)"
+        for key, value in values.items():
+            ppl.setdefault(key + suffix, value)
+    return ppl
 
 
 def _max_diff_per_output(diffs: dict) -> dict:
