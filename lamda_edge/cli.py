@@ -110,6 +110,7 @@ def _add_plan(sub) -> None:
     p = _subcommand(sub, "plan", "plan rank, batch size and accumulation for a device", _run_plan, [
         "lamda-edge plan  (what `lamda-edge train` would do here)",
         "lamda-edge plan --device rtx3060 --model llama-3.1-8b --seq-len 1024",
+        "lamda-edge plan --device rtx3060 --model llama-3.1-8b activation_offload=true  (key=value as `train`)",
         "lamda-edge plan --device orin-nano --model qwen2.5-0.5b --json",
         "lamda-edge plan --model llama-3.1-8b --max-seq-len --activation-offload  (frontier over the GPU profiles)",
         "lamda-edge plan --device rtx3060 --device rtx4090 --model llama-3.1-8b --max-seq-len",
@@ -118,7 +119,9 @@ def _add_plan(sub) -> None:
         description="Plan a training run: the flags are `train`'s settings with `train`'s defaults, so `plan` with "
         "the same inputs shows what `train` would run (base, precision, rank, batch, accumulation, checkpointing). "
         "Under the plan: the same job with PEFT QLoRA (PEFT LoRA on a float base) as PEFT's defaults run it.")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="with --config: run config overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="run config settings as `train` takes them (e.g. activation_offload=true lamda.rank=16), "
+                   "after the flags or --config")
     p.add_argument("--config", metavar="FILE.yaml",
                    help="plan the run of this run config as `train` plans it (its device, model, seq_len, rank, "
                    "batch_size x grad_accum, quantize, gradient_checkpointing, chunk_rows); the flags below that a "
@@ -229,11 +232,9 @@ def _plan_flags(args) -> tuple[dict, list[str]]:
     flags = {"device": args.device[-1] if args.device else None, "model": args.model, "seq_len": args.seq_len,
              "batch_size": args.batch_size, "activation_offload": args.activation_offload,
              "quantize": "none" if args.no_quantize else args.quantize, "precision": args.precision,
-             "chunk_rows": args.chunk_rows,
+             "chunk_rows": args.chunk_rows, "rank": args.rank,  # `rank`: train's --rank, an alias of lamda.rank
              "gradient_checkpointing": {None: None, "auto": None, "on": True, "off": False}[args.checkpointing]}
     overrides = []
-    if args.rank is not None:
-        overrides.append(f"lamda.rank={args.rank}")
     if args.chunk_rows == 0:  # 0 = full logits: the run config's null
         flags["chunk_rows"], overrides = None, overrides + ["chunk_rows=null"]
     return flags, overrides
@@ -255,12 +256,9 @@ def _plan_request(args):
     from lamda_edge.planner import get_device, get_model
     from lamda_edge.train.config import load_run_config
 
-    if args.config is None:
-        if args.overrides:
-            raise ConfigError(f"key=value overrides ({args.overrides[0]!r}) need --config. Fix: give a run config, "
-                              "or use the flags (`lamda-edge plan --help`)")
+    if args.config is None:  # as `train`: the flags, then key=value (later wins), with train's validation
         flags, overrides = _plan_flags(args)
-        config = load_run_config(None, flags, overrides)
+        config = load_run_config(None, flags, overrides + args.overrides)
     else:
         given = [flag for flag in PLAN_RUN_FLAGS if getattr(args, flag) is not None]
         if given:
@@ -331,8 +329,9 @@ def _run_train(args) -> int:
 def _add_export(sub) -> None:
     p = _subcommand(sub, "export", "merge the adapter and export to ONNX", _run_export, [
         "lamda-edge export --adapter runs/demo --output runs/demo-onnx --int8   # a full-precision-trained adapter",
+        "lamda-edge export --adapter runs/demo --output runs/demo-onnx --int8 --ship runs/demo-ship",
         "lamda-edge export --adapter runs/nf4 --output runs/nf4-onnx --int4     # trained with --quantize nf4",
-        "lamda-edge export --adapter runs/nf4 --output runs/nf4-genai --format genai --precision int4",
+        "lamda-edge export --adapter runs/demo --output runs/demo-genai --format genai   # int8 here, int4 after nf4",
         "lamda-edge export --adapter runs/demo --output runs/demo-gguf --format gguf --gguf-type q8_0  # llama.cpp",
         "lamda-edge export --model base-folder --output base-onnx"])
     p.add_argument("--model", help="base transformers folder, or smollm2-135m-instruct for the default model "
@@ -358,7 +357,7 @@ def _add_export(sub) -> None:
     p.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size (nbits, merged, --int8)")
     p.add_argument("--format", choices=("onnx", "genai", "gguf"), default="onnx",
                    help="onnx: plain graph with optimum's names; genai: the same validated graph (--precision picks "
-                   "fp32, fp16 or int4 = --int4) packaged for onnxruntime-genai (genai_config.json + tokenizer); "
+                   "which) packaged for onnxruntime-genai (genai_config.json + tokenizer); "
                    "gguf: one model.<type>.gguf for llama.cpp / Ollama (llama, mistral, qwen2, qwen3) and a "
                    "Modelfile, read back with transformers and checked")
     p.add_argument("--gguf-type", choices=("f16", "q8_0", "q4_0"), default="q8_0",
@@ -366,11 +365,17 @@ def _add_export(sub) -> None:
                    "q8_0 (perplexity within 1%%), q4_0 (re-quantized; embedding and head stay q8_0)")
     p.add_argument("--genai-builder", action="store_true", help="--format genai: rebuild the merged folder with "
                    "onnxruntime-genai's model builder instead (its own graph; int4 re-quantizes the merged weights)")
-    p.add_argument("--precision", choices=("int4", "fp16", "fp32"), default="int4", help="--format genai precision")
+    p.add_argument("--precision", choices=("auto", "int4", "int8", "fp16", "fp32"), default="auto",
+                   help="--format genai: the graph packaged. auto follows the adapter, as train's `next:` line does: "
+                   "int4 for an adapter trained on the NF4 base (train --quantize nf4), else int8 (a full-precision "
+                   "base, the CPU's default; onnxruntime-genai runs it on the CPU); fp32 with --genai-builder")
     p.add_argument("--execution-provider", choices=("cpu", "cuda"), default="cpu",
                    help="--format genai target execution provider")
     p.add_argument("--eval-text", help="held-out text file for perplexity (default: a built-in paragraph)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--ship", metavar="DIR", help="also copy exactly what the device needs into the new folder DIR: "
+                   "the graph `generate` / `classify` run by default, config and tokenizer files (and "
+                   "genai_config.json); the export's summary lists them with their size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (and --ship) folder")
 
 
 def _run_export(args) -> int:
@@ -381,6 +386,8 @@ def _run_export(args) -> int:
     output = Path(args.output)
     model, adapter = (Path(p) if p else None for p in (args.model, args.adapter))
     check_output_location(output, adapter, model)  # before torch loads: a refusal is instant
+    if args.ship:
+        check_output_location(Path(args.ship), adapter, model, flag="--ship")
     from lamda_edge.export.pipeline import ExportOptions, export
     from lamda_edge.export.summary import summary_lines
 
@@ -389,10 +396,15 @@ def _run_export(args) -> int:
                             format=args.format, precision=args.precision,
                             execution_provider=args.execution_provider, genai_builder=args.genai_builder,
                             overwrite=args.overwrite, eval_text=Path(args.eval_text) if args.eval_text else None,
-                            gguf_type=args.gguf_type)
+                            gguf_type=args.gguf_type,
+                            ship=Path(args.ship) if args.ship else None)
     report = export(options, progress=True)
     print("\n".join(summary_lines(report["summary"])))
     print(f"wrote {output} (report: {output / 'export-report.json'})")
+    if args.ship:
+        print(f"shipped {len(report['summary']['ship']['files'])} files to {args.ship}: run it there with "
+              f"`lamda-edge {'classify' if report['summary'].get('kind') == 'encoder' else 'generate'} --model "
+              f"{args.ship} ...`")
     return 0
 
 
@@ -596,8 +608,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 
 def _key_value_hint(args: argparse.Namespace, rest: list[str], argv: list[str] | None) -> str:
-    """For `train --overwrite true`: how to give a run config key that has no flag (`overwrite=true`)."""
-    if getattr(args, "command", None) != "train":
+    """For `train --overwrite true`: how to give a run config key that has no flag (`overwrite=true`); `plan` takes
+    the same key=value."""
+    if getattr(args, "command", None) not in ("train", "plan"):
         return ""
     from lamda_edge.train.config import field_names, lamda_keys
 
@@ -615,7 +628,7 @@ def _key_value_hint(args: argparse.Namespace, rest: list[str], argv: list[str] |
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lamda_edge.files import OS_ERRORS, is_user_os_error, os_error, write_failure
+    from lamda_edge.files import is_user_os_error, os_error, write_failure, write_fix
 
     args = parse_args(build_parser(), argv)
     if args.command in COMPUTE_COMMANDS:  # before torch loads: OpenMP reads its environment once
@@ -644,8 +657,8 @@ def main(argv: list[str] | None = None) -> int:
         cause = write_failure(exc)
         if cause is None:
             raise
-        fix = next((fix for known, fix in OS_ERRORS.values() if known == cause), "check the output folder")
-        print(f"lamda-edge {args.command}: error: a file could not be written: {cause} ({exc}). Fix: {fix}",
+        print(f"lamda-edge {args.command}: error: a file could not be written: {cause} ({exc}). Fix: "
+              f"{write_fix(cause)}",
               file=sys.stderr)
         return 2
 

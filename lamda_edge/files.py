@@ -136,18 +136,27 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--output") -> None
             return
 
 
+# torch.save's words for a write the OS refused (its C++ stream does not pass errno on)
+TORCH_WRITE_WORDS = ("unexpected pos", "iostream error", "file write failed")
+
+
 def write_failure(exc: BaseException, folder: str | os.PathLike | None = None) -> str | None:
     """What went wrong when writing a file failed for a reason of the user's environment (the disk is full, ...),
     else None. torch.save and safetensors report a failed write as RuntimeError / SafetensorError: safetensors with
     the OS's words inside, torch.save often without ("basic_ios::clear: iostream error", "unexpected pos"). For
-    those, a caller that knows `exc` came from writing into `folder` passes it: a nearly full disk there is the
-    cause; otherwise it is not the environment's doing (None)."""
+    those: a file-size limit (`ulimit -f`) that a file in `folder` reached, or that torch's words meet when no
+    folder is known, is the cause (EFBIG); else, for a caller that knows `exc` came from writing into `folder`, a
+    nearly full disk there; otherwise it is not the environment's doing (None)."""
     if isinstance(exc, OSError):
         return OS_ERRORS[exc.errno][0] if exc.errno in OS_ERRORS else None
     text = str(exc)
     for code, (cause, _) in OS_ERRORS.items():
         if os.strerror(code) in text or f"os error {code})" in text:
             return cause
+    limit = _file_size_limit()
+    if limit is not None and (folder is None and any(words in text for words in TORCH_WRITE_WORDS)
+                              or folder is not None and _reached(folder, limit)):
+        return OS_ERRORS[errno.EFBIG][0]
     if folder is None:
         return None
     import shutil
@@ -157,6 +166,29 @@ def write_failure(exc: BaseException, folder: str | os.PathLike | None = None) -
     except OSError:
         return None
     return OS_ERRORS[errno.ENOSPC][0] if free < 16 * 2**20 else None
+
+
+def write_fix(cause: str) -> str:
+    """The fix of a `write_failure` cause."""
+    return next((fix for known, fix in OS_ERRORS.values() if known == cause), "check the output folder")
+
+
+def _file_size_limit() -> int | None:
+    """The process's file-size limit in bytes (RLIMIT_FSIZE, `ulimit -f`), None when unlimited (or no such limit)."""
+    try:
+        import resource
+    except ImportError:  # not on this system (Windows)
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _reached(folder: str | os.PathLike, limit: int) -> bool:
+    """Whether a file under `folder` is `limit` bytes or more: a write there was refused for the size limit."""
+    try:
+        return any(path.is_file() and path.stat().st_size >= limit for path in Path(folder).rglob("*"))
+    except OSError:
+        return False
 
 
 def os_error(exc: OSError, doing: str = "") -> str:

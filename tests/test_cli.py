@@ -1,4 +1,5 @@
-"""Tests of lamda_edge/cli.py as a whole: the import cost of the arithmetic commands, plan --config."""
+"""Tests of lamda_edge/cli.py as a whole: the import cost of the arithmetic commands, plan --config, plan's
+key=value (train's words)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ WRAPPER = textwrap.dedent("""
                      id="plan-text-with-the-qlora-comparison"),
         pytest.param(["plan", "--device", "rtx4090", "--model", "llama-3.1-8b", "--max-seq-len"],
                      id="plan-frontier-with-the-qlora-column"),
+        pytest.param(["plan", "--device", "rtx3060", "--model", "llama-3.1-8b", "activation_offload=true", "--json"],
+                     id="plan-key-value"),
     ],
 )
 def test_arithmetic_commands_import_no_torch(args):
@@ -80,8 +83,9 @@ def test_plan_config_plans_as_train_does(tmp_path, capsys):
     "args, expected",
     [
         pytest.param(["--config", "{run}", "--seq-len", "64"], "seq_len=", id="run-flag-with-config"),
-        pytest.param(["seq_len=64"], "need --config", id="override-without-config"),
         pytest.param(["--config", "{run}", "rnak=4"], "Did you mean `rank`", id="override-typo"),
+        pytest.param(["rnak=4"], "Did you mean `rank`", id="override-typo-without-config"),
+        pytest.param(["max_steps=0"], "`max_steps` should be an integer >= 1", id="train-validation-without-config"),
     ],
 )
 def test_plan_config_bad_input_exits_2(tmp_path, capsys, args, expected):
@@ -92,6 +96,44 @@ def test_plan_config_bad_input_exits_2(tmp_path, capsys, args, expected):
     assert main(["plan", *[a.format(run=path) for a in args]]) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
+
+
+PLAN_8B = ["plan", "--device", "rtx3060", "--model", "llama-3.1-8b", "--json"]
+
+
+@pytest.mark.parametrize(
+    "flags, pairs",
+    [
+        pytest.param(["--activation-offload"], ["activation_offload=true"], id="activation-offload"),
+        pytest.param(["--seq-len", "4096", "--rank", "8"], ["seq_len=4096", "lamda.rank=8"], id="seq-len-rank"),
+        pytest.param(["--rank", "4"], ["rank=4"], id="flat-rank"),
+        pytest.param(["--batch-size", "1", "--checkpointing", "off"], ["batch_size=1", "gradient_checkpointing=false"],
+                     id="batch-checkpointing"),
+        pytest.param(["--chunk-rows", "0", "--precision", "fp32"], ["chunk_rows=null", "precision=fp32"],
+                     id="full-logits-fp32"),
+    ],
+)
+def test_plan_takes_trains_key_values_as_its_flags(capsys, flags, pairs):
+    """`plan` with `train`'s key=value words gives the plan of the equivalent flags, and not the default plan."""
+    from lamda_edge.cli import main
+
+    def planned(*extra: str) -> tuple[int, dict]:
+        code = main([*PLAN_8B, *extra])
+        return code, json.loads(capsys.readouterr().out)
+
+    default, by_flags, by_pairs = planned(), planned(*flags), planned(*pairs)
+    assert by_pairs == by_flags
+    assert by_pairs != default
+
+
+def test_plan_key_values_come_after_the_flags(capsys):
+    """As in `train`, key=value wins over a flag (the later source), wherever it stands on the line."""
+    from lamda_edge.cli import main
+
+    assert main([*PLAN_8B, "--seq-len", "512", "seq_len=2048"]) == 0
+    assert json.loads(capsys.readouterr().out)["seq_len"] == 2048
+    assert main(["plan", "seq_len=2048", *PLAN_8B[1:], "--seq-len", "512"]) == 0
+    assert json.loads(capsys.readouterr().out)["seq_len"] == 2048
 
 
 def test_adapters_names_are_not_shadowed_by_their_modules():

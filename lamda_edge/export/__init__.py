@@ -12,6 +12,7 @@
                  gguf_check.py: read back with transformers and checked; modelfile.py: Ollama's Modelfile
     pipeline.py  `export(ExportOptions)`: all of the above, built in a temporary folder and renamed into place
     location.py  where an export may write (never onto, around or into the adapter, the model, the cwd); no torch
+    ship.py      what the device needs of an export folder (its default graph, config, tokenizer); `--ship DIR`
 """
 
 from lamda_edge.lazy import lazy_names

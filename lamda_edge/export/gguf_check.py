@@ -26,7 +26,7 @@ import torch
 from lamda_edge.errors import ExportValidationError
 from lamda_edge.export.genai import GREEDY_PROMPT, GREEDY_TOKENS, torch_greedy
 from lamda_edge.export.gguf_file import write_gguf
-from lamda_edge.export.modelfile import write_modelfile
+from lamda_edge.export.modelfile import MODELFILE, write_modelfile
 from lamda_edge.export.validate import quality_words, requantized_problems
 from lamda_edge.runtime.decoder import held_out_ids, perplexity
 
@@ -142,7 +142,7 @@ def build_and_validate(reference, merged_dir: Path, tokenizer, text: str, out: P
     stage(f"writing {path.name}")
     t = time.perf_counter()
     report["gguf"] = write_gguf(reference, merged_dir, tokenizer, path, gguf_type, name)
-    report["gguf"]["modelfile"] = write_modelfile(out / "Modelfile", path.name, tokenizer)
+    report["gguf"]["modelfile"] = write_modelfile(out / MODELFILE, path.name, tokenizer)
     timings["gguf"] = time.perf_counter() - t
     report["sizes_bytes"] = {path.name: report["gguf"]["size_bytes"]}
     types = ", ".join(f"{n} {k}" for k, n in report["gguf"]["tensor_types"].items())

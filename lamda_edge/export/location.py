@@ -10,7 +10,7 @@ from pathlib import Path
 from lamda_edge.errors import ConfigError
 
 
-def check_output_location(output: Path, adapter: Path | None, model: Path | None) -> None:
+def check_output_location(output: Path, adapter: Path | None, model: Path | None, flag: str = "--output") -> None:
     """Refuse an output folder that is, contains or sits inside the adapter folder or the base model folder (given,
     or recorded by the adapter), or that is or contains the current directory: `--overwrite` would delete a run, a
     model or the user's work, and an export inside a model folder would change what that folder holds."""
@@ -32,6 +32,6 @@ def check_output_location(output: Path, adapter: Path | None, model: Path | None
         relation = ("is" if out == folder_r else "contains" if out in folder_r.parents
                     else "is inside" if inside_too and folder_r in out.parents else None)
         if relation:
-            raise ConfigError(f"--output {str(output)!r} {relation} {what} ({folder}); exporting there would "
+            raise ConfigError(f"{flag} {str(output)!r} {relation} {what} ({folder}); exporting there would "
                               f"{'write into' if relation == 'is inside' else 'delete'} it. Fix: choose an output "
-                              f"folder of its own, e.g. --output {folder_r.parent / (folder_r.name + '-onnx')}")
+                              f"folder of its own, e.g. {flag} {folder_r.parent / (folder_r.name + '-onnx')}")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from lamda_edge.atomic import write_bytes_atomic
 
+MODELFILE = "Modelfile"  # its name beside the .gguf file
+
 CHATML_GO_TEMPLATE = (
     "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
     "{{- range .Messages }}{{- if ne .Role \"system\" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"

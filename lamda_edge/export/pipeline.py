@@ -12,7 +12,8 @@ Everything is built in a temporary folder next to the output (`.<name>.tmp-<pid>
 failure leaves nothing half-written, and the next export to the same output removes what a killed one left. An
 output that is, contains or sits inside the adapter folder or the base model folder, or that is or contains the
 current directory, is refused before anything is written (`--overwrite` would delete it). A validation failure
-still writes its report, beside the output as `<output>.export-report.json`.
+still writes its report, beside the output as `<output>.export-report.json`. The report's `ship` lists the files a
+device needs (export/ship.py); with `ship`, they are copied into a folder of their own at the end.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from lamda_edge.export.graph import MODEL_FILE, onnx_size
 from lamda_edge.export.location import check_output_location
 from lamda_edge.export.merged import load_merged, load_reference, load_tokenizer, save_merged
 from lamda_edge.export.portable import copy_loader_files
+from lamda_edge.export.ship import check_ship_location, ship, ship_bytes, ship_files
 from lamda_edge.export.summary import with_summary_first
 from lamda_edge.export.validate import TOLERANCE, validate_decoder, validate_encoder
 from lamda_edge.files import check_output_folder, read_json, read_text
-from lamda_edge.progress import bar, ticking
+from lamda_edge.progress import bar, quiet_bars_off_terminal, ticking
 
 FORMATS = ("onnx", "genai", "gguf")
-GENAI_PRECISIONS = ("int4", "fp16", "fp32")
+GENAI_PRECISIONS = ("auto", "int4", "int8", "fp16", "fp32")  # auto: genai_precision()
 GENAI_PROVIDERS = ("cpu", "cuda")
 INT4_FILE, REPORT_FILE, MERGED_DIR = "model.int4.onnx", "export-report.json", "merged"
 HELD_OUT_TEXT = (
@@ -64,12 +66,13 @@ class ExportOptions:
     int4_method: str = "auto"  # "auto" | "nf4" (as trained, MatMulBnb4) | "nbits" | "merged" (export/lowbit.py)
     int8: bool = False  # also write model.int8.onnx (MatMulNBits bits=8 on the residual base)
     format: str = "onnx"  # "onnx" | "genai"
-    precision: str = "int4"  # genai format: "int4" | "fp16" | "fp32"
+    precision: str = "auto"  # genai format: "auto" (genai_precision) | "int4" | "int8" | "fp16" | "fp32"
     execution_provider: str = "cpu"  # genai format: "cpu" | "cuda"
     genai_builder: bool = False  # genai format: rebuild with onnxruntime-genai's builder (re-quantized) instead
     overwrite: bool = False
     eval_text: Path | None = None  # held-out text for perplexity; None: a built-in paragraph
     gguf_type: str = "q8_0"  # gguf format: "f16" | "q8_0" | "q4_0" (export/gguf_file.py)
+    ship: Path | None = None  # also copy what the device needs (export/ship.py) into this new folder
 
     def __post_init__(self):
         problems = []
@@ -91,6 +94,13 @@ class ExportOptions:
             problems += _gguf_problems(self)
         if self.int4 and self.int8:
             problems.append("--int4 and --int8 write different graphs; choose one (export twice for both)")
+        if self.format == "genai" and (self.int4 and self.precision not in ("auto", "int4")
+                                       or self.int8 and self.precision not in ("auto", "int8")):
+            problems.append(f"--format genai packages one graph: --{'int4' if self.int4 else 'int8'} and "
+                            f"--precision {self.precision} name two; give one of them")
+        if self.format == "genai" and self.genai_builder and self.precision == "int8":
+            problems.append("onnxruntime-genai's builder has no int8 here; drop --genai-builder (our validated int8 "
+                            "graph is packaged), or choose --precision int4, fp16 or fp32")
         try:
             lowbit.resolve_method(self.int4_method, self.adapter, None)
         except ConfigError as exc:
@@ -101,6 +111,9 @@ class ExportOptions:
             problems.append(f"`eval_text` {self.eval_text} is not a file")
         try:
             check_output_folder(self.output)
+            if self.ship is not None:
+                check_output_folder(self.ship, "--ship")
+                check_ship_location(self.ship, self.output)
         except ConfigError as exc:
             problems.append(str(exc))
         if problems:
@@ -149,8 +162,18 @@ def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
     """
     out = Path(options.output)
     check_output_location(options.output, options.adapter, options.model)
-    if options.adapter is not None:
-        read_adapter_config(options.adapter)  # not an adapter folder: say so before any work or progress bar
+    quiet_bars_off_terminal()  # a log file gets plain lines, from Python as from the CLI
+    if options.ship is not None:
+        check_output_location(options.ship, options.adapter, options.model, flag="--ship")
+        if Path(options.ship).exists() and not options.overwrite:
+            raise ConfigError(f"--ship folder {options.ship} already exists. Fix: pass --overwrite, or choose "
+                              "another --ship")
+    adapter_config = read_adapter_config(options.adapter) if options.adapter is not None else {}
+    # ^ not an adapter folder: say so before any work or progress bar
+    if options.format == "genai" and options.precision == "auto":
+        precision, why = genai_precision(options, adapter_config.get("quantize"))
+        options = replace(options, precision=precision)
+        log(f"--format genai: --precision auto is {precision} ({why})")
     if options.format == "gguf":
         _check_gguf_family(options)  # a family llama.cpp's file cannot hold: say so before the merge
     _remove_leftovers(out, log)
@@ -174,6 +197,9 @@ def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
     try:
         with ticking(phases):
             _build(options, tmp, report, log_phase, stage)
+        names = ship_files(tmp)
+        report["ship"] = {"files": names, "bytes": ship_bytes(tmp, names)}
+        _write_json(tmp / REPORT_FILE, with_summary_first(report))
     except ExportValidationError:
         failed = out.parent / f"{out.name}.{REPORT_FILE}"
         _write_json(failed, with_summary_first(report))
@@ -191,14 +217,34 @@ def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out)
+    if options.ship is not None:
+        ship(out, options.ship, overwrite=options.overwrite)
+        report["shipped_to"] = str(options.ship)
     return with_summary_first(report)
+
+
+def genai_precision(options: ExportOptions, quantize: str | None) -> tuple[str, str]:
+    """`--precision auto` for `--format genai`, as the train summary's `next:` line chooses, and why: int4 for an
+    adapter trained on the NF4 base (the int4 graph is then the trained model) or with --int4; otherwise int8
+    (onnxruntime-genai reads our MatMulNBits bits=8 graph on the CPU; tests/test_export_ship.py runs it), or fp32
+    with --genai-builder, which has no int8."""
+    if options.int4:
+        return "int4", "--int4"
+    if options.adapter is not None and quantize == "nf4" and not options.int8:
+        return "int4", "an adapter trained on the NF4 base: the int4 graph is the trained model"
+    if options.genai_builder:
+        return "fp32", "onnxruntime-genai's builder has no int8, and its int4 re-quantizes every weight"
+    why = ("a full-precision base: int8 keeps the fine-tune, where 4 bits would quantize weights the adapter never "
+           "saw" if options.adapter is not None else "no adapter: int8 is the smaller graph that keeps the model")
+    return "int8", why
 
 
 def _phase_count(options: ExportOptions) -> int:
     """The phases that end with a log line: merge, export, validate (or the genai build), low-bit, genai package."""
     if options.format == "genai" and options.genai_builder or options.format == "gguf":
         return 3
-    return 3 + bool(options.int4 or options.int8 or options.format == "genai" and options.precision == "int4") + (
+    lowbit_genai = options.format == "genai" and options.precision in ("int4", "int8")
+    return 3 + bool(options.int4 or options.int8 or lowbit_genai) + (
         options.format == "genai")
 
 
@@ -259,7 +305,8 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log, stage=lambda na
     else:
         copy_loader_files(merged_dir, tmp)  # beside the graphs: optimum's ORTModelForCausalLM loads the folder as is
         if options.format == "genai":  # our validated graph, packaged: --precision picks which one
-            options = replace(options, int4=options.int4 or (options.precision == "int4" and not options.int8),
+            options = replace(options, int4=options.int4 or options.precision == "int4",
+                              int8=options.int8 or options.precision == "int8",
                               dtype="fp16" if options.precision == "fp16" else options.dtype)
         stage(f"exporting {MODEL_FILE}")
         t = time.perf_counter()
@@ -294,7 +341,6 @@ def _build(options: ExportOptions, tmp: Path, report: dict, log, stage=lambda na
             graph_file = lowbit.INT8_FILE if options.int8 else lowbit.INT4_FILE if options.int4 else MODEL_FILE
             genai_pack.package_and_validate(tmp, graph_file, merged_dir, reference, tokenizer, text, report, log)
             report["validation"].update({k: v for k, v in report["genai"].items() if k != "mismatches"})
-    _write_json(tmp / REPORT_FILE, with_summary_first(report))
 
 
 def _build_seq2seq(options: ExportOptions, reference, merged_dir: Path, tmp: Path, report: dict, log) -> None:
@@ -320,7 +366,6 @@ def _build_seq2seq(options: ExportOptions, reference, merged_dir: Path, tmp: Pat
         raise ExportValidationError(f"ONNX Runtime disagrees with PyTorch in {len(mismatches)} check(s):\n  "
                                     + "\n  ".join(mismatches) + f"\nreport: {options.output}.{REPORT_FILE}")
     log(f"validated against PyTorch: max |diff| logits {report['validation']['max_abs_diff']['logits']:.3g}")
-    _write_json(tmp / REPORT_FILE, with_summary_first(report))
 
 
 def _to_fp16(path: Path) -> None:

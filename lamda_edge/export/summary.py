@@ -23,8 +23,7 @@ def summarize(report: dict) -> dict:
                "max_abs_diff": _max_diff_per_output(diffs) or _genai_diff(validation),
                "sizes_mb": {name: round(size / 1e6, 2) for name, size in (report.get("sizes_bytes") or {}).items()},
                "graphs": _graphs(report)}
-    ppl = {key.removeprefix("ppl_"): value for part in _parts(report) for key, value in part.items()
-           if key.startswith("ppl_")}
+    ppl = _perplexities(_parts(report))
     if ppl:
         summary["perplexity"] = ppl
     agreement = {key: value for part in _parts(report) for key, value in part.items()
@@ -40,6 +39,8 @@ def summarize(report: dict) -> dict:
     summary["generate_uses"] = _generate_uses(report)
     if report.get("kind") == "encoder":
         summary["classify_uses"] = _default_graph(report)
+    if report.get("ship"):
+        summary["ship"] = {"files": report["ship"]["files"], "mb": round(report["ship"]["bytes"] / 1e6, 2)}
     return summary
 
 
@@ -63,7 +64,7 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append("  held-out perplexity: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl))
     if summary.get("token_agreement"):
         what = "class (argmax) agreement" if summary.get("kind") == "encoder" else "greedy-token agreement"
-        lines.append(f"  {what} with PyTorch: " + ", ".join(
+        lines.append(f"  {what}: " + ", ".join(
             f"{k} {_fmt_agreement(v)}" for k, v in summary["token_agreement"].items()))
     for problem in summary.get("problems", []):
         lines.append(f"  problem: {problem}")
@@ -71,11 +72,20 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(f"  `lamda-edge generate` uses {summary['generate_uses']} by default (--onnx-file to choose)")
     if summary.get("classify_uses"):
         lines.append(f"  `lamda-edge classify` uses {summary['classify_uses']} by default (--onnx-file to choose)")
+    if summary.get("ship"):
+        lines.append(f"  the device needs only {', '.join(summary['ship']['files'])} ({summary['ship']['mb']:.1f} MB; "
+                     "`export --ship DIR` copies exactly these)")
     return lines
 
 
 def _fmt_agreement(value) -> str:
-    return ("yes" if value else "no") if isinstance(value, bool) else f"{value:.0%}"
+    """A yes/no as yes/no, a count (greedy_matching_prefix: tokens equal before the first difference) as tokens, a
+    share (greedy_agreement_*, agreement_*: 0..1) as a percentage."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value} tokens"
+    return f"{value:.0%}"
 
 
 def _parts(report: dict) -> list[dict]:
@@ -85,6 +95,22 @@ def _parts(report: dict) -> list[dict]:
     if "precision" in validation:  # the genai builder's validation holds its own numbers
         parts.append(validation)
     return parts
+
+
+def _perplexities(parts: list[dict]) -> dict:
+    """{graph: held-out perplexity} over the parts; a part measured on another number of tokens (the genai package
+    reads the first 64) keeps its own values, named with that number: "pytorch (64 tokens)" beside "pytorch"."""
+    ppl, first = {}, None
+    for part in parts:
+        values = {key.removeprefix("ppl_"): value for key, value in part.items() if key.startswith("ppl_")}
+        if not values:
+            continue
+        tokens = part.get("held_out_tokens")
+        first = tokens if first is None else first
+        suffix = "" if tokens == first else f" ({tokens} tokens)"
+        for key, value in values.items():
+            ppl.setdefault(key + suffix, value)
+    return ppl
 
 
 def _max_diff_per_output(diffs: dict) -> dict:

@@ -53,6 +53,7 @@ from lamda_edge.load.cache import (
 )
 from lamda_edge.load.checkpoint import MODEL_FIX, Checkpoint, key_map
 from lamda_edge.load.device import PeakMemory, resolve_compute_dtype, resolve_device, resolve_quantize
+from lamda_edge.progress import track
 from lamda_edge.tasks import AUTO, CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFICATION, TASKS, task_of_config
 
 logger = logging.getLogger(__name__)
@@ -240,13 +241,11 @@ def _overall(reports: dict, norms: dict, key: str) -> float | None:
 
 def _prepare_layers(model, targets, checkpoint, keys, config, quantize, compute_dtype, device, progress):
     """Stream, factor, quantize and install every targeted layer. Returns (ranks, fingerprints, reports, norms)."""
-    from tqdm.auto import tqdm
-
     svd_device = device if device.type == "cuda" else torch.device("cpu")
     spectra_seconds = 0.0
     if config.rank_allocation == "energy":  # LaMDA++ needs every spectrum before the first rank is known
         spectra = {}
-        for name, module in tqdm(targets, desc="spectra (LaMDA++)", disable=not progress, leave=False):
+        for name, module in track(targets, "spectra (LaMDA++)", progress):
             weight, _ = _read_target(checkpoint, keys, name, module)
             start = time.perf_counter()
             spectra[name] = singular_values(weight.to(svd_device, torch.float32)).cpu()
@@ -258,7 +257,7 @@ def _prepare_layers(model, targets, checkpoint, keys, config, quantize, compute_
     for name, module in targets:
         check_rank(name, ranks[name], _target_shape(module))
     fingerprints, reports, norms = {}, {}, {}
-    for name, module in tqdm(targets, desc="prepare LaMDA layers", disable=not progress, leave=False):
+    for name, module in track(targets, "prepare LaMDA layers", progress):
         weight, bias = _read_target(checkpoint, keys, name, module)
         fingerprints[name] = weight_fingerprint(weight)
         norms[name] = float(weight.float().norm())

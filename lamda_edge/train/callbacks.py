@@ -17,6 +17,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from lamda_edge.adapters.freeze import PMBScheduler
+from lamda_edge.progress import bar
 from lamda_edge.train.report import effective_trainable, eval_score, lamda_layer_list
 
 
@@ -44,7 +45,8 @@ class LaMDACallback(TrainerCallback):
 
 
 class ProgressCallback(TrainerCallback):
-    """A tqdm bar over optimizer steps with loss, tokens/s and ETA; eval results and B freezing as lines.
+    """A bar over optimizer steps with loss, tokens/s and ETA; eval results and B freezing as lines (off a terminal,
+    plain lines: lamda_edge/progress.py).
 
     It reads the model from the callback arguments: `model` is the Trainer's `LossModel`, whose `lm` is the adapted
     model and whose `step_loss` the Trainer sums over the micro-batches of an optimizer step (this callback takes
@@ -71,8 +73,6 @@ class ProgressCallback(TrainerCallback):
             print(text, file=sys.stderr)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from tqdm.auto import tqdm
-
         self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
         self.eval_seconds = 0.0
         self.trainable = effective_trainable(kwargs["model"].lm)
@@ -81,8 +81,7 @@ class ProgressCallback(TrainerCallback):
             self.trainable_start = self.trainable + sum(layer.out_features * layer.frozen_b_columns
                                                         for _, layer in lamda_layer_list(lm))
         if self.enabled and state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                            dynamic_ncols=True, file=sys.stderr)
+            self.bar = bar(state.max_steps, "train", unit="step", leave=True, initial=state.global_step)
 
     def tokens_per_second(self, state) -> float:
         elapsed = max(time.perf_counter() - self.start - self.eval_seconds, 1e-9)
@@ -107,14 +106,10 @@ class ProgressCallback(TrainerCallback):
         """An evaluation's own bar (with ETA) below the training bar, which would otherwise sit still."""
         if not (self.enabled and state.is_world_process_zero):
             return
-        if self.eval_bar is None:
-            from tqdm.auto import tqdm
-
+        if self.eval_bar is None:  # off a terminal: no line of its own unless it runs LOG_INTERVAL_S (on_log has one)
             self.eval_started = time.perf_counter()
-
             total = len(eval_dataloader) if eval_dataloader is not None else None
-            self.eval_bar = tqdm(total=total, desc="eval", unit="batch", leave=False, dynamic_ncols=True,
-                                 file=sys.stderr)
+            self.eval_bar = bar(total, "eval", unit="batch")
         self.eval_bar.update(1)
 
     def on_evaluate(self, args, state, control, **kwargs):

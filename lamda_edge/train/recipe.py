@@ -56,6 +56,7 @@ from lamda_edge.load.loader import load_lamda_model
 from lamda_edge.planner import get_device, get_model
 from lamda_edge.planner.search import check_offload
 from lamda_edge.planner.search import plan as plan_run
+from lamda_edge.progress import quiet_bars_off_terminal
 from lamda_edge.tasks import CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFICATION
 from lamda_edge.train import report
 from lamda_edge.train.callbacks import InterruptCallback, LaMDACallback, ProgressCallback
@@ -527,6 +528,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
         ConfigError, ModelError, DataError: bad input (the CLI exits 2).
         TrainingError: a non-finite loss; the last good checkpoint is kept.
     """
+    quiet_bars_off_terminal()  # a log file gets plain lines, from Python as from the CLI
     recipe = TrainRecipe(config, resume=resume, progress=progress)
     recipe.plan()
     recipe.setup_data()

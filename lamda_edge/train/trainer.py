@@ -33,7 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from lamda_edge.adapters import load_adapter, param_groups, save_adapter
 from lamda_edge.adapters.files import adapter_files
 from lamda_edge.errors import TrainingError
-from lamda_edge.files import check_safetensors, check_torch_archive, read_json, write_failure
+from lamda_edge.files import check_safetensors, check_torch_archive, read_json, write_failure, write_fix
 from lamda_edge.integrity import write_manifest
 from lamda_edge.tasks import SEQ2SEQ, SEQUENCE_CLASSIFICATION
 from lamda_edge.train import report
@@ -284,8 +284,8 @@ def _checkpoint_write_error(run_dir: Path, name: str, cause: str) -> TrainingErr
         free = "free space unknown"
     return TrainingError(
         f"could not write {run_dir / name} ({cause}; {free}); the run stopped. The previous checkpoint is intact: "
-        f"{last if last else 'none yet'}. Fix: free disk space in {run_dir} (or raise the file size limit), then "
-        "run again with --resume")
+        f"{last if last else 'none yet'}. Fix: {write_fix(cause).replace(' there', f' in {run_dir}')}, then run "
+        "again with --resume")
 
 
 def check_checkpoint(folder: Path) -> None:
