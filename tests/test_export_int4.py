@@ -49,13 +49,14 @@ def _save_base(folder, arch="qwen2", seed=0):
     return folder
 
 
-def _train_adapter(base_dir, adapter_dir, quantize, seed=6, task=None, num_labels=None, scale=0.5):
+def _train_adapter(base_dir, adapter_dir, quantize, seed=6, task=None, num_labels=None, scale=0.5,
+                   init="principal"):
     """An adapter whose S and B moved well away from the spectral init (as training would), saved."""
     from lamda_edge import LaMDAConfig, save_adapter
     from lamda_edge.adapters import lamda_layers
     from lamda_edge.load.loader import load_lamda_model
 
-    model = load_lamda_model(base_dir, LaMDAConfig(rank=4, alpha=8.0), quantize=quantize, device="cpu",
+    model = load_lamda_model(base_dir, LaMDAConfig(rank=4, alpha=8.0, init=init), quantize=quantize, device="cpu",
                              compute_dtype=torch.float32, cache_dir=False, progress=False, task=task,
                              num_labels=num_labels)
     g = torch.Generator().manual_seed(seed)
@@ -190,6 +191,33 @@ def test_int4_graph_matches_the_nf4_model_independently(nf4_run):
             layer.lamda_S.zero_()
         without = model(input_ids=ids).logits[0].numpy()
     got = OnnxDecoder(session(root / "out" / "model.int4.onnx")).full_logits(ids)
+    allowed = FP32_RULE[0] + FP32_RULE[1] * np.abs(want).max()
+    assert np.abs(got - want).max() <= allowed
+    assert np.abs(without - want).max() > 100 * allowed
+
+
+def test_int4_of_an_nf4_trained_random_residual_adapter_is_the_trained_model(tmp_path, monkeypatch):
+    """init="random-residual": the base's frozen low-rank part rides in the graph in fp32 beside MatMulBnb4, so the
+    --int4 graph is the NF4-trained model under the fp32 rule, and without that part it would not be."""
+    from lamda_edge.adapters import lamda_layers
+    from lamda_edge.runtime.decoder import OnnxDecoder
+    from lamda_edge.runtime.session import session
+
+    monkeypatch.setenv("LAMDA_EDGE_CACHE", str(tmp_path / "cache"))
+    base = _save_base(tmp_path / "base", "qwen2")
+    model = _train_adapter(base, tmp_path / "adapter", "nf4", init="random-residual").eval()
+    report = _export(tmp_path / "out", adapter=tmp_path / "adapter", int4=True)
+    q = report["int4"]
+    assert q["method"] == "nf4" and q["ops"]["MatMulBnb4"] == 14 and q["parity"]["mismatches"] == []
+    ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[0].numpy()
+        for _, layer in lamda_layers(model):
+            assert layer.frozen_rank == 4
+            layer.frozen_U = None
+            layer.frozen_Vt = None
+        without = model(input_ids=ids).logits[0].numpy()
+    got = OnnxDecoder(session(tmp_path / "out" / "model.int4.onnx")).full_logits(ids)
     allowed = FP32_RULE[0] + FP32_RULE[1] * np.abs(want).max()
     assert np.abs(got - want).max() <= allowed
     assert np.abs(without - want).max() > 100 * allowed

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import tune_defaults  # noqa: E402
@@ -61,3 +63,48 @@ def test_schedules_are_summarized_and_compared_apart():
     headings = [h for h in tune_defaults.markdown(lines).splitlines() if h.startswith("###")]
     assert headings == ["### lora-lr: products, 30 steps (answer_loss, lower is better)",
                         "### lora-lr: products, 30 steps, linear schedule (answer_loss, lower is better)"]
+
+
+def _args(**kw):
+    import argparse
+
+    base = dict(quick=False, seeds=[0, 1], inits=["principal", "random"], variants=None, rank=16, steps=30, batch=4,
+                seq_len=128, n_test=32, n_train=None, lr=1e-3, schedule="linear", out=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _lora_lr_record(seed=0, lr=1e-3):
+    return dict(stage="lora-lr", task="products", variant=f"lora-lr{lr:g}", method="lora", seed=seed, lr=lr,
+                metric="exact_match", value=0.0, answer_loss=0.6, schedule="linear",
+                **{k: v for k, v in SETTINGS.items() if k != "lr"})
+
+
+def test_inits_stage_crosses_inits_with_rates_and_names_them():
+    jobs = tune_defaults.init_jobs("products", _args(variants=["default", "s8-b0.1"]), [_lora_lr_record()])
+    names = [(j["variant"], j["seed"]) for j in jobs]
+    assert names[:5] == [("lora-best", 0), ("init-principal", 0), ("init-random", 0),
+                         ("init-principal-s8-b0.1", 0), ("init-random-s8-b0.1", 0)]
+    assert len(jobs) == 10 and {j["stage"] for j in jobs} == {"inits"}
+    by_name = {j["variant"]: j for j in jobs if j["seed"] == 1}
+    assert by_name["init-random-s8-b0.1"]["options"] == {"s_lr_scale": 8.0, "b_lr_scale": 0.1, "init": "random"}
+    assert by_name["init-principal"]["same_as"] == [("compare", "lamda")]
+    assert by_name["init-principal-s8-b0.1"]["same_as"] == [("grid", "s8-b0.1")]
+    assert by_name["init-random"]["same_as"] == []
+    with pytest.raises(SystemExit, match="s<S>-b<B>"):
+        tune_defaults.init_jobs("products", _args(variants=["fast"]), [_lora_lr_record()])
+    with pytest.raises(SystemExit, match="lora-lr"):
+        tune_defaults.init_jobs("products", _args(), [])
+
+
+def test_inits_stage_reuses_the_principal_and_lora_records_of_other_stages():
+    s = {**SETTINGS, "schedule": "linear"}
+    lamda = dict(stage="compare", task="products", variant="lamda", seed=1, answer_loss=0.9, **s)
+    principal = dict(task="products", variant="init-principal", method="lamda", seed=1, s=s, stage="inits",
+                     options={"init": "principal"}, same_as=[("compare", "lamda")])
+    reused = tune_defaults._recorded(principal, [lamda])
+    assert reused["variant"] == "init-principal" and reused["stage"] == "inits"
+    assert reused["reused"] == "compare/lamda" and "already_recorded" not in reused
+    assert tune_defaults._recorded({**principal, "seed": 0}, [lamda]) is None  # another seed: run it
+    assert tune_defaults._recorded({**principal, "s": {**s, "steps": 300}}, [lamda]) is None  # other steps
+    random_job = {**principal, "variant": "init-random", "same_as": []}
+    assert tune_defaults._recorded(random_job, [lamda]) is None

@@ -6,6 +6,8 @@ Usage (each stage appends one JSON line per run to --out; --report turns the rec
     .venv/bin/python tools/tune_defaults.py --stage grid --tasks spam --rank 16 --steps 30 --out ...
     .venv/bin/python tools/tune_defaults.py --stage compare --tasks spam products --rank 16 --seeds 0 1 2 --out ...
     .venv/bin/python tools/tune_defaults.py --stage ranks --tasks spam --ranks 8 16 32 64 --out ...
+    .venv/bin/python tools/tune_defaults.py --stage inits --tasks products --inits random minor \\
+        --variants default s8-b0.1 --seeds 0 1 2 --schedule linear --out ...
     .venv/bin/python tools/tune_defaults.py --report docs/results/tune/runs.jsonl \\
         --csv docs/results/tune/summary.csv --markdown docs/results/tune/summary.md \\
         --plot docs/results/tune/rank_curve.png
@@ -22,6 +24,12 @@ SmolLM2-135M, plus moby and gsm):
            defaults, over `--seeds`.
   ranks    LaMDA at the defaults at each of `--ranks`, and LoRA at its best lr at the same ranks: the
            accuracy-vs-trainable-parameters curve.
+  inits    LaMDA's init (`--inits`: principal, minor, random, random-residual) crossed with rate variants
+           (`--variants`: "default" and "s<S>-b<B>"; default: "default"), over `--seeds`, and LoRA at its best lr
+           on the same seeds. Variant names are "init-<init>" at the default rates, "init-<init>-s<S>-b<B>"
+           otherwise. Runs the records already hold are not run again: the principal init at the default rates
+           is the compare stage's "lamda" run, at a rate variant the grid stage's run of that name, and LoRA the
+           compare stage's "lora-best" run (the record is copied under the inits stage, marked "reused").
 
 The score is the task's metric: accuracy (spam), held-out answer loss (generative tasks; exact match is
 recorded too) or perplexity (moby). `--quick` runs every stage on spam with tiny settings (a smoke test).
@@ -45,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bc  # noqa: E402
 import bench_quality as bq  # noqa: E402
 
-STAGES = ("lora-lr", "grid", "compare", "ranks")
+STAGES = ("lora-lr", "grid", "compare", "ranks", "inits")
+INITS = ("principal", "minor", "random", "random-residual")  # lamda_edge.adapters.config.INITS
 LORA_LRS = (3e-4, 1e-3, 3e-3)
 PAPER = {"s_lr_scale": 1.0, "b_lr_scale": 1.0}  # one learning rate for S and B, as in the paper
 NOISE = 0.01  # "principal+noise": S += NOISE * rms(S) * N(0, 1), seeded
@@ -107,7 +116,8 @@ def run(task: str, variant: str, method: str, seed: int, s: dict, cache: Path, s
     """One training run through bench_quality.run_one; `noise` adds a small random part to S's init (seeded)."""
     options = dict(options or {})
     fraction = options.get("freeze_b_fraction", freeze_fraction if freeze_fraction is not None else 0.3)
-    row = bq.run_one(task, method, seed, s, cache, freeze_fraction=fraction, quantize=None, s_noise=noise,
+    row = bq.run_one(task, method, seed, s, cache, init=options.get("init", "principal"), freeze_fraction=fraction,
+                     quantize=None, s_noise=noise,
                      lamda_options={k: v for k, v in options.items() if k != "freeze_b_fraction"} or None)
     if method in bc.LAMDA_METHODS:
         from lamda_edge import LaMDAConfig
@@ -180,29 +190,63 @@ def jobs_for(stage: str, task: str, a, rows: list[dict]) -> list[dict]:
     return [job for job in jobs if not a.variants or job["variant"] in a.variants]
 
 
+def init_jobs(task: str, a, rows: list[dict]) -> list[dict]:
+    """The inits stage: every init of `--inits` at every rate variant of `--variants` ("default" or "s<S>-b<B>"),
+    and LoRA at its best lr, over `--seeds`. Each job names the records that already hold its run (`same_as`)."""
+    s = settings(task, a)
+    lr = best_lora_lr(rows, task, s["rank"], s["steps"], s.get("schedule"))
+    if lr is None:
+        raise SystemExit(f"no lora-lr records for {task} at rank {s['rank']}, {s['steps']} steps in {a.out}: "
+                         "run --stage lora-lr first")
+    jobs = []
+    for sd in a.seeds:
+        jobs.append(dict(task=task, variant="lora-best", method="lora", seed=sd, s={**s, "lr": lr}, stage="inits",
+                         same_as=[("compare", "lora-best")]))
+        for rates in a.variants or ["default"]:
+            if rates == "default":
+                options, same_as = {}, [("compare", "lamda")]
+            else:
+                match = re.fullmatch(r"s([0-9.]+)-b([0-9.]+)", rates)
+                if match is None:
+                    raise SystemExit(f"--variants {rates!r}: the inits stage takes 'default' or 's<S>-b<B>' "
+                                     "(e.g. s8-b0.1)")
+                options, same_as = rate_variant(float(match[1]), float(match[2]))["options"], [("grid", rates)]
+            for init in a.inits:
+                name = f"init-{init}" + ("" if rates == "default" else f"-{rates}")
+                jobs.append(dict(task=task, variant=name, method="lamda", seed=sd, s=s, stage="inits",
+                                 options={**options, "init": init}, same_as=same_as if init == "principal" else []))
+    return jobs
+
+
 def run_stage(stage: str, a, cache: Path) -> list[dict]:
     out = []
     for task in a.tasks:
         rows = read_rows(a.out) + out
         s = settings(task, a)
-        needs_lora_lr = stage in ("compare", "ranks")
+        needs_lora_lr = stage in ("compare", "ranks", "inits")
         if needs_lora_lr and best_lora_lr(rows, task, s["rank"], s["steps"], s.get("schedule")) is None:
             out += _run_jobs(jobs_for("lora-lr", task, a, rows), a, cache)
             rows = read_rows(a.out) + out
-        out += _run_jobs(jobs_for(stage, task, a, rows), a, cache, rows)
+        jobs = init_jobs(task, a, rows) if stage == "inits" else jobs_for(stage, task, a, rows)
+        out += _run_jobs(jobs, a, cache, rows)
     return out
 
 
 def _recorded(job: dict, rows: list[dict]) -> dict | None:
     """A run already in the records is not run again: the same stage, task, variant, seed and settings (then
     None is returned and nothing is appended). LoRA at its best lr is a run of the lora-lr grid when the seed matches:
-    that record is reused under the job's stage."""
+    that record is reused under the job's stage, as is a record of a (stage, variant) in the job's `same_as`."""
     s = job["s"]
+    keys = ("rank", "steps", "batch", "seq_len", "n_test", "lr")
     for r in rows:
         if ("error" not in r and (r["stage"], r["task"], r["variant"], r["seed"]) == (
-                job["stage"], job["task"], job["variant"], job["seed"])
-                and _same_settings(r, s, ("rank", "steps", "batch", "seq_len", "n_test", "lr"))):
+                job["stage"], job["task"], job["variant"], job["seed"]) and _same_settings(r, s, keys)):
             return {**r, "already_recorded": True}
+    for stage, variant in job.get("same_as", ()):
+        for r in rows:
+            if ("error" not in r and (r["stage"], r["task"], r["variant"], r["seed"]) == (
+                    stage, job["task"], variant, job["seed"]) and _same_settings(r, s, keys)):
+                return {**r, "variant": job["variant"], "stage": job["stage"], "reused": f"{stage}/{variant}"}
     if job["variant"] != "lora-best":
         return None
     for r in rows:
@@ -223,9 +267,11 @@ def _run_jobs(jobs: list[dict], a, cache: Path, rows: list[dict] = ()) -> list[d
     for job in jobs:
         t0 = time.perf_counter()
         try:
-            row = _recorded(job, [*rows, *done]) or run(cache=cache, **job)
+            row = _recorded(job, [*rows, *done]) or run(cache=cache, **{k: v for k, v in job.items()
+                                                                       if k != "same_as"})
         except Exception as exc:  # record and go on: one failing run must not lose the others
-            row = {k: v for k, v in job.items() if k != "s"} | {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+            row = {k: v for k, v in job.items() if k not in ("s", "same_as")} | {
+                "error": f"{type(exc).__name__}: {exc}"[:1000]}
         if row.get("already_recorded"):
             print(f"already recorded: {job['stage']} {job['task']} {job['variant']} seed {job['seed']}", flush=True)
             done.append(row)
@@ -410,7 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None,
                    help="override the task's base learning rate (LaMDA's; LoRA's comes from the lora-lr grid)")
     p.add_argument("--variants", nargs="+", default=None,
-                   help="only these variants (compare/ranks: lora-best, lamda-paper, lamda, lamda++; grid: its names)")
+                   help="only these variants (compare/ranks: lora-best, lamda-paper, lamda, lamda++; grid: its names; "
+                        "inits: the rates, 'default' or 's<S>-b<B>')")
+    p.add_argument("--inits", nargs="+", default=["principal", "random"], choices=INITS,
+                   help="the inits stage's inits (LaMDAConfig.init)")
     p.add_argument("--lora-lrs", nargs="+", type=float, default=list(LORA_LRS), help="the lora-lr stage's grid")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "lamda-edge" / "bench-data"))
     p.add_argument("--out", default=None, help="append each run as a JSON line (and read LoRA's best lr from it)")

@@ -125,13 +125,15 @@ def make_lamda_linear(
     init = spectral_init(W, rank, config.init, scaling, svd=config.svd, seed=config.seed)
     report: dict = {"rank": rank, "svd_seconds": init.svd_seconds, "svd_error": init.svd_error}
     base = build_base(init.residual, bias, quantize, compute_dtype, device)
+    layer = LaMDALinear.from_factors(base, init.A, init.S, init.B, config.alpha, config.dropout, init.frozen)
+    if init.frozen is not None:
+        report["frozen_rank"] = layer.frozen_rank
     if quantize == "nf4":
-        approx = dequantize_weight(base).to(svd_device) + scaling * (init.B @ init.S @ init.A)
+        approx = layer.base_weight().to(svd_device) + layer.delta_weight().to(svd_device)  # (d_out, d_in)
         plain = dequantize_weight(build_base(W, None, quantize, compute_dtype, device)).to(svd_device)
         norm = W.norm().clamp_min(1e-30)
         report["quant_error"] = float((W - approx).norm() / norm)
         report["plain_nf4_error"] = float((W - plain).norm() / norm)
-    layer = LaMDALinear.from_factors(base, init.A, init.S, init.B, config.alpha, config.dropout)
     return layer, report
 
 

@@ -1,9 +1,12 @@
 """`LaMDALinear`: a frozen linear layer with a LaMDA low-dimensional adapter path (docs/method.md).
 
     x ──> base_layer (frozen, plain or NF4) ─────────────────────────────────────────────┐
+    ├──> [frozen_Vt (r x d_in) ──> frozen_U (d_out x r)]   (init "random-residual" only) ──+
     │                                                                                       + ──> y
     └──> dropout ──> A (frozen, r x d_in) ──> S (r x r) ──> * alpha/r ──> B (d_out x r, frozen after t_i)
 
+The optional frozen low-rank term is part of the base: the principal part U_r diag(sigma_r) V_r^T that the
+"random-residual" init takes out of the quantized base and keeps exact in float32 (buffers; merged with the base).
 A is a buffer, so backward never needs `x` for a weight gradient: autograd keeps only the r-dimensional
 activations `A x` (for S's gradient) and `S A x` (for B's, while B trains), plus the dropout mask.
 """
@@ -35,6 +38,9 @@ class LaMDALinear(nn.Module):
         self.lamda_B = nn.Parameter(torch.zeros(self.out_features, rank))
         # How many of B's leading columns (largest singular values first) are frozen; saved with the adapter.
         self.register_buffer("lamda_B_frozen", torch.zeros((), dtype=torch.long))
+        # The frozen low-rank part of the base (init "random-residual"): W_frozen = frozen_U @ frozen_Vt, float32.
+        self.register_buffer("frozen_U", None)  # (d_out, r_f) = U_r diag(sigma_r)
+        self.register_buffer("frozen_Vt", None)  # (r_f, d_in) = V_r^T
         self._b_frozen_count = 0  # the same count as a Python int: the backward hook reads it without a device sync
         self._frozen_b_values: torch.Tensor | None = None  # (d_out, k) snapshot restored after each step
         self.merged = False
@@ -49,16 +55,35 @@ class LaMDALinear(nn.Module):
     @classmethod
     def from_factors(
         cls, base_layer: nn.Module, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, alpha: float,
-        dropout: float = 0.0,
+        dropout: float = 0.0, frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LaMDALinear:
-        """The adapted layer around a built (frozen) `base_layer` with factors A (r, d_in), S (r, r), B (d_out, r).
+        """The adapted layer around a built (frozen) `base_layer` with factors A (r, d_in), S (r, r), B (d_out, r),
+        and the base's frozen low-rank part `frozen` = (U (d_out, r_f), Vt (r_f, d_in)) when the init keeps one.
 
         The one way every path builds a layer (injection, the 4-bit loader, the prepared-layer cache, the planner's
         measurement). The rank is S's size; the factors are copied in float32 onto the base layer's device.
         """
         layer = cls(base_layer, S.shape[0], alpha, dropout)
         layer.set_factors(A, S, B)
+        if frozen is not None:
+            layer.set_frozen_part(*frozen)
         return layer
+
+    @torch.no_grad()
+    def set_frozen_part(self, U: torch.Tensor, Vt: torch.Tensor) -> None:
+        """Keep U (d_out, r_f) @ Vt (r_f, d_in) beside the base as a frozen float32 term (buffers, never trained)."""
+        if U.ndim != 2 or Vt.ndim != 2 or U.shape[0] != self.out_features or Vt.shape[1] != self.in_features \
+                or U.shape[1] != Vt.shape[0]:
+            raise ModelError(f"a frozen low-rank part of shapes {tuple(U.shape)} @ {tuple(Vt.shape)} does not fit a "
+                             f"{self.out_features} x {self.in_features} layer")
+        device = self.base_layer.weight.device
+        self.frozen_U = U.detach().to(device, torch.float32, copy=True)
+        self.frozen_Vt = Vt.detach().to(device, torch.float32, copy=True)
+
+    @property
+    def frozen_rank(self) -> int:
+        """The rank of the base's frozen low-rank part (0 when the init keeps none)."""
+        return 0 if self.frozen_U is None else self.frozen_U.shape[1]
 
     @torch.no_grad()
     def set_factors(self, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> None:
@@ -80,6 +105,10 @@ class LaMDALinear(nn.Module):
         out = self.base_layer(x)  # (..., d_out)
         if self.merged:
             return out
+        if self.frozen_U is not None:  # the base's frozen low-rank part; x is not saved (buffers only)
+            Vt = self.frozen_Vt if self.frozen_Vt.dtype == x.dtype else self.frozen_Vt.to(x.dtype)
+            U = self.frozen_U if self.frozen_U.dtype == out.dtype else self.frozen_U.to(out.dtype)
+            out = out + F.linear(F.linear(x, Vt).to(out.dtype), U)  # (..., r_f) -> (..., d_out)
         # No full-size copies: the small factors are cast to x's dtype, not the (..., d_in) activations, and the
         # scaling multiplies the r-dimensional u, not a (..., d_out) product.
         A = self.lamda_A if self.lamda_A.dtype == x.dtype else self.lamda_A.to(x.dtype)
@@ -99,12 +128,17 @@ class LaMDALinear(nn.Module):
         return self.scaling * (B @ S @ A)
 
     def base_weight(self) -> torch.Tensor:
-        """The base weight W_base in float32 (dequantized for a 4-bit base)."""
-        return dequantize_weight(self.base_layer)
+        """The frozen weight besides the adapter in float32, (d_out, d_in): the base (dequantized for a 4-bit
+        base), plus the frozen low-rank part when the init keeps one."""
+        weight = dequantize_weight(self.base_layer)
+        if self.frozen_U is not None and not self.merged:
+            weight = weight + (self.frozen_U @ self.frozen_Vt).to(weight.device)
+        return weight
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
-        """A new frozen `nn.Linear` holding W_base + s * B S A (float32 math, then the base's dtype; never NF4)."""
+        """A new frozen `nn.Linear` holding W_base (+ the frozen part) + s * B S A (float32 math, then the base's
+        dtype; never NF4)."""
         base = self.base_layer
         dtype = (base.compute_dtype or torch.float32) if is_linear4bit(base) else base.weight.dtype
         device = self.lamda_A.device
@@ -171,8 +205,9 @@ class LaMDALinear(nn.Module):
 
     def extra_repr(self) -> str:
         quant = "nf4" if is_linear4bit(self.base_layer) else "plain"
+        frozen = f", frozen_rank={self.frozen_rank}" if self.frozen_rank else ""
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
-                f"base={quant}, frozen_b_columns={self.frozen_b_columns}")
+                f"base={quant}{frozen}, frozen_b_columns={self.frozen_b_columns}")
 
 
 class _DropoutProject(torch.autograd.Function):

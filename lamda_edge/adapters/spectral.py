@@ -4,8 +4,11 @@
     principal:  A = V_r^T,  B = U_r,  S = diag(sigma_r) / s,  W_base = W0 - U_r diag(sigma_r) V_r^T
     minor:      the bottom-r components instead; the residual keeps the principal part
     random:     A, B random orthonormal, S = 0, W_base = W0
+    random-residual:  A, B random orthonormal, S = 0, W_base = W0 - U_r diag(sigma_r) V_r^T, and the principal
+                part kept beside the base as a frozen low-rank term P = (U_r diag(sigma_r)) V_r^T
 
-so that at step 0, W_base + s * B S A == W0 up to float error.
+so that at step 0, W_base (+ P) + s * B S A == W0 up to float error. `random-residual` trains what `random`
+trains (the same A and B for the same seed) while a 4-bit base quantizes only the residual, as `principal` does.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class SpectralInit:
     residual: torch.Tensor  # (d_out, d_in)
     svd_seconds: float
     svd_error: float | None  # ||W - U_r diag(sigma_r) V_r^T|| / ||W|| when a randomized SVD was used, else None
+    frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # random-residual: (U_r diag(sigma_r) (d_out, r),
+    #                                                            V_r^T (r, d_in)), the frozen principal part
 
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:
@@ -88,6 +93,14 @@ def _random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> tor
     return q  # (rows, cols), orthonormal columns
 
 
+def _random_factors(d_out: int, d_in: int, rank: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, d_in), B (d_out, r)): random orthonormal rows and columns, drawn on the CPU from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    B = _random_orthonormal(d_out, rank, generator).to(device)
+    A = _random_orthonormal(d_in, rank, generator).T.contiguous().to(device)
+    return A, B
+
+
 def spectral_init(
     weight: torch.Tensor, rank: int, init: str, scaling: float, svd: str = "auto", seed: int = 0
 ) -> SpectralInit:
@@ -100,12 +113,10 @@ def spectral_init(
     start = time.perf_counter()
     svd_error = None
     if init == "random":
-        generator = torch.Generator().manual_seed(seed)
-        B = _random_orthonormal(d_out, rank, generator).to(W.device)
-        A = _random_orthonormal(d_in, rank, generator).T.contiguous().to(W.device)
+        A, B = _random_factors(d_out, d_in, rank, seed, W.device)
         S = torch.zeros(rank, rank, device=W.device)
         return SpectralInit(A, S, B, W.clone(), time.perf_counter() - start, None)
-    if init == "principal":
+    if init in ("principal", "random-residual"):
         randomized = _use_randomized(W, rank, svd)
         U, sigma, V = _top_svd(W, rank, randomized, seed)
         if randomized:
@@ -115,6 +126,11 @@ def spectral_init(
         U_all, sigma_all, Vh_all = torch.linalg.svd(W, full_matrices=False)
         U, sigma, V = U_all[:, -rank:], sigma_all[-rank:], Vh_all[-rank:].T
     part = (U * sigma) @ V.T  # (d_out, d_in) = U_r diag(sigma_r) V_r^T
+    if init == "random-residual":
+        A, B = _random_factors(d_out, d_in, rank, seed, W.device)
+        S = torch.zeros(rank, rank, device=W.device)
+        frozen = ((U * sigma).contiguous(), V.T.contiguous())  # (d_out, r), (r, d_in)
+        return SpectralInit(A, S, B, W - part, time.perf_counter() - start, svd_error, frozen)
     A = V.T.contiguous()  # (r, d_in)
     B = U.contiguous()  # (d_out, r)
     S = torch.diag(sigma) / scaling  # (r, r)

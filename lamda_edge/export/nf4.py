@@ -2,9 +2,10 @@
 
 Each adapted linear layer is exported as its frozen residual base plus the LaMDA path, never merged:
 
-    y = MatMulBnb4(x, W_res codes, absmax)  +  ((x A^T) S^T) (s B)^T      (+ bias)
+    y = MatMulBnb4(x, W_res codes, absmax)  +  ((x A^T) S^T) (s B)^T  [+ (x Vt^T) U^T]     (+ bias)
         └── bitsandbytes' own packed NF4 codes and block absmax (double-quantized absmax expanded to fp32),
-            so ONNX Runtime dequantizes exactly the weights training used; the low-rank path stays fp32.
+            so ONNX Runtime dequantizes exactly the weights training used; the low-rank paths stay fp32
+            (the bracket: the base's frozen low-rank part U Vt of the "random-residual" init, also fp32).
 
 How the graph is built: each `LaMDALinear` is swapped for an `_ExportLinear` whose residual is a plain fp32
 weight (the exact NF4 dequantization, or the full-precision residual), the model goes through the ordinary
@@ -93,9 +94,11 @@ def _check_layout(name: str, nf4: tuple, weight: torch.Tensor) -> None:
 
 
 class _ExportLinear(nn.Module):
-    """base(x) + ((x A^T) S^T) (s B)^T with plain fp32 tensors (no bitsandbytes): what the exporter traces."""
+    """base(x) [+ (x Vt^T) U^T] + ((x A^T) S^T) (s B)^T with plain fp32 tensors (no bitsandbytes): what the
+    exporter traces; the bracket is the base's frozen low-rank part, when the init keeps one."""
 
-    def __init__(self, residual: torch.Tensor, bias: torch.Tensor | None, A, S, B, scaling: float):
+    def __init__(self, residual: torch.Tensor, bias: torch.Tensor | None, A, S, B, scaling: float,
+                 frozen: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         # every weight stored transposed: each product is a MatMul with a constant (d_in, d_out) / (d_in, r) /
         # (r, r) / (r, d_out) weight, never a Gemm (which nn.Linear becomes on 2-D inputs, e.g. BERT's pooler)
@@ -104,11 +107,15 @@ class _ExportLinear(nn.Module):
         self.register_buffer("lamda_At", A.detach().float().t().contiguous())
         self.register_buffer("lamda_St", S.detach().float().t().contiguous())
         self.register_buffer("lamda_sBt", (scaling * B.detach().float()).t().contiguous())
+        self.register_buffer("frozen_Vt_t", None if frozen is None else frozen[1].detach().float().t().contiguous())
+        self.register_buffer("frozen_U_t", None if frozen is None else frozen[0].detach().float().t().contiguous())
 
     def forward(self, x):
         out = torch.matmul(x, self.residual_t)
         if self.bias is not None:
             out = out + self.bias
+        if self.frozen_U_t is not None:
+            out = out + torch.matmul(torch.matmul(x, self.frozen_Vt_t), self.frozen_U_t)  # (..., r_f) -> (..., d_out)
         low = torch.matmul(torch.matmul(torch.matmul(x, self.lamda_At), self.lamda_St), self.lamda_sBt)
         return out + low
 
@@ -134,8 +141,9 @@ def unmerged_for_export(model: nn.Module, with_nf4: bool = True) -> tuple[nn.Mod
             nf4 = nf4_tensors(q)
             _check_layout(name, nf4, dequantize_weight(q))
         bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
+        frozen = (layer.frozen_U, layer.frozen_Vt) if layer.frozen_rank else None
         model.set_submodule(name, _ExportLinear(weight, bias, layer.lamda_A, layer.lamda_S, layer.lamda_B,
-                                                layer.scaling))
+                                                layer.scaling, frozen))
         residuals[name] = {"weight": weight.float().contiguous(), "nf4": nf4}
     if not residuals:
         raise ModelError("the model has no LaMDA layers to export unmerged")

@@ -8,7 +8,8 @@ versions of lamda-edge and bitsandbytes. All of these go into the key:
                   config.json, LaMDAConfig, quantize, compute dtype, task, versions})
 
 An entry is a folder `<cache_dir>/<key>/` with `prepared.safetensors` (per targeted layer: the base weight,
-packed NF4 + its quant state or the residual in the compute dtype; the bias; lamda_A, lamda_S, lamda_B) and
+packed NF4 + its quant state or the residual in the compute dtype; the bias; lamda_A, lamda_S, lamda_B; the frozen
+low-rank part of the base, frozen_U and frozen_Vt, when the init keeps one) and
 `prepared.json` (ranks, fingerprints, the preparation report). It is written to a temporary folder and renamed,
 so a reader never sees half an entry. Weights that are not targeted are not cached: they stream from the
 original files on every load. Entries made from older weights of the same model folder are removed on write, and
@@ -45,6 +46,7 @@ FULL_HASH_MAX_BYTES = 8 << 20  # files up to this size are hashed whole
 SAMPLE_BLOCKS = 16
 SAMPLE_BLOCK_BYTES = 64 << 10
 LAYER_KEYS = ("lamda_A", "lamda_S", "lamda_B")
+FROZEN_KEYS = ("frozen_U", "frozen_Vt")  # the base's frozen low-rank part (init "random-residual" only)
 NOT_IN_KEY = ("freeze_b_steps", "freeze_b_fraction", "s_lr_scale", "b_lr_scale", "dropout")  # training only
 DEFAULT_MAX_GB = 10.0
 
@@ -121,6 +123,9 @@ def layer_tensors(name: str, layer: LaMDALinear) -> dict[str, torch.Tensor]:
         out[f"{name}.base.bias"] = base.bias.data
     for key in LAYER_KEYS:
         out[f"{name}.{key}"] = getattr(layer, key).data
+    if layer.frozen_rank:
+        for key in FROZEN_KEYS:
+            out[f"{name}.{key}"] = getattr(layer, key)
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
@@ -255,4 +260,5 @@ def build_layer(
     base = build_base(tensors[f"{name}.base.weight"], tensors.get(f"{name}.base.bias"), quantize, compute_dtype,
                       device, quant_state=stats)
     A, S, B = (tensors[f"{name}.{key}"] for key in LAYER_KEYS)
-    return LaMDALinear.from_factors(base, A, S, B, alpha, dropout)
+    frozen = tuple(tensors[f"{name}.{key}"] for key in FROZEN_KEYS) if f"{name}.frozen_U" in tensors else None
+    return LaMDALinear.from_factors(base, A, S, B, alpha, dropout, frozen)
