@@ -37,7 +37,7 @@ from lamda_edge.export.validate import TOLERANCE, validate_decoder, validate_enc
 from lamda_edge.files import check_output_folder, read_text
 from lamda_edge.progress import bar, ticking
 
-FORMATS = ("onnx", "genai")
+FORMATS = ("onnx", "genai", "peft")
 GENAI_PRECISIONS = ("int4", "fp16", "fp32")
 GENAI_PROVIDERS = ("cpu", "cuda")
 INT4_FILE, REPORT_FILE, MERGED_DIR = "model.int4.onnx", "export-report.json", "merged"
@@ -91,6 +91,8 @@ class ExportOptions:
             lowbit.resolve_method(self.int4_method, self.adapter, None)
         except ConfigError as exc:
             problems.append(str(exc))
+        if self.format == "peft":  # a LoRA adapter file, no graph: the ONNX options do not apply
+            problems += _peft_problems(self)
         if self.model is None and self.adapter is None:
             problems.append("give `--adapter DIR` (a trained adapter) or `--model DIR` (a model to export as is)")
         if self.eval_text is not None and not Path(self.eval_text).is_file():
@@ -161,9 +163,21 @@ def export(options: ExportOptions, log=print, progress: bool = False) -> dict:
     return with_summary_first(report)
 
 
+def _peft_problems(options: ExportOptions) -> list[str]:
+    """What --format peft cannot honour: no adapter, or options of the ONNX graphs."""
+    problems = [] if options.adapter is not None else ["--format peft writes an adapter: give --adapter DIR"]
+    ignored = [flag for flag, on in (("--int4", options.int4), ("--int8", options.int8),
+                                     ("--dtype fp16", options.dtype != "fp32"), ("--genai-builder",
+                                                                                 options.genai_builder)) if on]
+    if ignored:
+        problems.append(f"--format peft writes a LoRA adapter, not ONNX graphs: drop {', '.join(ignored)}")
+    return problems
+
+
 def _phase_count(options: ExportOptions) -> int:
-    """The phases that end with a log line: merge, export, validate (or the genai build), low-bit, genai package."""
-    if options.format == "genai" and options.genai_builder:
+    """The phases that end with a log line: merge, export, validate (or the genai build), low-bit, genai package;
+    --format peft: convert, write, check."""
+    if options.format == "peft" or options.format == "genai" and options.genai_builder:
         return 3
     return 3 + bool(options.int4 or options.int8 or options.format == "genai" and options.precision == "int4") + (
         options.format == "genai")
@@ -185,6 +199,13 @@ def _remove_leftovers(out: Path, log) -> None:
 
 def _build(options: ExportOptions, tmp: Path, report: dict, log, stage=lambda name: None) -> None:
     """The phases of `export`: each ends with one `log` line; `stage(name)` names the one starting."""
+    if options.format == "peft":  # a standard LoRA adapter on the original base (export/peft_lora.py)
+        from lamda_edge.export import peft_lora
+
+        text = read_text(options.eval_text, ConfigError, "pass a UTF-8 text file") if options.eval_text else None
+        peft_lora.build(options, tmp, report, text or HELD_OUT_TEXT, log, stage)
+        _write_json(tmp / REPORT_FILE, with_summary_first(report))
+        return
     timings = report["timings_s"]
     stage("merging the adapter into the weights" if options.adapter else "loading the model")
     t = time.perf_counter()

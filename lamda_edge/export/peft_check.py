@@ -1,0 +1,104 @@
+"""The check of a PEFT export with real PEFT: the original base loaded with transformers, the folder applied with
+`peft.PeftModel.from_pretrained`, its logits compared with lamda-edge's PyTorch model, and PEFT's
+`merge_and_unload` compared with our merge, weight by weight.
+
+    PEFT:      W0 + s lora_B lora_A                      (the original base, float32)
+    lamda-edge W_res + s B S A, W_res in float32          equal up to float error: the bar is 1e-4 on logits
+    as trained on NF4: Q(W_res) + s B S A                 differs by the 4-bit rounding of the residual: reported
+                                                          beside the bar, never held to it (the LoRA is exact on
+                                                          the full-precision base, which is what PEFT loads)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lamda_edge.adapters import lamda_layers
+from lamda_edge.adapters.inject import weight_of
+from lamda_edge.errors import ModelError, require
+from lamda_edge.tasks import SEQ2SEQ, SEQUENCE_CLASSIFICATION
+
+SEQ_LEN = 64  # tokens per row of the check batch (2 rows), fewer when the model's positions are fewer
+
+
+def load_original(base: Path, cfg: dict):
+    """The original base model in float32 with the head the adapter was trained with."""
+    import transformers
+
+    task = cfg.get("task")
+    auto = {SEQUENCE_CLASSIFICATION: transformers.AutoModelForSequenceClassification,
+            SEQ2SEQ: transformers.AutoModelForSeq2SeqLM}.get(task, transformers.AutoModelForCausalLM)
+    kwargs = {"num_labels": cfg["num_labels"]} if task == SEQUENCE_CLASSIFICATION and cfg.get("num_labels") else {}
+    try:
+        return auto.from_pretrained(base, dtype=torch.float32, **kwargs).eval()
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"transformers cannot load the original base {base}: {exc}") from exc
+
+
+def check_ids(base: Path, text: str, vocab_size: int, max_positions: int | None) -> torch.Tensor:
+    """(2, T) token ids: the held-out text through the base's tokenizer (repeated if short); seeded random ids
+    below `vocab_size` when the folder has no tokenizer."""
+    import transformers
+
+    length = min(SEQ_LEN, max_positions or SEQ_LEN)
+    try:
+        ids = transformers.AutoTokenizer.from_pretrained(base)(text)["input_ids"]
+    except (OSError, ValueError, TypeError):
+        ids = []
+    ids = [i for i in ids if i < vocab_size]
+    if not ids:
+        return torch.randint(0, vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
+    ids = (ids * (2 * length // len(ids) + 1))[: 2 * length]
+    return torch.tensor(ids).reshape(2, length)  # (2, T)
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor, task: str | None) -> torch.Tensor:
+    """The model's logits for `ids` (2, T): (2, T, V), or (2, num_labels) for a classifier."""
+    if task == SEQ2SEQ:
+        return model(input_ids=ids, decoder_input_ids=ids).logits.float()
+    return model(input_ids=ids).logits.float()
+
+
+def check(folder: Path, base: Path, cfg: dict, lamda_model, nf4_model, ids: torch.Tensor, tol: float) -> dict:
+    """Apply `folder` to the original base with real PEFT and compare (see the module docstring).
+
+    Returns the report's `peft` section: max |diff| of logits against lamda-edge's model on the float32 residual
+    (held to `tol`), against the NF4 model as trained (when there is one: reported, with what to expect), how far
+    the adapter moves the base's logits, PEFT's merge against ours, and the mismatches.
+    """
+    peft = require("peft", extra="peft")
+    task = cfg.get("task")
+    original = load_original(base, cfg)
+    base_logits = logits(original, ids, task)
+    model = peft.PeftModel.from_pretrained(original, str(folder)).eval()
+    got = logits(model, ids, task)
+    want = logits(lamda_model, ids, task)
+    result = {
+        "peft_version": peft.__version__,
+        "tolerance": tol,
+        "ids_shape": list(ids.shape),
+        "max_abs_diff": {"logits": float((got - want).abs().max())},
+        "adapter_moves_logits_by": float((want - base_logits).abs().max()),  # the check means something only if
+    }                                                                         # this is far above the tolerance
+    if nf4_model is not None:
+        result["max_abs_diff"]["logits_vs_nf4_as_trained"] = float((got - logits(nf4_model, ids, task)).abs().max())
+        result["expect"] = ("PEFT on the full-precision base equals the adapter on the float32 residual (held to the "
+                            "tolerance); against the NF4 model as trained it differs by the 4-bit rounding of the "
+                            "residual, which PEFT's full-precision base does not have: expect the latter gap, not "
+                            "the former, when comparing with the trained NF4 model")
+    merged = model.merge_and_unload()
+    worst = 0.0
+    for name, layer in lamda_layers(lamda_model):
+        ours = layer.merged_linear().weight.float()  # (d_out, d_in): W_res + s B S A
+        worst = max(worst, float((weight_of(merged.get_submodule(name)) - ours).abs().max()))
+    result["max_abs_diff"]["merged_weights"] = worst
+    mismatches = [f"{key}: max |diff| {value:.3g} > {tol}" for key, value in result["max_abs_diff"].items()
+                  if key != "logits_vs_nf4_as_trained" and not value <= tol]
+    result["mismatches"] = mismatches
+    result["check"] = (f"real PEFT {peft.__version__} on the original base: logits "
+                       + ("equal" if not mismatches else "DIFFER") + f" to lamda-edge's (atol {tol}), "
+                       "merge_and_unload's weights " + ("equal" if worst <= tol else "DIFFER") + " to our merge")
+    return result
