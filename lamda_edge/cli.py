@@ -327,6 +327,7 @@ def _add_export(sub) -> None:
         "lamda-edge export --adapter runs/demo --output runs/demo-onnx --int8   # a full-precision-trained adapter",
         "lamda-edge export --adapter runs/nf4 --output runs/nf4-onnx --int4     # trained with --quantize nf4",
         "lamda-edge export --adapter runs/nf4 --output runs/nf4-genai --format genai --precision int4",
+        "lamda-edge export --adapter runs/demo --output runs/demo-peft --format peft   # PEFT / vLLM LoRA adapter",
         "lamda-edge export --model base-folder --output base-onnx"])
     p.add_argument("--model", help="base transformers folder, or smollm2-135m-instruct for the default model "
                    "(default: the base the adapter records, by folder, else by name); without --adapter, this model "
@@ -349,9 +350,11 @@ def _add_export(sub) -> None:
     p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (residual as MatMulNBits "
                    "bits=8, adapter path fp32); not together with --int4")
     p.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size (nbits, merged, --int8)")
-    p.add_argument("--format", choices=("onnx", "genai"), default="onnx",
+    p.add_argument("--format", choices=("onnx", "genai", "peft"), default="onnx",
                    help="onnx: plain graph with optimum's names; genai: the same validated graph (--precision picks "
-                   "fp32, fp16 or int4 = --int4) packaged for onnxruntime-genai (genai_config.json + tokenizer)")
+                   "fp32, fp16 or int4 = --int4) packaged for onnxruntime-genai (genai_config.json + tokenizer); "
+                   "peft: a standard LoRA adapter (adapter_config.json, adapter_model.safetensors) on the original "
+                   "base for PEFT and vLLM, checked with real PEFT (needs `pip install peft`)")
     p.add_argument("--genai-builder", action="store_true", help="--format genai: rebuild the merged folder with "
                    "onnxruntime-genai's model builder instead (its own graph; int4 re-quantizes the merged weights)")
     p.add_argument("--precision", choices=("int4", "fp16", "fp32"), default="int4", help="--format genai precision")
