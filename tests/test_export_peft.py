@@ -88,6 +88,9 @@ def test_peft_loads_the_export_and_matches_the_lamda_model(bases, run_export, tm
     assert all(saved["rank_pattern"].get(name, saved["r"]) == r for name, r in ranks.items())
     if config.rank_allocation == "energy":
         assert len(set(ranks.values())) > 1 and saved["rank_pattern"]  # LaMDA++ gave per-layer ranks
+    # one scaling lora_alpha / r for every layer in PEFT too (vLLM reads no patterns: it applies that one)
+    assert [saved["alpha_pattern"][n] / saved["rank_pattern"][n] for n in saved["rank_pattern"]] == pytest.approx(
+        [saved["lora_alpha"] / saved["r"]] * len(saved["rank_pattern"]), rel=1e-12)
 
     model = peft_model(base, tmp_path / "out")
     ids = ids_for(adapted)

@@ -7,8 +7,11 @@
                   lora_A = A (r, d_in),  lora_B = B S - B0 S0 (d_out, r),  lora_alpha = alpha  (alpha / r = s)
 
 principal init: B0 S0 = U_r diag(sigma_r) / s; minor: the bottom components; random: S0 = 0 (lora_B = B S).
-LaMDA++'s per-layer ranks go into `rank_pattern`: lora_alpha stays `alpha`, so PEFT's alpha / r_l equals the
-layer's s = alpha / r_l without an `alpha_pattern`.
+
+LaMDA++'s per-layer ranks r_l go into `rank_pattern` (PEFT needs them for the shapes). vLLM reads neither
+`rank_pattern` nor `alpha_pattern`: it scales every layer by one c = lora_alpha / r. So every layer is written for
+that one scaling: lora_B_l = (s_l / c) (B S - B0 S0) = (r / r_l) (B S - B0 S0), and `alpha_pattern` gives PEFT
+lora_alpha * r_l / r, so that PEFT's alpha_l / r_l is the same c. With uniform ranks both patterns are empty.
 
 B0 and S0 are not saved with the adapter (B moves during training): they come from rebuilding the init from the
 original weights with the code that made it (`load_lamda_model`, which also reuses the prepared-layer cache). The
@@ -86,19 +89,25 @@ def target_modules(names: list[str], linear_names: list[str]) -> list[str]:
     return suffixes if selected == set(names) else sorted(names)
 
 
+def common_rank(layers: dict[str, LoraLayer]) -> int:
+    """The config's `r`: the most common rank (the others go into `rank_pattern`)."""
+    return Counter(layer.rank for layer in layers.values()).most_common(1)[0][0]
+
+
 def peft_config(cfg: dict, layers: dict[str, LoraLayer], targets: list[str], base: Path, fan_in_fan_out: bool) -> dict:
-    """The adapter_config.json of PEFT's LoRA schema: the most common rank as `r`, the others in `rank_pattern`."""
+    """The adapter_config.json of PEFT's LoRA schema, with one scaling lora_alpha / r for every layer (see the
+    module docstring: `alpha_pattern` keeps PEFT's alpha_l / r_l equal to it where r_l differs from r)."""
     lamda = cfg["lamda_config"]
     ranks = {name: layer.rank for name, layer in layers.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
+    r = common_rank(layers)
     return {
         "peft_type": "LORA",
         "task_type": PEFT_TASK.get(cfg.get("task"), "CAUSAL_LM"),
         "base_model_name_or_path": str(base),
         "r": r,
-        "lora_alpha": lamda["alpha"],  # PEFT scales by lora_alpha / r_l = LaMDA's s for every layer
+        "lora_alpha": lamda["alpha"],  # lora_alpha / r = LaMDA's s for the layers of rank r
         "rank_pattern": {name: rank for name, rank in ranks.items() if rank != r},
-        "alpha_pattern": {},
+        "alpha_pattern": {name: lamda["alpha"] * rank / r for name, rank in ranks.items() if rank != r},
         "lora_dropout": lamda["dropout"],
         "target_modules": targets,
         "modules_to_save": list(lamda["modules_to_save"]) or None,
@@ -113,12 +122,14 @@ def peft_config(cfg: dict, layers: dict[str, LoraLayer], targets: list[str], bas
 
 
 def peft_tensors(layers: dict[str, LoraLayer], saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """PEFT's tensor names: `base_model.model.<layer>.lora_A.weight` / `lora_B.weight`, and each module saved in
-    full (`modules_to_save`) as `base_model.model.<module>.<parameter>`."""
+    """PEFT's tensor names: `base_model.model.<layer>.lora_A.weight` / `lora_B.weight` (lora_B scaled by r / r_l
+    for the one scaling lora_alpha / r), and each module saved in full (`modules_to_save`) as
+    `base_model.model.<module>.<parameter>`."""
+    r = common_rank(layers)
     tensors = {}
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.A.contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.B.contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = (layer.B * (r / layer.rank)).contiguous()
     tensors.update({f"{PREFIX}{key}": value.detach().float().contiguous() for key, value in saved.items()})
     return tensors
 
