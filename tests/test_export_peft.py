@@ -217,3 +217,26 @@ def test_cli_exports_peft_and_refuses_bad_input_with_exit_2(bases, tmp_path, cap
     assert main(args + ["--output", str(tmp_path / "out2"), "--int4"]) == 2
     err = capsys.readouterr().err
     assert "drop --int4" in err and "Traceback" not in err and not (tmp_path / "out2").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    pytest.param([], id="principal"),
+    pytest.param(["lamda.init=random"], id="random"),
+    pytest.param(["lamda.rank_allocation=energy"], id="lamda++-energy"),
+])
+def test_a_short_default_job_on_smollm2_exports_for_peft(tmp_path, tol, overrides):
+    """The default job (real SmolLM2-135M base, `lamda-edge train`, 4 steps) exported --format peft: real PEFT on
+    the original base gives lamda-edge's logits within the bar, and the trained adapter moves them far beyond it."""
+    from lamda_edge.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--quiet", f"output={run}", "max_steps=4", "demo_eval=8", "demo_generate=1",
+                 *overrides]) == 0
+    assert main(["export", "--adapter", str(run), "--output", str(tmp_path / "peft"), "--format", "peft"]) == 0
+    report = json.loads((tmp_path / "peft" / "export-report.json").read_text())
+    diffs = report["peft"]["max_abs_diff"]
+    assert report["ok"] and diffs["logits"] <= tol.fp32 and diffs["merged_weights"] <= tol.fp32
+    assert report["peft"]["adapter_moves_logits_by"] > 100 * tol.fp32
+    if overrides == ["lamda.rank_allocation=energy"]:
+        assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["rank_pattern"]

@@ -8,6 +8,8 @@
     lowbit.py    `--int4` / `--int8`: which low-bit graph, built how, checked against what
     validate.py  PyTorch vs ONNX Runtime, every output, every mismatch listed
     genai.py     the onnxruntime-genai builder route; genai_pack.py: our own validated graph packaged for genai
+    peft_lora.py `--format peft`: the adapter as a standard PEFT LoRA on the original base; peft_check.py checks it
+                 with real PEFT (logits against ours, merge_and_unload against our merge)
     pipeline.py  `export(ExportOptions)`: all of the above, built in a temporary folder and renamed into place
     location.py  where an export may write (never onto, around or into the adapter, the model, the cwd); no torch
 """

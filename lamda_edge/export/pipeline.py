@@ -7,6 +7,9 @@
                       OUT/export-report.json <── PyTorch vs ONNX Runtime, every output, every case
                       OUT/config.json, tokenizer files <── copied from merged/ (optimum loads OUT as it is)
 
+    --format peft: no merge, no graph: OUT/adapter_config.json + adapter_model.safetensors, a LoRA on the original
+    base (export/peft_lora.py), checked with real PEFT (export/peft_check.py) in OUT/export-report.json
+
 Everything is built in a temporary folder next to the output (`.<name>.tmp-<pid>`) and renamed at the end: a
 failure leaves nothing half-written, and the next export to the same output removes what a killed one left. An
 output that is, contains or sits inside the adapter folder or the base model folder, or that is or contains the
