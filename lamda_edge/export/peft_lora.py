@@ -189,7 +189,7 @@ def build(options, tmp: Path, report: dict, text: str, log, stage=lambda name: N
     hf = model.config
     ids = peft_check.check_ids(base, text, hf.vocab_size, getattr(hf, "max_position_embeddings", None))
     nf4 = load_adapted(options.model, Path(options.adapter))[0] if cfg.get("quantize") == "nf4" else None
-    result = peft_check.check(tmp, base, cfg, model, nf4, ids, TOLERANCE["fp32"][0])
+    result = peft_check.check(tmp, base, cfg, model, nf4, ids, TOLERANCE["fp32"])
     report["peft"] = report["validation"] = result
     timings["validate"] = time.perf_counter() - t
     report["ok"] = not result["mismatches"]
@@ -198,7 +198,8 @@ def build(options, tmp: Path, report: dict, text: str, log, stage=lambda name: N
                                     f"{len(result['mismatches'])} check(s):\n  " + "\n  ".join(result["mismatches"])
                                     + f"\nreport: {options.output}.export-report.json")
     diffs = result["max_abs_diff"]
-    log(f"checked with PEFT {result['peft_version']}: max |diff| logits {diffs['logits']:.3g} (the adapter moves "
-        f"them by {result['adapter_moves_logits_by']:.3g}), merged weights {diffs['merged_weights']:.3g}"
+    log(f"checked with PEFT {result['peft_version']}: max |diff| logits {diffs['logits']:.3g} (lamda-edge's own "
+        f"merged vs unmerged: {result['lamda_edge_merged_vs_unmerged']:.3g}; the adapter moves them by "
+        f"{result['adapter_moves_logits_by']:.3g}), merged weights {diffs['merged_weights']:.3g}"
         + (f"; vs the NF4 model as trained {diffs['logits_vs_nf4_as_trained']:.3g} (expected: 4-bit rounding)"
            if "logits_vs_nf4_as_trained" in diffs else ""))
