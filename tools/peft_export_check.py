@@ -61,6 +61,7 @@ def export_row(name: str, run: Path, work: Path) -> dict:
         "ranks": sorted({config["r"], *config["rank_pattern"].values()}),
         "adapter_mb": report["sizes_bytes"]["adapter_model.safetensors"] / 1e6,
         "logits_diff": diffs["logits"], "nf4_diff": diffs.get("logits_vs_nf4_as_trained"),
+        "nf4_argmax": peft.get("argmax_agreement_vs_nf4_as_trained"),
         "moves_by": peft["adapter_moves_logits_by"], "merged_weights_diff": diffs["merged_weights"],
         "floor": peft["lamda_edge_merged_vs_unmerged"], "max_abs_logit": peft["max_abs_logit"],
         "ids_shape": peft["ids_shape"], "tolerance": peft["tolerance"], "peft": peft["peft_version"],
@@ -71,13 +72,13 @@ def export_row(name: str, run: Path, work: Path) -> dict:
 def table(rows: list[dict], load: str) -> str:
     lines = [f"Machine: {os.cpu_count()}-core x86-64 CPU, load average at the end {load}.", "",
              "| case | init | ranks | quantize | adapter MB | max abs diff logits vs lamda-edge "
-             "| lamda-edge merged vs unmerged | vs NF4 as trained | adapter moves logits by "
+             "| lamda-edge merged vs unmerged | vs NF4 as trained (argmax agreement) | adapter moves logits by "
              "| merge_and_unload vs our merge | export s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ranks = f"r={r['r']}" + (f", {r['rank_pattern_layers']} layers in rank_pattern ({min(r['ranks'])}-"
                                  f"{max(r['ranks'])})" if r["rank_pattern_layers"] else "")
-        nf4 = f"{r['nf4_diff']:.3g}" if r["nf4_diff"] is not None else "-"
+        nf4 = f"{r['nf4_diff']:.3g} (argmax {r['nf4_argmax']:.0%})" if r["nf4_diff"] is not None else "-"
         lines.append(f"| {r['case']} | {r['init']}{' (LaMDA++)' if r['rank_allocation'] == 'energy' else ''} "
                      f"| {ranks} | {r['quantize'] or 'none'} | {r['adapter_mb']:.1f} | {r['logits_diff']:.3g} "
                      f"| {r['floor']:.3g} | {nf4} | {r['moves_by']:.3g} | {r['merged_weights_diff']:.3g} "

@@ -100,7 +100,9 @@ def check(folder: Path, base: Path, cfg: dict, lamda_model, nf4_model, ids: torc
         "lamda_edge_merged_vs_unmerged": float((floor - want).abs().max()),  # check proves nothing; the float32
     }                                                                         # floor of our own two forms
     if nf4_model is not None:
-        result["max_abs_diff"]["logits_vs_nf4_as_trained"] = float((got - logits(nf4_model, ids, task)).abs().max())
+        nf4 = logits(nf4_model, ids, task)
+        result["max_abs_diff"]["logits_vs_nf4_as_trained"] = float((got - nf4).abs().max())
+        result["argmax_agreement_vs_nf4_as_trained"] = float((got.argmax(-1) == nf4.argmax(-1)).float().mean())
         result["expect"] = ("PEFT on the full-precision base equals the adapter on the float32 residual (held to the "
                             "tolerance); against the NF4 model as trained it differs by the 4-bit rounding of the "
                             "residual, which PEFT's full-precision base does not have: expect the latter gap, not "

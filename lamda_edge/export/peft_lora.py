@@ -201,5 +201,6 @@ def build(options, tmp: Path, report: dict, text: str, log, stage=lambda name: N
     log(f"checked with PEFT {result['peft_version']}: max |diff| logits {diffs['logits']:.3g} (lamda-edge's own "
         f"merged vs unmerged: {result['lamda_edge_merged_vs_unmerged']:.3g}; the adapter moves them by "
         f"{result['adapter_moves_logits_by']:.3g}), merged weights {diffs['merged_weights']:.3g}"
-        + (f"; vs the NF4 model as trained {diffs['logits_vs_nf4_as_trained']:.3g} (expected: 4-bit rounding)"
+        + (f"; vs the NF4 model as trained {diffs['logits_vs_nf4_as_trained']:.3g}, argmax agreement "
+           f"{result['argmax_agreement_vs_nf4_as_trained']:.0%} (expected: the residual's 4-bit rounding)"
            if "logits_vs_nf4_as_trained" in diffs else ""))
