@@ -170,8 +170,8 @@ def build(options, tmp: Path, report: dict, text: str, log, stage=lambda name: N
         f"the saved A by {worst:.2g}) in {timings['convert']:.1f}s")
 
     stage("writing the PEFT adapter")
-    original = peft_check.load_original(base, cfg)
-    linear = [(n, m) for n, m in original.named_modules() if n and is_linear(m)]
+    skeleton = _original_skeleton(base, cfg)  # the original layers' names and kinds, no weights
+    linear = [(n, m) for n, m in skeleton.named_modules() if n and is_linear(m)]
     conv1d = any(_is_conv1d(m) for n, m in linear if n in layers)  # GPT-2: PEFT must transpose when merging
     targets = target_modules(list(layers), [n for n, _ in linear])
     config = peft_config(cfg, layers, targets, base, conv1d)
@@ -182,7 +182,6 @@ def build(options, tmp: Path, report: dict, text: str, log, stage=lambda name: N
     log(f"wrote {WEIGHTS_FILE} ({report['sizes_bytes'][WEIGHTS_FILE] / 1e6:.1f} MB; r={config['r']}"
         + (f", {len(config['rank_pattern'])} layers in rank_pattern" if config["rank_pattern"] else "")
         + f", lora_alpha={config['lora_alpha']:g}) and {CONFIG_FILE}")
-    del original
 
     stage("checking with PEFT on the original base")
     t = time.perf_counter()
@@ -204,3 +203,15 @@ def build(options, tmp: Path, report: dict, text: str, log, stage=lambda name: N
         + (f"; vs the NF4 model as trained {diffs['logits_vs_nf4_as_trained']:.3g}, argmax agreement "
            f"{result['argmax_agreement_vs_nf4_as_trained']:.0%} (expected: the residual's 4-bit rounding)"
            if "logits_vs_nf4_as_trained" in diffs else ""))
+
+
+def _original_skeleton(base: Path, cfg: dict):
+    """The original model of `base` with the adapter's head, its parameters on the meta device (no memory)."""
+    from transformers import AutoConfig
+
+    from lamda_edge.load.loader import build_skeleton, resolve_task
+
+    hf_config = AutoConfig.from_pretrained(base)
+    if cfg.get("num_labels"):
+        hf_config.num_labels = cfg["num_labels"]
+    return build_skeleton(hf_config, resolve_task(hf_config, cfg.get("task")), torch.float32)
