@@ -192,6 +192,19 @@ def test_an_adapter_whose_a_is_not_the_init_of_this_base_is_refused(bases, run_e
         run_export(tmp_path / "out", adapter=tmp_path / "adapter", format="peft")
 
 
+def test_without_peft_the_export_says_what_to_install_before_any_work(bases, run_export, tmp_path, monkeypatch):
+    import sys
+
+    from lamda_edge.errors import MissingDependencyError
+
+    base = bases("llama")
+    trained_adapter(base, tmp_path / "adapter", LaMDAConfig(rank=4, alpha=8.0))
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now fails as if it were not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'lamda-edge\[peft\]'"):
+        run_export(tmp_path / "out", adapter=tmp_path / "adapter", format="peft")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     pytest.param({"model": "m"}, "--format peft writes an adapter: give --adapter DIR", id="no-adapter"),
     pytest.param({"adapter": "a", "int8": True}, "drop --int8", id="int8"),

@@ -150,11 +150,12 @@ def build(options, tmp: Path, report: dict, text: str, log, stage=lambda name: N
     from lamda_edge.adapters.files import verify_adapter
     from lamda_edge.adapters.inject import _is_conv1d, is_linear
     from lamda_edge.adapters.io import _saved_modules
-    from lamda_edge.errors import ExportValidationError
+    from lamda_edge.errors import ExportValidationError, require
     from lamda_edge.export import peft_check
     from lamda_edge.export.merged import load_adapted, resolve_base
     from lamda_edge.export.validate import TOLERANCE
 
+    require("peft", extra="peft")  # the check needs it: say so before minutes of work
     timings = report["timings_s"]
     stage("rebuilding the adapter's init from the original weights")
     t = time.perf_counter()
