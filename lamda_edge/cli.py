@@ -333,6 +333,7 @@ def _add_export(sub) -> None:
         "lamda-edge export --adapter runs/nf4 --output runs/nf4-onnx --int4     # trained with --quantize nf4",
         "lamda-edge export --adapter runs/demo --output runs/demo-genai --format genai   # int8 here, int4 after nf4",
         "lamda-edge export --adapter runs/demo --output runs/demo-gguf --format gguf --gguf-type q8_0  # llama.cpp",
+        "lamda-edge export --adapter runs/demo --output runs/demo-peft --format peft   # PEFT / vLLM LoRA adapter",
         "lamda-edge export --model base-folder --output base-onnx"])
     p.add_argument("--model", help="base transformers folder, or smollm2-135m-instruct for the default model "
                    "(default: the base the adapter records, by folder, else by name); without --adapter, this model "
@@ -355,11 +356,13 @@ def _add_export(sub) -> None:
     p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (residual as MatMulNBits "
                    "bits=8, adapter path fp32); not together with --int4")
     p.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size (nbits, merged, --int8)")
-    p.add_argument("--format", choices=("onnx", "genai", "gguf"), default="onnx",
+    p.add_argument("--format", choices=("onnx", "genai", "gguf", "peft"), default="onnx",
                    help="onnx: plain graph with optimum's names; genai: the same validated graph (--precision picks "
                    "which) packaged for onnxruntime-genai (genai_config.json + tokenizer); "
                    "gguf: one model.<type>.gguf for llama.cpp / Ollama (llama, mistral, qwen2, qwen3) and a "
-                   "Modelfile, read back with transformers and checked")
+                   "Modelfile, read back with transformers and checked; peft: a standard LoRA adapter "
+                   "(adapter_config.json, adapter_model.safetensors) on the original base for PEFT and vLLM, checked "
+                   "with real PEFT (needs `pip install peft`)")
     p.add_argument("--gguf-type", choices=("f16", "q8_0", "q4_0"), default="q8_0",
                    help="--format gguf weight type: f16 (logits within 1e-3 of the merged model at f16 weights), "
                    "q8_0 (perplexity within 1%%), q4_0 (re-quantized; embedding and head stay q8_0)")

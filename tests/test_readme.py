@@ -79,7 +79,8 @@ def test_readme_train_export_generate_run_as_written(tmp_path, monkeypatch):
     """The README's train -> export -> generate on the real default model, in a fresh folder: minutes."""
     monkeypatch.setenv("LAMDA_EDGE_CACHE", str(Path.home() / ".cache" / "lamda-edge" / "models"))
     runs = [c for c in readme_commands() if c[0] == "lamda-edge" and c[1] not in FAST]
-    assert [c[1] for c in runs] == ["train", "export", "generate"]
+    assert [c[1] for c in runs][:3] == ["train", "export", "generate"]
+    assert all(c[1] == "export" for c in runs[3:])  # the other destinations' exports (PEFT, ...) of the same run
     outputs = {}
     for argv in runs:
         proc = run_cli(argv, tmp_path)
@@ -88,3 +89,5 @@ def test_readme_train_export_generate_run_as_written(tmp_path, monkeypatch):
     answer, status = outputs["generate"].stdout, outputs["generate"].stderr
     assert answer.strip() and re.search(r"stopped by (eos|answer|repetition)\]", status), (answer, status)
     assert "model.int8.onnx" in status  # the graph the README says generate uses (the export wrote --int8)
+    peft = next(argv for argv in runs if "peft" in argv)  # the "PEFT / vLLM" section's export
+    assert (tmp_path / peft[peft.index("--output") + 1] / "adapter_model.safetensors").is_file()

@@ -10,6 +10,8 @@
     genai.py     the onnxruntime-genai builder route; genai_pack.py: our own validated graph packaged for genai
     gguf_file.py `--format gguf`: the merged model as one GGUF file (gguf_vocab.py: its tokenizer metadata),
                  gguf_check.py: read back with transformers and checked; modelfile.py: Ollama's Modelfile
+    peft_lora.py `--format peft`: the adapter as a standard PEFT LoRA on the original base; peft_check.py checks it
+                 with real PEFT (logits against ours, merge_and_unload against our merge)
     pipeline.py  `export(ExportOptions)`: all of the above, built in a temporary folder and renamed into place
     location.py  where an export may write (never onto, around or into the adapter, the model, the cwd); no torch
     ship.py      what the device needs of an export folder (its default graph, config, tokenizer); `--ship DIR`

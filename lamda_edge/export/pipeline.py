@@ -8,6 +8,9 @@
                       OUT/config.json, tokenizer files <── copied from merged/ (optimum loads OUT as it is)
     --format gguf:    OUT/model.<type>.gguf + Modelfile <── merged model, read back by transformers (gguf_check.py)
 
+    --format peft: no merge, no graph: OUT/adapter_config.json + adapter_model.safetensors, a LoRA on the original
+    base (export/peft_lora.py), checked with real PEFT (export/peft_check.py) in OUT/export-report.json
+
 Everything is built in a temporary folder next to the output (`.<name>.tmp-<pid>`) and renamed at the end: a
 failure leaves nothing half-written, and the next export to the same output removes what a killed one left. An
 output that is, contains or sits inside the adapter folder or the base model folder, or that is or contains the
@@ -40,7 +43,7 @@ from lamda_edge.export.validate import TOLERANCE, validate_decoder, validate_enc
 from lamda_edge.files import check_output_folder, read_json, read_text
 from lamda_edge.progress import bar, quiet_bars_off_terminal, ticking
 
-FORMATS = ("onnx", "genai", "gguf")
+FORMATS = ("onnx", "genai", "gguf", "peft")
 GENAI_PRECISIONS = ("auto", "int4", "int8", "fp16", "fp32")  # auto: genai_precision()
 GENAI_PROVIDERS = ("cpu", "cuda")
 INT4_FILE, REPORT_FILE, MERGED_DIR = "model.int4.onnx", "export-report.json", "merged"
@@ -105,6 +108,8 @@ class ExportOptions:
             lowbit.resolve_method(self.int4_method, self.adapter, None)
         except ConfigError as exc:
             problems.append(str(exc))
+        if self.format == "peft":  # a LoRA adapter file, no graph: the ONNX options do not apply
+            problems += _peft_problems(self)
         if self.model is None and self.adapter is None:
             problems.append("give `--adapter DIR` (a trained adapter) or `--model DIR` (a model to export as is)")
         if self.eval_text is not None and not Path(self.eval_text).is_file():
@@ -239,9 +244,21 @@ def genai_precision(options: ExportOptions, quantize: str | None) -> tuple[str, 
     return "int8", why
 
 
+def _peft_problems(options: ExportOptions) -> list[str]:
+    """What --format peft cannot honour: no adapter, or options of the ONNX graphs."""
+    problems = [] if options.adapter is not None else ["--format peft writes an adapter: give --adapter DIR"]
+    ignored = [flag for flag, on in (("--int4", options.int4), ("--int8", options.int8),
+                                     ("--dtype fp16", options.dtype != "fp32"), ("--genai-builder",
+                                                                                 options.genai_builder)) if on]
+    if ignored:
+        problems.append(f"--format peft writes a LoRA adapter, not ONNX graphs: drop {', '.join(ignored)}")
+    return problems
+
+
 def _phase_count(options: ExportOptions) -> int:
-    """The phases that end with a log line: merge, export, validate (or the genai build), low-bit, genai package."""
-    if options.format == "genai" and options.genai_builder or options.format == "gguf":
+    """The phases that end with a log line: merge, export, validate (or the genai build), low-bit, genai package;
+    --format peft: convert, write, check; --format gguf: merge, write, check."""
+    if options.format in ("peft", "gguf") or options.format == "genai" and options.genai_builder:
         return 3
     lowbit_genai = options.format == "genai" and options.precision in ("int4", "int8")
     return 3 + bool(options.int4 or options.int8 or lowbit_genai) + (
@@ -264,6 +281,13 @@ def _remove_leftovers(out: Path, log) -> None:
 
 def _build(options: ExportOptions, tmp: Path, report: dict, log, stage=lambda name: None) -> None:
     """The phases of `export`: each ends with one `log` line; `stage(name)` names the one starting."""
+    if options.format == "peft":  # a standard LoRA adapter on the original base (export/peft_lora.py)
+        from lamda_edge.export import peft_lora
+
+        text = read_text(options.eval_text, ConfigError, "pass a UTF-8 text file") if options.eval_text else None
+        peft_lora.build(options, tmp, report, text or HELD_OUT_TEXT, log, stage)
+        _write_json(tmp / REPORT_FILE, with_summary_first(report))
+        return
     timings = report["timings_s"]
     stage("merging the adapter into the weights" if options.adapter else "loading the model")
     t = time.perf_counter()

@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from lamda_edge.adapters.files import LEGACY_NAMES as PEFT_FILES  # adapter_config.json, adapter_model.safetensors
 from lamda_edge.atomic import stale_leftovers
 from lamda_edge.errors import ConfigError, ModelError
 from lamda_edge.export.modelfile import MODELFILE
@@ -31,8 +32,10 @@ SEQ2SEQ_GRAPHS = (ENCODER_FILE, DECODER_FILE, DECODER_PAST_FILE)
 def ship_files(folder: str | os.PathLike) -> list[str]:
     """The names, relative to an export `folder`, of the files a device needs to run it: its default graph(s) with
     their external data, the config, generation config and tokenizer files, and genai_config.json when present; for
-    a GGUF export, the .gguf file and its Ollama Modelfile."""
+    a GGUF export, the .gguf file and its Ollama Modelfile; for a PEFT export, the adapter's two files."""
     folder = Path(folder)
+    if all((folder / name).is_file() for name in PEFT_FILES):  # a --format peft folder: the LoRA adapter itself
+        return list(PEFT_FILES)
     gguf = sorted(path.name for path in folder.glob("*.gguf"))
     if gguf:  # a --format gguf folder: llama.cpp needs the file alone (tokenizer and template inside), Ollama the
         return gguf + [name for name in (MODELFILE,) if (folder / name).is_file()]  # Modelfile beside it

@@ -129,6 +129,8 @@ def _genai_diff(validation: dict) -> dict:
 def _graphs(report: dict) -> dict:
     """{graph file: {"check": what it was checked against, in words}}."""
     graphs = {}
+    if isinstance(report.get("peft"), dict):  # --format peft: one adapter file, checked with real PEFT
+        return {"adapter_model.safetensors": {"check": report["peft"].get("check", "")}}
     validation = report.get("validation") or {}
     if "precision" in validation:  # onnxruntime-genai's builder
         graphs[validation.get("graph", "model.onnx")] = {"check": validation.get("check", "")}
