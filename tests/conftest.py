@@ -219,6 +219,19 @@ class TinyModels:
         with torch.no_grad():
             return model(input_ids=ids).logits
 
+    @staticmethod
+    def move(model, seed: int = 0, s_scale: float = 0.5, b_scale: float = 0.5):
+        """Move every LaMDA layer's S and B away from their init, as training would (S may start at 0: without this
+        a merge or export check proves nothing); returns the model."""
+        from lamda_edge.adapters import lamda_layers
+
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, layer in lamda_layers(model):
+                layer.lamda_S.add_(s_scale * torch.randn(layer.lamda_S.shape, generator=g))
+                layer.lamda_B.add_(b_scale * torch.randn(layer.lamda_B.shape, generator=g))
+        return model
+
 
 class TinyRun:
     """A training run's inputs (handed out by `tiny_run`): a tiny Llama folder and a JSONL file of rows drawn from

@@ -11,13 +11,7 @@ from lamda_edge.adapters.layer import LaMDALinear
 
 
 def _moved(tiny, arch, base, seed=0):
-    model = apply_lamda(tiny.model(arch, base), LaMDAConfig(rank=4))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lamda_layers(model):
-            layer.lamda_S.add_(0.5 * torch.randn(layer.lamda_S.shape, generator=g))
-            layer.lamda_B.add_(0.1 * torch.randn(layer.lamda_B.shape, generator=g))
-    return model.eval()
+    return tiny.move(apply_lamda(tiny.model(arch, base), LaMDAConfig(rank=4)), seed, b_scale=0.1).eval()
 
 
 CASES = [pytest.param(a, b, id=f"{a}-{b}") for a in ("llama", "qwen2", "bert") for b in ("fp32", "nf4")]

@@ -17,16 +17,6 @@ HYBRID = LaMDAConfig(rank=4, init="random-residual")
 CASES = [pytest.param(a, b, id=f"{a}-{b}") for a in ("llama", "bert") for b in ("fp32", "nf4")]
 
 
-def _move(model, seed=0):
-    """Move S and B away from their init, as training would (S starts at 0: without this merge proves nothing)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lamda_layers(model):
-            layer.lamda_S.add_(0.5 * torch.randn(layer.lamda_S.shape, generator=g))
-            layer.lamda_B.add_(0.1 * torch.randn(layer.lamda_B.shape, generator=g))
-    return model.eval()
-
-
 def _weight(d_out=96, d_in=128, seed=0):
     """A weight with a decaying spectrum, like pretrained weights, (d_out, d_in)."""
     g = torch.Generator().manual_seed(seed)
@@ -61,14 +51,14 @@ def test_the_adapter_is_randoms_and_the_base_holds_the_principal_part(tiny):
 
 
 def test_on_a_full_precision_base_it_computes_what_random_computes(tiny, tol, ids):
-    random = _move(apply_lamda(tiny.model("llama"), LaMDAConfig(rank=4, init="random")))
-    hybrid = _move(apply_lamda(tiny.model("llama"), HYBRID))
+    random = tiny.move(apply_lamda(tiny.model("llama"), LaMDAConfig(rank=4, init="random")), b_scale=0.1).eval()
+    hybrid = tiny.move(apply_lamda(tiny.model("llama"), HYBRID), b_scale=0.1).eval()
     tol.assert_outputs_close(tiny.output(hybrid, ids), tiny.output(random, ids))
 
 
 @pytest.mark.parametrize("arch, base", CASES)
 def test_merge_and_unload_equals_the_adapter_forward(tiny, tol, arch, base, ids):
-    model = _move(apply_lamda(tiny.model(arch, base), HYBRID))
+    model = tiny.move(apply_lamda(tiny.model(arch, base), HYBRID), b_scale=0.1).eval()
     before = tiny.output(model, ids)
     without_frozen = copy.deepcopy(model)
     for _, layer in lamda_layers(without_frozen):
@@ -81,7 +71,7 @@ def test_merge_and_unload_equals_the_adapter_forward(tiny, tol, arch, base, ids)
 
 
 def test_merge_then_unmerge_restores_and_adds_the_frozen_part_once(tiny, tol, ids):
-    model = _move(apply_lamda(tiny.model("llama"), HYBRID))
+    model = tiny.move(apply_lamda(tiny.model("llama"), HYBRID), b_scale=0.1).eval()
     before = tiny.output(model, ids)
     for _, layer in lamda_layers(model):
         layer.merge()
@@ -92,7 +82,7 @@ def test_merge_then_unmerge_restores_and_adds_the_frozen_part_once(tiny, tol, id
 
 
 def test_save_and_load_reproduce_outputs_and_the_file_holds_no_base(tiny, tmp_path, ids):
-    model = _move(apply_lamda(tiny.model("llama"), HYBRID))
+    model = tiny.move(apply_lamda(tiny.model("llama"), HYBRID), b_scale=0.1).eval()
     expected = tiny.output(model, ids)
     save_adapter(model, tmp_path / "adapter")
     from safetensors.torch import load_file

@@ -102,20 +102,15 @@ def test_large_models_keep_weights_in_external_data(tiny, tol, run_export, tmp_p
     assert report["sizes_bytes"]["model.onnx"] == files["model.onnx"] + files["model.onnx.data"]
 
 
-def _trained_adapter(base_dir, adapter_dir):
+def _trained_adapter(tiny, base_dir, adapter_dir):
     """apply_lamda on the saved base, move S and B away from their init, save the adapter; return the model."""
     from transformers import AutoModelForCausalLM
 
     from lamda_edge import LaMDAConfig, apply_lamda, save_adapter
-    from lamda_edge.adapters import lamda_layers
 
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     apply_lamda(model, LaMDAConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj")))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, layer in lamda_layers(model):
-            layer.lamda_S.add_(0.5 * torch.randn(layer.lamda_S.shape, generator=g))
-            layer.lamda_B.add_(0.5 * torch.randn(layer.lamda_B.shape, generator=g))
+    tiny.move(model, seed=5)
     save_adapter(model, adapter_dir, metadata={"base_model": str(base_dir), "quantize": None})
     return model
 
@@ -125,7 +120,7 @@ def test_adapter_export_matches_adapter_model(tiny, tol, run_export, tmp_path):
     from transformers import AutoModelForCausalLM
 
     tiny.save(tmp_path / "qwen2", "qwen2")
-    adapted = _trained_adapter(tmp_path / "qwen2", tmp_path / "adapter")
+    adapted = _trained_adapter(tiny, tmp_path / "qwen2", tmp_path / "adapter")
     report = run_export(tmp_path / "out", adapter=tmp_path / "adapter")  # base model read from the adapter
     assert report["ok"] and report["source"]["base_model"] == str(tmp_path / "qwen2")
     assert report["source"]["model_type"] == "qwen2"
@@ -205,7 +200,7 @@ def test_classifier_adapter_on_a_bare_encoder_exports_its_head(tiny, tol, run_ex
 
 
 def test_adapter_on_another_base_is_refused(tiny, run_export, tmp_path, llama_dir):
-    _trained_adapter(llama_dir, tmp_path / "adapter")
+    _trained_adapter(tiny, llama_dir, tmp_path / "adapter")
     tiny.save(tmp_path / "other", "llama", seed=1)  # same shapes, other weights
     with pytest.raises(AdapterMismatchError):
         run_export(tmp_path / "out", adapter=tmp_path / "adapter", model=tmp_path / "other")
@@ -299,11 +294,11 @@ def test_int4_can_keep_the_tied_head_in_float_and_use_zero_points(tiny, run_expo
     assert zero_points  # asymmetric blocks carry a zero point input
 
 
-def test_the_export_bar_names_each_phase_as_it_starts(tmp_path, llama_dir, capsys):
+def test_the_export_bar_names_each_phase_as_it_starts(tiny, tmp_path, llama_dir, capsys):
     """A long export is never silent: the bar's line says which phase runs (merge, export, validate, int4 steps)."""
     from lamda_edge.export.pipeline import ExportOptions, export
 
-    _trained_adapter(llama_dir, tmp_path / "adapter")
+    _trained_adapter(tiny, llama_dir, tmp_path / "adapter")
     export(ExportOptions(output=tmp_path / "out", adapter=tmp_path / "adapter", int4=True, int4_method="merged"),
            progress=True)
     shown = capsys.readouterr().err

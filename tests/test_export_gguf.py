@@ -32,20 +32,15 @@ def _save(tiny, folder, arch):
     return folder
 
 
-def _trained_adapter(base_dir, adapter_dir):
+def _trained_adapter(tiny, base_dir, adapter_dir):
     """apply_lamda on the saved base, move S and B away from their init, save the adapter; return the model."""
     from transformers import AutoModelForCausalLM
 
     from lamda_edge import LaMDAConfig, apply_lamda, save_adapter
-    from lamda_edge.adapters import lamda_layers
 
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     apply_lamda(model, LaMDAConfig(rank=4, alpha=8.0, target_modules=("q_proj", "k_proj", "v_proj", "down_proj")))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, layer in lamda_layers(model):
-            layer.lamda_S.add_(0.5 * torch.randn(layer.lamda_S.shape, generator=g))
-            layer.lamda_B.add_(0.5 * torch.randn(layer.lamda_B.shape, generator=g))
+    tiny.move(model, seed=5)
     save_adapter(model, adapter_dir, metadata={"base_model": str(base_dir), "quantize": None})
     return model
 
@@ -75,7 +70,7 @@ def test_an_adapter_exported_f16_reads_back_as_the_adapter_model(tiny, tol, run_
     from transformers import AutoModelForCausalLM
 
     base = _save(tiny, tmp_path / arch, arch)
-    adapted = _trained_adapter(base, tmp_path / "adapter")
+    adapted = _trained_adapter(tiny, base, tmp_path / "adapter")
     report = run_export(tmp_path / "out", adapter=tmp_path / "adapter", format="gguf", gguf_type="f16")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Modelfile", "export-report.json",
                                                                     "model.f16.gguf"]

@@ -83,7 +83,8 @@ def test_peft_loads_the_export_and_matches_the_lamda_model(bases, run_export, tm
     adapted = trained_adapter(base, tmp_path / "adapter", config)
     report = run_export(tmp_path / "out", adapter=tmp_path / "adapter", format="peft", ship=tmp_path / "ship")
     assert report["ok"] and report["summary"]["ok"] and report["kind"] == "peft-lora"
-    assert sorted(p.name for p in (tmp_path / "ship").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    shipped = sorted(p.name for p in (tmp_path / "ship").iterdir())
+    assert shipped == ["adapter_config.json", "adapter_model.safetensors"]
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     ranks = {name: layer.rank for name, layer in lamda_layers(adapted)}
     assert {saved["rank_pattern"].get(name, saved["r"]) for name in ranks} == set(ranks.values())
