@@ -17,13 +17,25 @@ def tiny(h=64, inter=160, layers=2, heads=4, kv=2, vocab=256) -> ModelShape:
                       head_dim=h // heads, vocab_size=vocab, tie_word_embeddings=True)
 
 
+def _saved_by_forward(model, batch) -> int:
+    """Bytes that the chunked loss's forward leaves live for backward, counted by LiveTensorCounter."""
+    from lamda_edge.planner.live_tensors import LiveTensorCounter
+    from lamda_edge.train.loss import causal_lm_loss
+
+    counter = LiveTensorCounter().register(model, batch)
+    start = counter.current_bytes
+    with counter:
+        loss = causal_lm_loss(model, batch, chunk_rows=256)
+        saved = counter.current_bytes - start
+    del loss
+    return saved
+
+
 def _saved_after_forward(layers: int, quantize, padded: bool) -> int:
     """Live bytes after a forward without checkpointing, above weights and batch (counted)."""
     import torch
 
-    from lamda_edge.planner.live_tensors import LiveTensorCounter
     from lamda_edge.planner.measure import build_model
-    from lamda_edge.train.loss import causal_lm_loss
 
     setup = TrainSetup(batch_size=2, seq_len=32, rank=4, quantize=quantize, gradient_checkpointing=False,
                        compute_dtype="fp32")
@@ -33,13 +45,7 @@ def _saved_after_forward(layers: int, quantize, padded: bool) -> int:
     if padded:
         batch["attention_mask"] = torch.ones_like(ids)
         batch["attention_mask"][0, 24:] = 0
-    counter = LiveTensorCounter().register(model, batch)
-    start = counter.current_bytes
-    with counter:
-        loss = causal_lm_loss(model, batch, chunk_rows=256)
-        saved = counter.current_bytes - start
-    del loss
-    return saved
+    return _saved_by_forward(model, batch)
 
 
 @pytest.mark.parametrize("quantize", [pytest.param(None, id="plain"), pytest.param("nf4", id="nf4")])
@@ -174,20 +180,12 @@ def _peft_model(shape, setup):
 def _peft_saved_after_forward(layers: int, setup: TrainSetup) -> int:
     import torch
 
-    from lamda_edge.planner.live_tensors import LiveTensorCounter
-    from lamda_edge.train.loss import causal_lm_loss
 
     model = _peft_model(tiny(layers=layers), setup)
     ids = torch.randint(0, 256, (setup.batch_size, setup.seq_len), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
     batch["attention_mask"][0, -8:] = 0
-    counter = LiveTensorCounter().register(model, batch)
-    start = counter.current_bytes
-    with counter:
-        loss = causal_lm_loss(model, batch, chunk_rows=256)
-        saved = counter.current_bytes - start
-    del loss
-    return saved
+    return _saved_by_forward(model, batch)
 
 
 @pytest.mark.parametrize("quantize", [pytest.param(None, id="lora"), pytest.param("nf4", id="qlora")])
