@@ -174,3 +174,17 @@ def test_an_unknown_flag_gets_no_key_value_hint(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--bogus"])
     assert capsys.readouterr().err.rstrip().endswith("unrecognized arguments: --bogus")
+
+
+def test_plan_prices_the_init_it_is_given(capsys):
+    """`plan lamda.init=random-residual` counts that init's frozen fp32 low-rank term; the default plan has none."""
+    from lamda_edge.cli import main
+
+    assert main([*PLAN_8B, "--rank", "16", "--batch-size", "1"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main([*PLAN_8B, "--rank", "16", "--batch-size", "1", "lamda.init=random-residual"]) == 0
+    hybrid = json.loads(capsys.readouterr().out)
+    term = hybrid["breakdown"]["lamda_frozen_term"]
+    assert "lamda_frozen_term" not in default["breakdown"]
+    assert term == hybrid["breakdown"]["lamda_A"] + hybrid["breakdown"]["lamda_B"] - 8 * 7 * 32  # fp32, as A and B
+    assert hybrid["tensor_peak_bytes"] == default["tensor_peak_bytes"] + term

@@ -233,3 +233,21 @@ def test_lora_prices_more_than_lamda_at_the_same_settings():
     assert saved_per_token(shape, theirs, [16] * 7) > saved_per_token(shape, ours, [16] * 7)
     with pytest.raises(ConfigError, match="method"):
         TrainSetup(method="qlora")
+
+
+def test_random_residual_frozen_term_is_priced_as_the_layers_hold_it():
+    """The hybrid init keeps the principal part as two fp32 buffers per layer; the planner counts what is built."""
+    from dataclasses import replace
+
+    from lamda_edge.planner.measure import build_model
+
+    shape = tiny()
+    setup = TrainSetup(batch_size=2, seq_len=32, rank=4, quantize="nf4", compute_dtype="fp32", init="random-residual")
+    model = build_model(shape, setup)
+    held = sum(b.numel() * b.element_size() for name, b in model.named_buffers()
+               if name.endswith(("frozen_U", "frozen_Vt")))
+    assert held > 0
+    assert estimate(shape, setup).resident["lamda_frozen_term"] == held
+    principal = estimate(shape, replace(setup, init="principal"))
+    assert "lamda_frozen_term" not in principal.resident
+    assert estimate(shape, setup).tensor_peak_bytes == principal.tensor_peak_bytes + held

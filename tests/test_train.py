@@ -139,6 +139,7 @@ def test_output_folder_holds_adapter_config_metrics_plot(tmp_path, model_dir, da
     from transformers import AutoModelForCausalLM
 
     from lamda_edge.adapters import lamda_layers, load_adapter
+    from lamda_edge.train import report
     from lamda_edge.train.config import load_run_config
     from lamda_edge.train.recipe import train
 
@@ -152,6 +153,11 @@ def test_output_folder_holds_adapter_config_metrics_plot(tmp_path, model_dir, da
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result.metrics, default=str))
     assert metrics["global_step"] == 6
+    # the run names the init it used and the rates that went with it (metrics.json and the summary)
+    adapter = metrics["adapter"]
+    assert (adapter["method"], adapter["init"], adapter["rank"]) == ("LaMDA", saved.lamda["init"], 4)
+    assert adapter["s_lr_multiplier"] == saved.lamda_config().s_lr_multiplier()
+    assert f"adapter: LaMDA rank 4, init {saved.lamda['init']} (S at" in "\n".join(report.summary_lines(metrics))
     params = metrics["trainable_params"]
     layers = 7 * 2  # q, k, v, o, gate, up, down in 2 layers
     assert params["end"] == layers * 4 * 4  # only S (r x r) trains after t_i

@@ -172,7 +172,7 @@ def jobs_for(stage: str, task: str, a, rows: list[dict]) -> list[dict]:
     jobs = []
     for rank in ranks:
         sr = {**s, "rank": rank}
-        lr = (best_lora_lr(rows, task, rank, s["steps"], s.get("schedule"))
+        lr = (a.lora_lr or best_lora_lr(rows, task, rank, s["steps"], s.get("schedule"))
               or best_lora_lr(rows, task, s["rank"], s["steps"], s.get("schedule")))
         if lr is None:
             raise SystemExit(f"no lora-lr records for {task} at rank {rank}, {s['steps']} steps in {a.out}: "
@@ -194,7 +194,7 @@ def init_jobs(task: str, a, rows: list[dict]) -> list[dict]:
     """The inits stage: every init of `--inits` at every rate variant of `--variants` ("default" or "s<S>-b<B>"),
     and LoRA at its best lr, over `--seeds`. Each job names the records that already hold its run (`same_as`)."""
     s = settings(task, a)
-    lr = best_lora_lr(rows, task, s["rank"], s["steps"], s.get("schedule"))
+    lr = a.lora_lr or best_lora_lr(rows, task, s["rank"], s["steps"], s.get("schedule"))
     if lr is None:
         raise SystemExit(f"no lora-lr records for {task} at rank {s['rank']}, {s['steps']} steps in {a.out}: "
                          "run --stage lora-lr first")
@@ -223,7 +223,7 @@ def run_stage(stage: str, a, cache: Path) -> list[dict]:
     for task in a.tasks:
         rows = read_rows(a.out) + out
         s = settings(task, a)
-        needs_lora_lr = stage in ("compare", "ranks", "inits")
+        needs_lora_lr = stage in ("compare", "ranks", "inits") and not a.lora_lr
         if needs_lora_lr and best_lora_lr(rows, task, s["rank"], s["steps"], s.get("schedule")) is None:
             out += _run_jobs(jobs_for("lora-lr", task, a, rows), a, cache)
             rows = read_rows(a.out) + out
@@ -461,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inits", nargs="+", default=["principal", "random"], choices=INITS,
                    help="the inits stage's inits (LaMDAConfig.init)")
     p.add_argument("--lora-lrs", nargs="+", type=float, default=list(LORA_LRS), help="the lora-lr stage's grid")
+    p.add_argument("--lora-lr", type=float, default=None,
+                   help="LoRA's rate for the compare, ranks and inits stages, instead of the lora-lr grid's best "
+                        "(e.g. the best rate of the short runs, for runs at 10x the steps)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "lamda-edge" / "bench-data"))
     p.add_argument("--out", default=None, help="append each run as a JSON line (and read LoRA's best lr from it)")
     p.add_argument("--report", nargs="+", default=None, metavar="JSONL", help="run nothing: tables of these records")

@@ -14,6 +14,7 @@ from typing import Any
 from lamda_edge.errors import ConfigError
 
 INITS = ("principal", "minor", "random", "random-residual")
+DEFAULT_INIT = "principal"
 RANK_ALLOCATIONS = ("uniform", "energy")
 SVD_METHODS = ("auto", "full", "randomized")
 ALL_LINEAR = "all-linear"
@@ -57,7 +58,7 @@ class LaMDAConfig:
         ALL_LINEAR, "names (or name suffixes) of the linear layers to adapt, or 'all-linear' (all but the output head)"
     )
     modules_to_save: tuple[str, ...] = _field((), "modules trained in full and saved with the adapter (e.g. a head)")
-    init: str = _field("principal", "'principal' (top-r SVD, residual base), 'minor' (bottom-r), 'random' "
+    init: str = _field(DEFAULT_INIT, "'principal' (top-r SVD, residual base), 'minor' (bottom-r), 'random' "
                        "(S = 0, base W0) or 'random-residual' (S = 0, residual base plus the top-r part frozen)")
     freeze_b_steps: int | None = _field(None, "optimizer steps t_i after which B is frozen; None = "
                                               "`freeze_b_fraction` x the run")

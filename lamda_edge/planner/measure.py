@@ -52,7 +52,7 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
     """The adapted model for `setup`: local weights when `shape.local_path` is set, else random ones."""
     dtype = resolve_compute_dtype(setup.weight_dtype or setup.compute_dtype, None)
     torch.manual_seed(seed)
-    config = LaMDAConfig(rank=setup.rank)
+    config = LaMDAConfig(rank=setup.rank, init=setup.init)
     if shape.local_path and (Path(shape.local_path) / "config.json").is_file() and any(
             Path(shape.local_path).glob("*.safetensors")):
         # real weights: the loader `lamda-edge train` uses (SVD of the full weights, residual to NF4, checkpointing)

@@ -92,6 +92,7 @@ class TrainSetup:
     lamda_dtype: str = "fp32"  # A, S, B are kept in float32
     activation_offload: bool = False  # what autograd saves outside checkpointed blocks waits in host memory
     method: str = "lamda"  # "lora": PEFT LoRA with PEFT's defaults (on an NF4 base: QLoRA), for the comparison
+    init: str = "principal"  # LaMDA's init: "random-residual" keeps a frozen fp32 low-rank term per layer
     fp32_upcast: bool = True  # QLoRA: prepare_model_for_kbit_training's upcast (False: priced without it)
 
     @property
@@ -186,6 +187,8 @@ def resident_bytes(shape, setup: TrainSetup, linears: list[Linear], ranks: list[
         out["lamda_A"] = a * f + 8 * len(linears) * blocks
         out["lamda_S"] = s * f
         out["lamda_B"] = b * f
+        if setup.init == "random-residual":  # the principal part U (d_out x r) and Vt (r x d_in), frozen, fp32
+            out["lamda_frozen_term"] = (a + b) * 4
         trainable = s + (b if setup.b_trainable else 0)
         n_tensors = len(linears) * blocks * (2 if setup.b_trainable else 1)
     # AdamW: exp_avg + exp_avg_sq in fp32 per trainable element, plus a 4 B step tensor per parameter tensor

@@ -190,7 +190,8 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
          batch_size: int | None = None, target_batch: int = 16, quantize: str | None = "nf4",
          gradient_checkpointing: bool | None = None, chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
          dataset_tokens: int = 10_000_000, compute_dtype: str | None = None,
-         activation_offload: bool = False, checkpoint_layers: int | None = None, method: str = "lamda") -> Plan:
+         activation_offload: bool = False, checkpoint_layers: int | None = None, method: str = "lamda",
+         init: str = "principal") -> Plan:
     """Pick what was not pinned so the step fits `device`; raise `DoesNotFitError` (exit 3) if nothing does.
 
     Args:
@@ -209,10 +210,11 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
         checkpoint_layers: pin how many of the lowest blocks checkpoint, or None: all of them when checkpointing is
             pinned on, the fewest that fit when the planner decides it.
         method: "lamda", or "lora" to plan the same job with PEFT LoRA / QLoRA (planner/compare.py).
+        init: LaMDA's init (`LaMDAConfig.init`); "random-residual" adds its frozen float32 low-rank term.
     """
     request = dict(seq_len=seq_len, rank=rank, batch_size=batch_size, target_batch=target_batch, quantize=quantize,
                    gradient_checkpointing=gradient_checkpointing, chunk_rows=chunk_rows, compute_dtype=compute_dtype,
-                   activation_offload=activation_offload, checkpoint_layers=checkpoint_layers)
+                   activation_offload=activation_offload, checkpoint_layers=checkpoint_layers, init=init)
     check_offload(device, activation_offload)
     _check_request(model, rank=rank, batch_size=batch_size, target_batch=target_batch,
                    dataset_tokens=dataset_tokens)
@@ -220,7 +222,8 @@ def plan(device: DeviceProfile, model: ModelShape, seq_len: int = 512, rank: int
     base = TrainSetup(batch_size=batch_size or 1, seq_len=seq_len, rank=ranks[0], quantize=quantize,
                       compute_dtype=compute_dtype or device.compute_dtype, chunk_rows=chunk_rows,
                       gradient_checkpointing=True if gradient_checkpointing is None else gradient_checkpointing,
-                      activation_offload=activation_offload, checkpoint_layers=checkpoint_layers, method=method)
+                      activation_offload=activation_offload, checkpoint_layers=checkpoint_layers, method=method,
+                      init=init)
     cap = min(max(target_batch, 1), MAX_BATCH)
     comfortable = device.usable_bytes - headroom_margin(device)
     # comfortable first; a tight plan only when nothing comfortable fits

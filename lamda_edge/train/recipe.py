@@ -345,7 +345,8 @@ class TrainRecipe:
             packed = ", packed rows" if config.packing else ""
             print(f"lamda-edge: {self.model_path.name} ({self.quantize or 'full-precision'} base, {self.precision}) "
                   f"on {self.device.type}: rank {self.rank}, batch {self.batch_size} x {config.grad_accum} "
-                  f"({self.planned_by}){packed}, checkpointing {_checkpointing_note(config)}, "
+                  f"({self.planned_by}){packed}, {report.adapter_words(report.adapter_settings(self.lamda_config))}, "
+                  f"checkpointing {_checkpointing_note(config)}, "
                   f"{self.max_steps} steps, {_freeze_note(self.lamda_config, self.freeze_b_steps)}; output {self.out}"
                   + (f"; resuming from {self.last_checkpoint}" if self.last_checkpoint else ""), file=sys.stderr)
 
@@ -475,6 +476,7 @@ class TrainRecipe:
                                  "at_run_start": self.trainable_start, "freeze_b_steps": self.freeze_b_steps,
                                  "b_frozen_step": self.progress_callback.b_frozen_step},
             "rank": self.rank,
+            "adapter": report.adapter_settings(self.lamda_config),
             "batch_size": self.batch_size,
             "planned_by": self.planned_by,
             "log_history": history,

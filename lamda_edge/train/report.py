@@ -105,6 +105,20 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def adapter_settings(lamda_config) -> dict[str, Any]:
+    """What a run's summary and metrics.json say about the adapter: its init and the rates that go with it."""
+    return {"method": "LaMDA++" if lamda_config.rank_allocation == "energy" else "LaMDA",
+            "init": lamda_config.init, "rank": lamda_config.rank, "alpha": lamda_config.alpha,
+            "s_lr_multiplier": lamda_config.s_lr_multiplier(), "b_lr_multiplier": lamda_config.b_lr_scale,
+            "freeze_b_fraction": lamda_config.freeze_b_fraction}
+
+
+def adapter_words(adapter: dict[str, Any]) -> str:
+    """'init principal (S at 16x the learning rate, B at 0.25x)': the adapter's settings in the run's lines."""
+    return (f"init {adapter['init']} (S at {adapter['s_lr_multiplier']:g}x the learning rate, "
+            f"B at {adapter['b_lr_multiplier']:g}x)")
+
+
 def summary_lines(metrics: dict) -> list[str]:
     """Human-readable end-of-run summary."""
     params = metrics.get("trainable_params", {})
@@ -126,6 +140,9 @@ def summary_lines(metrics: dict) -> list[str]:
         end = (f"{params['end']:,} from step {frozen} on (B wholly frozen, only S trains; t_i="
                f"{params['freeze_b_steps']})" if frozen else f"{params['end']:,} at the end")
         lines.append(f"trainable parameters: {params['start']:,} at the start, {end}")
+    if metrics.get("adapter"):
+        adapter = metrics["adapter"]
+        lines.append(f"adapter: {adapter['method']} rank {adapter['rank']}, {adapter_words(adapter)}")
     lines.append(f"peak memory: {_mib(metrics['peak_memory_bytes'])} ({metrics['peak_memory_kind']})")
     lines.append(f"output: {metrics['output']} (adapter, {RUN_CONFIG_NAME}, {METRICS_NAME}, {PLOT_NAME})")
     step = next_step(metrics["output"], metrics.get("model_type"), metrics.get("quantize"))
