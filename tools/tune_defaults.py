@@ -26,8 +26,8 @@ SmolLM2-135M, plus moby and gsm):
            accuracy-vs-trainable-parameters curve.
   inits    LaMDA's init (`--inits`: principal, minor, random, random-residual) crossed with rate variants
            (`--variants`: "default" and "s<S>-b<B>"; default: "default"), over `--seeds`, and LoRA at its best lr
-           on the same seeds. Variant names are "init-<init>" at the default rates, "init-<init>-s<S>-b<B>"
-           otherwise. Runs the records already hold are not run again: the principal init at the default rates
+           on the same seeds (`--methods lamda lamda++`: LaMDA++ too, as "lamda++-init-<init>"). Variant names are
+           "init-<init>" at the default rates, "init-<init>-s<S>-b<B>" otherwise. Runs the records already hold are not run again: the principal init at the default rates
            is the compare stage's "lamda" run, at a rate variant the grid stage's run of that name, and LoRA the
            compare stage's "lora-best" run (the record is copied under the inits stage, marked "reused").
 
@@ -105,7 +105,7 @@ def primary(row: dict) -> tuple[str, float]:
 def settings(task: str, a) -> dict:
     """bench_quality's settings of `task` (quick or full) with the overrides given on the command line."""
     s = dict(bq.SETTINGS[task]["quick" if a.quick else "full"])
-    for key in ("rank", "steps", "batch", "seq_len", "n_test", "n_train", "lr", "schedule"):
+    for key in ("rank", "steps", "batch", "seq_len", "n_test", "n_train", "lr", "schedule", "quantize"):
         if getattr(a, key, None):
             s[key] = getattr(a, key)
     return s
@@ -113,11 +113,12 @@ def settings(task: str, a) -> dict:
 
 def run(task: str, variant: str, method: str, seed: int, s: dict, cache: Path, stage: str, options: dict | None = None,
         freeze_fraction: float | None = None, noise: float = 0.0) -> dict:
-    """One training run through bench_quality.run_one; `noise` adds a small random part to S's init (seeded)."""
+    """One training run through bench_quality.run_one; `noise` adds a small random part to S's init (seeded).
+    `s["quantize"]` ("nf4" or None) is the LaMDA methods' base (LoRA always trains on the float32 base)."""
     options = dict(options or {})
     fraction = options.get("freeze_b_fraction", freeze_fraction if freeze_fraction is not None else 0.3)
     row = bq.run_one(task, method, seed, s, cache, init=options.get("init", "principal"), freeze_fraction=fraction,
-                     quantize=None, s_noise=noise,
+                     quantize=s.get("quantize"), s_noise=noise,
                      lamda_options={k: v for k, v in options.items() if k != "freeze_b_fraction"} or None)
     if method in bc.LAMDA_METHODS:
         from lamda_edge import LaMDAConfig
@@ -125,7 +126,8 @@ def run(task: str, variant: str, method: str, seed: int, s: dict, cache: Path, s
         cfg = LaMDAConfig(rank=s["rank"], **{k: v for k, v in options.items() if k != "alpha"})
         row.update(s_lr_mult=cfg.s_lr_multiplier(), b_lr_mult=cfg.b_lr_scale,
                    alpha=options.get("alpha", 2.0 * s["rank"]))
-    row.update(variant=variant, stage=stage, options=options, noise=noise, freeze_fraction=fraction)
+    row.update(variant=variant, stage=stage, options=options, noise=noise, freeze_fraction=fraction,
+               quantize=s.get("quantize") if method in bc.LAMDA_METHODS else None)
     return row
 
 
@@ -201,7 +203,7 @@ def init_jobs(task: str, a, rows: list[dict]) -> list[dict]:
     jobs = []
     for sd in a.seeds:
         jobs.append(dict(task=task, variant="lora-best", method="lora", seed=sd, s={**s, "lr": lr}, stage="inits",
-                         same_as=[("compare", "lora-best")]))
+                         same_as=[("compare", "lora-best"), ("ranks", "lora-best")]))
         for rates in a.variants or ["default"]:
             if rates == "default":
                 options, same_as = {}, [("compare", "lamda")]
@@ -211,10 +213,14 @@ def init_jobs(task: str, a, rows: list[dict]) -> list[dict]:
                     raise SystemExit(f"--variants {rates!r}: the inits stage takes 'default' or 's<S>-b<B>' "
                                      "(e.g. s8-b0.1)")
                 options, same_as = rate_variant(float(match[1]), float(match[2]))["options"], [("grid", rates)]
-            for init in a.inits:
-                name = f"init-{init}" + ("" if rates == "default" else f"-{rates}")
-                jobs.append(dict(task=task, variant=name, method="lamda", seed=sd, s=s, stage="inits",
-                                 options={**options, "init": init}, same_as=same_as if init == "principal" else []))
+            for method in a.methods:
+                for init in a.inits:
+                    name = ("" if method == "lamda" else "lamda++-") + f"init-{init}" + (
+                        "" if rates == "default" else f"-{rates}") + ("-nf4" if s.get("quantize") else "")
+                    reuse = [] if init != "principal" or s.get("quantize") else same_as if method == "lamda" else (
+                        [("compare", "lamda++")] if rates == "default" else [])  # LaMDA++'s own compare runs
+                    jobs.append(dict(task=task, variant=name, method=method, seed=sd, s=s, stage="inits",
+                                     options={**options, "init": init}, same_as=reuse))
     return jobs
 
 
@@ -237,7 +243,7 @@ def _recorded(job: dict, rows: list[dict]) -> dict | None:
     None is returned and nothing is appended). LoRA at its best lr is a run of the lora-lr grid when the seed matches:
     that record is reused under the job's stage, as is a record of a (stage, variant) in the job's `same_as`."""
     s = job["s"]
-    keys = ("rank", "steps", "batch", "seq_len", "n_test", "lr")
+    keys = ("rank", "steps", "batch", "seq_len", "n_test", "lr", "quantize")
     for r in rows:
         if ("error" not in r and (r["stage"], r["task"], r["variant"], r["seed"]) == (
                 job["stage"], job["task"], job["variant"], job["seed"]) and _same_settings(r, s, keys)):
@@ -453,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedule", choices=["constant", "linear"], default=None,
                    help="learning-rate schedule of every run: constant (the benchmark's default) or linear decay to "
                         "0, as `lamda-edge train` runs (the report keeps the two apart)")
+    p.add_argument("--quantize", choices=["nf4"], default=None,
+                   help="train the LaMDA runs on an NF4 base (the residual in bitsandbytes 4-bit, as `lamda-edge "
+                        "train --quantize nf4`); the records say `quantize`, and the report keeps them apart")
     p.add_argument("--lr", type=float, default=None,
                    help="override the task's base learning rate (LaMDA's; LoRA's comes from the lora-lr grid)")
     p.add_argument("--variants", nargs="+", default=None,
@@ -460,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                         "inits: the rates, 'default' or 's<S>-b<B>')")
     p.add_argument("--inits", nargs="+", default=["principal", "random"], choices=INITS,
                    help="the inits stage's inits (LaMDAConfig.init)")
+    p.add_argument("--methods", nargs="+", default=["lamda"], choices=["lamda", "lamda++"],
+                   help="the inits stage's methods: LaMDA, and LaMDA++ (energy-based ranks) with each init")
     p.add_argument("--lora-lrs", nargs="+", type=float, default=list(LORA_LRS), help="the lora-lr stage's grid")
     p.add_argument("--lora-lr", type=float, default=None,
                    help="LoRA's rate for the compare, ranks and inits stages, instead of the lora-lr grid's best "
