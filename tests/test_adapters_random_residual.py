@@ -154,3 +154,22 @@ def test_a_frozen_part_of_the_wrong_shape_is_refused():
     layer, _ = make_lamda_linear(_weight(40, 48), None, 4, LaMDAConfig(rank=4), None)
     with pytest.raises(ModelError, match=r"does not fit a 40 x 48 layer"):
         layer.set_frozen_part(torch.zeros(40, 4), torch.zeros(3, 48))
+
+
+@pytest.mark.parametrize("init", ["random", "random-residual"])
+def test_every_layer_draws_its_own_random_subspace(tiny, init):
+    """The random factors come from the seed and the layer's name: layers of one shape do not share A or B (they
+    once did: every q_proj read the same r input directions), and the same seed gives the same factors again."""
+    config = LaMDAConfig(rank=4, init=init, seed=3)
+    layers = dict(lamda_layers(apply_lamda(tiny.model("llama"), config)))
+    again = dict(lamda_layers(apply_lamda(tiny.model("llama"), config)))
+    other_seed = dict(lamda_layers(apply_lamda(tiny.model("llama"), LaMDAConfig(rank=4, init=init, seed=4))))
+    first, second = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+    assert layers[first].lamda_A.shape == layers[second].lamda_A.shape
+    # the subspaces differ: the overlap of two random 4-dim subspaces is far from the identity's 1.0
+    overlap = torch.linalg.matrix_norm(layers[first].lamda_A @ layers[second].lamda_A.T) / 2.0
+    assert overlap < 0.9
+    assert not torch.equal(layers[first].lamda_B, layers[second].lamda_B)
+    for name, layer in layers.items():
+        assert torch.equal(layer.lamda_A, again[name].lamda_A) and torch.equal(layer.lamda_B, again[name].lamda_B)
+        assert not torch.equal(layer.lamda_A, other_seed[name].lamda_A)

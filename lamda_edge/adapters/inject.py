@@ -112,8 +112,11 @@ def make_lamda_linear(
     quantize: str | None = None,
     compute_dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    name: str = "",
 ) -> tuple[LaMDALinear, dict]:
     """Build one `LaMDALinear` from a full-precision `weight` (d_out, d_in): SVD, adapter init, residual base.
+
+    `name` is the layer's module name: the random inits draw each layer's factors from the seed and it.
 
     The SVD runs in float32 on `device` when it is a GPU, else where `weight` is. With `quantize="nf4"` only the
     residual is quantized, and the report compares the error against plain NF4 of the whole weight.
@@ -122,7 +125,7 @@ def make_lamda_linear(
     svd_device = device if device.type == "cuda" else weight.device
     W = weight.detach().to(svd_device, torch.float32)  # (d_out, d_in)
     scaling = config.alpha / rank
-    init = spectral_init(W, rank, config.init, scaling, svd=config.svd, seed=config.seed)
+    init = spectral_init(W, rank, config.init, scaling, svd=config.svd, seed=config.seed, name=name)
     report: dict = {"rank": rank, "svd_seconds": init.svd_seconds, "svd_error": init.svd_error}
     base = build_base(init.residual, bias, quantize, compute_dtype, device)
     layer = LaMDALinear.from_factors(base, init.A, init.S, init.B, config.alpha, config.dropout, init.frozen)
@@ -175,7 +178,7 @@ def apply_lamda(model: nn.Module, config: LaMDAConfig) -> nn.Module:
             compute_dtype = torch.float32
         device = module.weight.device
         layer, reports[name] = make_lamda_linear(
-            weights.pop(name), module.bias, ranks[name], config, quantize, compute_dtype, device
+            weights.pop(name), module.bias, ranks[name], config, quantize, compute_dtype, device, name=name
         )
         model.set_submodule(name, layer)
     finish_injection(model, config, fingerprint, reports)

@@ -39,7 +39,7 @@ from lamda_edge.adapters.layer import LaMDALinear
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the random inits draw each layer's factors from its name
 TENSORS_NAME = "prepared.safetensors"
 INFO_NAME = "prepared.json"
 FULL_HASH_MAX_BYTES = 8 << 20  # files up to this size are hashed whole

@@ -261,7 +261,8 @@ def _prepare_layers(model, targets, checkpoint, keys, config, quantize, compute_
         weight, bias = _read_target(checkpoint, keys, name, module)
         fingerprints[name] = weight_fingerprint(weight)
         norms[name] = float(weight.float().norm())
-        layer, reports[name] = make_lamda_linear(weight, bias, ranks[name], config, quantize, compute_dtype, device)
+        layer, reports[name] = make_lamda_linear(weight, bias, ranks[name], config, quantize, compute_dtype, device,
+                                                 name=name)
         model.set_submodule(name, layer)
         del weight, bias, layer
     return ranks, fingerprints, reports, norms, spectra_seconds

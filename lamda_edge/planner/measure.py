@@ -73,7 +73,7 @@ def build_model(shape, setup: TrainSetup, device: str = "cpu", seed: int = 0) ->
     for i, (name, module) in enumerate(targets):
         rank = setup.ranks[i % per_block] if setup.ranks else min(setup.rank, *module.weight.shape)
         layer, _ = make_lamda_linear(module.weight, module.bias, rank, config, setup.quantize,
-                                     resolve_compute_dtype(setup.compute_dtype, None), device)
+                                     resolve_compute_dtype(setup.compute_dtype, None), device, name=name)
         model.set_submodule(name, layer)
     finish_injection(model, config, {}, {})
     if not setup.b_trainable:
