@@ -43,6 +43,7 @@ from lamda_edge.adapters.state import adapter_state
 from lamda_edge.errors import ConfigError, ModelError, require
 from lamda_edge.files import read_json
 from lamda_edge.load.cache import (
+    CACHE_FORMAT,
     build_layer,
     cache_key,
     default_cache_dir,
@@ -394,7 +395,7 @@ def load_lamda_model(
         for name, layer in model.named_modules():
             if name in ranks:
                 tensors.update(layer_tensors(name, layer))
-        info = {"format": 1, "model_path": report["model_path"], "weights_id": weights_id, "targets": target_names,
+        info = {"format": CACHE_FORMAT, "model_path": report["model_path"], "weights_id": weights_id, "targets": target_names,
                 "ranks": ranks, "fingerprints": fingerprints, "layers": reports, "norms": norms,
                 "quantize": quantize, "compute_dtype": report["compute_dtype"], "lamda_config": config.to_dict()}
         if write_entry(root, key, tensors, info) is None:
