@@ -69,7 +69,8 @@ def _args(**kw):
     import argparse
 
     base = dict(quick=False, seeds=[0, 1], inits=["principal", "random"], variants=None, rank=16, steps=30, batch=4,
-                seq_len=128, n_test=32, n_train=None, lr=1e-3, schedule="linear", out=None)
+                seq_len=128, n_test=32, n_train=None, lr=1e-3, schedule="linear", out=None, lora_lr=None,
+                methods=["lamda"], quantize=None)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -94,6 +95,28 @@ def test_inits_stage_crosses_inits_with_rates_and_names_them():
         tune_defaults.init_jobs("products", _args(variants=["fast"]), [_lora_lr_record()])
     with pytest.raises(SystemExit, match="lora-lr"):
         tune_defaults.init_jobs("products", _args(), [])
+
+
+def test_inits_stage_runs_lamda_plus_plus_nf4_and_a_given_lora_rate():
+    """--methods lamda++ adds LaMDA++ with each init (principal reuses LaMDA++'s compare runs, never LaMDA's);
+    --quantize nf4 marks the LaMDA variants -nf4 and reuses nothing; --lora-lr needs no lora-lr records."""
+    jobs = tune_defaults.init_jobs("products", _args(seeds=[0], methods=["lamda", "lamda++"], lora_lr=3e-3), [])
+    by_name = {j["variant"]: j for j in jobs}
+    assert list(by_name) == ["lora-best", "init-principal", "init-random", "lamda++-init-principal",
+                             "lamda++-init-random"]
+    assert by_name["lora-best"]["s"]["lr"] == 3e-3
+    assert by_name["lamda++-init-principal"]["method"] == "lamda++"
+    assert by_name["lamda++-init-principal"]["same_as"] == [("compare", "lamda++")]
+    nf4 = tune_defaults.init_jobs("products", _args(seeds=[0], lora_lr=1e-3, quantize="nf4"), [])
+    assert [j["variant"] for j in nf4] == ["lora-best", "init-principal-nf4", "init-random-nf4"]
+    assert all(j["same_as"] == [] for j in nf4 if j["method"] == "lamda")
+
+
+def test_grid_takes_t_i_variants_by_name():
+    variants = {v["name"]: v for v in tune_defaults.grid_variants(16, False, ["default-t1", "default-t0.45"])}
+    assert variants["default-t1"]["options"] == {"freeze_b_fraction": 1.0}
+    assert variants["default-t0.45"]["options"] == {"freeze_b_fraction": 0.45}
+    assert "default-t2" not in {v["name"] for v in tune_defaults.grid_variants(16, False, ["default-t2"])}
 
 
 def test_inits_stage_reuses_the_principal_and_lora_records_of_other_stages():
