@@ -27,9 +27,11 @@ SmolLM2-135M, plus moby and gsm):
   inits    LaMDA's init (`--inits`: principal, minor, random, random-residual) crossed with rate variants
            (`--variants`: "default" and "s<S>-b<B>"; default: "default"), over `--seeds`, and LoRA at its best lr
            on the same seeds (`--methods lamda lamda++`: LaMDA++ too, as "lamda++-init-<init>"). Variant names are
-           "init-<init>" at the default rates, "init-<init>-s<S>-b<B>" otherwise. Runs the records already hold are not run again: the principal init at the default rates
-           is the compare stage's "lamda" run, at a rate variant the grid stage's run of that name, and LoRA the
-           compare stage's "lora-best" run (the record is copied under the inits stage, marked "reused").
+           "init-<init>" at the default rates, "init-<init>-s<S>-b<B>" otherwise ("-nf4" added with
+           `--quantize nf4`). Runs the records already hold are not run again: the principal init at the default
+           rates is the compare stage's "lamda" run, at a rate variant the grid stage's run of that name, and LoRA
+           the compare or ranks stage's "lora-best" run (the record is copied under the inits stage, marked
+           "reused").
 
 The score is the task's metric: accuracy (spam), held-out answer loss (generative tasks; exact match is
 recorded too) or perplexity (moby). `--quick` runs every stage on spam with tiny settings (a smoke test).

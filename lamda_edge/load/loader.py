@@ -395,9 +395,10 @@ def load_lamda_model(
         for name, layer in model.named_modules():
             if name in ranks:
                 tensors.update(layer_tensors(name, layer))
-        info = {"format": CACHE_FORMAT, "model_path": report["model_path"], "weights_id": weights_id, "targets": target_names,
-                "ranks": ranks, "fingerprints": fingerprints, "layers": reports, "norms": norms,
-                "quantize": quantize, "compute_dtype": report["compute_dtype"], "lamda_config": config.to_dict()}
+        info = {"format": CACHE_FORMAT, "model_path": report["model_path"], "weights_id": weights_id,
+                "targets": target_names, "ranks": ranks, "fingerprints": fingerprints, "layers": reports,
+                "norms": norms, "quantize": quantize, "compute_dtype": report["compute_dtype"],
+                "lamda_config": config.to_dict()}
         if write_entry(root, key, tensors, info) is None:
             report["cache"] = "miss (not written)"
         del tensors
