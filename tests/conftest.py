@@ -284,6 +284,13 @@ def tol() -> Tolerances:
     return Tolerances()
 
 
+@pytest.fixture
+def private_cache(tmp_path_factory, monkeypatch):
+    """load_lamda_model's prepared-layer cache goes to the session's temp folder, not the user's ~/.cache (a module
+    that loads models says `pytestmark = pytest.mark.usefixtures("private_cache")`)."""
+    monkeypatch.setenv("LAMDA_EDGE_CACHE", str(tmp_path_factory.getbasetemp() / "lamda-edge-cache"))
+
+
 @pytest.fixture(scope="session")
 def run_export():
     """`run_export(output, **options)`: the export pipeline (ExportOptions fields), its log silenced."""

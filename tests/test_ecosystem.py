@@ -30,9 +30,7 @@ TEXT = "What is twelve times seven? It is 84.\n#### 84"
 IDS = [5, 17, 42, 99, 3, 250, 7, 120, 64, 11, 200, 31]  # below the tiny tokenizer's 300
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LAMDA_EDGE_CACHE", str(tmp_path_factory.getbasetemp() / "lamda-edge-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

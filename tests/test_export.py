@@ -14,11 +14,7 @@ import torch
 
 from lamda_edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, ModelError
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    """load_lamda_model's prepared-layer cache goes to a temp folder, not the user's ~/.cache."""
-    monkeypatch.setenv("LAMDA_EDGE_CACHE", str(tmp_path_factory.getbasetemp() / "lamda-edge-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

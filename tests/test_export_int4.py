@@ -17,9 +17,7 @@ from lamda_edge.errors import ConfigError, ExportValidationError
 FP32_RULE = (1e-4, 1e-4)  # the export's fp32 tolerance rule (atol, rtol), pipeline.TOLERANCE["fp32"]
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LAMDA_EDGE_CACHE", str(tmp_path_factory.getbasetemp() / "lamda-edge-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _tokenizer():

@@ -21,9 +21,7 @@ from lamda_edge.load.loader import load_lamda_model
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LAMDA_EDGE_CACHE", str(tmp_path_factory.getbasetemp() / "lamda-edge-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
