@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lamda_edge.adapters.config import DEFAULT_INIT, LaMDAConfig, closest_key
+from lamda_edge.adapters.config import LaMDAConfig, closest_key
 from lamda_edge.errors import ConfigError
 from lamda_edge.load.device import resolve_device
 from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS
@@ -288,7 +288,7 @@ class RunConfig:
                     gradient_checkpointing=self.gradient_checkpointing, chunk_rows=self.chunk_rows,
                     compute_dtype=None if precision == "auto" else precision,
                     activation_offload=self.activation_offload, checkpoint_layers=self.checkpoint_layers,
-                    init=self.lamda.get("init") or DEFAULT_INIT)
+                    init=self.lamda_config().init)
 
 
 def _as_float(value):
