@@ -211,20 +211,21 @@ def init_jobs(task: str, a, rows: list[dict]) -> list[dict]:
         jobs.append(dict(task=task, variant="lora-best", method="lora", seed=sd, s={**s, "lr": lr}, stage="inits",
                          same_as=[("compare", "lora-best"), ("ranks", "lora-best")]))
         for rates in a.variants or ["default"]:
+            # the records of other stages that hold the principal init's run, per method (fp32 base only)
             if rates == "default":
-                options, same_as = {}, [("compare", "lamda")]
+                options, same_as = {}, {"lamda": [("compare", "lamda")], "lamda++": [("compare", "lamda++")]}
             else:
                 match = re.fullmatch(r"s([0-9.]+)-b([0-9.]+)", rates)
                 if match is None:
                     raise SystemExit(f"--variants {rates!r}: the inits stage takes 'default' or 's<S>-b<B>' "
                                      "(e.g. s8-b0.1)")
-                options, same_as = rate_variant(float(match[1]), float(match[2]))["options"], [("grid", rates)]
+                options = rate_variant(float(match[1]), float(match[2]))["options"]
+                same_as = {"lamda": [("grid", rates)], "lamda++": []}
             for method in a.methods:
                 for init in a.inits:
                     name = ("" if method == "lamda" else "lamda++-") + f"init-{init}" + (
                         "" if rates == "default" else f"-{rates}") + ("-nf4" if s.get("quantize") else "")
-                    reuse = [] if init != "principal" or s.get("quantize") else same_as if method == "lamda" else (
-                        [("compare", "lamda++")] if rates == "default" else [])  # LaMDA++'s own compare runs
+                    reuse = same_as[method] if init == "principal" and not s.get("quantize") else []
                     jobs.append(dict(task=task, variant=name, method=method, seed=sd, s=s, stage="inits",
                                      options={**options, "init": init}, same_as=reuse))
     return jobs
