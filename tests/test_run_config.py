@@ -136,6 +136,23 @@ def test_alpha_is_twice_the_rank_unless_given(lamda, planner_rank, expected):
 
 
 @pytest.mark.parametrize(
+    "lamda, task, expected",
+    [
+        pytest.param({}, "causal-lm", (0.8, 48), id="causal-lm-late"),
+        pytest.param({}, "sequence-classification", (0.3, 18), id="classifier-paper"),
+        pytest.param({}, "seq2seq", (0.3, 18), id="seq2seq-paper"),
+        pytest.param({}, None, (0.3, 18), id="no-task-lamdaconfig-default"),
+        pytest.param({"freeze_b_fraction": 0.5}, "causal-lm", (0.5, 30), id="fraction-given"),
+        pytest.param({"freeze_b_steps": 7}, "causal-lm", (0.3, 7), id="steps-given"),
+    ],
+)
+def test_t_i_follows_the_task_unless_given(lamda, task, expected):
+    """A causal LM's B freezes over 80% of the run, a classifier's over the paper's 30% (docs/method.md)."""
+    adapter = RunConfig(lamda=lamda).lamda_config(16, task)
+    assert (adapter.freeze_b_fraction, adapter.resolved_freeze_b_steps(60)) == expected
+
+
+@pytest.mark.parametrize(
     "text",
     [
         pytest.param("rank: 4\nalpha: 8.0\ndropout: 0.1\ntarget_modules: [q_proj, v_proj]\ninit: principal\n"

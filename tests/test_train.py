@@ -149,7 +149,7 @@ def test_output_folder_holds_adapter_config_metrics_plot(tmp_path, model_dir, da
     assert info["base_model"] == str(model_dir.resolve()) and info["quantize"] is None
     assert info["trained_steps"] == 6
     saved = load_run_config(out / "run_config.yaml")
-    assert (saved.rank, saved.batch_size, saved.max_steps, saved.lamda["freeze_b_steps"]) == (4, 4, 6, 2)
+    assert (saved.rank, saved.batch_size, saved.max_steps, saved.lamda["freeze_b_steps"]) == (4, 4, 6, 5)  # t_i 0.8
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result.metrics, default=str))
     assert metrics["global_step"] == 6
@@ -318,7 +318,7 @@ def test_recipe_plan_and_setup_data(tmp_path, model_dir, data_file):
     assert len(recipe.train_set) + len(recipe.eval_set) == 48 and recipe.demo_task is None
     steps_per_epoch = math.ceil(len(recipe.train_set) / recipe.batch_size)
     assert recipe.max_steps == math.ceil(steps_per_epoch / recipe.config.grad_accum)
-    assert recipe.freeze_b_steps == max(1, round(0.3 * recipe.max_steps))
+    assert recipe.freeze_b_steps == max(1, round(0.8 * recipe.max_steps))  # a causal LM's t_i
     saved = load_run_config(out / "run_config.yaml")
     assert saved.lamda_config() == recipe.lamda_config.__class__(**{**recipe.lamda_config.to_dict(),
                                                                    "freeze_b_steps": recipe.freeze_b_steps})

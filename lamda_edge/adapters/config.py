@@ -12,13 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lamda_edge.errors import ConfigError
+from lamda_edge.tasks import CAUSAL_LM
 
 INITS = ("principal", "minor", "random", "random-residual")
 DEFAULT_INIT = "principal"
 RANK_ALLOCATIONS = ("uniform", "energy")
 SVD_METHODS = ("auto", "full", "randomized")
 ALL_LINEAR = "all-linear"
-DEFAULT_FREEZE_B_FRACTION = 0.3  # the paper's t_i: 30% of the run
+DEFAULT_FREEZE_B_FRACTION = 0.3  # the paper's t_i: 30% of the run (LaMDAConfig's default; a classifier run's)
+# t_i of a `lamda-edge train` run by its task when the adapter block sets neither `freeze_b_steps` nor
+# `freeze_b_fraction`: a causal LM's B freezes over most of the run (docs/method.md, "When B freezes": the default job
+# and gsm learn more with later freezing, the spam classifier does not); other tasks keep the paper's.
+FREEZE_B_FRACTION_BY_TASK = {CAUSAL_LM: 0.8}
 # S's learning-rate multiplier when `s_lr_scale` is None: S_LR_NUMERATOR / r, within [1, S_LR_MAX] (docs/method.md,
 # "Learning rates per parameter group": Adam moves each of S's r*r entries by about lr, so the adapter's update
 # ||s * B dS A||_F = s * ||dS||_F grows as r; 256 / r gives 16 at rank 16: with B at 0.25x, the best pair on spam
@@ -26,6 +31,11 @@ DEFAULT_FREEZE_B_FRACTION = 0.3  # the paper's t_i: 30% of the run
 S_LR_NUMERATOR = 256.0
 S_LR_MAX = 32.0
 DEFAULT_B_LR_SCALE = 0.25
+
+
+def default_freeze_b_fraction(task: str | None) -> float:
+    """t_i as a share of the run for a run of `task` (a `lamda_edge.tasks` name; None: LaMDAConfig's default)."""
+    return FREEZE_B_FRACTION_BY_TASK.get(task, DEFAULT_FREEZE_B_FRACTION)
 
 
 def _field(default, help: str):
@@ -63,7 +73,8 @@ class LaMDAConfig:
     freeze_b_steps: int | None = _field(None, "optimizer steps t_i after which B is frozen; None = "
                                               "`freeze_b_fraction` x the run")
     freeze_b_fraction: float = _field(DEFAULT_FREEZE_B_FRACTION, "t_i as a share of the run's optimizer steps, "
-                                      "in (0, 1], when `freeze_b_steps` is None (the paper's: 0.3)")
+                                      "in (0, 1], when `freeze_b_steps` is None (the paper's: 0.3; `lamda-edge train` "
+                                      "sets it by task: FREEZE_B_FRACTION_BY_TASK)")
     s_lr_scale: float | None = _field(None, "S's learning rate as a multiple of `lr`; None = the rank rule "
                                       f"{S_LR_NUMERATOR:g} / r within [1, {S_LR_MAX:g}] (per layer for LaMDA++); "
                                       "1.0 = the paper's single rate")

@@ -17,6 +17,8 @@ What a run does with an adapter key it was not given (the one rule, `RunConfig.l
     rank   the planner's choice, else DEFAULT_RANK (8)
     alpha  2 * rank (LaMDAConfig's own default, 16, is 2 x its default rank 8; a run keeps alpha/r = 2 at any rank)
     seed   the run's `seed`
+    t_i    `freeze_b_fraction` by the run's task, when `freeze_b_steps` is unset too: 0.8 for a causal LM
+           (FREEZE_B_FRACTION_BY_TASK), else LaMDAConfig's 0.3 (the paper's)
     other  LaMDAConfig's default
 
 A flat adapter key (any `LaMDAConfig` field but `seed`, which is the run's) is an alias of the same key in
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lamda_edge.adapters.config import LaMDAConfig, closest_key
+from lamda_edge.adapters.config import LaMDAConfig, closest_key, default_freeze_b_fraction
 from lamda_edge.errors import ConfigError
 from lamda_edge.load.device import resolve_device
 from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS
@@ -235,16 +237,19 @@ class RunConfig:
         """The adapter rank the user pinned (`lamda.rank`), or None for the planner's choice."""
         return self.lamda.get("rank")
 
-    def lamda_config(self, rank: int | None = None):
+    def lamda_config(self, rank: int | None = None, task: str | None = None):
         """The run's `LaMDAConfig`: the `lamda` block with the run's rule for what it leaves unset (module docstring).
 
         Args:
             rank: the planner's rank, used when the block pins none.
+            task: the run's task as resolved ('auto' told apart), whose t_i applies when the block gives none.
         """
         r = next((value for value in (self.lamda.get("rank"), rank) if value is not None), DEFAULT_RANK)
         values = {**self.lamda, "rank": r}
         if values.get("alpha") is None and isinstance(r, int) and r > 0:
             values["alpha"] = 2.0 * r
+        if values.get("freeze_b_steps") is None and values.get("freeze_b_fraction") is None:
+            values["freeze_b_fraction"] = default_freeze_b_fraction(task)
         values.setdefault("seed", self.seed)
         return LaMDAConfig.from_dict(values)
 

@@ -327,7 +327,7 @@ class TrainRecipe:
         else:
             self.train_set, self.eval_set = self._load_data()
         self.max_steps = _max_steps(config, len(self.train_set), self.batch_size, self.demo_task is not None)
-        self.lamda_config = config.lamda_config(self.rank)
+        self.lamda_config = config.lamda_config(self.rank, self.task)
         if self.task == SEQUENCE_CLASSIFICATION and "modules_to_save" not in config.lamda:  # train the new head
             heads = head_modules(self.hf_config, self.label_map.num_labels)
             self.lamda_config = dataclasses.replace(self.lamda_config, modules_to_save=heads)
