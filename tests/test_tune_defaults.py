@@ -117,6 +117,8 @@ def test_grid_takes_t_i_variants_by_name():
     assert variants["default-t1"]["options"] == {"freeze_b_fraction": 1.0}
     assert variants["default-t0.45"]["options"] == {"freeze_b_fraction": 0.45}
     assert "default-t2" not in {v["name"] for v in tune_defaults.grid_variants(16, False, ["default-t2"])}
+    energy = tune_defaults.grid_variants(16, False, ["energy-t0.8"])[-1]  # LaMDA++ at a t_i
+    assert energy == {"name": "energy-t0.8", "options": {"rank_allocation": "energy", "freeze_b_fraction": 0.8}}
 
 
 def test_inits_stage_reuses_the_principal_and_lora_records_of_other_stages():

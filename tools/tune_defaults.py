@@ -71,7 +71,8 @@ def grid_variants(rank: int, quick: bool, names: list[str] | None = None) -> lis
     """The LaMDA settings the grid stage tries: per-group rates first, then t_i, alpha and init at the default.
 
     A name of the form "s<S>-b<B>" in `names` that the grid lacks (e.g. "s32-b0.1") is added as that rate variant,
-    one of the form "default-t<f>" (e.g. "default-t1": B trains to the end) as that t_i fraction.
+    one of the form "default-t<f>" (e.g. "default-t1": B trains to the end) as that t_i fraction, and
+    "energy-t<f>" as LaMDA++ (energy-based ranks) at that t_i fraction.
     """
     rs_alpha = 2.0 * math.sqrt(rank) * rank  # s = alpha / r = 2 sqrt(r): rsLoRA's alpha / sqrt(r) with alpha = 2r
     if quick:
@@ -86,9 +87,10 @@ def grid_variants(rank: int, quick: bool, names: list[str] | None = None) -> lis
         match = re.fullmatch(r"s([0-9.]+)-b([0-9.]+)", name)
         if match and name not in known:
             variants.append(rate_variant(float(match[1]), float(match[2])))
-        match = re.fullmatch(r"default-t([0-9.]+)", name)
-        if match and name not in known and 0 < float(match[1]) <= 1:
-            variants.append(dict(name=name, options={"freeze_b_fraction": float(match[1])}))
+        match = re.fullmatch(r"(default|energy)-t([0-9.]+)", name)
+        if match and name not in known and 0 < float(match[2]) <= 1:
+            energy = {"rank_allocation": "energy"} if match[1] == "energy" else {}
+            variants.append(dict(name=name, options={**energy, "freeze_b_fraction": float(match[2])}))
     return variants
 
 
