@@ -72,9 +72,10 @@ class LaMDAConfig:
                        "(S = 0, base W0) or 'random-residual' (S = 0, residual base plus the top-r part frozen)")
     freeze_b_steps: int | None = _field(None, "optimizer steps t_i after which B is frozen; None = "
                                               "`freeze_b_fraction` x the run")
-    freeze_b_fraction: float = _field(DEFAULT_FREEZE_B_FRACTION, "t_i as a share of the run's optimizer steps, "
-                                      "in (0, 1], when `freeze_b_steps` is None (the paper's: 0.3; "
-                                      "a `lamda-edge train` run given neither uses 0.8 for a causal LM)")
+    freeze_b_fraction: float = _field(
+        DEFAULT_FREEZE_B_FRACTION, "t_i as a share of the run's optimizer steps, in (0, 1], when `freeze_b_steps` is "
+        f"None (the paper's: {DEFAULT_FREEZE_B_FRACTION:g}; a `lamda-edge train` run given neither uses "
+        f"{FREEZE_B_FRACTION_BY_TASK[CAUSAL_LM]:g} for a causal LM)")
     s_lr_scale: float | None = _field(None, "S's learning rate as a multiple of `lr`; None = the rank rule "
                                       f"{S_LR_NUMERATOR:g} / r within [1, {S_LR_MAX:g}] (per layer for LaMDA++); "
                                       "1.0 = the paper's single rate")
