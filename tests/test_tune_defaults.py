@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
@@ -119,6 +120,9 @@ def test_grid_takes_t_i_variants_by_name():
     assert "default-t2" not in {v["name"] for v in tune_defaults.grid_variants(16, False, ["default-t2"])}
     energy = tune_defaults.grid_variants(16, False, ["energy-t0.8"])[-1]  # LaMDA++ at a t_i
     assert energy == {"name": "energy-t0.8", "options": {"rank_allocation": "energy", "freeze_b_fraction": 0.8}}
+    random_init = tune_defaults.grid_variants(16, False, ["random-t0.8-s8-b0.1"])[-1]  # an init at a t_i and rates
+    assert random_init == {"name": "random-t0.8-s8-b0.1", "options": {
+        "init": "random", "s_lr_scale": 8.0, "b_lr_scale": 0.1, "freeze_b_fraction": 0.8}}
 
 
 def test_inits_stage_reuses_the_principal_and_lora_records_of_other_stages():
@@ -133,3 +137,25 @@ def test_inits_stage_reuses_the_principal_and_lora_records_of_other_stages():
     assert tune_defaults._recorded({**principal, "s": {**s, "steps": 300}}, [lamda]) is None  # other steps
     random_job = {**principal, "variant": "init-random", "same_as": []}
     assert tune_defaults._recorded(random_job, [lamda]) is None
+
+
+def test_the_linear_schedule_with_warmup_is_transformers_own():
+    import bench_quality
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for warmup in (0, 3):
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, 30)
+        expected = [scheduler.lr_lambdas[0](step) for step in range(31)]
+        assert [bench_quality.linear_rate(step, 30, warmup) for step in range(31)] == pytest.approx(expected)
+
+
+def test_warmup_and_clipping_keep_runs_apart_in_the_records_and_the_report():
+    s = {**SETTINGS, "schedule": "linear"}
+    plain = dict(stage="grid", task="products", variant="default-t0.8", seed=0, **s)
+    clipped = {**plain, "max_grad_norm": 1.0}
+    assert tune_defaults.schedule_of(clipped) == "linear, gradient norm clipped at 1"
+    assert tune_defaults.schedule_of({**plain, "warmup": 3}) == "linear, warmup 3"
+    job = dict(stage="grid", task="products", variant="default-t0.8", seed=0, s={**s, "max_grad_norm": 1.0})
+    assert tune_defaults._recorded(job, [plain]) is None
+    assert tune_defaults._recorded(job, [clipped]) is not None

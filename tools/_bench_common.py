@@ -299,8 +299,10 @@ def build(
     return Built(method, model, optimizer, scheduler, method == "adalora", info)
 
 
-def train_step(built: Built, batch: dict, chunk_rows: int | None, step: int) -> float:
-    """One optimizer step: forward, loss (chunked or the model's own), backward, step, schedules, zero_grad."""
+def train_step(built: Built, batch: dict, chunk_rows: int | None, step: int, max_grad_norm: float | None = None
+               ) -> float:
+    """One optimizer step: forward, loss (chunked or the model's own), backward, the gradient's norm clipped to
+    `max_grad_norm` when given (transformers' Trainer clips at 1.0), step, schedules, zero_grad."""
     from lamda_edge.train.loss import causal_lm_loss
 
     model = built.model
@@ -312,6 +314,8 @@ def train_step(built: Built, batch: dict, chunk_rows: int | None, step: int) -> 
         target = model.get_base_model() if chunk_rows is not None and hasattr(model, "get_base_model") else model
         loss = causal_lm_loss(target, batch, chunk_rows=chunk_rows)
     loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_grad_norm)
     built.optimizer.step()
     if built.adalora:
         model.base_model.update_and_allocate(step)

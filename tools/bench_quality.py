@@ -231,6 +231,13 @@ def evaluate(task: str, model, tok, test, s: dict) -> dict:
             "answer_loss": m.answer_loss, "n_test": m.n_problems}
 
 
+def linear_rate(step: int, steps: int, warmup: int = 0) -> float:
+    """The rate's factor at `step` of transformers' linear schedule: up from 0 over `warmup` steps, then down to 0."""
+    if step < warmup:
+        return step / warmup
+    return max(0.0, (steps - step) / (steps - warmup))
+
+
 def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str = "principal",
             freeze_fraction: float = 0.3, adapter_dir: Path | None = None, quantize: str | None = None,
             lamda_options: dict | None = None, s_noise: float = 0.0) -> dict:
@@ -267,14 +274,14 @@ def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str =
     losses = []
     train_seconds = 0.0
     # "schedule": "linear" decays every group's rate to 0 over the run, as `lamda-edge train` does (lr_scheduler:
-    # linear, no warmup); the default is this benchmark's constant rate
-    schedule = s.get("schedule", "constant")
+    # linear, warmup_steps 0 unless "warmup" says); the default is this benchmark's constant rate
+    schedule, warmup = s.get("schedule", "constant"), s.get("warmup", 0)
     if built.optimizer is not None and method != "base" or (method == "base" and is_cls):
-        decay = (torch.optim.lr_scheduler.LambdaLR(built.optimizer, lambda step: 1.0 - step / s["steps"])
+        decay = (torch.optim.lr_scheduler.LambdaLR(built.optimizer, lambda step: linear_rate(step, s["steps"], warmup))
                  if schedule == "linear" else None)
         t1 = time.perf_counter()
         for step in range(s["steps"]):
-            losses.append(bc.train_step(built, batch_at(step), None, step))
+            losses.append(bc.train_step(built, batch_at(step), None, step, s.get("max_grad_norm")))
             if decay is not None:
                 decay.step()
             if not math.isfinite(losses[-1]):
@@ -286,7 +293,7 @@ def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str =
               "batch": s["batch"], "seq_len": s["seq_len"],
               "trainable_start": trainable_start, "trainable_end": _trainable(model),
               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-              "train_seconds": train_seconds}
+              "train_seconds": train_seconds, **{k: s[k] for k in ("warmup", "max_grad_norm") if s.get(k)}}
     result.update(evaluate(task, model, tok, test, s))
     if adapter_dir is not None and method in bc.LAMDA_METHODS:
         from lamda_edge import save_adapter

@@ -71,8 +71,9 @@ def grid_variants(rank: int, quick: bool, names: list[str] | None = None) -> lis
     """The LaMDA settings the grid stage tries: per-group rates first, then t_i, alpha and init at the default.
 
     A name of the form "s<S>-b<B>" in `names` that the grid lacks (e.g. "s32-b0.1") is added as that rate variant,
-    one of the form "default-t<f>" (e.g. "default-t1": B trains to the end) as that t_i fraction, and
-    "energy-t<f>" as LaMDA++ (energy-based ranks) at that t_i fraction.
+    one of the form "default-t<f>" (e.g. "default-t1": B trains to the end) as that t_i fraction,
+    "energy-t<f>" as LaMDA++ (energy-based ranks) at that t_i fraction, "<init>-t<f>" (e.g. "random-t0.8") as that
+    init at that t_i, and any of these followed by "-s<S>-b<B>" (e.g. "default-t0.8-s8-b0.1") at those rates.
     """
     rs_alpha = 2.0 * math.sqrt(rank) * rank  # s = alpha / r = 2 sqrt(r): rsLoRA's alpha / sqrt(r) with alpha = 2r
     if quick:
@@ -87,10 +88,15 @@ def grid_variants(rank: int, quick: bool, names: list[str] | None = None) -> lis
         match = re.fullmatch(r"s([0-9.]+)-b([0-9.]+)", name)
         if match and name not in known:
             variants.append(rate_variant(float(match[1]), float(match[2])))
-        match = re.fullmatch(r"(default|energy)-t([0-9.]+)", name)
+        match = re.fullmatch(r"(default|energy|minor|random|random-residual)-t([0-9.]+)(?:-s([0-9.]+)-b([0-9.]+))?",
+                             name)
         if match and name not in known and 0 < float(match[2]) <= 1:
-            energy = {"rank_allocation": "energy"} if match[1] == "energy" else {}
-            variants.append(dict(name=name, options={**energy, "freeze_b_fraction": float(match[2])}))
+            options = {"rank_allocation": "energy"} if match[1] == "energy" else {}
+            if match[1] not in ("default", "energy"):
+                options["init"] = match[1]
+            if match[3]:
+                options.update(rate_variant(float(match[3]), float(match[4]))["options"])
+            variants.append(dict(name=name, options={**options, "freeze_b_fraction": float(match[2])}))
     return variants
 
 
@@ -113,7 +119,8 @@ def primary(row: dict) -> tuple[str, float]:
 def settings(task: str, a) -> dict:
     """bench_quality's settings of `task` (quick or full) with the overrides given on the command line."""
     s = dict(bq.SETTINGS[task]["quick" if a.quick else "full"])
-    for key in ("rank", "steps", "batch", "seq_len", "n_test", "n_train", "lr", "schedule", "quantize"):
+    for key in ("rank", "steps", "batch", "seq_len", "n_test", "n_train", "lr", "schedule", "quantize", "warmup",
+                "max_grad_norm"):
         if getattr(a, key, None):
             s[key] = getattr(a, key)
     return s
@@ -150,8 +157,11 @@ def read_rows(path: str | None) -> list[dict]:
 
 
 def schedule_of(row: dict) -> str:
-    """A record's learning-rate schedule (records before the `schedule` field were constant-rate runs)."""
-    return row.get("schedule") or "constant"
+    """A record's learning-rate schedule (records before the `schedule` field were constant-rate runs), with its
+    warmup and gradient clipping when it had them: "linear", "linear, warmup 3, gradient norm clipped at 1"."""
+    extras = ([f"warmup {row['warmup']}"] if row.get("warmup") else []) + (
+        [f"gradient norm clipped at {row['max_grad_norm']:g}"] if row.get("max_grad_norm") else [])
+    return ", ".join([row.get("schedule") or "constant", *extras])
 
 
 def best_lora_lr(rows: list[dict], task: str, rank: int, steps: int, schedule: str | None = None) -> float | None:
@@ -252,7 +262,7 @@ def _recorded(job: dict, rows: list[dict]) -> dict | None:
     None is returned and nothing is appended). LoRA at its best lr is a run of the lora-lr grid when the seed matches:
     that record is reused under the job's stage, as is a record of a (stage, variant) in the job's `same_as`."""
     s = job["s"]
-    keys = ("rank", "steps", "batch", "seq_len", "n_test", "lr", "quantize")
+    keys = ("rank", "steps", "batch", "seq_len", "n_test", "lr", "quantize", "warmup", "max_grad_norm")
     for r in rows:
         if ("error" not in r and (r["stage"], r["task"], r["variant"], r["seed"]) == (
                 job["stage"], job["task"], job["variant"], job["seed"]) and _same_settings(r, s, keys)):
@@ -468,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedule", choices=["constant", "linear"], default=None,
                    help="learning-rate schedule of every run: constant (the benchmark's default) or linear decay to "
                         "0, as `lamda-edge train` runs (the report keeps the two apart)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="with --schedule linear: steps of linear warmup before the decay (transformers' schedule; the "
+                        "records say `warmup`; `lamda-edge train` has warmup_steps 0 by default)")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip the gradient's norm at this value before each step, as transformers' Trainer (so "
+                        "`lamda-edge train`) does at 1.0; the benchmark's default is no clipping")
     p.add_argument("--quantize", choices=["nf4"], default=None,
                    help="train the LaMDA runs on an NF4 base (the residual in bitsandbytes 4-bit, as `lamda-edge "
                         "train --quantize nf4`); the records say `quantize`, and the report keeps them apart")
