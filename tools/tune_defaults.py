@@ -397,7 +397,8 @@ def rate_matrix(lines: list[dict]) -> str:
 
 def _schedule_words(schedule: str) -> str:
     """How a table heading names the schedule: nothing for the constant rate (the benchmark's default)."""
-    return "" if schedule == "constant" else f", {schedule} schedule"
+    rate, _, extras = schedule.partition(", ")  # "linear, warmup 3" -> ", linear schedule, warmup 3"
+    return ("" if rate == "constant" else f", {rate} schedule") + (f", {extras}" if extras else "")
 
 
 def _mult(value: float | None) -> str:
