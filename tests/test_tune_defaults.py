@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
@@ -137,17 +136,6 @@ def test_inits_stage_reuses_the_principal_and_lora_records_of_other_stages():
     assert tune_defaults._recorded({**principal, "s": {**s, "steps": 300}}, [lamda]) is None  # other steps
     random_job = {**principal, "variant": "init-random", "same_as": []}
     assert tune_defaults._recorded(random_job, [lamda]) is None
-
-
-def test_the_linear_schedule_with_warmup_is_transformers_own():
-    import bench_quality
-    from transformers import get_linear_schedule_with_warmup
-
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    for warmup in (0, 3):
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, 30)
-        expected = [scheduler.lr_lambdas[0](step) for step in range(31)]
-        assert [bench_quality.linear_rate(step, 30, warmup) for step in range(31)] == pytest.approx(expected)
 
 
 def test_warmup_and_clipping_keep_runs_apart_in_the_records_and_the_report():

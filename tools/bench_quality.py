@@ -231,13 +231,6 @@ def evaluate(task: str, model, tok, test, s: dict) -> dict:
             "answer_loss": m.answer_loss, "n_test": m.n_problems}
 
 
-def linear_rate(step: int, steps: int, warmup: int = 0) -> float:
-    """The rate's factor at `step` of transformers' linear schedule: up from 0 over `warmup` steps, then down to 0."""
-    if step < warmup:
-        return step / warmup
-    return max(0.0, (steps - step) / (steps - warmup))
-
-
 def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str = "principal",
             freeze_fraction: float = 0.3, adapter_dir: Path | None = None, quantize: str | None = None,
             lamda_options: dict | None = None, s_noise: float = 0.0) -> dict:
@@ -249,7 +242,7 @@ def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str =
     fields for the LaMDA methods (e.g. `{"s_lr_scale": 1.0, "b_lr_scale": 1.0}`, the paper's single rate);
     `s_noise`: a small random part added to the principal init of S (`_bench_common.build`).
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -273,11 +266,12 @@ def run_one(task: str, method: str, seed: int, s: dict, cache: Path, init: str =
     batch_at, test = task_data(task, tok, s, cache, random.Random(seed))
     losses = []
     train_seconds = 0.0
-    # "schedule": "linear" decays every group's rate to 0 over the run, as `lamda-edge train` does (lr_scheduler:
-    # linear, warmup_steps 0 unless "warmup" says); the default is this benchmark's constant rate
-    schedule, warmup = s.get("schedule", "constant"), s.get("warmup", 0)
+    # "schedule": "linear" decays every group's rate to 0 over the run with transformers' own schedule, as
+    # `lamda-edge train` does (lr_scheduler: linear, warmup_steps 0 unless "warmup" says); the default is this
+    # benchmark's constant rate
+    schedule = s.get("schedule", "constant")
     if built.optimizer is not None and method != "base" or (method == "base" and is_cls):
-        decay = (torch.optim.lr_scheduler.LambdaLR(built.optimizer, lambda step: linear_rate(step, s["steps"], warmup))
+        decay = (get_linear_schedule_with_warmup(built.optimizer, s.get("warmup", 0), s["steps"])
                  if schedule == "linear" else None)
         t1 = time.perf_counter()
         for step in range(s["steps"]):

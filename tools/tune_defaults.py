@@ -262,7 +262,7 @@ def _recorded(job: dict, rows: list[dict]) -> dict | None:
     None is returned and nothing is appended). LoRA at its best lr is a run of the lora-lr grid when the seed matches:
     that record is reused under the job's stage, as is a record of a (stage, variant) in the job's `same_as`."""
     s = job["s"]
-    keys = ("rank", "steps", "batch", "seq_len", "n_test", "lr", "quantize", "warmup", "max_grad_norm")
+    keys = ("rank", "steps", "batch", "seq_len", "n_test", "lr", "quantize")  # warmup, clipping: in schedule_of
     for r in rows:
         if ("error" not in r and (r["stage"], r["task"], r["variant"], r["seed"]) == (
                 job["stage"], job["task"], job["variant"], job["seed"]) and _same_settings(r, s, keys)):
