@@ -41,6 +41,16 @@ def test_multiplier_rule_bounds():
     assert LaMDAConfig(rank=64, s_lr_scale=2.5).s_lr_multiplier() == 2.5  # a pinned scale wins at any rank
 
 
+def test_rate_scale_multiplies_s_and_b_rates(tiny):
+    model = apply_lamda(tiny.model("llama"), LaMDAConfig(rank=4, rank_allocation="energy", rate_scale=0.5))
+    rates = _rates(param_groups(model, lr=1e-3))
+    ranks = sorted({layer.rank for _, layer in lamda_layers(model)})
+    assert {name: rates[name] for name in rates if name.startswith("lamda_S")} == pytest.approx(
+        {f"lamda_S/r{r}": 0.5 * min(32.0, 256.0 / r) * 1e-3 for r in ranks})  # per layer rank, then scaled
+    assert (rates["lamda_B"], rates["other"]) == pytest.approx((0.125e-3, 1e-3))  # the rest keeps the base rate
+    assert LaMDAConfig(rank=4, s_lr_scale=2.0, b_lr_scale=1.0, rate_scale=0.25).s_lr_multiplier() == 0.5
+
+
 def test_paper_single_rate_is_reachable(tiny):
     model = apply_lamda(tiny.model("llama"), LaMDAConfig(rank=4, s_lr_scale=1.0, b_lr_scale=1.0))
     groups = param_groups(model, lr=2e-4, weight_decay=0.1)
@@ -98,6 +108,7 @@ def test_t_i_from_the_fraction(tiny, fraction, steps, t_i):
     pytest.param({"freeze_b_fraction": 0.0}, id="fraction-zero"),
     pytest.param({"freeze_b_fraction": 1.5}, id="fraction-over-one"),
     pytest.param({"s_lr_scale": -1.0}, id="s-scale-negative"),
+    pytest.param({"rate_scale": 0.0}, id="rate-scale-zero"),
     pytest.param({"b_lr_scale": None}, id="b-scale-none"),
     pytest.param({"s_lr_scale": float("inf")}, id="s-scale-inf"),
 ])

@@ -347,3 +347,14 @@ def test_build_dataset_refuses_all_masked(tokenizer):
         warnings.simplefilter("ignore", DataWarning)
         with pytest.raises(DataError, match="no examples"):
             build_dataset([(1, {"prompt": long, "completion": " five"})], tokenizer, seq_len=8)
+
+
+def test_mean_loss_tokens_counts_what_the_shifted_loss_takes():
+    """The tokens per example a causal LM's loss takes (they scale S's and B's default rates, docs/method.md)."""
+    from lamda_edge.train.data import IGNORE_INDEX, TokenDataset
+
+    prompt_completion = ([1, 2, 3, 4], [IGNORE_INDEX, IGNORE_INDEX, 3, 4])  # 2: the completion
+    plain_text = ([5, 6, 7], [5, 6, 7])  # 2: the first token is never predicted
+    assert TokenDataset([prompt_completion, plain_text]).mean_loss_tokens() == 2.0
+    assert TokenDataset([prompt_completion] * 10 + [plain_text] * 10).mean_loss_tokens(sample=5) == 2.0
+    assert TokenDataset([]).mean_loss_tokens() == 0.0

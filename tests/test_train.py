@@ -136,7 +136,7 @@ def tiny_config(model_dir: Path, data_file: Path, out: Path, **changes):
 
 
 def test_output_folder_holds_adapter_config_metrics_plot(tmp_path, model_dir, data_file):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lamda_edge.adapters import lamda_layers, load_adapter
     from lamda_edge.train import report
@@ -157,6 +157,15 @@ def test_output_folder_holds_adapter_config_metrics_plot(tmp_path, model_dir, da
     adapter = metrics["adapter"]
     assert (adapter["method"], adapter["init"], adapter["rank"]) == ("LaMDA", saved.lamda["init"], 4)
     assert adapter["s_lr_multiplier"] == saved.lamda_config().s_lr_multiplier()
+    # S's and B's rates scaled for this run's supervised tokens per step (batch 4 of short examples: under 256)
+    from lamda_edge.adapters.config import default_rate_scale
+    from lamda_edge.train.data import load_data
+
+    examples = load_data(str(data_file), AutoTokenizer.from_pretrained(str(model_dir)), 64, seed=saved.seed,
+                         eval_fraction=saved.eval_fraction).train
+    tokens = examples.mean_loss_tokens() * 4
+    assert adapter["rate_scale"] == saved.lamda["rate_scale"] == pytest.approx(default_rate_scale("causal-lm", tokens))
+    assert 0 < adapter["rate_scale"] < 1 and adapter["b_lr_multiplier"] == pytest.approx(0.25 * adapter["rate_scale"])
     assert f"adapter: LaMDA rank 4, init {saved.lamda['init']} (S at" in "\n".join(report.summary_lines(metrics))
     params = metrics["trainable_params"]
     layers = 7 * 2  # q, k, v, o, gate, up, down in 2 layers

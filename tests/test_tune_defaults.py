@@ -122,6 +122,9 @@ def test_grid_takes_t_i_variants_by_name():
     random_init = tune_defaults.grid_variants(16, False, ["random-t0.8-s8-b0.1"])[-1]  # an init at a t_i and rates
     assert random_init == {"name": "random-t0.8-s8-b0.1", "options": {
         "init": "random", "s_lr_scale": 8.0, "b_lr_scale": 0.1, "freeze_b_fraction": 0.8}}
+    scaled = tune_defaults.grid_variants(16, False, ["energy-t0.8-x0.35"])[-1]  # the default rates times 0.35
+    assert scaled == {"name": "energy-t0.8-x0.35", "options": {
+        "rank_allocation": "energy", "rate_scale": 0.35, "freeze_b_fraction": 0.8}}
 
 
 def test_inits_stage_reuses_the_principal_and_lora_records_of_other_stages():

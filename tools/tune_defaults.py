@@ -73,7 +73,9 @@ def grid_variants(rank: int, quick: bool, names: list[str] | None = None) -> lis
     A name of the form "s<S>-b<B>" in `names` that the grid lacks (e.g. "s32-b0.1") is added as that rate variant,
     one of the form "default-t<f>" (e.g. "default-t1": B trains to the end) as that t_i fraction,
     "energy-t<f>" as LaMDA++ (energy-based ranks) at that t_i fraction, "<init>-t<f>" (e.g. "random-t0.8") as that
-    init at that t_i, and any of these followed by "-s<S>-b<B>" (e.g. "default-t0.8-s8-b0.1") at those rates.
+    init at that t_i, and any of these followed by "-s<S>-b<B>" (e.g. "default-t0.8-s8-b0.1") at those rates, or by
+    "-x<k>" (e.g. "energy-t0.8-x0.35") with S's and B's default rates times k (`LaMDAConfig.rate_scale`, what
+    `lamda-edge train` sets for a small batch; per layer rank for LaMDA++).
     """
     rs_alpha = 2.0 * math.sqrt(rank) * rank  # s = alpha / r = 2 sqrt(r): rsLoRA's alpha / sqrt(r) with alpha = 2r
     if quick:
@@ -88,14 +90,16 @@ def grid_variants(rank: int, quick: bool, names: list[str] | None = None) -> lis
         match = re.fullmatch(r"s([0-9.]+)-b([0-9.]+)", name)
         if match and name not in known:
             variants.append(rate_variant(float(match[1]), float(match[2])))
-        match = re.fullmatch(r"(default|energy|minor|random|random-residual)-t([0-9.]+)(?:-s([0-9.]+)-b([0-9.]+))?",
-                             name)
+        match = re.fullmatch(r"(default|energy|minor|random|random-residual)-t([0-9.]+)"
+                             r"(?:-s([0-9.]+)-b([0-9.]+)|-x([0-9.]+))?", name)
         if match and name not in known and 0 < float(match[2]) <= 1:
             options = {"rank_allocation": "energy"} if match[1] == "energy" else {}
             if match[1] not in ("default", "energy"):
                 options["init"] = match[1]
             if match[3]:
                 options.update(rate_variant(float(match[3]), float(match[4]))["options"])
+            if match[5]:
+                options["rate_scale"] = float(match[5])
             variants.append(dict(name=name, options={**options, "freeze_b_fraction": float(match[2])}))
     return variants
 
@@ -139,7 +143,7 @@ def run(task: str, variant: str, method: str, seed: int, s: dict, cache: Path, s
         from lamda_edge import LaMDAConfig
 
         cfg = LaMDAConfig(rank=s["rank"], **{k: v for k, v in options.items() if k != "alpha"})
-        row.update(s_lr_mult=cfg.s_lr_multiplier(), b_lr_mult=cfg.b_lr_scale,
+        row.update(s_lr_mult=cfg.s_lr_multiplier(), b_lr_mult=cfg.b_lr_multiplier(),
                    alpha=options.get("alpha", 2.0 * s["rank"]))
     row.update(variant=variant, stage=stage, options=options, noise=noise, freeze_fraction=fraction,
                quantize=s.get("quantize") if method in bc.LAMDA_METHODS else None)

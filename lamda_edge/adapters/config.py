@@ -31,11 +31,25 @@ FREEZE_B_FRACTION_BY_TASK = {CAUSAL_LM: 0.8}
 S_LR_NUMERATOR = 256.0
 S_LR_MAX = 32.0
 DEFAULT_B_LR_SCALE = 0.25
+# Those rates were tuned on the default job, 271 supervised (loss-taking) tokens per optimizer step. With fewer tokens
+# the gradient is noisier, and a `lamda-edge train` run of a causal LM scales S's and B's rates by
+# sqrt(tokens / RATE_REFERENCE_TOKENS) (`rate_scale`), as Adam's square-root rule scales a rate with the batch
+# (docs/method.md, "Rates for small batches": products 0.822 -> 0.626 at 31 tokens per step, LoRA 0.622).
+RATE_REFERENCE_TOKENS = 256.0
 
 
 def default_freeze_b_fraction(task: str | None) -> float:
     """t_i as a share of the run for a run of `task` (a `lamda_edge.tasks` name; None: LaMDAConfig's default)."""
     return FREEZE_B_FRACTION_BY_TASK.get(task, DEFAULT_FREEZE_B_FRACTION)
+
+
+def default_rate_scale(task: str | None, tokens_per_step: float) -> float:
+    """`rate_scale` of a `lamda-edge train` run of `task` with `tokens_per_step` supervised tokens per optimizer step:
+    sqrt(tokens_per_step / 256), at most 1, for a causal LM; 1 for other tasks (a classifier's loss is one label per
+    example, and the spam classifier trains best at the tuned rates)."""
+    if task != CAUSAL_LM or not tokens_per_step > 0:
+        return 1.0
+    return min(1.0, math.sqrt(tokens_per_step / RATE_REFERENCE_TOKENS))
 
 
 def _field(default, help: str):
@@ -81,6 +95,9 @@ class LaMDAConfig:
                                       "1.0 = the paper's single rate")
     b_lr_scale: float = _field(DEFAULT_B_LR_SCALE, "B's learning rate (until t_i) as a multiple of `lr`; "
                                "1.0 = the paper's single rate")
+    rate_scale: float = _field(1.0, "multiplies S's and B's multiples of `lr` (`s_lr_scale` or the rank rule, and "
+                               "`b_lr_scale`); a `lamda-edge train` run of a causal LM that sets none of the three "
+                               f"uses sqrt(supervised tokens per step / {RATE_REFERENCE_TOKENS:g}), at most 1")
     rank_allocation: str = _field("uniform", "'uniform' (LaMDA) or 'energy' (LaMDA++: per-layer ranks from spectra)")
     min_rank: int | None = _field(None, "LaMDA++ lower bound on a layer's rank; None = rank // 2")
     max_rank: int | None = _field(None, "LaMDA++ upper bound on a layer's rank; None = 2 * rank")
@@ -115,7 +132,7 @@ class LaMDAConfig:
                 or not 0.0 < self.freeze_b_fraction <= 1.0):
             problems.append(f"`freeze_b_fraction` should be in (0, 1], got {self.freeze_b_fraction!r}; "
                             f"try {DEFAULT_FREEZE_B_FRACTION}")
-        for name in ("s_lr_scale", "b_lr_scale"):
+        for name in ("s_lr_scale", "b_lr_scale", "rate_scale"):
             value = getattr(self, name)
             if value is None and name == "s_lr_scale":
                 continue
@@ -158,11 +175,15 @@ class LaMDAConfig:
 
     def s_lr_multiplier(self, rank: int | None = None) -> float:
         """S's learning rate over the base rate, for a layer of `rank` (default: `rank`): `s_lr_scale`, else the
-        rank rule S_LR_NUMERATOR / r within [1, S_LR_MAX]."""
+        rank rule S_LR_NUMERATOR / r within [1, S_LR_MAX]; times `rate_scale`."""
         if self.s_lr_scale is not None:
-            return float(self.s_lr_scale)
+            return float(self.s_lr_scale) * self.rate_scale
         r = self.rank if rank is None else rank
-        return min(S_LR_MAX, max(1.0, S_LR_NUMERATOR / r))
+        return min(S_LR_MAX, max(1.0, S_LR_NUMERATOR / r)) * self.rate_scale
+
+    def b_lr_multiplier(self) -> float:
+        """B's learning rate over the base rate: `b_lr_scale` times `rate_scale`."""
+        return float(self.b_lr_scale) * self.rate_scale
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

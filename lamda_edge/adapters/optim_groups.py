@@ -2,7 +2,7 @@
 
     group              params                                  lr
     lamda_S/r<k>       S (r x r) of every layer of rank k       lr * config.s_lr_multiplier(k)   (256 / k by default)
-    lamda_B            B (d_out x r) while it trains            lr * config.b_lr_scale           (0.25 by default)
+    lamda_B            B (d_out x r) while it trains            lr * config.b_lr_multiplier()    (0.25 by default)
     other              modules_to_save, matrices               lr
     other_no_decay     modules_to_save, biases and norms       lr, weight_decay 0
 
@@ -12,7 +12,8 @@ frozen leaves the optimizer), so an optimizer state saved mid-run loads into the
 
     >>> optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3))
 
-With `s_lr_scale=1.0, b_lr_scale=1.0` in the `LaMDAConfig` every group has the one rate, as in the paper.
+With `s_lr_scale=1.0, b_lr_scale=1.0` in the `LaMDAConfig` every group has the one rate, as in the paper. Both
+multiples are times `config.rate_scale` (1 unless `lamda-edge train` scales them for a small batch).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def param_groups(model: nn.Module, lr: float, config: LaMDAConfig | None = None,
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
     groups = [{"name": f"lamda_S/r{rank}", "params": params, "lr": lr * config.s_lr_multiplier(rank),
                "weight_decay": weight_decay} for rank, params in sorted(s_groups.items())]
-    groups.append({"name": "lamda_B", "params": b_params, "lr": lr * config.b_lr_scale,
+    groups.append({"name": "lamda_B", "params": b_params, "lr": lr * config.b_lr_multiplier(),
                    "weight_decay": weight_decay})
     groups.append({"name": "other", "params": [p for p in others if p.ndim >= 2], "lr": lr,
                    "weight_decay": weight_decay})

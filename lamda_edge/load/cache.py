@@ -47,7 +47,8 @@ SAMPLE_BLOCKS = 16
 SAMPLE_BLOCK_BYTES = 64 << 10
 LAYER_KEYS = ("lamda_A", "lamda_S", "lamda_B")
 FROZEN_KEYS = ("frozen_U", "frozen_Vt")  # the base's frozen low-rank part (init "random-residual" only)
-NOT_IN_KEY = ("freeze_b_steps", "freeze_b_fraction", "s_lr_scale", "b_lr_scale", "dropout")  # training only
+NOT_IN_KEY = ("freeze_b_steps", "freeze_b_fraction", "s_lr_scale", "b_lr_scale", "rate_scale",
+              "dropout")  # training only
 DEFAULT_MAX_GB = 10.0
 
 

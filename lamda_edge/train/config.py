@@ -19,6 +19,8 @@ What a run does with an adapter key it was not given (the one rule, `RunConfig.l
     seed   the run's `seed`
     t_i    `freeze_b_fraction` by the run's task, when `freeze_b_steps` is unset too: 0.8 for a causal LM
            (FREEZE_B_FRACTION_BY_TASK), else LaMDAConfig's 0.3 (the paper's)
+    rates  `rate_scale` by the run's task and supervised tokens per optimizer step, when `s_lr_scale` and
+           `b_lr_scale` are unset too: sqrt(tokens / 256), at most 1, for a causal LM, else 1 (`default_rate_scale`)
     other  LaMDAConfig's default
 
 A flat adapter key (any `LaMDAConfig` field but `seed`, which is the run's) is an alias of the same key in
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lamda_edge.adapters.config import LaMDAConfig, closest_key, default_freeze_b_fraction
+from lamda_edge.adapters.config import LaMDAConfig, closest_key, default_freeze_b_fraction, default_rate_scale
 from lamda_edge.errors import ConfigError
 from lamda_edge.load.device import resolve_device
 from lamda_edge.planner.memory import DEFAULT_CHUNK_ROWS
@@ -107,9 +109,10 @@ class RunConfig:
     precision: str = _field("auto", "'auto' (bf16 where the GPU or CPU has it, else fp16 on a GPU, fp32 on a CPU), "
                                     "'fp32', 'bf16' or 'fp16'", "--precision")
     lamda: dict = _field({}, "the adapter: LaMDAConfig fields (rank, alpha, dropout, target_modules, modules_to_save, "
-                             "init, freeze_b_steps, freeze_b_fraction, s_lr_scale, b_lr_scale, rank_allocation, "
-                             "min_rank, max_rank, svd, seed); unset: rank from the planner, alpha = 2 * rank, seed = "
-                             "the run's seed, the rest LaMDAConfig's defaults",
+                             "init, freeze_b_steps, freeze_b_fraction, s_lr_scale, b_lr_scale, rate_scale, "
+                             "rank_allocation, min_rank, max_rank, svd, seed); unset: rank from the planner, alpha = "
+                             "2 * rank, seed = the run's seed, t_i and rate_scale by the task, the rest LaMDAConfig's "
+                             "defaults",
                          flags={"--rank": "rank"})
     seq_len: int = _field(256, "longest training sequence in tokens (longer examples are truncated, see on_overflow)",
                           "--seq-len")
@@ -237,12 +240,14 @@ class RunConfig:
         """The adapter rank the user pinned (`lamda.rank`), or None for the planner's choice."""
         return self.lamda.get("rank")
 
-    def lamda_config(self, rank: int | None = None, task: str | None = None):
+    def lamda_config(self, rank: int | None = None, task: str | None = None, tokens_per_step: float = 0.0):
         """The run's `LaMDAConfig`: the `lamda` block with the run's rule for what it leaves unset (module docstring).
 
         Args:
             rank: the planner's rank, used when the block pins none.
             task: the run's task as resolved ('auto' told apart), whose t_i applies when the block gives none.
+            tokens_per_step: supervised tokens per optimizer step (0: unknown), which scale S's and B's rates when
+                the block sets none of them (`default_rate_scale`).
         """
         r = next((value for value in (self.lamda.get("rank"), rank) if value is not None), DEFAULT_RANK)
         values = {**self.lamda, "rank": r}
@@ -250,6 +255,8 @@ class RunConfig:
             values["alpha"] = 2.0 * r
         if values.get("freeze_b_steps") is None and values.get("freeze_b_fraction") is None:
             values["freeze_b_fraction"] = default_freeze_b_fraction(task)
+        if all(values.get(key) is None for key in ("s_lr_scale", "b_lr_scale", "rate_scale")):
+            values["rate_scale"] = default_rate_scale(task, tokens_per_step)
         values.setdefault("seed", self.seed)
         return LaMDAConfig.from_dict(values)
 

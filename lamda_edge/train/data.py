@@ -79,6 +79,14 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return len(self._examples)
 
+    def mean_loss_tokens(self, sample: int = 4096) -> float:
+        """Tokens per example that a causal LM's loss takes (labels not -100 after the one-token shift), averaged over
+        at most `sample` evenly spaced examples; 0 for an empty set."""
+        if not self._examples:
+            return 0.0
+        picked = self._examples[:: max(1, len(self._examples) // sample)]
+        return sum(sum(label != IGNORE_INDEX for label in labels[1:]) for _, labels in picked) / len(picked)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids, labels = self._examples[index]
         return {

@@ -109,14 +109,17 @@ def adapter_settings(lamda_config) -> dict[str, Any]:
     """What a run's summary and metrics.json say about the adapter: its init and the rates that go with it."""
     return {"method": "LaMDA++" if lamda_config.rank_allocation == "energy" else "LaMDA",
             "init": lamda_config.init, "rank": lamda_config.rank, "alpha": lamda_config.alpha,
-            "s_lr_multiplier": lamda_config.s_lr_multiplier(), "b_lr_multiplier": lamda_config.b_lr_scale,
-            "freeze_b_fraction": lamda_config.freeze_b_fraction}
+            "s_lr_multiplier": lamda_config.s_lr_multiplier(), "b_lr_multiplier": lamda_config.b_lr_multiplier(),
+            "rate_scale": lamda_config.rate_scale, "freeze_b_fraction": lamda_config.freeze_b_fraction}
 
 
 def adapter_words(adapter: dict[str, Any]) -> str:
-    """'init principal (S at 16x the learning rate, B at 0.25x)': the adapter's settings in the run's lines."""
-    return (f"init {adapter['init']} (S at {adapter['s_lr_multiplier']:g}x the learning rate, "
-            f"B at {adapter['b_lr_multiplier']:g}x)")
+    """'init principal (S at 16x the learning rate, B at 0.25x)': the adapter's settings in the run's lines; a
+    `rate_scale` below 1 is named ('... B at 0.0875x: both x0.35 for a small batch')."""
+    scale = adapter.get("rate_scale", 1.0)
+    scaled = f": both x{scale:.3g} for a small batch" if scale != 1.0 else ""
+    return (f"init {adapter['init']} (S at {adapter['s_lr_multiplier']:.3g}x the learning rate, "
+            f"B at {adapter['b_lr_multiplier']:.3g}x{scaled})")
 
 
 def summary_lines(metrics: dict) -> list[str]:
