@@ -74,6 +74,8 @@ def train_args(model_dir: Path, data_file: Path, out: Path) -> list[str]:
 def test_sigkill_and_resume_is_bitwise_exact(tiny_run, tmp_path, model_dir, data_file):
     import shutil
 
+    from lamda_edge.train.config import load_run_config
+
     env = tiny_run.env(LAMDA_EDGE_CACHE=str(tmp_path / "cache"))
     whole = run_cli(train_args(model_dir, data_file, tmp_path / "whole"), env)
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -95,12 +97,15 @@ def test_sigkill_and_resume_is_bitwise_exact(tiny_run, tmp_path, model_dir, data
     checkpoints = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert not (killed / "lamda_adapter.safetensors").exists()
-    # the optimizer has a learning rate per group (rank 4: S at 32x lr, B at 0.25x lr); B leaves it at t_i=6
+    # the optimizer has a learning rate per group (rank 4: S at 32x lr, B at 0.25x lr, both times the run's
+    # rate_scale for its supervised tokens per step); B leaves it at t_i=6
+    scale = load_run_config(killed / "run_config.yaml").lamda["rate_scale"]
+    assert 0 < scale < 1  # batch 4 of short examples: under 256 supervised tokens per step
     for step, b_params in ((4, 14), (6, 0)):
         saved = torch.load(killed / "checkpoints" / f"checkpoint-{step}" / "optimizer.pt", weights_only=True)
         groups = {g["name"]: g for g in saved["param_groups"]}
         assert {name: g["initial_lr"] for name, g in groups.items()} == pytest.approx(
-            {"lamda_S/r4": 32 * 5e-3, "lamda_B": 0.25 * 5e-3, "other": 5e-3, "other_no_decay": 5e-3})
+            {"lamda_S/r4": 32 * scale * 5e-3, "lamda_B": 0.25 * scale * 5e-3, "other": 5e-3, "other_no_decay": 5e-3})
         assert len(groups["lamda_B"]["params"]) == b_params and len(groups["lamda_S/r4"]["params"]) == 14
     # a second copy resumes from step 4, where B is only partly frozen (still in the optimizer)
     partial = tmp_path / "partial"
