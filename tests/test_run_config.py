@@ -155,8 +155,9 @@ def test_t_i_follows_the_task_unless_given(lamda, task, expected):
 @pytest.mark.parametrize(
     "lamda, task, tokens, expected",
     [
-        pytest.param({}, "causal-lm", 64.0, (0.5, 8.0, 0.125), id="causal-lm-64-tokens-half"),
-        pytest.param({}, "causal-lm", 31.36, (0.35, 5.6, 0.0875), id="causal-lm-products-batch"),
+        pytest.param({}, "causal-lm", 32.0, (0.5, 8.0, 0.125), id="causal-lm-32-tokens-half"),
+        pytest.param({}, "causal-lm", 50.0, (0.625, 10.0, 0.15625), id="causal-lm-50-tokens"),
+        pytest.param({}, "causal-lm", 130.6, (1.0, 16.0, 0.25), id="causal-lm-gsm-batch-unscaled"),
         pytest.param({}, "causal-lm", 271.0, (1.0, 16.0, 0.25), id="causal-lm-default-job-unscaled"),
         pytest.param({}, "causal-lm", 0.0, (1.0, 16.0, 0.25), id="tokens-unknown"),
         pytest.param({}, "sequence-classification", 8.0, (1.0, 16.0, 0.25), id="classifier-tuned-rates"),
@@ -166,7 +167,7 @@ def test_t_i_follows_the_task_unless_given(lamda, task, expected):
     ],
 )
 def test_rates_scale_with_supervised_tokens_unless_given(lamda, task, tokens, expected):
-    """Below 256 loss tokens per optimizer step a causal LM's S and B rates shrink by sqrt(tokens / 256)
+    """Below 128 loss tokens per optimizer step a causal LM's S and B rates shrink by sqrt(tokens / 128)
     (docs/method.md, "Rates for small batches"); pinned rates are used as given."""
     adapter = RunConfig(lamda=lamda).lamda_config(16, task, tokens)
     assert (adapter.rate_scale, adapter.s_lr_multiplier(), adapter.b_lr_multiplier()) == pytest.approx(expected)

@@ -100,7 +100,7 @@ def test_sigkill_and_resume_is_bitwise_exact(tiny_run, tmp_path, model_dir, data
     # the optimizer has a learning rate per group (rank 4: S at 32x lr, B at 0.25x lr, both times the run's
     # rate_scale for its supervised tokens per step); B leaves it at t_i=6
     scale = load_run_config(killed / "run_config.yaml").lamda["rate_scale"]
-    assert 0 < scale < 1  # batch 4 of short examples: under 256 supervised tokens per step
+    assert 0 < scale < 1  # batch 4 of short examples: under 128 supervised tokens per step
     for step, b_params in ((4, 14), (6, 0)):
         saved = torch.load(killed / "checkpoints" / f"checkpoint-{step}" / "optimizer.pt", weights_only=True)
         groups = {g["name"]: g for g in saved["param_groups"]}
@@ -162,7 +162,7 @@ def test_output_folder_holds_adapter_config_metrics_plot(tmp_path, model_dir, da
     adapter = metrics["adapter"]
     assert (adapter["method"], adapter["init"], adapter["rank"]) == ("LaMDA", saved.lamda["init"], 4)
     assert adapter["s_lr_multiplier"] == saved.lamda_config().s_lr_multiplier()
-    # S's and B's rates scaled for this run's supervised tokens per step (batch 4 of short examples: under 256)
+    # S's and B's rates scaled for this run's supervised tokens per step (batch 4 of short examples: under 128)
     from lamda_edge.adapters.config import default_rate_scale
     from lamda_edge.train.data import load_data
 

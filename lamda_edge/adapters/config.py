@@ -31,11 +31,12 @@ FREEZE_B_FRACTION_BY_TASK = {CAUSAL_LM: 0.8}
 S_LR_NUMERATOR = 256.0
 S_LR_MAX = 32.0
 DEFAULT_B_LR_SCALE = 0.25
-# Those rates were tuned on the default job, 271 supervised (loss-taking) tokens per optimizer step. With fewer tokens
-# the gradient is noisier, and a `lamda-edge train` run of a causal LM scales S's and B's rates by
-# sqrt(tokens / RATE_REFERENCE_TOKENS) (`rate_scale`), as Adam's square-root rule scales a rate with the batch
-# (docs/method.md, "Rates for small batches": products 0.822 -> 0.626 at 31 tokens per step, LoRA 0.622).
-RATE_REFERENCE_TOKENS = 256.0
+# Those rates hold at 128 supervised (loss-taking) tokens per optimizer step and more (the default job: 271, GSM
+# problems at batch 2: 131). With fewer the gradient is noisier, and a `lamda-edge train` run of a causal LM scales
+# S's and B's rates by sqrt(tokens / RATE_REFERENCE_TOKENS) (`rate_scale`), as Adam's square-root rule scales a rate
+# with the batch (docs/method.md, "Rates for small batches": multiplication at 31 tokens per step 0.822 -> 0.635,
+# LoRA 0.622; at 256 the rule also scaled GSM's 131 and lost 0.025 of its answer loss at 200 steps).
+RATE_REFERENCE_TOKENS = 128.0
 
 
 def default_freeze_b_fraction(task: str | None) -> float:
@@ -45,7 +46,7 @@ def default_freeze_b_fraction(task: str | None) -> float:
 
 def default_rate_scale(task: str | None, tokens_per_step: float) -> float:
     """`rate_scale` of a `lamda-edge train` run of `task` with `tokens_per_step` supervised tokens per optimizer step:
-    sqrt(tokens_per_step / 256), at most 1, for a causal LM; 1 for other tasks (a classifier's loss is one label per
+    sqrt(tokens_per_step / 128), at most 1, for a causal LM; 1 for other tasks (a classifier's loss is one label per
     example, and the spam classifier trains best at the tuned rates)."""
     if task != CAUSAL_LM or not tokens_per_step > 0:
         return 1.0

@@ -20,7 +20,7 @@ What a run does with an adapter key it was not given (the one rule, `RunConfig.l
     t_i    `freeze_b_fraction` by the run's task, when `freeze_b_steps` is unset too: 0.8 for a causal LM
            (FREEZE_B_FRACTION_BY_TASK), else LaMDAConfig's 0.3 (the paper's)
     rates  `rate_scale` by the run's task and supervised tokens per optimizer step, when `s_lr_scale` and
-           `b_lr_scale` are unset too: sqrt(tokens / 256), at most 1, for a causal LM, else 1 (`default_rate_scale`)
+           `b_lr_scale` are unset too: sqrt(tokens / 128), at most 1, for a causal LM, else 1 (`default_rate_scale`)
     other  LaMDAConfig's default
 
 A flat adapter key (any `LaMDAConfig` field but `seed`, which is the run's) is an alias of the same key in

@@ -327,7 +327,7 @@ class TrainRecipe:
         else:
             self.train_set, self.eval_set = self._load_data()
         self.max_steps = _max_steps(config, len(self.train_set), self.batch_size, self.demo_task is not None)
-        # supervised tokens per optimizer step: S's and B's default rates shrink below 256 (`default_rate_scale`)
+        # supervised tokens per optimizer step: S's and B's default rates shrink below 128 (`default_rate_scale`)
         tokens = (self.train_set.mean_loss_tokens() * self.batch_size * config.grad_accum * _world_size()
                   if self.task == CAUSAL_LM else 0.0)
         self.lamda_config = config.lamda_config(self.rank, self.task, tokens)

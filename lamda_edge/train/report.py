@@ -115,7 +115,7 @@ def adapter_settings(lamda_config) -> dict[str, Any]:
 
 def adapter_words(adapter: dict[str, Any]) -> str:
     """'init principal (S at 16x the learning rate, B at 0.25x)': the adapter's settings in the run's lines; a
-    `rate_scale` below 1 is named ('... B at 0.0875x: both x0.35 for a small batch')."""
+    `rate_scale` below 1 is named ('... B at 0.124x: both x0.49 for a small batch')."""
     scale = adapter.get("rate_scale", 1.0)
     scaled = f": both x{scale:.3g} for a small batch" if scale != 1.0 else ""
     return (f"init {adapter['init']} (S at {adapter['s_lr_multiplier']:.3g}x the learning rate, "
