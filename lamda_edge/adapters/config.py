@@ -35,7 +35,7 @@ DEFAULT_B_LR_SCALE = 0.25
 # problems at batch 2: 131). With fewer the gradient is noisier, and a `lamda-edge train` run of a causal LM scales
 # S's and B's rates by sqrt(tokens / RATE_REFERENCE_TOKENS) (`rate_scale`), as Adam's square-root rule scales a rate
 # with the batch (docs/method.md, "Rates for small batches": multiplication at 31 tokens per step 0.822 -> 0.635,
-# LoRA 0.622; at 256 the rule also scaled GSM's 131 and lost 0.025 of its answer loss at 200 steps).
+# LoRA 0.622; at 256 the rule also scaled GSM's 131, whose answer loss at 200 steps was then 0.025 worse).
 RATE_REFERENCE_TOKENS = 128.0
 
 

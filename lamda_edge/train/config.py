@@ -124,7 +124,8 @@ class RunConfig:
                                          f"({DEFAULT_DEMO_STEPS} for the demo task)", "--max-steps")
     epochs: float = _field(1.0, "passes over the training data when max_steps is not given")
     lr: float = _field(1e-3, "peak learning rate (AdamW); S and B train at their multiples of it "
-                             "(lamda.s_lr_scale, lamda.b_lr_scale)", "--lr")
+                             "(lamda.s_lr_scale, lamda.b_lr_scale; both scaled down below 128 supervised tokens per "
+                             "step, lamda.rate_scale)", "--lr")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     warmup_steps: int = _field(0, "linear learning-rate warmup steps")
     lr_scheduler: str = _field("linear", f"learning-rate schedule: one of {', '.join(LR_SCHEDULERS)}")
