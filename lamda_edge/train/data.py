@@ -84,7 +84,7 @@ class TokenDataset(Dataset):
         at most `sample` evenly spaced examples; 0 for an empty set."""
         if not self._examples:
             return 0.0
-        picked = self._examples[:: max(1, len(self._examples) // sample)]
+        picked = self._examples[:: math.ceil(len(self._examples) / sample)]  # at most `sample` of them
         return sum(sum(label != IGNORE_INDEX for label in labels[1:]) for _, labels in picked) / len(picked)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
